@@ -1,0 +1,105 @@
+//! The one error type of the router crate.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the router crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while loading the topology, routing an
+/// account or migrating the fleet. Messages say what and where: the file and
+/// field, the shard, the account.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    ConfigRead {
+        /// The file that was read.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML or has unknown or mistyped keys.
+    #[error("{file}: {source}")]
+    ConfigSyntax {
+        /// The file that was parsed.
+        file: PathBuf,
+        /// The parser's error, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A field of the configuration has a bad value.
+    #[error("{file}: {field}: {message}")]
+    Config {
+        /// The file (or `<inline>` for configs built in code).
+        file: PathBuf,
+        /// The field, e.g. `shards[1].weight`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// An account id was rejected.
+    #[error("invalid account id {account:?}: {message}")]
+    InvalidAccount {
+        /// The rejected id (truncated when long).
+        account: String,
+        /// Why it was rejected.
+        message: String,
+    },
+    /// A shard name was used that the configuration does not define.
+    #[error("unknown shard {shard:?} (configured shards: {known})")]
+    UnknownShard {
+        /// The name asked for.
+        shard: String,
+        /// The configured names, comma-separated.
+        known: String,
+    },
+    /// The placement directory names shards that shards.toml no longer has.
+    #[error("the master's placement table names shards missing from the configuration: {shards}; \
+             add them back to shards.toml (accounts are never remapped silently)")]
+    PlacementsOnUnknownShards {
+        /// The missing shard names, comma-separated.
+        shards: String,
+    },
+    /// No shard accepts new accounts.
+    #[error("cannot place account {account:?}: no shard has weight > 0")]
+    NoShardAcceptsAccounts {
+        /// The account that needed a placement.
+        account: String,
+    },
+    /// An account that already has a placement was asked to be pinned elsewhere.
+    #[error("account {account:?} is already placed on shard {current:?}; refusing to pin it to {requested:?} (moving an account is a separate operation)")]
+    AlreadyPlaced {
+        /// The account.
+        account: String,
+        /// Where it lives.
+        current: String,
+        /// Where it was asked to go.
+        requested: String,
+    },
+    /// A database call failed; `database` names the master or the shard and
+    /// `target` is its address without the password.
+    #[error("{database} ({target}): {source}")]
+    Database {
+        /// `master` or `shard NAME`.
+        database: String,
+        /// Connection address with the password left out.
+        target: String,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+    /// A migration run could not even start (bad migration files).
+    #[error("migrations: {0}")]
+    Migrations(String),
+}
+
+impl Error {
+    /// The SQLSTATE code of a database error, if this is one.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            Error::Database { source: sqlx::Error::Database(e), .. } => {
+                e.code().map(|c| c.into_owned())
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! Sharding for shardq: which shard an account lives on, the connection pool
+//! for it, and the migrations that bring every database to the same schema.
+//!
+//! Layout:
+//! - [`config`]: `shards.toml`, parsed, `${VAR}`-expanded and validated.
+//! - [`account`]: the account id type and its rules.
+//! - [`ring`]: the consistent-hash ring that proposes a shard for a new account.
+//! - [`router`]: [`Router`], lazy pools per database, cached placements.
+//! - [`migrator`]: [`Migrator`], platform and application migrations on the
+//!   master and every shard, with a per-database report.
+//! - `store`: every SQL statement of this crate.
+//! - [`error`]: the crate's one error type.
+//!
+//! ```no_run
+//! # async fn demo() -> shardq_router::Result<()> {
+//! use shardq_router::{Account, Config, Router};
+//! let config = Config::load("shards.toml")?;
+//! let router = Router::connect(&config).await?;
+//! let account = Account::new("acme")?;
+//! let pool = router.pool_for(&account).await?; // the application's own tables live here too
+//! # let _ = pool; Ok(()) }
+//! ```
+
+pub mod account;
+pub mod config;
+pub mod error;
+pub mod migrator;
+pub mod ring;
+pub mod router;
+mod store;
+
+pub use account::Account;
+pub use config::{Config, DatabaseConfig, PoolConfig, ShardConfig, Target};
+pub use error::{Error, Result};
+pub use migrator::{MigrationReport, Migrator};
+pub use router::{Placement, Router};

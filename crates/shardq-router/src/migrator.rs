@@ -1,0 +1,5 @@
+//! Placeholder.
+/// x
+pub struct Migrator;
+/// x
+pub struct MigrationReport;

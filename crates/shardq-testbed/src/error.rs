@@ -1,0 +1,137 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while finding, preparing or running a server.
+///
+/// Every message names what failed and where: the server, its port, the
+/// binary, or the path involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `SHARDQ_PG_BIN` is set but does not point at usable server binaries.
+    #[error("SHARDQ_PG_BIN={dir}: {reason}; point SHARDQ_PG_BIN at the directory that holds initdb, pg_ctl and postgres (e.g. /usr/lib/postgresql/15/bin)", dir = dir.display())]
+    BinEnv {
+        /// The value of `SHARDQ_PG_BIN`.
+        dir: PathBuf,
+        /// Why that directory was rejected.
+        reason: String,
+    },
+
+    /// No PostgreSQL server binaries were found anywhere.
+    #[error("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found; looked at: {tried}. Install the distribution's postgresql package (e.g. `apt-get install postgresql`), set SHARDQ_PG_BIN to their directory, or run the servers with `docker compose up -d`")]
+    BinNotFound {
+        /// The places looked at, in order.
+        tried: String,
+    },
+
+    /// Running as root, but there is no unprivileged user to run the servers as.
+    #[error("running as root, and PostgreSQL refuses to run as root, but the system user `{user}` does not exist; create it (e.g. `useradd --system {user}`) or run as a normal user")]
+    NoServerUser {
+        /// The user name looked up.
+        user: String,
+    },
+
+    /// The server user cannot enter or write a directory it needs.
+    #[error("user `{user}` (which runs the servers) cannot enter or write {path}; use a directory every user can traverse (e.g. not under /root), such as one under /tmp or /work", path = path.display())]
+    NotTraversable {
+        /// The user that runs the servers.
+        user: String,
+        /// The directory it cannot use.
+        path: PathBuf,
+    },
+
+    /// A file system or OS operation failed.
+    #[error("{action} {path}: {source}", path = path.display())]
+    Io {
+        /// What was being done ("create directory", "chown", ...).
+        action: &'static str,
+        /// The path (or address) involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A server binary could not be spawned at all.
+    #[error("server {server}: could not run {binary}: {source}", binary = binary.display())]
+    Spawn {
+        /// The server name ("master", "shard_1", ...).
+        server: String,
+        /// The binary that could not be run.
+        binary: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A server binary ran and failed.
+    #[error("server {server}: {binary} {args} failed ({status}): {output}", binary = binary.display())]
+    Command {
+        /// The server name.
+        server: String,
+        /// The binary that failed.
+        binary: PathBuf,
+        /// Its arguments, space separated.
+        args: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// Its trimmed stdout and stderr.
+        output: String,
+    },
+
+    /// A server did not come up.
+    #[error("server {server} on port {port} (data dir {data_dir}) did not start: {reason}\n--- last lines of {log} ---\n{log_tail}", data_dir = data_dir.display(), log = log.display())]
+    Start {
+        /// The server name.
+        server: String,
+        /// Its port.
+        port: u16,
+        /// Its data directory.
+        data_dir: PathBuf,
+        /// Its log file.
+        log: PathBuf,
+        /// What went wrong.
+        reason: String,
+        /// The last lines of the log file.
+        log_tail: String,
+    },
+
+    /// A test bed has no server with that name.
+    #[error("the test bed has no server named {name:?} (it has: {known})")]
+    UnknownServer {
+        /// The name asked for.
+        name: String,
+        /// The names it has.
+        known: String,
+    },
+
+    /// A SQL statement against a server failed.
+    #[error("server {server}: {action} via {url} failed: {source}")]
+    Sql {
+        /// The server name.
+        server: String,
+        /// What was being done.
+        action: String,
+        /// The URL connected to.
+        url: String,
+        /// The underlying error.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl Error {
+    /// Builds an [`Error::Io`].
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -37,12 +37,15 @@ pub enum Error {
     },
 
     /// The server user cannot enter or write a directory it needs.
-    #[error("user `{user}` (which runs the servers) cannot enter or write {path}; use a directory every user can traverse (e.g. not under /root), such as one under /tmp or /work", path = path.display())]
+    #[error("user `{user}` (which runs the servers) cannot use {path}: it cannot enter or write {blocked}; put the data under a directory every user can traverse (not under /root), e.g. the repository at /work/main or /tmp", path = path.display(), blocked = blocked.display())]
     NotTraversable {
         /// The user that runs the servers.
         user: String,
-        /// The directory it cannot use.
+        /// The directory it needs.
         path: PathBuf,
+        /// The first directory on the way it cannot enter (or `path` itself
+        /// if it can enter but not write it).
+        blocked: PathBuf,
     },
 
     /// A file system or OS operation failed.
@@ -127,7 +130,11 @@ pub enum Error {
 
 impl Error {
     /// Builds an [`Error::Io`].
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         Error::Io {
             action,
             path: path.into(),

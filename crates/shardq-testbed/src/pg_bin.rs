@@ -51,7 +51,9 @@ impl PgBin {
             if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
                 match Self::at(&dir) {
                     Ok(bin) => return Ok(bin),
-                    Err(reason) => tracing::debug!(dir = %dir.display(), %reason, "skipping PATH entry"),
+                    Err(reason) => {
+                        tracing::debug!(dir = %dir.display(), %reason, "skipping PATH entry")
+                    }
                 }
             }
         }

@@ -1,0 +1,231 @@
+//! [`TestBed`]: a master plus N shard servers in a temporary directory, for
+//! tests and benchmarks, and [`Fleet`]: fresh databases on all of them.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::thread;
+
+use sqlx::{Connection, Executor, PgConnection};
+
+use crate::error::{Error, Result};
+use crate::exit_guard::ExitGuard;
+use crate::pg_bin::PgBin;
+use crate::server::Server;
+use crate::server_user::ServerUser;
+
+/// Shard count of [`TestBed::shared`].
+const SHARED_SHARDS: usize = 3;
+/// Port picks per server before a "port already in use" start fails.
+const PORT_ATTEMPTS: u32 = 3;
+
+/// A master and N shard servers on free loopback ports, with data in a fresh
+/// temporary directory.
+///
+/// The servers are stopped and the directory removed when the bed is dropped
+/// and, in any case, when the process exits, even if it is killed (see the
+/// exit guard in this crate's layout).
+#[derive(Debug)]
+pub struct TestBed {
+    /// The "master" server.
+    master: Server,
+    /// "shard_1".."shard_N".
+    shards: Vec<Server>,
+    /// The temporary directory holding every data directory.
+    dir: PathBuf,
+    /// Stops the servers and removes `dir` on drop or process exit.
+    _guard: ExitGuard,
+}
+
+/// One brand-new database on every server of a bed; see [`TestBed::fresh_fleet`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// The database on the master server.
+    pub master: FleetDb,
+    /// The database on each shard server, in order.
+    pub shards: Vec<FleetDb>,
+}
+
+/// One database of a [`Fleet`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetDb {
+    /// The server's name: "master", "shard_1", ...
+    pub name: String,
+    /// Full URL of the new database.
+    pub url: String,
+}
+
+impl TestBed {
+    /// Starts a master and `shards` shard servers ("shard_1".."shard_N"),
+    /// concurrently. Blocks for a few seconds (initdb is slow).
+    pub fn start(shards: usize) -> Result<TestBed> {
+        let bin = PgBin::find()?;
+        let user = ServerUser::resolve()?;
+        let temp = tempfile::Builder::new()
+            .prefix("shardq-testbed-")
+            .tempdir()
+            .map_err(|e| Error::io("create a temporary directory in", std::env::temp_dir(), e))?;
+        user.chown(temp.path())?;
+        let names: Vec<String> = std::iter::once("master".to_owned())
+            .chain((1..=shards).map(|i| format!("shard_{i}")))
+            .collect();
+        let data_dirs: Vec<PathBuf> = names.iter().map(|n| temp.path().join(n)).collect();
+        let guard = ExitGuard::spawn(&bin, &user, temp.path(), &data_dirs)?;
+        // From here on the guard owns the directory's removal.
+        let dir = temp.keep();
+        let mut servers = thread::scope(|scope| {
+            let handles: Vec<_> = names
+                .iter()
+                .zip(&data_dirs)
+                .map(|(name, data_dir)| {
+                    scope.spawn(|| start_on_free_port(&bin, &user, name, data_dir))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect::<Result<Vec<Server>>>()
+        })?;
+        let master = servers.remove(0);
+        tracing::info!(dir = %dir.display(), shards, "test bed started");
+        Ok(TestBed {
+            master,
+            shards: servers,
+            dir,
+            _guard: guard,
+        })
+    }
+
+    /// The bed shared by every test of this test binary: a master and 3
+    /// shards, started on first call and stopped when the process exits.
+    ///
+    /// Tests must not stop, kill or restart its servers; fault tests start
+    /// their own bed with [`TestBed::start`]. Give each test its own
+    /// databases with [`TestBed::fresh_fleet`]. The first call blocks while
+    /// the servers start; a failed start is retried by the next call.
+    pub fn shared() -> Result<&'static TestBed> {
+        static SHARED: Mutex<Option<&'static TestBed>> = Mutex::new(None);
+        let mut slot = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(bed) = *slot {
+            return Ok(bed);
+        }
+        let bed: &'static TestBed = Box::leak(Box::new(TestBed::start(SHARED_SHARDS)?));
+        *slot = Some(bed);
+        Ok(bed)
+    }
+
+    /// The master server.
+    pub fn master(&self) -> &Server {
+        &self.master
+    }
+
+    /// The shard servers, "shard_1" first.
+    pub fn shards(&self) -> &[Server] {
+        &self.shards
+    }
+
+    /// The server called `name` ("master", "shard_1", ...).
+    pub fn server(&self, name: &str) -> Result<&Server> {
+        self.servers()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| Error::UnknownServer {
+                name: name.to_owned(),
+                known: self
+                    .servers()
+                    .map(Server::name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The master, then the shards.
+    pub fn servers(&self) -> impl Iterator<Item = &Server> {
+        std::iter::once(&self.master).chain(&self.shards)
+    }
+
+    /// The temporary directory holding the data directories.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates a new database with a unique name (`t<pid>_<n>`) on every
+    /// server and returns their URLs, so tests can run in parallel.
+    pub async fn fresh_fleet(&self) -> Result<Fleet> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let db = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let master = create_database(&self.master, &db).await?;
+        let mut shards = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            shards.push(create_database(shard, &db).await?);
+        }
+        Ok(Fleet { master, shards })
+    }
+}
+
+/// `CREATE DATABASE db` on `server`.
+async fn create_database(server: &Server, db: &str) -> Result<FleetDb> {
+    let admin = server.url("postgres");
+    let sql_error = |action: &str, source| Error::Sql {
+        server: server.name().to_owned(),
+        action: action.to_owned(),
+        url: admin.clone(),
+        source,
+    };
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .map_err(|e| sql_error("connect", e))?;
+    conn.execute(format!(r#"CREATE DATABASE "{db}""#).as_str())
+        .await
+        .map_err(|e| sql_error(&format!("CREATE DATABASE {db}"), e))?;
+    conn.close().await.map_err(|e| sql_error("close", e))?;
+    Ok(FleetDb {
+        name: server.name().to_owned(),
+        url: server.url(db),
+    })
+}
+
+/// Inits and starts one server, picking another free port if the chosen one
+/// was taken between picking and binding.
+fn start_on_free_port(
+    bin: &PgBin,
+    user: &ServerUser,
+    name: &str,
+    data_dir: &Path,
+) -> Result<Server> {
+    let mut attempt = 1;
+    loop {
+        let server = Server::with(
+            bin.clone(),
+            user.clone(),
+            name.to_owned(),
+            free_port()?,
+            data_dir.to_path_buf(),
+        );
+        server.init()?;
+        match server.start() {
+            Err(Error::Start { log_tail, .. })
+                if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") =>
+            {
+                tracing::debug!(server = name, "port taken, picking another");
+                attempt += 1;
+            }
+            result => return result.map(|()| server),
+        }
+    }
+}
+
+/// A port that was free on 127.0.0.1 a moment ago.
+fn free_port() -> Result<u16> {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|e| Error::io("bind a free port on", "127.0.0.1:0", e))
+}

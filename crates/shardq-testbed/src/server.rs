@@ -1,0 +1,308 @@
+//! One PostgreSQL server: its data directory, port and log, and the
+//! initdb/pg_ctl commands that manage it.
+//!
+//! All methods are synchronous: they run short-lived processes and wait for
+//! them (with deadlines). Calling them from async tests is fine; from a busy
+//! multi-threaded runtime, wrap them in `tokio::task::spawn_blocking`.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::pg_bin::PgBin;
+use crate::server_user::ServerUser;
+
+/// How long `pg_ctl -w` may wait for a start or stop, in seconds.
+const PG_CTL_TIMEOUT_SECS: &str = "60";
+/// How long a started server may take to accept TCP connections.
+const ACCEPT_DEADLINE: Duration = Duration::from_secs(30);
+/// Interval between readiness probes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(25);
+/// How many log lines a start error shows.
+const LOG_TAIL_LINES: usize = 20;
+
+/// One local PostgreSQL server listening on `127.0.0.1:port`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Server name ("master", "shard_1", ...), used in messages.
+    name: String,
+    /// TCP port on 127.0.0.1.
+    port: u16,
+    /// Absolute data directory (PGDATA); also holds the socket and the log.
+    data_dir: PathBuf,
+    /// The binaries that manage it.
+    bin: PgBin,
+    /// Who runs its commands.
+    user: ServerUser,
+}
+
+impl Server {
+    /// Describes a server (nothing is started): finds the binaries and the
+    /// user to run them as. `data_dir` is made absolute.
+    pub fn new(name: impl Into<String>, port: u16, data_dir: impl AsRef<Path>) -> Result<Server> {
+        let data_dir = data_dir.as_ref();
+        let data_dir =
+            std::path::absolute(data_dir).map_err(|e| Error::io("make absolute", data_dir, e))?;
+        Ok(Server::with(
+            PgBin::find()?,
+            ServerUser::resolve()?,
+            name.into(),
+            port,
+            data_dir,
+        ))
+    }
+
+    /// Describes a server with already resolved binaries and user.
+    pub(crate) fn with(
+        bin: PgBin,
+        user: ServerUser,
+        name: String,
+        port: u16,
+        data_dir: PathBuf,
+    ) -> Server {
+        Server {
+            name,
+            port,
+            data_dir,
+            bin,
+            user,
+        }
+    }
+
+    /// The server's name ("master", "shard_1", ...).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The data directory (PGDATA).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The server's log file (inside the data directory).
+    pub fn log_file(&self) -> PathBuf {
+        self.data_dir.join("server.log")
+    }
+
+    /// URL of database `dbname` on this server, as user `postgres`.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
+    }
+
+    /// Creates the cluster with initdb unless the data directory already
+    /// holds one. Directories this creates are given to the server user,
+    /// which must be able to reach the data directory.
+    pub fn init(&self) -> Result<()> {
+        if self.data_dir.join("PG_VERSION").is_file() {
+            return Ok(());
+        }
+        let mut created = Vec::new();
+        let mut missing = Some(self.data_dir.as_path());
+        while let Some(dir) = missing.filter(|d| !d.exists()) {
+            created.push(dir.to_path_buf());
+            missing = dir.parent();
+        }
+        if let Some(existing) = missing.filter(|_| !created.is_empty()) {
+            self.user.check_access(&self.data_dir, existing, false)?; // before creating anything
+        }
+        fs::create_dir_all(&self.data_dir)
+            .map_err(|e| Error::io("create directory", &self.data_dir, e))?;
+        for dir in created.iter().rev() {
+            self.user.chown(dir)?;
+        }
+        self.user.chown(&self.data_dir)?;
+        self.user
+            .check_access(&self.data_dir, &self.data_dir, true)?;
+        let mut cmd = self.command(self.bin.initdb());
+        cmd.arg("-D").arg(&self.data_dir);
+        cmd.args("-A trust -U postgres --no-sync -E UTF8 --locale=C".split(' '));
+        self.run_ok(cmd).map(drop)
+    }
+
+    /// Starts the server and waits until it accepts TCP connections. Does
+    /// nothing if it already runs and accepts them.
+    pub fn start(&self) -> Result<()> {
+        if self.is_running()? {
+            return self.wait_accepting();
+        }
+        let dir = self.data_dir.display().to_string().replace('\'', r"'\''");
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k '{dir}' -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB",
+            self.port
+        );
+        let mut cmd = self.command(self.bin.pg_ctl());
+        cmd.args(["start", "-w", "-t", PG_CTL_TIMEOUT_SECS, "-D"])
+            .arg(&self.data_dir);
+        cmd.arg("-l").arg(self.log_file()).arg("-o").arg(options);
+        match self.run_ok(cmd) {
+            Ok(_) => self.wait_accepting(),
+            Err(Error::Command { output, status, .. }) => {
+                Err(self.start_error(format!("pg_ctl start failed ({status}): {output}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stops the server cleanly (`pg_ctl stop -m fast`); nothing to do if it
+    /// is not running.
+    pub fn stop(&self) -> Result<()> {
+        self.stop_mode("fast")
+    }
+
+    /// Crashes the server (`pg_ctl stop -m immediate`: no checkpoint, crash
+    /// recovery on next start); nothing to do if it is not running.
+    pub fn kill(&self) -> Result<()> {
+        self.stop_mode("immediate")
+    }
+
+    /// Stops (fast) and starts the server.
+    pub fn restart(&self) -> Result<()> {
+        self.stop()?;
+        self.start()
+    }
+
+    /// Whether a connection to database `postgres` as user `postgres` on
+    /// 127.0.0.1:port is accepted right now (a protocol-level probe that
+    /// expects `AuthenticationOk`, like `pg_isready` but also checking auth).
+    pub fn is_accepting(&self) -> bool {
+        probe(self.port).unwrap_or(false)
+    }
+
+    /// Whether the postmaster of this data directory runs (`pg_ctl status`).
+    fn is_running(&self) -> Result<bool> {
+        let mut cmd = self.command(self.bin.pg_ctl());
+        cmd.arg("status").arg("-D").arg(&self.data_dir);
+        Ok(self.output(&mut cmd)?.status.success())
+    }
+
+    fn stop_mode(&self, mode: &str) -> Result<()> {
+        if !self.is_running()? {
+            return Ok(());
+        }
+        let mut cmd = self.command(self.bin.pg_ctl());
+        cmd.args(["stop", "-w", "-t", PG_CTL_TIMEOUT_SECS, "-m", mode, "-D"])
+            .arg(&self.data_dir);
+        self.run_ok(cmd).map(drop)
+    }
+
+    /// Polls until the server accepts connections, up to [`ACCEPT_DEADLINE`].
+    fn wait_accepting(&self) -> Result<()> {
+        let deadline = Instant::now() + ACCEPT_DEADLINE;
+        while !self.is_accepting() {
+            if Instant::now() >= deadline {
+                return Err(self.start_error(format!(
+                    "not accepting connections on 127.0.0.1:{} after {ACCEPT_DEADLINE:?}",
+                    self.port
+                )));
+            }
+            thread::sleep(PROBE_INTERVAL);
+        }
+        Ok(())
+    }
+
+    fn start_error(&self, reason: String) -> Error {
+        Error::Start {
+            server: self.name.clone(),
+            port: self.port,
+            data_dir: self.data_dir.clone(),
+            log: self.log_file(),
+            reason,
+            log_tail: log_tail(&self.log_file()),
+        }
+    }
+
+    /// A command for `binary` run as the server user, in the C locale.
+    fn command(&self, binary: PathBuf) -> Command {
+        let mut cmd = Command::new(binary);
+        cmd.env("LC_ALL", "C").stdin(Stdio::null());
+        self.user.apply(&mut cmd);
+        cmd
+    }
+
+    fn output(&self, cmd: &mut Command) -> Result<Output> {
+        cmd.output().map_err(|source| Error::Spawn {
+            server: self.name.clone(),
+            binary: PathBuf::from(cmd.get_program()),
+            source,
+        })
+    }
+
+    /// Runs `cmd`; a non-zero exit is an [`Error::Command`].
+    fn run_ok(&self, mut cmd: Command) -> Result<Output> {
+        let out = self.output(&mut cmd)?;
+        if out.status.success() {
+            return Ok(out);
+        }
+        let args: Vec<OsString> = cmd.get_args().map(OsString::from).collect();
+        Err(Error::Command {
+            server: self.name.clone(),
+            binary: PathBuf::from(cmd.get_program()),
+            args: args
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            status: out.status,
+            output: [&out.stdout, &out.stderr]
+                .map(|bytes| String::from_utf8_lossy(bytes).trim().to_owned())
+                .into_iter()
+                .filter(|text| !text.is_empty())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        })
+    }
+}
+
+/// Sends a v3 startup message for user/database `postgres` and reports
+/// whether the server answered `AuthenticationOk`; then says goodbye.
+fn probe(port: u16) -> std::io::Result<bool> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut body = 196_608_u32.to_be_bytes().to_vec(); // protocol 3.0
+    for part in ["user", "postgres", "database", "postgres", ""] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    let len = u32::try_from(body.len() + 4).unwrap_or(u32::MAX);
+    stream.write_all(&[len.to_be_bytes().as_slice(), &body].concat())?;
+    let mut reply = [0_u8; 9];
+    stream.read_exact(&mut reply)?;
+    let ok = reply == [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+    if ok {
+        stream.write_all(&[b'X', 0, 0, 0, 4])?; // Terminate
+    }
+    Ok(ok)
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of a log file (reads at most 64 KiB).
+fn log_tail(path: &Path) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        }
+        Err(e) => format!("(log not readable: {e})"),
+    }
+}

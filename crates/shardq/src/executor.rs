@@ -1,0 +1,91 @@
+//! The executor: runs one fetched job's handler with its timeout, turns a
+//! panic into an error message, and hands the outcome to the completer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tracing::Instrument;
+
+use crate::completer::{Done, Outcome};
+use crate::job::JobId;
+use crate::runtime::Node;
+use crate::shard::ShardWork;
+use crate::slots::QueueSlots;
+use crate::store::FetchedJob;
+use crate::worker::{JobContext, JobError};
+
+/// Runs one job to its outcome. Called in its own task by the producer.
+pub(crate) async fn execute(node: Arc<Node>, shard: Arc<ShardWork>, slots: Arc<QueueSlots>, queue: Arc<str>, job: FetchedJob) {
+    let pickup = (Utc::now() - job.run_at).num_microseconds().unwrap_or(0).max(0) as u64;
+    shard.stats.record_pickup(pickup);
+    let span = tracing::info_span!("job", shard = %shard.db.name, queue = %queue, kind = %job.kind, id = job.id, attempt = job.attempt);
+    let outcome = run_handler(&node, &shard, &queue, &job).instrument(span).await;
+    slots.release(shard.index, 1);
+    if let Ok(mut leases) = shard.leases.lock() {
+        if let Some(lease) = leases.get_mut(&job.id) {
+            lease.run = None;
+        }
+    }
+    let done = Done { id: job.id, attempt: job.attempt, max_attempts: job.max_attempts, outcome };
+    if shard.done_tx.send(done).await.is_err() {
+        // The completer is gone (shutdown after its grace): the lease expires and the job is rescued.
+        tracing::warn!(shard = %shard.db.name, id = job.id, "outcome not recorded: completer stopped");
+    }
+}
+
+async fn run_handler(node: &Node, shard: &ShardWork, queue: &str, job: &FetchedJob) -> Outcome {
+    let Some(handler) = node.registry.get(&job.kind) else {
+        return Outcome::Failed(format!(
+            "no handler for kind {:?} on node {} (registered: {})",
+            job.kind,
+            node.id,
+            node.registry.kinds().join(", ")
+        ));
+    };
+    let ctx = JobContext {
+        id: JobId { shard: shard.db.name.clone(), id: job.id },
+        account: job.account.clone(),
+        queue: queue.to_string(),
+        kind: job.kind.clone(),
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+    };
+    let fut = match (handler.run)(ctx, job.args.0.clone()) {
+        Ok(fut) => fut,
+        Err(message) => return Outcome::Failed(message),
+    };
+    let mut task = tokio::spawn(fut);
+    tokio::select! {
+        joined = &mut task => match joined {
+            Ok(Ok(())) => Outcome::Completed,
+            Ok(Err(JobError::Failed(m))) => Outcome::Failed(m),
+            Ok(Err(JobError::Snooze(d))) => Outcome::Snooze(d),
+            Ok(Err(JobError::Cancel(r))) => Outcome::Cancel(r),
+            Err(e) if e.is_panic() => Outcome::Failed(format!("handler panicked: {}", panic_message(e.into_panic()))),
+            Err(_) => Outcome::Failed("handler task was aborted".into()),
+        },
+        _ = tokio::time::sleep(handler.timeout) => {
+            task.abort();
+            Outcome::Failed(format!("timed out after {}", human(handler.timeout)))
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    }
+}
+
+fn human(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}

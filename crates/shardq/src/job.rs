@@ -1,0 +1,203 @@
+//! Jobs as the application sees them: [`NewJob`] to enqueue, [`JobId`] to
+//! name one (`SHARD:ID`), [`JobRecord`] to inspect one.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Largest accepted args document, in bytes of JSON text.
+pub const MAX_ARGS_BYTES: usize = 256 * 1024;
+/// Longest queue name, in bytes.
+pub const MAX_QUEUE_BYTES: usize = 128;
+/// Longest kind name, in bytes.
+pub const MAX_KIND_BYTES: usize = 255;
+/// Queue used when none is given.
+pub const DEFAULT_QUEUE: &str = "default";
+/// Attempts allowed when none is given.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 20;
+
+/// A job's identity: the shard it lives on and its row id there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct JobId {
+    /// The shard's name.
+    pub shard: String,
+    /// The row id in that shard's jobs table.
+    pub id: i64,
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.shard, self.id)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<JobId> {
+        let bad = || Error::InvalidJobId { text: s.to_string() };
+        let (shard, id) = s.rsplit_once(':').ok_or_else(bad)?;
+        let id = id.parse::<i64>().map_err(|_| bad())?;
+        if shard.is_empty() || id <= 0 {
+            return Err(bad());
+        }
+        Ok(JobId { shard: shard.to_string(), id })
+    }
+}
+
+/// A job to enqueue: kind, JSON args and options.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub(crate) queue: String,
+    pub(crate) kind: String,
+    pub(crate) args: serde_json::Value,
+    pub(crate) priority: i16,
+    pub(crate) max_attempts: i32,
+    pub(crate) run_at: Option<DateTime<Utc>>,
+}
+
+impl NewJob {
+    /// A job of `kind` with `args` serialized to JSON, on the default queue.
+    pub fn new(kind: impl Into<String>, args: &impl Serialize) -> Result<NewJob> {
+        let args = serde_json::to_value(args)
+            .map_err(|e| Error::InvalidJob { field: "args", message: format!("cannot serialize to JSON: {e}") })?;
+        Ok(Self::from_json(kind, args))
+    }
+
+    /// A job of `kind` with args given as JSON text; invalid JSON is an error.
+    pub fn from_json_text(kind: impl Into<String>, args: &str) -> Result<NewJob> {
+        let args = serde_json::from_str(args)
+            .map_err(|e| Error::InvalidJob { field: "args", message: format!("not valid JSON: {e}") })?;
+        Ok(Self::from_json(kind, args))
+    }
+
+    /// A job of `kind` with JSON args.
+    pub fn from_json(kind: impl Into<String>, args: serde_json::Value) -> NewJob {
+        NewJob {
+            queue: DEFAULT_QUEUE.to_string(),
+            kind: kind.into(),
+            args,
+            priority: 0,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            run_at: None,
+        }
+    }
+
+    /// Puts the job on `queue`.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Priority within the queue: lower runs first (default 0).
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Attempts before the job is discarded (default 20).
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Runs the job no earlier than `at`.
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Runs the job no earlier than `delay` from now.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.run_at = chrono::Duration::from_std(delay).ok().map(|d| Utc::now() + d);
+        self
+    }
+
+    /// Checks the fields and returns the args as JSON text.
+    pub(crate) fn validate(&self) -> Result<String> {
+        let bad = |field, message: String| Err(Error::InvalidJob { field, message });
+        if self.queue.is_empty() || self.queue.len() > MAX_QUEUE_BYTES || self.queue.contains('\0') {
+            return bad("queue", format!("must be 1 to {MAX_QUEUE_BYTES} bytes without NUL, got {} bytes", self.queue.len()));
+        }
+        if self.kind.is_empty() || self.kind.len() > MAX_KIND_BYTES || self.kind.contains('\0') {
+            return bad("kind", format!("must be 1 to {MAX_KIND_BYTES} bytes without NUL, got {} bytes", self.kind.len()));
+        }
+        if self.max_attempts < 1 {
+            return bad("max_attempts", format!("must be at least 1, got {}", self.max_attempts));
+        }
+        let text = self.args.to_string();
+        if text.len() > MAX_ARGS_BYTES {
+            return bad("args", format!("{} bytes of JSON exceed the cap of {MAX_ARGS_BYTES}", text.len()));
+        }
+        if text.contains("\\u0000") {
+            return bad("args", "JSON strings must not contain NUL (\\u0000); Postgres jsonb cannot store it".into());
+        }
+        Ok(text)
+    }
+}
+
+/// A job as stored, for inspection (`shardq jobs show`).
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    /// Its id.
+    pub id: JobId,
+    /// The account it belongs to.
+    pub account: String,
+    /// Its queue.
+    pub queue: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its args.
+    pub args: serde_json::Value,
+    /// `available`, `running`, `completed`, `discarded` or `cancelled`.
+    pub state: String,
+    /// Priority (lower first).
+    pub priority: i16,
+    /// Attempts started so far.
+    pub attempt: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// When it may run (next).
+    pub run_at: DateTime<Utc>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// When its last attempt started.
+    pub attempted_at: Option<DateTime<Utc>>,
+    /// When it reached a final state.
+    pub finalized_at: Option<DateTime<Utc>>,
+    /// The node holding its lease, while running.
+    pub locked_by: Option<String>,
+    /// One entry per failed attempt: `{"attempt", "at", "error"}`.
+    pub errors: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_id_round_trips_and_rejects_garbage() {
+        let id: JobId = "shard_1:42".parse().expect("valid id");
+        assert_eq!(id, JobId { shard: "shard_1".into(), id: 42 });
+        assert_eq!(id.to_string(), "shard_1:42");
+        for bad in ["", "shard_1", ":4", "shard_1:x", "shard_1:-3", "shard_1:0"] {
+            assert!(bad.parse::<JobId>().is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let big = serde_json::json!({ "s": "x".repeat(MAX_ARGS_BYTES) });
+        let err = NewJob::from_json("k", big).validate().unwrap_err().to_string();
+        assert!(err.contains("args") && err.contains("exceed"), "{err}");
+        let err = NewJob::from_json_text("k", "{not json").unwrap_err().to_string();
+        assert!(err.contains("args") && err.contains("not valid JSON"), "{err}");
+        let err = NewJob::from_json("k", serde_json::json!({})).queue("").validate().unwrap_err().to_string();
+        assert!(err.contains("queue"), "{err}");
+        let err = NewJob::from_json("k", serde_json::json!({})).max_attempts(0).validate().unwrap_err().to_string();
+        assert!(err.contains("max_attempts"), "{err}");
+        assert!(NewJob::from_json("k", serde_json::json!({"q": "'; DROP TABLE x; --"})).queue("é\"q;").validate().is_ok());
+    }
+}

@@ -1,0 +1,115 @@
+//! The producer: one task per (shard, queue). Woken by the shard's notifier,
+//! by released slots, or by a jittered poll (the fallback when notifications
+//! are lost), it waits out a short cooldown so bursts of wake-ups coalesce,
+//! then claims as many due jobs as it has free slots in one statement, and
+//! claims again at once while batches come back full.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::executor;
+use crate::runtime::Node;
+use crate::shard::{Lease, ShardWork};
+use crate::slots::QueueSlots;
+use crate::store::{self, FetchParams};
+
+/// One producer's fixed inputs.
+pub(crate) struct Producer {
+    pub node: Arc<Node>,
+    pub shard: Arc<ShardWork>,
+    pub queue: Arc<str>,
+    pub slots: Arc<QueueSlots>,
+    /// Notified by the notifier and by released slots; `notify_one` keeps a permit.
+    pub wake: Arc<Notify>,
+}
+
+impl Producer {
+    /// Runs until `stop` turns true.
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        let opts = &self.node.options;
+        let mut last_fetch = Instant::now() - opts.fetch_cooldown;
+        let mut error_wait = Duration::from_millis(100);
+        loop {
+            let poll = opts.poll_interval.mul_f64(rand::rng().random_range(0.9..1.1));
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            if *stop.borrow() {
+                return;
+            }
+            let since = last_fetch.elapsed();
+            if since < opts.fetch_cooldown {
+                tokio::time::sleep(opts.fetch_cooldown - since).await;
+            }
+            loop {
+                let want = self.slots.reserve(self.shard.index, opts.max_batch);
+                if want == 0 {
+                    break; // a released slot wakes us
+                }
+                last_fetch = Instant::now();
+                match self.fetch(want).await {
+                    Ok(got) => {
+                        error_wait = Duration::from_millis(100);
+                        if got < want {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "fetch failed; backing off");
+                        tokio::select! {
+                            _ = stop.changed() => return,
+                            _ = tokio::time::sleep(error_wait) => {}
+                        }
+                        error_wait = (error_wait * 2).min(Duration::from_secs(5));
+                        self.wake.notify_one();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims up to `want` jobs (slots already reserved) and starts them.
+    async fn fetch(&self, want: usize) -> sqlx::Result<usize> {
+        let params = FetchParams {
+            queue: &self.queue,
+            limit: want as i64,
+            node: &self.node.id,
+            lease_secs: self.node.options.lease.as_secs_f64(),
+        };
+        let jobs = match store::job_fetch_available(&self.shard.db.pool, &params).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                self.slots.unreserve(self.shard.index, want);
+                return Err(e);
+            }
+        };
+        let got = jobs.len();
+        self.slots.unreserve(self.shard.index, want - got);
+        self.slots.set_hungry(self.shard.index, got == want);
+        if got > 0 {
+            tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, got, want, "fetched");
+        }
+        if let Ok(mut leases) = self.shard.leases.lock() {
+            for job in jobs {
+                let id = job.id;
+                let attempt = job.attempt;
+                let task = tokio::spawn(executor::execute(
+                    self.node.clone(),
+                    self.shard.clone(),
+                    self.slots.clone(),
+                    self.queue.clone(),
+                    job,
+                ));
+                leases.insert(id, Lease { attempt, run: Some(task.abort_handle()) });
+            }
+        }
+        Ok(got)
+    }
+}

@@ -1,0 +1,137 @@
+//! [`QueueSlots`]: a queue's concurrency limit on this node, shared fairly by
+//! the producers of every shard.
+//!
+//! Each shard's producer reserves slots before it fetches and releases them
+//! when a run ends. A shard is *hungry* when its last fetch came back full or
+//! it found no free slot: it likely has more work. While other shards are
+//! hungry, a shard may hold at most its fair share (limit / hungry shards,
+//! rounded up), so a shard with a 100k backlog cannot starve another shard's
+//! jobs on the same queue; when no one else is hungry it may use every slot.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+/// Slots of one queue on this node.
+pub(crate) struct QueueSlots {
+    /// The node's limit for this queue; fixed at start.
+    limit: usize,
+    /// Written by reserve/release/set_hungry, under the lock.
+    state: Mutex<SlotState>,
+    /// One wake-up per shard producer of this queue (index = shard index);
+    /// released slots call `notify_one` on each, which stores a permit.
+    wakers: Vec<Arc<Notify>>,
+}
+
+struct SlotState {
+    running: Vec<usize>,
+    hungry: Vec<bool>,
+}
+
+impl QueueSlots {
+    /// Slots for `limit` concurrent runs across the producers woken by `wakers`.
+    pub(crate) fn new(limit: usize, wakers: Vec<Arc<Notify>>) -> QueueSlots {
+        let n = wakers.len();
+        QueueSlots { limit, state: Mutex::new(SlotState { running: vec![0; n], hungry: vec![false; n] }), wakers }
+    }
+
+    /// Reserves up to `max` slots for `shard`; returns how many it got. A
+    /// shard that gets none is marked hungry and woken by the next release.
+    pub(crate) fn reserve(&self, shard: usize, max: usize) -> usize {
+        let Ok(mut s) = self.state.lock() else { return 0 };
+        let total: usize = s.running.iter().sum();
+        let free = self.limit.saturating_sub(total);
+        let others_hungry = s.hungry.iter().enumerate().filter(|(i, h)| **h && *i != shard).count();
+        let allowed = if others_hungry == 0 {
+            free
+        } else {
+            let share = self.limit.div_ceil(others_hungry + 1);
+            free.min(share.saturating_sub(s.running[shard]))
+        };
+        let got = allowed.min(max);
+        s.running[shard] += got;
+        if got == 0 {
+            s.hungry[shard] = true;
+        }
+        got
+    }
+
+    /// Returns `n` slots of `shard` after runs ended and wakes the hungry
+    /// producers of the queue (those likely to have work waiting).
+    pub(crate) fn release(&self, shard: usize, n: usize) {
+        let Ok(mut s) = self.state.lock() else { return };
+        s.running[shard] = s.running[shard].saturating_sub(n);
+        for (w, hungry) in self.wakers.iter().zip(&s.hungry) {
+            if *hungry {
+                w.notify_one();
+            }
+        }
+    }
+
+    /// Returns `n` reserved slots that a fetch did not fill; wakes no one.
+    pub(crate) fn unreserve(&self, shard: usize, n: usize) {
+        if let Ok(mut s) = self.state.lock() {
+            s.running[shard] = s.running[shard].saturating_sub(n);
+        }
+    }
+
+    /// Records whether `shard` likely has more work waiting.
+    pub(crate) fn set_hungry(&self, shard: usize, hungry: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            s.hungry[shard] = hungry;
+        }
+    }
+
+    /// Runs in progress for `shard`.
+    #[cfg(test)]
+    fn running(&self, shard: usize) -> usize {
+        self.state.lock().map(|s| s.running[shard]).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(limit: usize, shards: usize) -> QueueSlots {
+        QueueSlots::new(limit, (0..shards).map(|_| Arc::new(Notify::new())).collect())
+    }
+
+    #[test]
+    fn a_lone_shard_may_use_every_slot() {
+        let s = slots(10, 2);
+        assert_eq!(s.reserve(0, 100), 10);
+        assert_eq!(s.reserve(0, 1), 0);
+        s.release(0, 3);
+        assert_eq!(s.reserve(0, 100), 3);
+    }
+
+    #[test]
+    fn a_backlogged_shard_cannot_starve_another() {
+        let s = slots(10, 2);
+        assert_eq!(s.reserve(0, 10), 10);
+        s.set_hungry(0, true); // full batch: shard 0 has a backlog
+        assert_eq!(s.reserve(1, 10), 0, "no slot free yet"); // marks shard 1 hungry
+        s.release(0, 10);
+        // Now both are hungry: shard 0 may only refill to its half.
+        assert_eq!(s.reserve(0, 10), 5);
+        assert_eq!(s.reserve(1, 10), 5);
+        assert_eq!(s.running(1), 5);
+    }
+
+    #[test]
+    fn release_wakes_the_hungry_producers_of_the_queue() {
+        let s = slots(1, 2);
+        assert_eq!(s.reserve(0, 1), 1);
+        s.set_hungry(0, true);
+        assert_eq!(s.reserve(1, 1), 0); // shard 1 found no slot: hungry
+        s.release(0, 1);
+        // notify_one stores a permit, so a producer that was not waiting yet still wakes.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        rt.block_on(async {
+            for w in &s.wakers {
+                tokio::time::timeout(std::time::Duration::from_secs(5), w.notified()).await.expect("woken");
+            }
+        });
+    }
+}

@@ -90,6 +90,15 @@ pub enum Error {
     /// A migration run could not even start (bad migration files).
     #[error("migrations: {0}")]
     Migrations(String),
+    /// An application migration folder is missing or holds a bad file
+    /// (not UTF-8, a repeated version).
+    #[error("migrations folder {folder}: {message}")]
+    MigrationFiles {
+        /// The folder, as resolved from shards.toml.
+        folder: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl Error {

@@ -58,3 +58,63 @@ pub(crate) async fn placement_counts(master: &PgPool) -> sqlx::Result<Vec<(Strin
         .fetch_all(master)
         .await
 }
+
+// ---- migrations (tokio-postgres) ----
+
+/// The history table of the platform's own migrations (`migrations/master`,
+/// `migrations/shard`), written by refinery.
+pub(crate) const MIGRATION_PLATFORM_TABLE: &str = "shardq_schema_history";
+
+/// The history table of the application's migrations, written by refinery.
+pub(crate) const MIGRATION_APP_TABLE: &str = "shardq_app_history";
+
+/// The advisory lock key every migrator takes on a database before touching
+/// its schema ("shardqmg" as big-endian bytes). Fixed forever: two releases
+/// of shardq must exclude each other too.
+const MIGRATION_LOCK_KEY: i64 = 0x7368_6172_6471_6d67;
+
+/// One row of a refinery history table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MigrationHistoryRow {
+    /// The migration's version.
+    pub version: i32,
+    /// The migration's name (file name without `V{n}__` and `.sql`).
+    pub name: String,
+    /// refinery's checksum of name, version and SQL, as stored (a u64 in text).
+    pub checksum: String,
+}
+
+/// Waits for the migration advisory lock of this database (session level:
+/// held across refinery's transactions until [`migration_unlock`]).
+pub(crate) async fn migration_lock(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    Ok(())
+}
+
+/// Releases the migration advisory lock taken by [`migration_lock`].
+pub(crate) async fn migration_unlock(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await.map(drop)
+}
+
+/// The rows of a history table in version order; empty when the table does
+/// not exist yet (never creates it). `table` is one of the constants above.
+pub(crate) async fn migration_history(
+    client: &tokio_postgres::Client,
+    table: &'static str,
+) -> Result<Vec<MigrationHistoryRow>, tokio_postgres::Error> {
+    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.try_get(0)?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(&format!("SELECT version, name, checksum FROM {table} ORDER BY version"), &[])
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(MigrationHistoryRow {
+                version: r.try_get(0)?,
+                name: r.try_get::<_, Option<String>>(1)?.unwrap_or_default(),
+                checksum: r.try_get::<_, Option<String>>(2)?.unwrap_or_default(),
+            })
+        })
+        .collect()
+}

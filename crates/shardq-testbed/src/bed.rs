@@ -170,6 +170,34 @@ impl TestBed {
     }
 }
 
+/// Creates database `db` on `server` unless it exists; returns whether it
+/// was created. Used by `shardq testbed up` for the configured databases.
+pub async fn ensure_database(server: &Server, db: &str) -> Result<bool> {
+    let admin = server.url("postgres");
+    let sql_error = |action: &str, source| Error::Sql {
+        server: server.name().to_owned(),
+        action: action.to_owned(),
+        url: admin.clone(),
+        source,
+    };
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .map_err(|e| sql_error("connect", e))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(db)
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| sql_error("look up databases", e))?;
+    if !exists {
+        let quoted = db.replace('"', "\"\"");
+        conn.execute(format!(r#"CREATE DATABASE "{quoted}""#).as_str())
+            .await
+            .map_err(|e| sql_error(&format!("CREATE DATABASE {db}"), e))?;
+    }
+    conn.close().await.map_err(|e| sql_error("close", e))?;
+    Ok(!exists)
+}
+
 /// `CREATE DATABASE db` on `server`.
 async fn create_database(server: &Server, db: &str) -> Result<FleetDb> {
     let admin = server.url("postgres");

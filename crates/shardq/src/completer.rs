@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::shard::{ShardStats, ShardWork};
 use crate::store::{self, Finish};
@@ -57,10 +57,24 @@ impl Backoff {
     }
 }
 
-/// Writes outcomes from `rx` until it closes and is drained.
-pub(crate) async fn run(shard: Arc<ShardWork>, mut rx: mpsc::Receiver<Done>, backoff: Backoff) {
+/// Writes outcomes from `rx` until `finish` turns true, then writes what is
+/// still queued and returns.
+pub(crate) async fn run(shard: Arc<ShardWork>, mut rx: mpsc::Receiver<Done>, backoff: Backoff, mut finish: watch::Receiver<bool>) {
     let mut batch = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut finishing = false;
+    loop {
+        let first = if finishing {
+            rx.try_recv().ok()
+        } else {
+            tokio::select! {
+                d = rx.recv() => d,
+                _ = finish.changed() => {
+                    finishing = true;
+                    rx.try_recv().ok()
+                }
+            }
+        };
+        let Some(first) = first else { return };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {

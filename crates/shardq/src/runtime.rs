@@ -126,6 +126,7 @@ impl RuntimeBuilder {
             options: self.options,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (finish_tx, finish_rx) = watch::channel(false);
         let databases = self.router.shards();
         // wakes[queue][shard]
         let wakes: BTreeMap<&String, Vec<Arc<Notify>>> = self
@@ -151,7 +152,7 @@ impl RuntimeBuilder {
                 done_tx,
                 stats: ShardStats::default(),
             });
-            completers.push(tokio::spawn(completer::run(shard.clone(), done_rx, node.options.backoff)));
+            completers.push(tokio::spawn(completer::run(shard.clone(), done_rx, node.options.backoff, finish_rx.clone())));
             let mut producers = HashMap::new();
             for q in self.queues.keys() {
                 let wake = wakes[q][index].clone();
@@ -165,7 +166,7 @@ impl RuntimeBuilder {
             shards.push(shard);
         }
         tracing::info!(node = %node.id, shards = shards.len(), queues = ?self.queues, "worker node started");
-        Ok(Runtime { node, shards, stop_tx, tasks, completers })
+        Ok(Runtime { node, shards, stop_tx, finish_tx, tasks, completers })
     }
 }
 
@@ -173,7 +174,10 @@ impl RuntimeBuilder {
 pub struct Runtime {
     node: Arc<Node>,
     shards: Vec<Arc<ShardWork>>,
+    /// Stops producers, notifiers, heartbeats and rescuers.
     stop_tx: watch::Sender<bool>,
+    /// Tells completers to write what is queued and stop.
+    finish_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     completers: Vec<JoinHandle<()>>,
 }
@@ -228,9 +232,8 @@ impl Runtime {
         for t in &self.tasks {
             t.abort();
         }
-        let Runtime { shards, completers, .. } = self;
-        drop(shards); // closes the completers' inboxes once executors are gone
-        for c in completers {
+        let _ = self.finish_tx.send(true);
+        for c in self.completers {
             // Pending outcomes are flushed; a shard that stays down past a
             // further grace period leaves its jobs to lease expiry and rescue.
             let abort = c.abort_handle();

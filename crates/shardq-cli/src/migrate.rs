@@ -1,0 +1,145 @@
+//! `shardq migrate`: bring the master and every shard to the same schema, or
+//! (`shardq migrate status`) show where each database stands.
+//!
+//! Exit status: 0 when every selected database succeeded (or, for `status`,
+//! none diverged and all could be read; lagging behind is not an error);
+//! 1 when any database failed, diverged or could not be reached. A problem
+//! that stops the run before it starts (bad migration folder, unknown shard)
+//! is returned as an error.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use shardq_router::migrator::{Migrator, DEFAULT_PARALLEL};
+use shardq_router::Config;
+
+/// Arguments of `shardq migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// `status` shows the version matrix instead of migrating.
+    #[command(subcommand)]
+    pub command: Option<MigrateCommand>,
+    /// Most shards worked on at the same time (the master always runs first, alone).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PARALLEL, value_parser = parse_parallel, global = true)]
+    pub parallel: usize,
+    /// Stop the application migrations at VERSION. The platform's own
+    /// migrations always go to their latest version.
+    #[arg(long, value_name = "VERSION")]
+    pub target: Option<u32>,
+    /// Only this shard (repeatable). The master is then skipped unless
+    /// `--master` is also given.
+    #[arg(long = "shard", value_name = "NAME", global = true)]
+    pub shards: Vec<String>,
+    /// With `--shard`: include the master too.
+    #[arg(long, global = true)]
+    pub master: bool,
+    /// List what would run on each database; change nothing, take no lock.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Subcommands of `shardq migrate`.
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Show each database's applied platform and application versions, and
+    /// which databases lag behind the files or have diverged from them.
+    Status,
+}
+
+/// Runs `shardq migrate` (or `shardq migrate status`) and returns the exit status.
+pub async fn run(config: &Config, args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let migrator = migrator(config, &args);
+    match args.command {
+        Some(MigrateCommand::Status) => {
+            if args.target.is_some() || args.dry_run {
+                bail!("--target and --dry-run apply to `shardq migrate`, not to `shardq migrate status`");
+            }
+            let report = migrator.status().await.context("migrate status")?;
+            print(&report, args.json)?;
+            Ok(exit_code(report.has_errors()))
+        }
+        None => {
+            let report = migrator.run().await.context("migrate")?;
+            print(&report, args.json)?;
+            Ok(exit_code(report.failed()))
+        }
+    }
+}
+
+fn migrator(config: &Config, args: &MigrateArgs) -> Migrator {
+    let mut m = Migrator::new(config).parallel(args.parallel).dry_run(args.dry_run);
+    if let Some(v) = args.target {
+        m = m.target(v);
+    }
+    if !args.shards.is_empty() {
+        m = m.only_shards(args.shards.iter().cloned()).master(args.master);
+    }
+    m
+}
+
+fn print<R: serde::Serialize + std::fmt::Display>(report: &R, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+fn exit_code(failed: bool) -> ExitCode {
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn parse_parallel(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a number of at least 1")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: MigrateArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<MigrateArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("migrate").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn flags_parse() {
+        let a = parse(&["--parallel", "8", "--target", "3", "--shard", "a", "--shard", "b", "--dry-run", "--json"])
+            .expect("parses");
+        assert_eq!((a.parallel, a.target, a.shards.len(), a.dry_run, a.json), (8, Some(3), 2, true, true));
+        assert!(a.command.is_none());
+        let d = parse(&[]).expect("parses");
+        assert_eq!(d.parallel, DEFAULT_PARALLEL);
+    }
+
+    #[test]
+    fn status_takes_json_and_shard_after_it() {
+        let a = parse(&["status", "--json", "--shard", "a"]).expect("parses");
+        assert!(matches!(a.command, Some(MigrateCommand::Status)));
+        assert!(a.json);
+        assert_eq!(a.shards, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn zero_parallel_is_rejected() {
+        assert!(parse(&["--parallel", "0"]).is_err());
+    }
+}

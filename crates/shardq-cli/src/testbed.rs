@@ -1,0 +1,97 @@
+//! `shardq testbed up|down|status`: one local Postgres server per database of
+//! the configuration, data under `.shardq/testbed/<name>`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use shardq_router::{Config, Target};
+use shardq_testbed::Server;
+
+/// Where the servers keep their data, relative to the working directory.
+pub const DATA_DIR: &str = ".shardq/testbed";
+
+/// Arguments of `testbed`.
+#[derive(clap::Args)]
+pub struct TestbedArgs {
+    #[command(subcommand)]
+    command: TestbedCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum TestbedCommand {
+    /// Init (first time) and start every server; create the configured databases. Idempotent.
+    Up,
+    /// Stop every server (data is kept).
+    Down,
+    /// Show each server and whether it accepts connections.
+    Status,
+}
+
+/// The servers of the configuration: `(name, target)` for master and shards.
+fn entries(config: &Config) -> Vec<(String, &Target)> {
+    std::iter::once(("master".to_string(), &config.master.target))
+        .chain(config.shards.iter().map(|s| (s.name.clone(), &s.database.target)))
+        .collect()
+}
+
+fn server(name: &str, target: &Target) -> anyhow::Result<Server> {
+    if !matches!(target.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+        bail!("{name}: host {} is not local; the test bed only runs servers on 127.0.0.1", target.host);
+    }
+    Ok(Server::new(name, target.port, PathBuf::from(DATA_DIR).join(name))?)
+}
+
+/// Brings every server of the configuration up (see [`TestbedArgs`]).
+pub async fn up(config: &Config) -> anyhow::Result<()> {
+    for (name, target) in entries(config) {
+        let s = server(&name, target)?;
+        let started = tokio::task::spawn_blocking(move || -> anyhow::Result<Server> {
+            s.init()?;
+            s.start()?;
+            Ok(s)
+        })
+        .await??;
+        let created = shardq_testbed::bed::ensure_database(&started, &target.dbname)
+            .await
+            .with_context(|| format!("{name}: creating database {}", target.dbname))?;
+        println!(
+            "{name:<10} up   127.0.0.1:{:<5} database {}{}",
+            target.port,
+            target.dbname,
+            if created { " (created)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Runs a `testbed` subcommand.
+pub async fn run(config: &Config, args: TestbedArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        TestbedCommand::Up => up(config).await?,
+        TestbedCommand::Down => {
+            for (name, target) in entries(config) {
+                let s = server(&name, target)?;
+                tokio::task::spawn_blocking(move || s.stop()).await??;
+                println!("{name:<10} stopped");
+            }
+        }
+        TestbedCommand::Status => {
+            let mut all = true;
+            for (name, target) in entries(config) {
+                let s = server(&name, target)?;
+                let ok = tokio::task::spawn_blocking(move || s.is_accepting()).await?;
+                all &= ok;
+                println!(
+                    "{name:<10} 127.0.0.1:{:<5} {}",
+                    target.port,
+                    if ok { "accepting connections" } else { "down" }
+                );
+            }
+            if !all {
+                return Ok(ExitCode::from(3));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

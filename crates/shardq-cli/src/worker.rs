@@ -1,0 +1,90 @@
+//! `shardq worker`: a worker node with the built-in kinds.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardq::{Runtime, RuntimeOptions};
+use shardq_router::{Config, Router};
+
+use crate::kinds;
+
+/// Arguments of `worker`.
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// Queues and this node's concurrency for each: `default=10,email=5`.
+    #[arg(long, default_value = "default=64")]
+    pub queues: String,
+    /// Lease length of a running job.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+    /// Lease renewal interval.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+    /// Check for expired leases this often.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub rescue: Duration,
+    /// Fallback poll interval.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub poll: Duration,
+    /// On SIGTERM / ctrl-c, let running jobs finish this long before handing them back.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Node id (default host-pid-random).
+    #[arg(long)]
+    pub node_id: Option<String>,
+}
+
+/// Parses `name=limit[,name=limit...]`.
+pub fn parse_queues(s: &str) -> Result<Vec<(String, usize)>, String> {
+    s.split(',')
+        .map(|part| {
+            let (name, limit) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected QUEUE=LIMIT, e.g. default=10"))?;
+            let limit: usize = limit
+                .parse()
+                .ok()
+                .filter(|l| *l > 0)
+                .ok_or_else(|| format!("{part:?}: the limit must be a positive integer"))?;
+            if name.is_empty() {
+                return Err(format!("{part:?}: the queue name is empty"));
+            }
+            Ok((name.to_string(), limit))
+        })
+        .collect()
+}
+
+impl WorkerArgs {
+    /// The runtime options these arguments ask for.
+    pub fn options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            lease: self.lease,
+            heartbeat_interval: self.heartbeat,
+            rescue_interval: self.rescue,
+            poll_interval: self.poll,
+            node_id: self.node_id.clone(),
+            ..RuntimeOptions::default()
+        }
+    }
+}
+
+/// Runs a node until SIGTERM or ctrl-c, then shuts down gracefully.
+pub async fn run(config: &Config, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let router = Arc::new(Router::connect(config).await?);
+    let mut builder = kinds::register(Runtime::builder(router)).options(args.options());
+    let queues = parse_queues(&args.queues).map_err(|e| anyhow::anyhow!("--queues: {e}"))?;
+    for (q, limit) in queues {
+        builder = builder.queue(q, limit);
+    }
+    let runtime = builder.start()?;
+    eprintln!("worker {} running; ctrl-c or SIGTERM to stop", runtime.node_id());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("stopping: finishing running jobs (grace {})", humantime::format_duration(args.grace));
+    runtime.shutdown(args.grace).await;
+    Ok(ExitCode::SUCCESS)
+}

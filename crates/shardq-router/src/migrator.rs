@@ -1,5 +1,0 @@
-//! Placeholder.
-/// x
-pub struct Migrator;
-/// x
-pub struct MigrationReport;

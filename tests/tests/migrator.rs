@@ -1,0 +1,320 @@
+#![allow(clippy::unwrap_used)]
+//! The migrator against real Postgres servers: every test takes fresh
+//! databases on the shared test bed (the shard-down test starts its own).
+
+use std::path::Path;
+
+use shardq_router::migrator::{DivergenceReason, History, MigrationReport, Stage, State};
+use shardq_router::{Config, Migrator};
+use shardq_testbed::{Fleet, TestBed};
+use sqlx::{Connection, PgConnection};
+use tempfile::TempDir;
+
+/// A fresh fleet, its config, and the folder of its shards' application
+/// migrations.
+struct Case {
+    fleet: Fleet,
+    config: Config,
+    app: TempDir,
+}
+
+impl Case {
+    async fn new(bed: &TestBed, files: &[(&str, &str)]) -> Case {
+        let fleet = bed.fresh_fleet().await.unwrap();
+        let shards: Vec<(&str, &str)> = fleet.shards.iter().map(|s| (s.name.as_str(), s.url.as_str())).collect();
+        let config = Config::from_urls(&fleet.master.url, &shards).unwrap();
+        Case::with_config(fleet, config, files)
+    }
+
+    fn with_config(fleet: Fleet, mut config: Config, files: &[(&str, &str)]) -> Case {
+        let app = tempfile::tempdir().unwrap();
+        config.migrations.shard = Some(app.path().to_path_buf());
+        let case = Case { fleet, config, app };
+        for (name, sql) in files {
+            case.write(name, sql);
+        }
+        case
+    }
+
+    fn write(&self, name: &str, sql: &str) {
+        std::fs::write(self.app.path().join(name), sql).unwrap();
+    }
+
+    fn shard_url(&self, name: &str) -> &str {
+        &self.fleet.shards.iter().find(|s| s.name == name).unwrap().url
+    }
+
+    async fn run(&self) -> MigrationReport {
+        Migrator::new(&self.config).run().await.unwrap()
+    }
+}
+
+fn shared() -> &'static TestBed {
+    TestBed::shared().unwrap()
+}
+
+const WIDGETS: (&str, &str) = ("V1__widgets.sql", "CREATE TABLE widgets (id int PRIMARY KEY);");
+const GADGETS: (&str, &str) = ("V2__gadgets.sql", "CREATE TABLE gadgets (id int PRIMARY KEY);");
+
+/// (number of files, highest version) of the platform's own migrations for
+/// `role` (`master` or `shard`), read from the repository's folder.
+fn platform_files(role: &str) -> (usize, u32) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations").join(role);
+    let versions: Vec<u32> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let rest = name.strip_prefix('V')?.strip_suffix(".sql")?;
+            rest.split_once("__")?.0.parse().ok()
+        })
+        .collect();
+    (versions.len(), versions.into_iter().max().unwrap())
+}
+
+async fn connect(url: &str) -> PgConnection {
+    PgConnection::connect(url).await.unwrap()
+}
+
+async fn exec(url: &str, sql: &str) {
+    sqlx::raw_sql(sql).execute(&mut connect(url).await).await.unwrap();
+}
+
+async fn table_exists(url: &str, table: &str) -> bool {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(&mut connect(url).await)
+        .await
+        .unwrap()
+}
+
+/// (rows, distinct versions) of a history table.
+async fn history_rows(url: &str, table: &str) -> (i64, i64) {
+    sqlx::query_as(&format!("SELECT count(*), count(DISTINCT version) FROM {table}"))
+        .fetch_one(&mut connect(url).await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fresh_fleet_migrates_every_database_to_the_latest_version() {
+    let case = Case::new(shared(), &[WIDGETS, GADGETS]).await;
+    let report = case.run().await;
+    assert!(!report.failed(), "{report}");
+
+    let (master_files, master_latest) = platform_files("master");
+    let master = report.database("master").unwrap();
+    let platform = master.platform.as_ref().unwrap();
+    assert_eq!((platform.version_before, platform.version_after), (None, Some(master_latest)));
+    assert_eq!(platform.applied.len(), master_files);
+    assert!(master.application.is_none(), "no application migrations are configured for the master");
+    assert!(table_exists(&case.fleet.master.url, "shardq.placements").await);
+
+    let (shard_files, shard_latest) = platform_files("shard");
+    for shard in &case.fleet.shards {
+        let db = report.database(&shard.name).unwrap();
+        let platform = db.platform.as_ref().unwrap();
+        assert_eq!((platform.version_before, platform.version_after), (None, Some(shard_latest)));
+        assert_eq!(platform.applied.len(), shard_files);
+        let app = db.application.as_ref().unwrap();
+        assert_eq!((app.version_before, app.version_after), (None, Some(2)));
+        let names: Vec<String> = app.applied.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["V1__widgets", "V2__gadgets"]);
+        for table in ["shardq.jobs", "widgets", "gadgets"] {
+            assert!(table_exists(&shard.url, table).await, "{table} on {}", shard.name);
+        }
+    }
+
+    let status = Migrator::new(&case.config).status().await.unwrap();
+    assert_eq!(status.databases.len(), 1 + case.fleet.shards.len());
+    assert!(status.databases.iter().all(|d| d.state == State::UpToDate), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_run_applies_nothing() {
+    let case = Case::new(shared(), &[WIDGETS, GADGETS]).await;
+    let first = case.run().await;
+    assert!(!first.failed(), "{first}");
+
+    let second = case.run().await;
+    assert!(!second.failed(), "{second}");
+    assert_eq!(second.applied_count(), 0, "{second}");
+    for db in &second.databases {
+        for h in db.platform.iter().chain(db.application.iter()) {
+            assert!(h.applied.is_empty());
+            assert_eq!(h.version_before, h.version_after);
+            assert!(h.version_after.is_some(), "{} {} is migrated", db.database, h.history);
+        }
+    }
+    assert_eq!(history_rows(case.shard_url("shard_1"), "shardq_app_history").await, (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_migration_fails_only_its_shard_with_the_postgres_error_then_converges() {
+    let conflict = ("V2__specials.sql", "CREATE TABLE specials (id int PRIMARY KEY);");
+    let case = Case::new(shared(), &[WIDGETS, conflict]).await;
+    // Only shard_2 already has a table of that name, so V2 fails only there.
+    exec(case.shard_url("shard_2"), "CREATE TABLE specials (legacy text)").await;
+
+    let report = case.run().await;
+    assert!(report.failed());
+    let failures: Vec<&str> = report.failures().map(|d| d.database.as_str()).collect();
+    assert_eq!(failures, ["shard_2"], "{report}");
+    let shard_2 = report.database("shard_2").unwrap();
+    let error = shard_2.error.as_ref().unwrap();
+    assert_eq!(error.stage, Stage::Migrate);
+    assert_eq!(error.history, Some(History::Application));
+    assert_eq!(error.migration.as_ref().unwrap().to_string(), "V2__specials");
+    assert_eq!(error.sqlstate.as_deref(), Some("42P07"));
+    assert!(error.message.contains(r#"relation "specials" already exists"#), "{}", error.message);
+    let app = shard_2.application.as_ref().unwrap();
+    assert_eq!((app.applied.len(), app.version_after), (1, Some(1)), "V1 was applied before V2 failed");
+    assert!(report.to_string().contains("42P07"), "{report}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["databases"][2]["error"]["sqlstate"], "42P07");
+    for name in ["shard_1", "shard_3"] {
+        let app = report.database(name).unwrap().application.as_ref().unwrap();
+        assert_eq!(app.version_after, Some(2), "{name}");
+    }
+
+    // The fix: the operator moves the conflicting table out of the way.
+    exec(case.shard_url("shard_2"), "ALTER TABLE specials RENAME TO specials_legacy").await;
+    let rerun = case.run().await;
+    assert!(!rerun.failed(), "{rerun}");
+    assert_eq!(rerun.applied_count(), 1, "{rerun}");
+    let app = rerun.database("shard_2").unwrap().application.as_ref().unwrap();
+    assert_eq!(app.applied.iter().map(|m| m.version).collect::<Vec<_>>(), [2]);
+    assert_eq!(history_rows(case.shard_url("shard_2"), "shardq_app_history").await, (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_migrators_at_once_both_succeed_and_apply_each_migration_once() {
+    let case = Case::new(shared(), &[WIDGETS, GADGETS]).await;
+    let one = Migrator::new(&case.config);
+    let two = Migrator::new(&case.config).parallel(1);
+    let (a, b) = tokio::join!(one.run(), two.run());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(!a.failed(), "{a}");
+    assert!(!b.failed(), "{b}");
+
+    let (master_files, _) = platform_files("master");
+    let (shard_files, _) = platform_files("shard");
+    assert_eq!(a.applied_count() + b.applied_count(), master_files + case.fleet.shards.len() * (shard_files + 2));
+    let master_rows = history_rows(&case.fleet.master.url, "shardq_schema_history").await;
+    assert_eq!(master_rows, (master_files as i64, master_files as i64));
+    for shard in &case.fleet.shards {
+        let platform = history_rows(&shard.url, "shardq_schema_history").await;
+        assert_eq!(platform, (shard_files as i64, shard_files as i64), "{}", shard.name);
+        assert_eq!(history_rows(&shard.url, "shardq_app_history").await, (2, 2), "{}", shard.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edited_applied_migration_is_divergent_in_status_and_refused_by_run() {
+    let case = Case::new(shared(), &[WIDGETS]).await;
+    assert!(!case.run().await.failed());
+    case.write(WIDGETS.0, "CREATE TABLE widgets (id bigint PRIMARY KEY);");
+    case.write(GADGETS.0, GADGETS.1);
+
+    let status = Migrator::new(&case.config).status().await.unwrap();
+    assert!(status.has_errors());
+    assert_eq!(status.diverged(), ["shard_1", "shard_2", "shard_3"], "{status}");
+    let divergence = status.database("shard_1").unwrap().divergences().next().unwrap().clone();
+    assert_eq!(divergence.history, History::Application);
+    assert_eq!(divergence.migration.to_string(), "V1__widgets");
+    assert_eq!(divergence.reason, DivergenceReason::ChecksumChanged);
+    let text = status.to_string();
+    assert!(text.contains("shard_1 DIVERGED") && text.contains("V1__widgets"), "{text}");
+    assert_eq!(status.database("master").unwrap().state, State::UpToDate);
+
+    let report = case.run().await;
+    let failures: Vec<&str> = report.failures().map(|d| d.database.as_str()).collect();
+    assert_eq!(failures, ["shard_1", "shard_2", "shard_3"], "{report}");
+    for shard in &case.fleet.shards {
+        let error = report.database(&shard.name).unwrap().error.as_ref().unwrap();
+        assert_eq!(error.stage, Stage::Diverged);
+        assert_eq!(error.divergences, [divergence.clone()]);
+        assert!(!table_exists(&shard.url, "gadgets").await, "nothing runs on a diverged database");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shard_that_is_down_is_reported_failed_while_the_others_migrate() {
+    let bed = TestBed::start(2).unwrap();
+    let fleet = bed.fresh_fleet().await.unwrap();
+    // A password in the URL must never be printed (trust auth ignores it).
+    let down_url = fleet.shards[1].url.replace("postgres@", "postgres:s3cret@");
+    let config = Config::from_urls(
+        &fleet.master.url,
+        &[(&fleet.shards[0].name, &fleet.shards[0].url), (&fleet.shards[1].name, &down_url)],
+    )
+    .unwrap();
+    let case = Case::with_config(fleet, config, &[WIDGETS]);
+    bed.server("shard_2").unwrap().stop().unwrap();
+
+    let report = case.run().await;
+    let failures: Vec<&str> = report.failures().map(|d| d.database.as_str()).collect();
+    assert_eq!(failures, ["shard_2"], "{report}");
+    let down = report.database("shard_2").unwrap();
+    let error = down.error.as_ref().unwrap();
+    assert_eq!(error.stage, Stage::Connect);
+    assert!(error.message.contains("error connecting to server"), "{}", error.message);
+    let text = report.to_string();
+    assert!(!text.contains("s3cret") && !serde_json::to_string(&report).unwrap().contains("s3cret"));
+    assert!(down.target.starts_with("postgres://postgres@127.0.0.1:"), "{}", down.target);
+    assert!(report.database("master").unwrap().error.is_none());
+    let up = report.database("shard_1").unwrap();
+    assert_eq!(up.application.as_ref().unwrap().version_after, Some(1), "{report}");
+    assert!(table_exists(case.shard_url("shard_1"), "widgets").await);
+
+    let status = Migrator::new(&case.config).status().await.unwrap();
+    assert_eq!(status.database("shard_2").unwrap().state, State::Unreachable);
+    assert!(status.has_errors());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_lists_pending_migrations_and_changes_nothing() {
+    let case = Case::new(shared(), &[WIDGETS, GADGETS]).await;
+    let report = Migrator::new(&case.config).dry_run(true).run().await.unwrap();
+    assert!(report.dry_run && !report.failed(), "{report}");
+    let app = report.database("shard_3").unwrap().application.as_ref().unwrap();
+    assert_eq!(app.applied.iter().map(ToString::to_string).collect::<Vec<_>>(), ["V1__widgets", "V2__gadgets"]);
+    assert!(report.to_string().contains("would apply"), "{report}");
+    for shard in &case.fleet.shards {
+        assert!(!table_exists(&shard.url, "shardq_schema_history").await);
+        assert!(!table_exists(&shard.url, "widgets").await);
+    }
+    assert!(!table_exists(&case.fleet.master.url, "shardq_schema_history").await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_shards_migrates_the_named_shards_and_leaves_the_master_alone() {
+    let case = Case::new(shared(), &[WIDGETS]).await;
+    let report = Migrator::new(&case.config).only_shards(["shard_2"]).run().await.unwrap();
+    let names: Vec<&str> = report.databases.iter().map(|d| d.database.as_str()).collect();
+    assert_eq!(names, ["shard_2"]);
+    assert!(table_exists(case.shard_url("shard_2"), "widgets").await);
+    assert!(!table_exists(case.shard_url("shard_1"), "widgets").await);
+    assert!(!table_exists(&case.fleet.master.url, "shardq_schema_history").await);
+
+    let with_master = Migrator::new(&case.config).only_shards(["shard_1"]).master(true).run().await.unwrap();
+    let names: Vec<&str> = with_master.databases.iter().map(|d| d.database.as_str()).collect();
+    assert_eq!(names, ["master", "shard_1"]);
+
+    let unknown = Migrator::new(&case.config).only_shards(["nope"]).run().await;
+    assert!(unknown.unwrap_err().to_string().contains("unknown shard"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn target_stops_the_application_history_at_that_version() {
+    let case = Case::new(shared(), &[WIDGETS, GADGETS]).await;
+    let report = Migrator::new(&case.config).target(1).run().await.unwrap();
+    assert!(!report.failed(), "{report}");
+    let (_, shard_latest) = platform_files("shard");
+    let db = report.database("shard_1").unwrap();
+    assert_eq!(db.platform.as_ref().unwrap().version_after, Some(shard_latest), "platform ignores the target");
+    assert_eq!(db.application.as_ref().unwrap().version_after, Some(1));
+    assert!(!table_exists(case.shard_url("shard_1"), "gadgets").await);
+
+    let status = Migrator::new(&case.config).status().await.unwrap();
+    assert_eq!(status.lagging(), ["shard_1", "shard_2", "shard_3"], "{status}");
+}

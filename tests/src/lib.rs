@@ -1,1 +1,73 @@
 //! Integration tests of shardq against real Postgres servers.
+//!
+//! Layout: this file is the harness every test binary shares: a migrated
+//! fleet of fresh databases on the test bed ([`fleet`]), and waiting on a
+//! condition with a deadline ([`wait_for`]). The tests are in `tests/`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardq::Client;
+use shardq_router::{Config, Migrator, Router};
+use shardq_testbed::TestBed;
+
+/// A migrated fleet of fresh databases (master + every shard of a bed).
+pub struct Fleet {
+    /// Its configuration.
+    pub config: Config,
+    /// A router over it.
+    pub router: Arc<Router>,
+    /// A job client over it.
+    pub client: Client,
+}
+
+/// A fresh, migrated fleet on the bed shared by this test binary (3 shards).
+pub async fn fleet() -> Fleet {
+    let bed = tokio::task::spawn_blocking(TestBed::shared).await.expect("join").expect("shared test bed");
+    fleet_on(bed).await
+}
+
+/// A fresh, migrated fleet on `bed`.
+pub async fn fleet_on(bed: &TestBed) -> Fleet {
+    let dbs = bed.fresh_fleet().await.expect("fresh databases");
+    let shards: Vec<(&str, &str)> = dbs.shards.iter().map(|s| (s.name.as_str(), s.url.as_str())).collect();
+    let config = Config::from_urls(&dbs.master.url, &shards).expect("config");
+    let report = Migrator::new(&config).run().await.expect("migrate");
+    assert!(!report.failed(), "migration failed:\n{report}");
+    let router = Arc::new(Router::connect(&config).await.expect("router"));
+    Fleet { config, client: Client::new(router.clone()), router }
+}
+
+/// Polls `check` every 20 ms until it returns true; panics naming `what`
+/// after `deadline`. For waiting on conditions, never on time.
+pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < until, "timed out after {deadline:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Counts jobs on a shard in `state`.
+pub async fn count_state(router: &Router, shard: &str, state: &str) -> i64 {
+    let db = router.shard(shard).expect("shard");
+    sqlx::query_scalar("SELECT count(*) FROM shardq.jobs WHERE state = $1")
+        .bind(state)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count")
+}
+
+/// Counts jobs on every shard in `state`.
+pub async fn count_state_all(router: &Router, state: &str) -> i64 {
+    let mut n = 0;
+    for db in router.shards() {
+        n += count_state(router, &db.name, state).await;
+    }
+    n
+}

@@ -232,7 +232,7 @@ async fn edited_applied_migration_is_divergent_in_status_and_refused_by_run() {
     for shard in &case.fleet.shards {
         let error = report.database(&shard.name).unwrap().error.as_ref().unwrap();
         assert_eq!(error.stage, Stage::Diverged);
-        assert_eq!(error.divergences, [divergence.clone()]);
+        assert_eq!(error.divergences, std::slice::from_ref(&divergence));
         assert!(!table_exists(&shard.url, "gadgets").await, "nothing runs on a diverged database");
     }
 }

@@ -87,7 +87,7 @@ pub(crate) struct MigrationHistoryRow {
 /// Waits for the migration advisory lock of this database (session level:
 /// held across refinery's transactions until [`migration_unlock`]).
 pub(crate) async fn migration_lock(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    Ok(())
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await.map(drop)
 }
 
 /// Releases the migration advisory lock taken by [`migration_lock`].

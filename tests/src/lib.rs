@@ -24,7 +24,10 @@ pub struct Fleet {
 
 /// A fresh, migrated fleet on the bed shared by this test binary (3 shards).
 pub async fn fleet() -> Fleet {
-    let bed = tokio::task::spawn_blocking(TestBed::shared).await.expect("join").expect("shared test bed");
+    let bed = tokio::task::spawn_blocking(TestBed::shared)
+        .await
+        .expect("join")
+        .expect("shared test bed");
     fleet_on(bed).await
 }
 
@@ -36,7 +39,11 @@ pub async fn fleet_on(bed: &TestBed) -> Fleet {
     let report = Migrator::new(&config).run().await.expect("migrate");
     assert!(!report.failed(), "migration failed:\n{report}");
     let router = Arc::new(Router::connect(&config).await.expect("router"));
-    Fleet { config, client: Client::new(router.clone()), router }
+    Fleet {
+        config,
+        client: Client::new(router.clone()),
+        router,
+    }
 }
 
 /// Polls `check` every 20 ms until it returns true; panics naming `what`
@@ -48,7 +55,10 @@ where
 {
     let until = tokio::time::Instant::now() + deadline;
     while !check().await {
-        assert!(tokio::time::Instant::now() < until, "timed out after {deadline:?} waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -14,7 +14,10 @@ const WAIT: Duration = Duration::from_secs(60);
 fn fast() -> RuntimeOptions {
     RuntimeOptions {
         poll_interval: Duration::from_millis(200),
-        backoff: Backoff { base: Duration::from_millis(10), max: Duration::from_millis(50) },
+        backoff: Backoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        },
         lease: Duration::from_secs(2),
         heartbeat_interval: Duration::from_millis(500),
         rescue_interval: Duration::from_millis(200),
@@ -95,7 +98,14 @@ fn account(i: usize) -> Account {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_job_of_a_multi_shard_batch_completes_exactly_once_under_two_nodes() {
     let f = fleet().await;
-    let jobs: Vec<_> = (0..2000).map(|i| (account(i % 200), NewJob::from_json("count", serde_json::json!({ "i": i })))).collect();
+    let jobs: Vec<_> = (0..2000)
+        .map(|i| {
+            (
+                account(i % 200),
+                NewJob::from_json("count", serde_json::json!({ "i": i })),
+            )
+        })
+        .collect();
     let ids = f.client.enqueue_many(jobs).await.unwrap();
     assert_eq!(ids.len(), 2000);
     let shards_used: std::collections::BTreeSet<_> = ids.iter().map(|id| id.shard.clone()).collect();
@@ -103,9 +113,19 @@ async fn every_job_of_a_multi_shard_batch_completes_exactly_once_under_two_nodes
 
     let runs = Counting::default();
     let nodes: Vec<Runtime> = (0..2)
-        .map(|_| Runtime::builder(f.router.clone()).queue("default", 16).register(runs.clone()).options(fast()).start().unwrap())
+        .map(|_| {
+            Runtime::builder(f.router.clone())
+                .queue("default", 16)
+                .register(runs.clone())
+                .options(fast())
+                .start()
+                .unwrap()
+        })
         .collect();
-    wait_for("all 2000 jobs completed", WAIT, || async { count_state_all(&f.router, "completed").await == 2000 }).await;
+    wait_for("all 2000 jobs completed", WAIT, || async {
+        count_state_all(&f.router, "completed").await == 2000
+    })
+    .await;
     for n in nodes {
         n.shutdown(Duration::from_secs(5)).await;
     }
@@ -124,12 +144,20 @@ async fn enqueue_in_a_rolled_back_transaction_leaves_no_job() {
     let db = f.router.pool_for(&a).await.unwrap();
 
     let mut tx = db.pool.begin().await.unwrap();
-    let id = f.client.enqueue_in(&mut tx, &a, NewJob::from_json("count", serde_json::json!({}))).await.unwrap();
+    let id = f
+        .client
+        .enqueue_in(&mut tx, &a, NewJob::from_json("count", serde_json::json!({})))
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     assert!(matches!(f.client.job(&id).await, Err(shardq::Error::JobNotFound(_))));
 
     let mut tx = db.pool.begin().await.unwrap();
-    let id = f.client.enqueue_in(&mut tx, &a, NewJob::from_json("count", serde_json::json!({}))).await.unwrap();
+    let id = f
+        .client
+        .enqueue_in(&mut tx, &a, NewJob::from_json("count", serde_json::json!({})))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(f.client.job(&id).await.unwrap().state, "available");
 }
@@ -158,11 +186,26 @@ async fn a_notification_wakes_the_producer_without_polling() {
     let a = account(7);
     let shard = f.router.shard_for(&a).await.unwrap().shard;
     // The poll is an hour away: only the notification can start this job.
-    let opts = RuntimeOptions { poll_interval: Duration::from_secs(3600), ..fast() };
-    let rt = Runtime::builder(f.router.clone()).queue("default", 4).register(Counting::default()).options(opts).start().unwrap();
+    let opts = RuntimeOptions {
+        poll_interval: Duration::from_secs(3600),
+        ..fast()
+    };
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(Counting::default())
+        .options(opts)
+        .start()
+        .unwrap();
     wait_listening(&f, &shard).await;
-    let id = f.client.enqueue(&a, NewJob::from_json("count", serde_json::json!({}))).await.unwrap();
-    wait_for("notified job completed", WAIT, || async { f.client.job(&id).await.unwrap().state == "completed" }).await;
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("count", serde_json::json!({})))
+        .await
+        .unwrap();
+    wait_for("notified job completed", WAIT, || async {
+        f.client.job(&id).await.unwrap().state == "completed"
+    })
+    .await;
     rt.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -172,23 +215,63 @@ async fn the_poll_picks_up_jobs_when_notifications_are_lost() {
     let a = account(8);
     let db = f.router.pool_for(&a).await.unwrap();
     // No trigger, no notification: only the poll can find this job.
-    sqlx::query("ALTER TABLE shardq.jobs DISABLE TRIGGER jobs_notify").execute(&db.pool).await.unwrap();
-    let rt = Runtime::builder(f.router.clone()).queue("default", 4).register(Counting::default()).options(fast()).start().unwrap();
+    sqlx::query("ALTER TABLE shardq.jobs DISABLE TRIGGER jobs_notify")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(Counting::default())
+        .options(fast())
+        .start()
+        .unwrap();
     wait_listening(&f, &db.name).await;
-    let id = f.client.enqueue(&a, NewJob::from_json("count", serde_json::json!({}))).await.unwrap();
-    wait_for("polled job completed", WAIT, || async { f.client.job(&id).await.unwrap().state == "completed" }).await;
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("count", serde_json::json!({})))
+        .await
+        .unwrap();
+    wait_for("polled job completed", WAIT, || async {
+        f.client.job(&id).await.unwrap().state == "completed"
+    })
+    .await;
     rt.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
 async fn failures_retry_with_backoff_then_discard_keeping_every_error() {
     let f = fleet().await;
-    let rt = Runtime::builder(f.router.clone()).queue("default", 4).register(Fail).options(fast()).start().unwrap();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(Fail)
+        .options(fast())
+        .start()
+        .unwrap();
     let a = account(3);
-    let doomed = f.client.enqueue(&a, NewJob::from_json("fail", serde_json::json!({ "times": 99 })).max_attempts(3)).await.unwrap();
-    let flaky = f.client.enqueue(&a, NewJob::from_json("fail", serde_json::json!({ "times": 2 })).max_attempts(5)).await.unwrap();
-    wait_for("doomed job discarded", WAIT, || async { f.client.job(&doomed).await.unwrap().state == "discarded" }).await;
-    wait_for("flaky job completed", WAIT, || async { f.client.job(&flaky).await.unwrap().state == "completed" }).await;
+    let doomed = f
+        .client
+        .enqueue(
+            &a,
+            NewJob::from_json("fail", serde_json::json!({ "times": 99 })).max_attempts(3),
+        )
+        .await
+        .unwrap();
+    let flaky = f
+        .client
+        .enqueue(
+            &a,
+            NewJob::from_json("fail", serde_json::json!({ "times": 2 })).max_attempts(5),
+        )
+        .await
+        .unwrap();
+    wait_for("doomed job discarded", WAIT, || async {
+        f.client.job(&doomed).await.unwrap().state == "discarded"
+    })
+    .await;
+    wait_for("flaky job completed", WAIT, || async {
+        f.client.job(&flaky).await.unwrap().state == "completed"
+    })
+    .await;
     rt.shutdown(Duration::from_secs(5)).await;
 
     let job = f.client.job(&doomed).await.unwrap();
@@ -204,13 +287,37 @@ async fn failures_retry_with_backoff_then_discard_keeping_every_error() {
 #[tokio::test]
 async fn timeouts_and_panics_are_recorded_as_errors() {
     let f = fleet().await;
-    let rt = Runtime::builder(f.router.clone()).queue("default", 4).register(Slow).register(Panics).options(fast()).start().unwrap();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(Slow)
+        .register(Panics)
+        .options(fast())
+        .start()
+        .unwrap();
     let a = account(4);
-    let slow = f.client.enqueue(&a, NewJob::from_json("slow", serde_json::json!({})).max_attempts(1)).await.unwrap();
-    let panics = f.client.enqueue(&a, NewJob::from_json("panics", serde_json::json!({})).max_attempts(1)).await.unwrap();
-    let unknown = f.client.enqueue(&a, NewJob::from_json("nobody_handles_this", serde_json::json!({})).max_attempts(1)).await.unwrap();
+    let slow = f
+        .client
+        .enqueue(&a, NewJob::from_json("slow", serde_json::json!({})).max_attempts(1))
+        .await
+        .unwrap();
+    let panics = f
+        .client
+        .enqueue(&a, NewJob::from_json("panics", serde_json::json!({})).max_attempts(1))
+        .await
+        .unwrap();
+    let unknown = f
+        .client
+        .enqueue(
+            &a,
+            NewJob::from_json("nobody_handles_this", serde_json::json!({})).max_attempts(1),
+        )
+        .await
+        .unwrap();
     for id in [&slow, &panics, &unknown] {
-        wait_for("job discarded", WAIT, || async { f.client.job(id).await.unwrap().state == "discarded" }).await;
+        wait_for("job discarded", WAIT, || async {
+            f.client.job(id).await.unwrap().state == "discarded"
+        })
+        .await;
     }
     rt.shutdown(Duration::from_secs(5)).await;
     let error = |j: shardq::JobRecord| j.errors[0]["error"].as_str().unwrap().to_string();
@@ -222,29 +329,67 @@ async fn timeouts_and_panics_are_recorded_as_errors() {
 #[tokio::test]
 async fn args_that_do_not_fit_the_handler_fail_with_the_serde_message() {
     let f = fleet().await;
-    let rt = Runtime::builder(f.router.clone()).queue("default", 4).register(Fail).options(fast()).start().unwrap();
-    let id = f.client.enqueue(&account(5), NewJob::from_json("fail", serde_json::json!({ "times": "x" })).max_attempts(2)).await.unwrap();
-    wait_for("job discarded", WAIT, || async { f.client.job(&id).await.unwrap().state == "discarded" }).await;
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(Fail)
+        .options(fast())
+        .start()
+        .unwrap();
+    let id = f
+        .client
+        .enqueue(
+            &account(5),
+            NewJob::from_json("fail", serde_json::json!({ "times": "x" })).max_attempts(2),
+        )
+        .await
+        .unwrap();
+    wait_for("job discarded", WAIT, || async {
+        f.client.job(&id).await.unwrap().state == "discarded"
+    })
+    .await;
     rt.shutdown(Duration::from_secs(5)).await;
     let job = f.client.job(&id).await.unwrap();
     assert_eq!(job.errors.as_array().unwrap().len(), 2);
-    assert!(job.errors[1]["error"].as_str().unwrap().contains("invalid type: string \"x\", expected i32"), "{}", job.errors);
+    assert!(
+        job.errors[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid type: string \"x\", expected i32"),
+        "{}",
+        job.errors
+    );
 }
 
 #[tokio::test]
 async fn shutdown_hands_running_jobs_back_without_counting_the_attempt() {
     let f = fleet().await;
     let a = account(6);
-    let ids = f.client.enqueue_many((0..3).map(|_| (a.clone(), NewJob::from_json("hang", serde_json::json!({}))))).await.unwrap();
+    let ids = f
+        .client
+        .enqueue_many((0..3).map(|_| (a.clone(), NewJob::from_json("hang", serde_json::json!({})))))
+        .await
+        .unwrap();
     let shard = ids[0].shard.clone();
-    let rt = Runtime::builder(f.router.clone()).queue("default", 8).register(Hang).options(fast()).start().unwrap();
-    wait_for("3 jobs running", WAIT, || async { count_state(&f.router, &shard, "running").await == 3 }).await;
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 8)
+        .register(Hang)
+        .options(fast())
+        .start()
+        .unwrap();
+    wait_for("3 jobs running", WAIT, || async {
+        count_state(&f.router, &shard, "running").await == 3
+    })
+    .await;
     rt.shutdown(Duration::from_millis(100)).await;
     for id in &ids {
         let j = f.client.job(id).await.unwrap();
         assert_eq!(j.state, "available", "{id} handed back");
         assert_eq!(j.locked_by, None);
-        assert_eq!((j.attempt, j.max_attempts), (1, 21), "the interrupted attempt is not counted against the job");
+        assert_eq!(
+            (j.attempt, j.max_attempts),
+            (1, 21),
+            "the interrupted attempt is not counted against the job"
+        );
     }
 }
 
@@ -252,23 +397,53 @@ async fn shutdown_hands_running_jobs_back_without_counting_the_attempt() {
 async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced() {
     let f = fleet().await;
     let a = account(9);
-    let id = f.client.enqueue(&a, NewJob::from_json("count", serde_json::json!({}))).await.unwrap();
-    let db = f.router.shard(&id.shard).unwrap();
-    // A node claims the job with a short lease, then goes silent.
-    let claimed = store::job_fetch_available(&db.pool, &FetchParams { queue: "default", limit: 10, node: "dead-node", lease_secs: 0.2 })
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("count", serde_json::json!({})))
         .await
         .unwrap();
+    let db = f.router.shard(&id.shard).unwrap();
+    // A node claims the job with a short lease, then goes silent.
+    let claimed = store::job_fetch_available(
+        &db.pool,
+        &FetchParams {
+            queue: "default",
+            limit: 10,
+            node: "dead-node",
+            lease_secs: 0.2,
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(claimed.len(), 1);
     let runs = Counting::default();
-    let rt = Runtime::builder(f.router.clone()).queue("default", 4).register(runs.clone()).options(fast()).start().unwrap();
-    wait_for("rescued job completed", WAIT, || async { f.client.job(&id).await.unwrap().state == "completed" }).await;
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(runs.clone())
+        .options(fast())
+        .start()
+        .unwrap();
+    wait_for("rescued job completed", WAIT, || async {
+        f.client.job(&id).await.unwrap().state == "completed"
+    })
+    .await;
     rt.shutdown(Duration::from_secs(5)).await;
 
     let job = f.client.job(&id).await.unwrap();
     assert_eq!(job.attempt, 2);
-    assert!(job.errors[0]["error"].as_str().unwrap().contains("lease expired: node dead-node"));
+    assert!(job.errors[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("lease expired: node dead-node"));
     // The dead node comes back and reports attempt 1 as failed: fenced, nothing changes.
-    let finish = store::Finish { id: id.id, attempt: 1, state: "discarded", run_at: None, error: Some("late".into()), extra_attempts: 0 };
+    let finish = store::Finish {
+        id: id.id,
+        attempt: 1,
+        state: "discarded",
+        run_at: None,
+        error: Some("late".into()),
+        extra_attempts: 0,
+    };
     assert_eq!(store::job_finish_many(&db.pool, &[finish]).await.unwrap(), 0);
     assert_eq!(store::job_complete_many(&db.pool, &[id.id], &[1]).await.unwrap(), 0);
     assert_eq!(f.client.job(&id).await.unwrap().state, "completed");
@@ -285,7 +460,10 @@ async fn a_backlogged_shard_does_not_starve_another_on_the_same_queue() {
     f.router.place(&big, &shards[0]).await.unwrap();
     f.router.place(&small, &shards[1]).await.unwrap();
     let slow = serde_json::json!({ "ms": 20 });
-    f.client.enqueue_many((0..3000).map(|_| (big.clone(), NewJob::from_json("sleepy", slow.clone())))).await.unwrap();
+    f.client
+        .enqueue_many((0..3000).map(|_| (big.clone(), NewJob::from_json("sleepy", slow.clone()))))
+        .await
+        .unwrap();
 
     struct Sleepy;
     impl Worker for Sleepy {
@@ -296,31 +474,68 @@ async fn a_backlogged_shard_does_not_starve_another_on_the_same_queue() {
             Ok(())
         }
     }
-    let rt = Runtime::builder(f.router.clone()).queue("default", 8).register(Sleepy).options(fast()).start().unwrap();
-    wait_for("the backlog is being worked", WAIT, || async { count_state(&f.router, &shards[0], "completed").await > 0 }).await;
-    let ids = f.client.enqueue_many((0..10).map(|_| (small.clone(), NewJob::from_json("sleepy", slow.clone())))).await.unwrap();
-    wait_for("the small shard's jobs completed", WAIT, || async { count_state(&f.router, &shards[1], "completed").await == 10 }).await;
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 8)
+        .register(Sleepy)
+        .options(fast())
+        .start()
+        .unwrap();
+    wait_for("the backlog is being worked", WAIT, || async {
+        count_state(&f.router, &shards[0], "completed").await > 0
+    })
+    .await;
+    let ids = f
+        .client
+        .enqueue_many((0..10).map(|_| (small.clone(), NewJob::from_json("sleepy", slow.clone()))))
+        .await
+        .unwrap();
+    wait_for("the small shard's jobs completed", WAIT, || async {
+        count_state(&f.router, &shards[1], "completed").await == 10
+    })
+    .await;
     let backlog_left = count_state(&f.router, &shards[0], "available").await;
     rt.shutdown(Duration::from_secs(5)).await;
     assert_eq!(ids.len(), 10);
-    assert!(backlog_left > 1000, "the small shard finished while the big one still had {backlog_left} jobs waiting");
+    assert!(
+        backlog_left > 1000,
+        "the small shard finished while the big one still had {backlog_left} jobs waiting"
+    );
 }
 
 #[tokio::test]
 async fn bad_jobs_are_rejected_before_anything_is_written() {
     let f = fleet().await;
     let a = account(11);
-    let too_big = NewJob::from_json("count", serde_json::json!({ "blob": "x".repeat(shardq::job::MAX_ARGS_BYTES) }));
+    let too_big = NewJob::from_json(
+        "count",
+        serde_json::json!({ "blob": "x".repeat(shardq::job::MAX_ARGS_BYTES) }),
+    );
     let err = f.client.enqueue(&a, too_big.clone()).await.unwrap_err().to_string();
     assert!(err.contains("args") && err.contains("exceed"), "{err}");
     let good = NewJob::from_json("count", serde_json::json!({}));
-    let err = f.client.enqueue_many([(a.clone(), good), (a.clone(), too_big)]).await.unwrap_err().to_string();
+    let err = f
+        .client
+        .enqueue_many([(a.clone(), good), (a.clone(), too_big)])
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("args"), "{err}");
-    assert_eq!(f.client.jobs_of(&a, None, 10).await.unwrap().len(), 0, "nothing was inserted");
+    assert_eq!(
+        f.client.jobs_of(&a, None, 10).await.unwrap().len(),
+        0,
+        "nothing was inserted"
+    );
     // Quotes, semicolons, unicode and SQL fragments are data.
     let q = "q'; DROP TABLE shardq.jobs; --ü";
     let odd = Account::new("O'Brien; DELETE FROM x; -- 日本").unwrap();
-    let id = f.client.enqueue(&odd, NewJob::from_json("count", serde_json::json!({ "s": q })).queue(q)).await.unwrap();
+    let id = f
+        .client
+        .enqueue(&odd, NewJob::from_json("count", serde_json::json!({ "s": q })).queue(q))
+        .await
+        .unwrap();
     let j = f.client.job(&id).await.unwrap();
-    assert_eq!((j.account.as_str(), j.queue.as_str(), j.args["s"].as_str()), (odd.as_str(), q, Some(q)));
+    assert_eq!(
+        (j.account.as_str(), j.queue.as_str(), j.args["s"].as_str()),
+        (odd.as_str(), q, Some(q))
+    );
 }

@@ -104,16 +104,25 @@ async fn fresh_fleet_migrates_every_database_to_the_latest_version() {
     let (master_files, master_latest) = platform_files("master");
     let master = report.database("master").unwrap();
     let platform = master.platform.as_ref().unwrap();
-    assert_eq!((platform.version_before, platform.version_after), (None, Some(master_latest)));
+    assert_eq!(
+        (platform.version_before, platform.version_after),
+        (None, Some(master_latest))
+    );
     assert_eq!(platform.applied.len(), master_files);
-    assert!(master.application.is_none(), "no application migrations are configured for the master");
+    assert!(
+        master.application.is_none(),
+        "no application migrations are configured for the master"
+    );
     assert!(table_exists(&case.fleet.master.url, "shardq.placements").await);
 
     let (shard_files, shard_latest) = platform_files("shard");
     for shard in &case.fleet.shards {
         let db = report.database(&shard.name).unwrap();
         let platform = db.platform.as_ref().unwrap();
-        assert_eq!((platform.version_before, platform.version_after), (None, Some(shard_latest)));
+        assert_eq!(
+            (platform.version_before, platform.version_after),
+            (None, Some(shard_latest))
+        );
         assert_eq!(platform.applied.len(), shard_files);
         let app = db.application.as_ref().unwrap();
         assert_eq!((app.version_before, app.version_after), (None, Some(2)));
@@ -145,7 +154,10 @@ async fn second_run_applies_nothing() {
             assert!(h.version_after.is_some(), "{} {} is migrated", db.database, h.history);
         }
     }
-    assert_eq!(history_rows(case.shard_url("shard_1"), "shardq_app_history").await, (2, 2));
+    assert_eq!(
+        history_rows(case.shard_url("shard_1"), "shardq_app_history").await,
+        (2, 2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -165,9 +177,17 @@ async fn failing_migration_fails_only_its_shard_with_the_postgres_error_then_con
     assert_eq!(error.history, Some(History::Application));
     assert_eq!(error.migration.as_ref().unwrap().to_string(), "V2__specials");
     assert_eq!(error.sqlstate.as_deref(), Some("42P07"));
-    assert!(error.message.contains(r#"relation "specials" already exists"#), "{}", error.message);
+    assert!(
+        error.message.contains(r#"relation "specials" already exists"#),
+        "{}",
+        error.message
+    );
     let app = shard_2.application.as_ref().unwrap();
-    assert_eq!((app.applied.len(), app.version_after), (1, Some(1)), "V1 was applied before V2 failed");
+    assert_eq!(
+        (app.applied.len(), app.version_after),
+        (1, Some(1)),
+        "V1 was applied before V2 failed"
+    );
     assert!(report.to_string().contains("42P07"), "{report}");
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["databases"][2]["error"]["sqlstate"], "42P07");
@@ -177,13 +197,20 @@ async fn failing_migration_fails_only_its_shard_with_the_postgres_error_then_con
     }
 
     // The fix: the operator moves the conflicting table out of the way.
-    exec(case.shard_url("shard_2"), "ALTER TABLE specials RENAME TO specials_legacy").await;
+    exec(
+        case.shard_url("shard_2"),
+        "ALTER TABLE specials RENAME TO specials_legacy",
+    )
+    .await;
     let rerun = case.run().await;
     assert!(!rerun.failed(), "{rerun}");
     assert_eq!(rerun.applied_count(), 1, "{rerun}");
     let app = rerun.database("shard_2").unwrap().application.as_ref().unwrap();
     assert_eq!(app.applied.iter().map(|m| m.version).collect::<Vec<_>>(), [2]);
-    assert_eq!(history_rows(case.shard_url("shard_2"), "shardq_app_history").await, (2, 2));
+    assert_eq!(
+        history_rows(case.shard_url("shard_2"), "shardq_app_history").await,
+        (2, 2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -198,13 +225,21 @@ async fn two_migrators_at_once_both_succeed_and_apply_each_migration_once() {
 
     let (master_files, _) = platform_files("master");
     let (shard_files, _) = platform_files("shard");
-    assert_eq!(a.applied_count() + b.applied_count(), master_files + case.fleet.shards.len() * (shard_files + 2));
+    assert_eq!(
+        a.applied_count() + b.applied_count(),
+        master_files + case.fleet.shards.len() * (shard_files + 2)
+    );
     let master_rows = history_rows(&case.fleet.master.url, "shardq_schema_history").await;
     assert_eq!(master_rows, (master_files as i64, master_files as i64));
     for shard in &case.fleet.shards {
         let platform = history_rows(&shard.url, "shardq_schema_history").await;
         assert_eq!(platform, (shard_files as i64, shard_files as i64), "{}", shard.name);
-        assert_eq!(history_rows(&shard.url, "shardq_app_history").await, (2, 2), "{}", shard.name);
+        assert_eq!(
+            history_rows(&shard.url, "shardq_app_history").await,
+            (2, 2),
+            "{}",
+            shard.name
+        );
     }
 }
 
@@ -218,12 +253,21 @@ async fn edited_applied_migration_is_divergent_in_status_and_refused_by_run() {
     let status = Migrator::new(&case.config).status().await.unwrap();
     assert!(status.has_errors());
     assert_eq!(status.diverged(), ["shard_1", "shard_2", "shard_3"], "{status}");
-    let divergence = status.database("shard_1").unwrap().divergences().next().unwrap().clone();
+    let divergence = status
+        .database("shard_1")
+        .unwrap()
+        .divergences()
+        .next()
+        .unwrap()
+        .clone();
     assert_eq!(divergence.history, History::Application);
     assert_eq!(divergence.migration.to_string(), "V1__widgets");
     assert_eq!(divergence.reason, DivergenceReason::ChecksumChanged);
     let text = status.to_string();
-    assert!(text.contains("shard_1 DIVERGED") && text.contains("V1__widgets"), "{text}");
+    assert!(
+        text.contains("shard_1 DIVERGED") && text.contains("V1__widgets"),
+        "{text}"
+    );
     assert_eq!(status.database("master").unwrap().state, State::UpToDate);
 
     let report = case.run().await;
@@ -233,7 +277,10 @@ async fn edited_applied_migration_is_divergent_in_status_and_refused_by_run() {
         let error = report.database(&shard.name).unwrap().error.as_ref().unwrap();
         assert_eq!(error.stage, Stage::Diverged);
         assert_eq!(error.divergences, std::slice::from_ref(&divergence));
-        assert!(!table_exists(&shard.url, "gadgets").await, "nothing runs on a diverged database");
+        assert!(
+            !table_exists(&shard.url, "gadgets").await,
+            "nothing runs on a diverged database"
+        );
     }
 }
 
@@ -245,7 +292,10 @@ async fn shard_that_is_down_is_reported_failed_while_the_others_migrate() {
     let down_url = fleet.shards[1].url.replace("postgres@", "postgres:s3cret@");
     let config = Config::from_urls(
         &fleet.master.url,
-        &[(&fleet.shards[0].name, &fleet.shards[0].url), (&fleet.shards[1].name, &down_url)],
+        &[
+            (&fleet.shards[0].name, &fleet.shards[0].url),
+            (&fleet.shards[1].name, &down_url),
+        ],
     )
     .unwrap();
     let case = Case::with_config(fleet, config, &[WIDGETS]);
@@ -257,10 +307,18 @@ async fn shard_that_is_down_is_reported_failed_while_the_others_migrate() {
     let down = report.database("shard_2").unwrap();
     let error = down.error.as_ref().unwrap();
     assert_eq!(error.stage, Stage::Connect);
-    assert!(error.message.contains("error connecting to server"), "{}", error.message);
+    assert!(
+        error.message.contains("error connecting to server"),
+        "{}",
+        error.message
+    );
     let text = report.to_string();
     assert!(!text.contains("s3cret") && !serde_json::to_string(&report).unwrap().contains("s3cret"));
-    assert!(down.target.starts_with("postgres://postgres@127.0.0.1:"), "{}", down.target);
+    assert!(
+        down.target.starts_with("postgres://postgres@127.0.0.1:"),
+        "{}",
+        down.target
+    );
     assert!(report.database("master").unwrap().error.is_none());
     let up = report.database("shard_1").unwrap();
     assert_eq!(up.application.as_ref().unwrap().version_after, Some(1), "{report}");
@@ -277,7 +335,10 @@ async fn dry_run_lists_pending_migrations_and_changes_nothing() {
     let report = Migrator::new(&case.config).dry_run(true).run().await.unwrap();
     assert!(report.dry_run && !report.failed(), "{report}");
     let app = report.database("shard_3").unwrap().application.as_ref().unwrap();
-    assert_eq!(app.applied.iter().map(ToString::to_string).collect::<Vec<_>>(), ["V1__widgets", "V2__gadgets"]);
+    assert_eq!(
+        app.applied.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["V1__widgets", "V2__gadgets"]
+    );
     assert!(report.to_string().contains("would apply"), "{report}");
     for shard in &case.fleet.shards {
         assert!(!table_exists(&shard.url, "shardq_schema_history").await);
@@ -289,14 +350,23 @@ async fn dry_run_lists_pending_migrations_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn only_shards_migrates_the_named_shards_and_leaves_the_master_alone() {
     let case = Case::new(shared(), &[WIDGETS]).await;
-    let report = Migrator::new(&case.config).only_shards(["shard_2"]).run().await.unwrap();
+    let report = Migrator::new(&case.config)
+        .only_shards(["shard_2"])
+        .run()
+        .await
+        .unwrap();
     let names: Vec<&str> = report.databases.iter().map(|d| d.database.as_str()).collect();
     assert_eq!(names, ["shard_2"]);
     assert!(table_exists(case.shard_url("shard_2"), "widgets").await);
     assert!(!table_exists(case.shard_url("shard_1"), "widgets").await);
     assert!(!table_exists(&case.fleet.master.url, "shardq_schema_history").await);
 
-    let with_master = Migrator::new(&case.config).only_shards(["shard_1"]).master(true).run().await.unwrap();
+    let with_master = Migrator::new(&case.config)
+        .only_shards(["shard_1"])
+        .master(true)
+        .run()
+        .await
+        .unwrap();
     let names: Vec<&str> = with_master.databases.iter().map(|d| d.database.as_str()).collect();
     assert_eq!(names, ["master", "shard_1"]);
 
@@ -311,7 +381,11 @@ async fn target_stops_the_application_history_at_that_version() {
     assert!(!report.failed(), "{report}");
     let (_, shard_latest) = platform_files("shard");
     let db = report.database("shard_1").unwrap();
-    assert_eq!(db.platform.as_ref().unwrap().version_after, Some(shard_latest), "platform ignores the target");
+    assert_eq!(
+        db.platform.as_ref().unwrap().version_after,
+        Some(shard_latest),
+        "platform ignores the target"
+    );
     assert_eq!(db.application.as_ref().unwrap().version_after, Some(1));
     assert!(!table_exists(case.shard_url("shard_1"), "gadgets").await);
 

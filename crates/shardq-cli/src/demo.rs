@@ -64,11 +64,19 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let started = std::time::Instant::now();
     let ids = client.enqueue_many(jobs).await?;
-    println!("{} jobs for {} accounts in {:.0} ms", ids.len(), args.accounts, started.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "{} jobs for {} accounts in {:.0} ms",
+        ids.len(),
+        args.accounts,
+        started.elapsed().as_secs_f64() * 1e3
+    );
 
     println!("\n== work");
     let options = RuntimeOptions {
-        backoff: Backoff { base: Duration::from_millis(100), max: Duration::from_secs(1) },
+        backoff: Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        },
         ..RuntimeOptions::default()
     };
     let runtime = kinds::register(Runtime::builder(router.clone()))
@@ -84,7 +92,10 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         if tokio::time::Instant::now() > deadline {
             runtime.shutdown(Duration::from_secs(5)).await;
-            bail!("only {finished} of {expected} jobs finished within {}", humantime::format_duration(args.timeout));
+            bail!(
+                "only {finished} of {expected} jobs finished within {}",
+                humantime::format_duration(args.timeout)
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -97,7 +108,10 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
         "shard", "accounts", "completed", "retried", "discarded", "p50 ms", "p99 ms"
     );
     for s in &stats {
-        let (p50, p99) = s.pickup_ms.map(|p| (format!("{:.1}", p[0]), format!("{:.1}", p[2]))).unwrap_or_default();
+        let (p50, p99) = s
+            .pickup_ms
+            .map(|p| (format!("{:.1}", p[0]), format!("{:.1}", p[2])))
+            .unwrap_or_default();
         println!(
             "{:<10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>10}",
             s.shard,
@@ -109,6 +123,9 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
             p99
         );
     }
-    println!("\nall {expected} jobs finished in {:.2} s (pickup: due time to handler start)", elapsed.as_secs_f64());
+    println!(
+        "\nall {expected} jobs finished in {:.2} s (pickup: due time to handler start)",
+        elapsed.as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -57,7 +57,9 @@ pub async fn run(config: &Config, a: EnqueueArgs) -> anyhow::Result<ExitCode> {
     let ids = if a.count == 1 {
         vec![client.enqueue(&account, job).await?]
     } else {
-        client.enqueue_many((0..a.count).map(|_| (account.clone(), job.clone()))).await?
+        client
+            .enqueue_many((0..a.count).map(|_| (account.clone(), job.clone())))
+            .await?
     };
     for id in ids {
         println!("{id}");

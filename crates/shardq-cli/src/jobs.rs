@@ -51,7 +51,10 @@ pub async fn run(config: &Config, args: JobsArgs) -> anyhow::Result<ExitCode> {
         }
         JobsCommand::List { account, state, limit } => {
             let account = Account::new(account)?;
-            println!("{:<16} {:<12} {:<10} {:<16} {:>8}  run_at", "id", "state", "queue", "kind", "attempt");
+            println!(
+                "{:<16} {:<12} {:<10} {:<16} {:>8}  run_at",
+                "id", "state", "queue", "kind", "attempt"
+            );
             for j in client.jobs_of(&account, state.as_deref(), limit).await? {
                 println!(
                     "{:<16} {:<12} {:<10} {:<16} {:>4}/{:<3}  {}",
@@ -86,7 +89,12 @@ fn print_job(j: &JobRecord) {
     if let Some(errors) = j.errors.as_array().filter(|e| !e.is_empty()) {
         println!("errors:");
         for e in errors {
-            println!("  attempt {}  {}  {}", e["attempt"], e["at"].as_str().unwrap_or(""), e["error"].as_str().unwrap_or(""));
+            println!(
+                "  attempt {}  {}  {}",
+                e["attempt"],
+                e["at"].as_str().unwrap_or(""),
+                e["error"].as_str().unwrap_or("")
+            );
         }
     }
 }

@@ -50,7 +50,10 @@ impl Worker for Fail {
     const KIND: &'static str = "fail";
     async fn work(&self, ctx: JobContext, args: FailArgs) -> Result<(), JobError> {
         if ctx.attempt <= args.times {
-            return Err(JobError::failed(format!("failing on purpose: attempt {} of the first {}", ctx.attempt, args.times)));
+            return Err(JobError::failed(format!(
+                "failing on purpose: attempt {} of the first {}",
+                ctx.attempt, args.times
+            )));
         }
         Ok(())
     }

@@ -122,9 +122,23 @@ mod tests {
 
     #[test]
     fn flags_parse() {
-        let a = parse(&["--parallel", "8", "--target", "3", "--shard", "a", "--shard", "b", "--dry-run", "--json"])
-            .expect("parses");
-        assert_eq!((a.parallel, a.target, a.shards.len(), a.dry_run, a.json), (8, Some(3), 2, true, true));
+        let a = parse(&[
+            "--parallel",
+            "8",
+            "--target",
+            "3",
+            "--shard",
+            "a",
+            "--shard",
+            "b",
+            "--dry-run",
+            "--json",
+        ])
+        .expect("parses");
+        assert_eq!(
+            (a.parallel, a.target, a.shards.len(), a.dry_run, a.json),
+            (8, Some(3), 2, true, true)
+        );
         assert!(a.command.is_none());
         let d = parse(&[]).expect("parses");
         assert_eq!(d.parallel, DEFAULT_PARALLEL);

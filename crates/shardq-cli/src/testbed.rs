@@ -37,7 +37,10 @@ fn entries(config: &Config) -> Vec<(String, &Target)> {
 
 fn server(name: &str, target: &Target) -> anyhow::Result<Server> {
     if !matches!(target.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
-        bail!("{name}: host {} is not local; the test bed only runs servers on 127.0.0.1", target.host);
+        bail!(
+            "{name}: host {} is not local; the test bed only runs servers on 127.0.0.1",
+            target.host
+        );
     }
     Ok(Server::new(name, target.port, PathBuf::from(DATA_DIR).join(name))?)
 }
@@ -72,7 +75,7 @@ pub async fn run(config: &Config, args: TestbedArgs) -> anyhow::Result<ExitCode>
         TestbedCommand::Down => {
             for (name, target) in entries(config) {
                 let s = server(&name, target)?;
-                tokio::task::spawn_blocking(move || s.stop()).await??;
+                tokio::task::spawn_blocking(move || s.stop().map_err(anyhow::Error::from)).await??;
                 println!("{name:<10} stopped");
             }
         }

@@ -84,7 +84,10 @@ pub async fn run(config: &Config, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    eprintln!("stopping: finishing running jobs (grace {})", humantime::format_duration(args.grace));
+    eprintln!(
+        "stopping: finishing running jobs (grace {})",
+        humantime::format_duration(args.grace)
+    );
     runtime.shutdown(args.grace).await;
     Ok(ExitCode::SUCCESS)
 }

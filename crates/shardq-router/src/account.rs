@@ -16,13 +16,19 @@ impl Account {
         let id = id.into();
         let reject = |message: &str| {
             let shown: String = id.chars().take(40).collect();
-            Err(Error::InvalidAccount { account: shown, message: message.to_string() })
+            Err(Error::InvalidAccount {
+                account: shown,
+                message: message.to_string(),
+            })
         };
         if id.is_empty() {
             return reject("must not be empty");
         }
         if id.len() > MAX_ACCOUNT_BYTES {
-            return reject(&format!("is {} bytes long; at most {MAX_ACCOUNT_BYTES} are allowed", id.len()));
+            return reject(&format!(
+                "is {} bytes long; at most {MAX_ACCOUNT_BYTES} are allowed",
+                id.len()
+            ));
         }
         if id.contains('\0') {
             return reject("must not contain a NUL character");
@@ -62,10 +68,18 @@ mod tests {
     #[test]
     fn rules() {
         assert!(Account::new("").unwrap_err().to_string().contains("must not be empty"));
-        assert!(Account::new("x".repeat(256)).unwrap_err().to_string().contains("256 bytes"));
+        assert!(Account::new("x".repeat(256))
+            .unwrap_err()
+            .to_string()
+            .contains("256 bytes"));
         assert!(Account::new("x".repeat(255)).is_ok());
         assert!(Account::new("a\0b").is_err());
-        for ok in ["42", "O'Brien; DROP TABLE x; --", "日本", "8f14e45f-ceea-467f-a0e6-7b8e3c2f1d0a"] {
+        for ok in [
+            "42",
+            "O'Brien; DROP TABLE x; --",
+            "日本",
+            "8f14e45f-ceea-467f-a0e6-7b8e3c2f1d0a",
+        ] {
             assert_eq!(Account::new(ok).map(|a| a.to_string()).ok().as_deref(), Some(ok));
         }
         assert_eq!(Account::from(7u64).as_str(), "7");

@@ -86,7 +86,11 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { max_connections: 10, min_connections: 0, acquire_timeout: Duration::from_secs(5) }
+        PoolConfig {
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -108,7 +112,11 @@ impl std::fmt::Debug for Target {
 impl std::fmt::Display for Target {
     /// The address as a URL without the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+        write!(
+            f,
+            "postgres://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.dbname
+        )
     }
 }
 
@@ -215,7 +223,11 @@ struct Check<'a> {
 
 impl Check<'_> {
     fn err(&self, field: &str, message: impl Into<String>) -> Error {
-        Error::Config { file: self.file.to_path_buf(), field: field.to_string(), message: message.into() }
+        Error::Config {
+            file: self.file.to_path_buf(),
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 
     /// Expands `${VAR}` and `${VAR:-default}` in a field's value.
@@ -297,7 +309,10 @@ impl Check<'_> {
         if PgSslMode::from_str(&t.sslmode).is_err() {
             return Err(self.err(
                 &f("sslmode"),
-                format!("{:?} is not one of disable, allow, prefer, require, verify-ca, verify-full", t.sslmode),
+                format!(
+                    "{:?} is not one of disable, allow, prefer, require, verify-ca, verify-full",
+                    t.sslmode
+                ),
             ));
         }
         for (name, value) in [("host", &t.host), ("user", &t.user), ("dbname", &t.dbname)] {
@@ -305,17 +320,26 @@ impl Check<'_> {
                 return Err(self.err(&f(name), "must not be empty"));
             }
         }
-        Ok(DatabaseConfig { target: t, pool: self.pool(&f("pool"), &raw.pool)? })
+        Ok(DatabaseConfig {
+            target: t,
+            pool: self.pool(&f("pool"), &raw.pool)?,
+        })
     }
 
     fn apply_url(&self, field: &str, url: &str, t: &mut Target) -> Result<()> {
         // Never echo the URL itself: it may hold a password.
         let u = url::Url::parse(url).map_err(|e| self.err(field, format!("not a valid URL: {e}")))?;
         if u.scheme() != "postgres" && u.scheme() != "postgresql" {
-            return Err(self.err(field, format!("scheme must be postgres:// or postgresql://, not {}://", u.scheme())));
+            return Err(self.err(
+                field,
+                format!("scheme must be postgres:// or postgresql://, not {}://", u.scheme()),
+            ));
         }
         let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
         };
         if let Some(h) = u.host_str().filter(|h| !h.is_empty()) {
             t.host = h.trim_start_matches('[').trim_end_matches(']').to_string();
@@ -337,7 +361,12 @@ impl Check<'_> {
             match &*k {
                 "sslmode" => t.sslmode = v.into_owned(),
                 "sslrootcert" => t.sslrootcert = Some(PathBuf::from(v.into_owned())),
-                other => return Err(self.err(field, format!("unsupported URL parameter {other:?} (supported: sslmode, sslrootcert)"))),
+                other => {
+                    return Err(self.err(
+                        field,
+                        format!("unsupported URL parameter {other:?} (supported: sslmode, sslrootcert)"),
+                    ))
+                }
             }
         }
         Ok(())
@@ -346,9 +375,10 @@ impl Check<'_> {
     fn pool(&self, at: &str, raw: &RawPool) -> Result<PoolConfig> {
         let mut p = PoolConfig::default();
         let count = |name: &str, v: i64| {
-            u32::try_from(v).ok().filter(|v| *v <= 10_000).ok_or_else(|| {
-                self.err(&format!("{at}.{name}"), format!("{v} is out of range (0-10000)"))
-            })
+            u32::try_from(v)
+                .ok()
+                .filter(|v| *v <= 10_000)
+                .ok_or_else(|| self.err(&format!("{at}.{name}"), format!("{v} is out of range (0-10000)")))
         };
         if let Some(v) = raw.max_connections {
             p.max_connections = count("max_connections", v)?;
@@ -362,7 +392,10 @@ impl Check<'_> {
         if p.min_connections > p.max_connections {
             return Err(self.err(
                 &format!("{at}.min_connections"),
-                format!("{} is more than max_connections ({})", p.min_connections, p.max_connections),
+                format!(
+                    "{} is more than max_connections ({})",
+                    p.min_connections, p.max_connections
+                ),
             ));
         }
         if let Some(v) = &raw.acquire_timeout {
@@ -388,8 +421,10 @@ impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::ConfigRead { file: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            file: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path, &|name| std::env::var(name).ok())
     }
 
@@ -397,8 +432,10 @@ impl Config {
     /// messages and to resolve relative migration folders; `env` looks up
     /// `${VAR}` references.
     pub fn parse(text: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| Error::ConfigSyntax { file: file.to_path_buf(), source: Box::new(e) })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::ConfigSyntax {
+            file: file.to_path_buf(),
+            source: Box::new(e),
+        })?;
         let check = Check { file, env };
         let master = check.database("master", &raw.master)?;
         if raw.shards.is_empty() {
@@ -415,21 +452,51 @@ impl Config {
                 ));
             }
             if let Some(first) = seen.insert(rs.name.clone(), i) {
-                return Err(check.err(&format!("{at}.name"), format!("duplicate shard name {:?} (also shards[{first}])", rs.name)));
+                return Err(check.err(
+                    &format!("{at}.name"),
+                    format!("duplicate shard name {:?} (also shards[{first}])", rs.name),
+                ));
             }
             let weight = match rs.weight {
                 None => 1,
-                Some(w) if w < 0 => return Err(check.err(&format!("{at}.weight"), format!("{w} is negative; use 0 for a shard that takes no new accounts"))),
-                Some(w) => u32::try_from(w).ok().filter(|w| *w <= 1000).ok_or_else(|| check.err(&format!("{at}.weight"), format!("{w} is too large (at most 1000)")))?,
+                Some(w) if w < 0 => {
+                    return Err(check.err(
+                        &format!("{at}.weight"),
+                        format!("{w} is negative; use 0 for a shard that takes no new accounts"),
+                    ))
+                }
+                Some(w) => u32::try_from(w)
+                    .ok()
+                    .filter(|w| *w <= 1000)
+                    .ok_or_else(|| check.err(&format!("{at}.weight"), format!("{w} is too large (at most 1000)")))?,
             };
             let database = check.database(&at, &rs.database)?;
             if database.target.same_database(&master.target) {
-                return Err(check.err(&at, format!("shard {:?} points to the same database as the master ({})", rs.name, master.target)));
+                return Err(check.err(
+                    &at,
+                    format!(
+                        "shard {:?} points to the same database as the master ({})",
+                        rs.name, master.target
+                    ),
+                ));
             }
-            if let Some(other) = shards.iter().find(|s| s.database.target.same_database(&database.target)) {
-                return Err(check.err(&at, format!("shard {:?} points to the same database as shard {:?} ({})", rs.name, other.name, database.target)));
+            if let Some(other) = shards
+                .iter()
+                .find(|s| s.database.target.same_database(&database.target))
+            {
+                return Err(check.err(
+                    &at,
+                    format!(
+                        "shard {:?} points to the same database as shard {:?} ({})",
+                        rs.name, other.name, database.target
+                    ),
+                ));
             }
-            shards.push(ShardConfig { name: rs.name.clone(), weight, database });
+            shards.push(ShardConfig {
+                name: rs.name.clone(),
+                weight,
+                database,
+            });
         }
         let base = file.parent().unwrap_or(Path::new("."));
         let folder = |field: &str, v: &Option<String>| -> Result<Option<PathBuf>> {
@@ -439,7 +506,12 @@ impl Config {
             master: folder("migrations.master", &raw.migrations.master)?,
             shard: folder("migrations.shard", &raw.migrations.shard)?,
         };
-        Ok(Config { file: file.to_path_buf(), master, shards, migrations })
+        Ok(Config {
+            file: file.to_path_buf(),
+            master,
+            shards,
+            migrations,
+        })
     }
 
     /// Builds a configuration from database URLs (tests, benchmarks, embedding
@@ -447,17 +519,24 @@ impl Config {
     pub fn from_urls(master: &str, shards: &[(&str, &str)]) -> Result<Config> {
         let mut text = format!("[master]\nurl = {}\n", toml_string(master));
         for (name, url) in shards {
-            text.push_str(&format!("[[shards]]\nname = {}\nurl = {}\n", toml_string(name), toml_string(url)));
+            text.push_str(&format!(
+                "[[shards]]\nname = {}\nurl = {}\n",
+                toml_string(name),
+                toml_string(url)
+            ));
         }
         Self::parse(&text, Path::new(INLINE), &|_| None)
     }
 
     /// The shard named `name`.
     pub fn shard(&self, name: &str) -> Result<&ShardConfig> {
-        self.shards.iter().find(|s| s.name == name).ok_or_else(|| Error::UnknownShard {
-            shard: name.to_string(),
-            known: self.shard_names().join(", "),
-        })
+        self.shards
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::UnknownShard {
+                shard: name.to_string(),
+                known: self.shard_names().join(", "),
+            })
     }
 
     /// The shard names in file order.

@@ -54,8 +54,10 @@ pub enum Error {
         known: String,
     },
     /// The placement directory names shards that shards.toml no longer has.
-    #[error("the master's placement table names shards missing from the configuration: {shards}; \
-             add them back to shards.toml (accounts are never remapped silently)")]
+    #[error(
+        "the master's placement table names shards missing from the configuration: {shards}; \
+             add them back to shards.toml (accounts are never remapped silently)"
+    )]
     PlacementsOnUnknownShards {
         /// The missing shard names, comma-separated.
         shards: String,
@@ -105,9 +107,10 @@ impl Error {
     /// The SQLSTATE code of a database error, if this is one.
     pub fn sqlstate(&self) -> Option<String> {
         match self {
-            Error::Database { source: sqlx::Error::Database(e), .. } => {
-                e.code().map(|c| c.into_owned())
-            }
+            Error::Database {
+                source: sqlx::Error::Database(e),
+                ..
+            } => e.code().map(|c| c.into_owned()),
             _ => None,
         }
     }

@@ -72,14 +72,21 @@ impl Ring {
     /// Builds the ring from `(shard name, weight)` pairs; shards with weight 0 are left out.
     pub fn new<'a>(shards: impl IntoIterator<Item = (&'a str, u32)>) -> Ring {
         let nodes = shards.into_iter().filter(|(_, w)| *w > 0).map(|(name, w)| {
-            Node::new(shard_key(name)).value(name.to_string()).quantity(w as usize * VNODES_PER_WEIGHT)
+            Node::new(shard_key(name))
+                .value(name.to_string())
+                .quantity(w as usize * VNODES_PER_WEIGHT)
         });
-        Ring { ring: StaticHashRing::new(FixedHash, nodes) }
+        Ring {
+            ring: StaticHashRing::new(FixedHash, nodes),
+        }
     }
 
     /// The shard proposed for `account`, or `None` when no shard has weight > 0.
     pub fn propose(&self, account: &str) -> Option<&str> {
-        self.ring.calc_candidates(&account_position(account)).next().map(|n| n.value.as_str())
+        self.ring
+            .calc_candidates(&account_position(account))
+            .next()
+            .map(|n| n.value.as_str())
     }
 }
 
@@ -95,10 +102,17 @@ mod tests {
     fn golden_vectors_pin_the_mapping() {
         // If this test fails, an upgrade changed where new accounts go.
         let ring = three();
-        let got: Vec<(&str, &str)> = ["1", "42", "acme", "8f14e45f-ceea-467f-a0e6-7b8e3c2f1d0a", "émile", "' OR 1=1; --"]
-            .iter()
-            .map(|a| (*a, ring.propose(a).unwrap_or("-")))
-            .collect();
+        let got: Vec<(&str, &str)> = [
+            "1",
+            "42",
+            "acme",
+            "8f14e45f-ceea-467f-a0e6-7b8e3c2f1d0a",
+            "émile",
+            "' OR 1=1; --",
+        ]
+        .iter()
+        .map(|a| (*a, ring.propose(a).unwrap_or("-")))
+        .collect();
         assert_eq!(got, GOLDEN);
     }
 
@@ -116,11 +130,16 @@ mod tests {
         let ring = Ring::new([("a", 1), ("b", 3), ("z", 0)]);
         let mut counts = std::collections::HashMap::new();
         for i in 0..20_000 {
-            *counts.entry(ring.propose(&i.to_string()).unwrap_or("-").to_string()).or_insert(0u32) += 1;
+            *counts
+                .entry(ring.propose(&i.to_string()).unwrap_or("-").to_string())
+                .or_insert(0u32) += 1;
         }
         assert_eq!(counts.get("z"), None, "weight 0 takes no new accounts");
         let (a, b) = (counts["a"] as f64, counts["b"] as f64);
-        assert!((2.4..3.6).contains(&(b / a)), "b should get about 3x a's share: a={a} b={b}");
+        assert!(
+            (2.4..3.6).contains(&(b / a)),
+            "b should get about 3x a's share: a={a} b={b}"
+        );
     }
 
     #[test]
@@ -135,7 +154,11 @@ mod tests {
         for i in 0..10_000 {
             let a = i.to_string();
             if before.propose(&a) != after.propose(&a) {
-                assert_eq!(after.propose(&a), Some("shard_4"), "a proposal may only move to the new shard");
+                assert_eq!(
+                    after.propose(&a),
+                    Some("shard_4"),
+                    "a proposal may only move to the new shard"
+                );
             }
         }
     }

@@ -43,13 +43,25 @@ impl Database {
             .min_connections(db.pool.min_connections)
             .acquire_timeout(db.pool.acquire_timeout)
             .connect_lazy_with(db.target.connect_options());
-        Database { name: name.to_string(), pool, target: db.target.to_string() }
+        Database {
+            name: name.to_string(),
+            pool,
+            target: db.target.to_string(),
+        }
     }
 
     /// Wraps a driver error with this database's name and address.
     pub fn error(&self, source: sqlx::Error) -> Error {
-        let database = if self.name == "master" { "master".to_string() } else { format!("shard {}", self.name) };
-        Error::Database { database, target: self.target.clone(), source }
+        let database = if self.name == "master" {
+            "master".to_string()
+        } else {
+            format!("shard {}", self.name)
+        };
+        Error::Database {
+            database,
+            target: self.target.clone(),
+            source,
+        }
     }
 }
 
@@ -77,7 +89,11 @@ impl Router {
     pub async fn connect(config: &Config) -> Result<Router> {
         let router = Router {
             master: Database::open("master", &config.master),
-            shards: config.shards.iter().map(|s| Database::open(&s.name, &s.database)).collect(),
+            shards: config
+                .shards
+                .iter()
+                .map(|s| Database::open(&s.name, &s.database))
+                .collect(),
             ring: Ring::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight))),
             cache: RwLock::new(HashMap::new()),
             config: config.clone(),
@@ -104,7 +120,9 @@ impl Router {
         if unknown.is_empty() {
             Ok(())
         } else {
-            Err(Error::PlacementsOnUnknownShards { shards: unknown.join(", ") })
+            Err(Error::PlacementsOnUnknownShards {
+                shards: unknown.join(", "),
+            })
         }
     }
 
@@ -125,29 +143,44 @@ impl Router {
 
     /// The pool of the shard named `name`.
     pub fn shard(&self, name: &str) -> Result<&Database> {
-        self.shards.iter().find(|d| d.name == name).ok_or_else(|| Error::UnknownShard {
-            shard: name.to_string(),
-            known: self.config.shard_names().join(", "),
-        })
+        self.shards
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| Error::UnknownShard {
+                shard: name.to_string(),
+                known: self.config.shard_names().join(", "),
+            })
     }
 
     /// The shard `account` lives on, placing it first if it is new.
     pub async fn shard_for(&self, account: &Account) -> Result<Placement> {
         if let Some(shard) = self.cached(account) {
-            return Ok(Placement { shard, placed_now: false });
+            return Ok(Placement {
+                shard,
+                placed_now: false,
+            });
         }
         let master = &self.master;
         let placement = loop {
-            if let Some(shard) = store::placement_get(&master.pool, account.as_str()).await.map_err(|e| master.error(e))? {
-                break Placement { shard, placed_now: false };
+            if let Some(shard) = store::placement_get(&master.pool, account.as_str())
+                .await
+                .map_err(|e| master.error(e))?
+            {
+                break Placement {
+                    shard,
+                    placed_now: false,
+                };
             }
             let proposed = self
                 .ring
                 .propose(account.as_str())
-                .ok_or_else(|| Error::NoShardAcceptsAccounts { account: account.to_string() })?;
-            if let Some((shard, placed_now)) = store::placement_insert_if_absent(&master.pool, account.as_str(), proposed)
-                .await
-                .map_err(|e| master.error(e))?
+                .ok_or_else(|| Error::NoShardAcceptsAccounts {
+                    account: account.to_string(),
+                })?;
+            if let Some((shard, placed_now)) =
+                store::placement_insert_if_absent(&master.pool, account.as_str(), proposed)
+                    .await
+                    .map_err(|e| master.error(e))?
             {
                 break Placement { shard, placed_now };
             }
@@ -170,14 +203,24 @@ impl Router {
         self.shard(shard)?;
         let master = &self.master;
         let placement = loop {
-            if let Some(current) = store::placement_get(&master.pool, account.as_str()).await.map_err(|e| master.error(e))? {
-                break Placement { shard: current, placed_now: false };
-            }
-            if let Some((current, placed_now)) = store::placement_insert_if_absent(&master.pool, account.as_str(), shard)
+            if let Some(current) = store::placement_get(&master.pool, account.as_str())
                 .await
                 .map_err(|e| master.error(e))?
             {
-                break Placement { shard: current, placed_now };
+                break Placement {
+                    shard: current,
+                    placed_now: false,
+                };
+            }
+            if let Some((current, placed_now)) =
+                store::placement_insert_if_absent(&master.pool, account.as_str(), shard)
+                    .await
+                    .map_err(|e| master.error(e))?
+            {
+                break Placement {
+                    shard: current,
+                    placed_now,
+                };
             }
         };
         if placement.shard != shard {
@@ -193,7 +236,9 @@ impl Router {
 
     /// Number of placed accounts per shard, from the master.
     pub async fn placement_counts(&self) -> Result<Vec<(String, i64)>> {
-        store::placement_counts(&self.master.pool).await.map_err(|e| self.master.error(e))
+        store::placement_counts(&self.master.pool)
+            .await
+            .map_err(|e| self.master.error(e))
     }
 
     fn cached(&self, account: &Account) -> Option<String> {

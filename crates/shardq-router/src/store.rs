@@ -87,12 +87,18 @@ pub(crate) struct MigrationHistoryRow {
 /// Waits for the migration advisory lock of this database (session level:
 /// held across refinery's transactions until [`migration_unlock`]).
 pub(crate) async fn migration_lock(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await.map(drop)
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map(drop)
 }
 
 /// Releases the migration advisory lock taken by [`migration_lock`].
 pub(crate) async fn migration_unlock(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await.map(drop)
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map(drop)
 }
 
 /// The rows of a history table in version order; empty when the table does
@@ -101,12 +107,18 @@ pub(crate) async fn migration_history(
     client: &tokio_postgres::Client,
     table: &'static str,
 ) -> Result<Vec<MigrationHistoryRow>, tokio_postgres::Error> {
-    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.try_get(0)?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .try_get(0)?;
     if !exists {
         return Ok(Vec::new());
     }
     let rows = client
-        .query(&format!("SELECT version, name, checksum FROM {table} ORDER BY version"), &[])
+        .query(
+            &format!("SELECT version, name, checksum FROM {table} ORDER BY version"),
+            &[],
+        )
         .await?;
     rows.iter()
         .map(|r| {

@@ -78,16 +78,11 @@ impl TestBed {
             let handles: Vec<_> = names
                 .iter()
                 .zip(&data_dirs)
-                .map(|(name, data_dir)| {
-                    scope.spawn(|| start_on_free_port(&bin, &user, name, data_dir))
-                })
+                .map(|(name, data_dir)| scope.spawn(|| start_on_free_port(&bin, &user, name, data_dir)))
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
+                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
                 .collect::<Result<Vec<Server>>>()
         })?;
         let master = servers.remove(0);
@@ -134,11 +129,7 @@ impl TestBed {
             .find(|s| s.name() == name)
             .ok_or_else(|| Error::UnknownServer {
                 name: name.to_owned(),
-                known: self
-                    .servers()
-                    .map(Server::name)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: self.servers().map(Server::name).collect::<Vec<_>>().join(", "),
             })
     }
 
@@ -156,11 +147,7 @@ impl TestBed {
     /// server and returns their URLs, so tests can run in parallel.
     pub async fn fresh_fleet(&self) -> Result<Fleet> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        let db = format!(
-            "t{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let db = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let master = create_database(&self.master, &db).await?;
         let mut shards = Vec::with_capacity(self.shards.len());
         for shard in &self.shards {
@@ -222,12 +209,7 @@ async fn create_database(server: &Server, db: &str) -> Result<FleetDb> {
 
 /// Inits and starts one server, picking another free port if the chosen one
 /// was taken between picking and binding.
-fn start_on_free_port(
-    bin: &PgBin,
-    user: &ServerUser,
-    name: &str,
-    data_dir: &Path,
-) -> Result<Server> {
+fn start_on_free_port(bin: &PgBin, user: &ServerUser, name: &str, data_dir: &Path) -> Result<Server> {
     let mut attempt = 1;
     loop {
         let server = Server::with(
@@ -239,9 +221,7 @@ fn start_on_free_port(
         );
         server.init()?;
         match server.start() {
-            Err(Error::Start { log_tail, .. })
-                if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") =>
-            {
+            Err(Error::Start { log_tail, .. }) if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") => {
                 tracing::debug!(server = name, "port taken, picking another");
                 attempt += 1;
             }

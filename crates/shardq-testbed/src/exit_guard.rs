@@ -35,12 +35,7 @@ pub(crate) struct ExitGuard {
 
 impl ExitGuard {
     /// Spawns a guard for the servers in `data_dirs` under `root`.
-    pub(crate) fn spawn(
-        bin: &PgBin,
-        user: &ServerUser,
-        root: &Path,
-        data_dirs: &[PathBuf],
-    ) -> Result<ExitGuard> {
+    pub(crate) fn spawn(bin: &PgBin, user: &ServerUser, root: &Path, data_dirs: &[PathBuf]) -> Result<ExitGuard> {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", SCRIPT, "shardq-testbed-guard"])
             .arg(bin.pg_ctl())

@@ -28,10 +28,7 @@ impl PgBin {
     /// `pg_config --bindir`, then `/usr/lib/postgresql/*/bin` (highest
     /// version first).
     pub fn find() -> Result<PgBin> {
-        Self::find_in(
-            env::var_os(PG_BIN_ENV).as_deref(),
-            env::var_os("PATH").as_deref(),
-        )
+        Self::find_in(env::var_os(PG_BIN_ENV).as_deref(), env::var_os("PATH").as_deref())
     }
 
     /// [`PgBin::find`] with the values of `SHARDQ_PG_BIN` and `PATH` passed
@@ -145,11 +142,7 @@ fn debian_bindirs() -> Vec<PathBuf> {
         .flatten()
         .filter_map(|entry| {
             let name = entry.file_name();
-            let version: Option<Vec<u32>> = name
-                .to_str()?
-                .split('.')
-                .map(|part| part.parse().ok())
-                .collect();
+            let version: Option<Vec<u32>> = name.to_str()?.split('.').map(|part| part.parse().ok()).collect();
             Some((version?, entry.path().join("bin")))
         })
         .collect();
@@ -164,8 +157,7 @@ mod tests {
     #[test]
     fn env_dir_without_binaries_names_the_variable() {
         let empty = tempfile::tempdir().expect("temp dir");
-        let err = PgBin::find_in(Some(empty.path().as_os_str()), None)
-            .expect_err("an empty SHARDQ_PG_BIN must fail");
+        let err = PgBin::find_in(Some(empty.path().as_os_str()), None).expect_err("an empty SHARDQ_PG_BIN must fail");
         let msg = err.to_string();
         assert!(msg.contains("SHARDQ_PG_BIN"), "{msg}");
         assert!(msg.contains(&empty.path().display().to_string()), "{msg}");

@@ -47,8 +47,7 @@ impl Server {
     /// user to run them as. `data_dir` is made absolute.
     pub fn new(name: impl Into<String>, port: u16, data_dir: impl AsRef<Path>) -> Result<Server> {
         let data_dir = data_dir.as_ref();
-        let data_dir =
-            std::path::absolute(data_dir).map_err(|e| Error::io("make absolute", data_dir, e))?;
+        let data_dir = std::path::absolute(data_dir).map_err(|e| Error::io("make absolute", data_dir, e))?;
         Ok(Server::with(
             PgBin::find()?,
             ServerUser::resolve()?,
@@ -59,13 +58,7 @@ impl Server {
     }
 
     /// Describes a server with already resolved binaries and user.
-    pub(crate) fn with(
-        bin: PgBin,
-        user: ServerUser,
-        name: String,
-        port: u16,
-        data_dir: PathBuf,
-    ) -> Server {
+    pub(crate) fn with(bin: PgBin, user: ServerUser, name: String, port: u16, data_dir: PathBuf) -> Server {
         Server {
             name,
             port,
@@ -116,14 +109,12 @@ impl Server {
         if let Some(existing) = missing.filter(|_| !created.is_empty()) {
             self.user.check_access(&self.data_dir, existing, false)?; // before creating anything
         }
-        fs::create_dir_all(&self.data_dir)
-            .map_err(|e| Error::io("create directory", &self.data_dir, e))?;
+        fs::create_dir_all(&self.data_dir).map_err(|e| Error::io("create directory", &self.data_dir, e))?;
         for dir in created.iter().rev() {
             self.user.chown(dir)?;
         }
         self.user.chown(&self.data_dir)?;
-        self.user
-            .check_access(&self.data_dir, &self.data_dir, true)?;
+        self.user.check_access(&self.data_dir, &self.data_dir, true)?;
         let mut cmd = self.command(self.bin.initdb());
         cmd.arg("-D").arg(&self.data_dir);
         cmd.args("-A trust -U postgres --no-sync -E UTF8 --locale=C".split(' '));
@@ -249,11 +240,7 @@ impl Server {
         Err(Error::Command {
             server: self.name.clone(),
             binary: PathBuf::from(cmd.get_program()),
-            args: args
-                .iter()
-                .map(|a| a.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" "),
+            args: args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "),
             status: out.status,
             output: [&out.stdout, &out.stderr]
                 .map(|bytes| String::from_utf8_lossy(bytes).trim().to_owned())

@@ -27,10 +27,7 @@ fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
 
 async fn select_one(url: &str) {
     let mut conn = PgConnection::connect(url).await.unwrap();
-    let one: i32 = sqlx::query_scalar("SELECT 1")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await.unwrap();
     assert_eq!(one, 1);
     conn.close().await.unwrap();
 }
@@ -41,11 +38,7 @@ async fn two_shard_bed_fleets_and_faults() {
     let names: Vec<&str> = bed.servers().map(Server::name).collect();
     assert_eq!(names, ["master", "shard_1", "shard_2"]);
     assert!(bed.servers().all(Server::is_accepting));
-    assert!(bed
-        .server("shard_9")
-        .unwrap_err()
-        .to_string()
-        .contains("shard_9"));
+    assert!(bed.server("shard_9").unwrap_err().to_string().contains("shard_9"));
 
     let first = bed.fresh_fleet().await.unwrap();
     let second = bed.fresh_fleet().await.unwrap();
@@ -113,11 +106,7 @@ fn killed_process_cleans_up() {
 
     child.kill().unwrap(); // SIGKILL: no destructor runs
     child.wait().unwrap();
-    assert!(
-        wait_until(60, || !dir.exists()),
-        "{} left behind",
-        dir.display()
-    );
+    assert!(wait_until(60, || !dir.exists()), "{} left behind", dir.display());
     assert!(!master.is_accepting());
 }
 
@@ -133,8 +122,5 @@ fn unreachable_data_dir_is_reported() {
     let server = Server::new("closed", 1, closed.path().join("testbed/closed")).unwrap();
     let msg = server.init().unwrap_err().to_string();
     let blocked = format!("cannot enter or write {};", closed.path().display());
-    assert!(
-        msg.contains(&blocked) && msg.contains("testbed/closed"),
-        "{msg}"
-    );
+    assert!(msg.contains(&blocked) && msg.contains("testbed/closed"), "{msg}");
 }

@@ -37,8 +37,13 @@ impl Client {
             let db = self.router.pool_for(account).await?;
             tracing::Span::current().record("shard", db.name.as_str());
             let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
-            let id = store::job_insert(&mut conn, account.as_str(), &job, &args).await.map_err(|e| db.error(e))?;
-            Ok(JobId { shard: db.name.clone(), id })
+            let id = store::job_insert(&mut conn, account.as_str(), &job, &args)
+                .await
+                .map_err(|e| db.error(e))?;
+            Ok(JobId {
+                shard: db.name.clone(),
+                id,
+            })
         }
         .instrument(span)
         .await
@@ -50,8 +55,13 @@ impl Client {
     pub async fn enqueue_in(&self, tx: &mut PgConnection, account: &Account, job: NewJob) -> Result<JobId> {
         let args = job.validate()?;
         let db = self.router.pool_for(account).await?;
-        let id = store::job_insert(tx, account.as_str(), &job, &args).await.map_err(|e| db.error(e))?;
-        Ok(JobId { shard: db.name.clone(), id })
+        let id = store::job_insert(tx, account.as_str(), &job, &args)
+            .await
+            .map_err(|e| db.error(e))?;
+        Ok(JobId {
+            shard: db.name.clone(),
+            id,
+        })
     }
 
     /// Enqueues many jobs of one or many accounts: one INSERT per shard
@@ -63,14 +73,33 @@ impl Client {
         for (i, (account, job)) in jobs.iter().enumerate() {
             let args = job.validate()?;
             let shard = self.router.shard_for(account).await?.shard;
-            by_shard.entry(shard).or_default().push((i, account.as_str(), job, args));
+            by_shard
+                .entry(shard)
+                .or_default()
+                .push((i, account.as_str(), job, args));
         }
         let writes = by_shard.into_iter().map(|(shard, rows)| async move {
             let db = self.router.shard(&shard)?;
             let input: Vec<(&str, &NewJob, String)> = rows.iter().map(|r| (r.1, r.2, r.3.clone())).collect();
             let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
-            let ids = store::job_insert_many(&mut conn, &input).await.map_err(|e| db.error(e))?;
-            Ok::<_, Error>(rows.iter().map(|r| r.0).zip(ids).map(|(i, id)| (i, JobId { shard: shard.clone(), id })).collect::<Vec<_>>())
+            let ids = store::job_insert_many(&mut conn, &input)
+                .await
+                .map_err(|e| db.error(e))?;
+            Ok::<_, Error>(
+                rows.iter()
+                    .map(|r| r.0)
+                    .zip(ids)
+                    .map(|(i, id)| {
+                        (
+                            i,
+                            JobId {
+                                shard: shard.clone(),
+                                id,
+                            },
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
         });
         let mut out: Vec<Option<JobId>> = vec![None; jobs.len()];
         for written in futures::future::try_join_all(writes).await? {
@@ -93,6 +122,8 @@ impl Client {
     /// An account's most recent jobs, optionally of one state.
     pub async fn jobs_of(&self, account: &Account, state: Option<&str>, limit: i64) -> Result<Vec<JobRecord>> {
         let db = self.router.pool_for(account).await?;
-        store::job_list_for_account(&db.pool, &db.name, account.as_str(), state, limit).await.map_err(|e| db.error(e).into())
+        store::job_list_for_account(&db.pool, &db.name, account.as_str(), state, limit)
+            .await
+            .map_err(|e| db.error(e).into())
     }
 }

@@ -44,7 +44,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { base: Duration::from_secs(1), max: Duration::from_secs(3600) }
+        Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -59,7 +62,12 @@ impl Backoff {
 
 /// Writes outcomes from `rx` until `finish` turns true, then writes what is
 /// still queued and returns.
-pub(crate) async fn run(shard: Arc<ShardWork>, mut rx: mpsc::Receiver<Done>, backoff: Backoff, mut finish: watch::Receiver<bool>) {
+pub(crate) async fn run(
+    shard: Arc<ShardWork>,
+    mut rx: mpsc::Receiver<Done>,
+    backoff: Backoff,
+    mut finish: watch::Receiver<bool>,
+) {
     let mut batch = Vec::new();
     let mut finishing = false;
     loop {

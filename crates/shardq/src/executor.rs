@@ -16,7 +16,13 @@ use crate::store::FetchedJob;
 use crate::worker::{JobContext, JobError};
 
 /// Runs one job to its outcome. Called in its own task by the producer.
-pub(crate) async fn execute(node: Arc<Node>, shard: Arc<ShardWork>, slots: Arc<QueueSlots>, queue: Arc<str>, job: FetchedJob) {
+pub(crate) async fn execute(
+    node: Arc<Node>,
+    shard: Arc<ShardWork>,
+    slots: Arc<QueueSlots>,
+    queue: Arc<str>,
+    job: FetchedJob,
+) {
     let pickup = (Utc::now() - job.run_at).num_microseconds().unwrap_or(0).max(0) as u64;
     shard.stats.record_pickup(pickup);
     let span = tracing::info_span!("job", shard = %shard.db.name, queue = %queue, kind = %job.kind, id = job.id, attempt = job.attempt);
@@ -27,7 +33,12 @@ pub(crate) async fn execute(node: Arc<Node>, shard: Arc<ShardWork>, slots: Arc<Q
             lease.run = None;
         }
     }
-    let done = Done { id: job.id, attempt: job.attempt, max_attempts: job.max_attempts, outcome };
+    let done = Done {
+        id: job.id,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        outcome,
+    };
     if shard.done_tx.send(done).await.is_err() {
         // The completer is gone (shutdown after its grace): the lease expires and the job is rescued.
         tracing::warn!(shard = %shard.db.name, id = job.id, "outcome not recorded: completer stopped");
@@ -44,7 +55,10 @@ async fn run_handler(node: &Node, shard: &ShardWork, queue: &str, job: &FetchedJ
         ));
     };
     let ctx = JobContext {
-        id: JobId { shard: shard.db.name.clone(), id: job.id },
+        id: JobId {
+            shard: shard.db.name.clone(),
+            id: job.id,
+        },
         account: job.account.clone(),
         queue: queue.to_string(),
         kind: job.kind.clone(),

@@ -43,7 +43,10 @@ impl std::str::FromStr for JobId {
         if shard.is_empty() || id <= 0 {
             return Err(bad());
         }
-        Ok(JobId { shard: shard.to_string(), id })
+        Ok(JobId {
+            shard: shard.to_string(),
+            id,
+        })
     }
 }
 
@@ -61,15 +64,19 @@ pub struct NewJob {
 impl NewJob {
     /// A job of `kind` with `args` serialized to JSON, on the default queue.
     pub fn new(kind: impl Into<String>, args: &impl Serialize) -> Result<NewJob> {
-        let args = serde_json::to_value(args)
-            .map_err(|e| Error::InvalidJob { field: "args", message: format!("cannot serialize to JSON: {e}") })?;
+        let args = serde_json::to_value(args).map_err(|e| Error::InvalidJob {
+            field: "args",
+            message: format!("cannot serialize to JSON: {e}"),
+        })?;
         Ok(Self::from_json(kind, args))
     }
 
     /// A job of `kind` with args given as JSON text; invalid JSON is an error.
     pub fn from_json_text(kind: impl Into<String>, args: &str) -> Result<NewJob> {
-        let args = serde_json::from_str(args)
-            .map_err(|e| Error::InvalidJob { field: "args", message: format!("not valid JSON: {e}") })?;
+        let args = serde_json::from_str(args).map_err(|e| Error::InvalidJob {
+            field: "args",
+            message: format!("not valid JSON: {e}"),
+        })?;
         Ok(Self::from_json(kind, args))
     }
 
@@ -119,20 +126,38 @@ impl NewJob {
     pub(crate) fn validate(&self) -> Result<String> {
         let bad = |field, message: String| Err(Error::InvalidJob { field, message });
         if self.queue.is_empty() || self.queue.len() > MAX_QUEUE_BYTES || self.queue.contains('\0') {
-            return bad("queue", format!("must be 1 to {MAX_QUEUE_BYTES} bytes without NUL, got {} bytes", self.queue.len()));
+            return bad(
+                "queue",
+                format!(
+                    "must be 1 to {MAX_QUEUE_BYTES} bytes without NUL, got {} bytes",
+                    self.queue.len()
+                ),
+            );
         }
         if self.kind.is_empty() || self.kind.len() > MAX_KIND_BYTES || self.kind.contains('\0') {
-            return bad("kind", format!("must be 1 to {MAX_KIND_BYTES} bytes without NUL, got {} bytes", self.kind.len()));
+            return bad(
+                "kind",
+                format!(
+                    "must be 1 to {MAX_KIND_BYTES} bytes without NUL, got {} bytes",
+                    self.kind.len()
+                ),
+            );
         }
         if self.max_attempts < 1 {
             return bad("max_attempts", format!("must be at least 1, got {}", self.max_attempts));
         }
         let text = self.args.to_string();
         if text.len() > MAX_ARGS_BYTES {
-            return bad("args", format!("{} bytes of JSON exceed the cap of {MAX_ARGS_BYTES}", text.len()));
+            return bad(
+                "args",
+                format!("{} bytes of JSON exceed the cap of {MAX_ARGS_BYTES}", text.len()),
+            );
         }
         if text.contains("\\u0000") {
-            return bad("args", "JSON strings must not contain NUL (\\u0000); Postgres jsonb cannot store it".into());
+            return bad(
+                "args",
+                "JSON strings must not contain NUL (\\u0000); Postgres jsonb cannot store it".into(),
+            );
         }
         Ok(text)
     }
@@ -180,7 +205,13 @@ mod tests {
     #[test]
     fn job_id_round_trips_and_rejects_garbage() {
         let id: JobId = "shard_1:42".parse().expect("valid id");
-        assert_eq!(id, JobId { shard: "shard_1".into(), id: 42 });
+        assert_eq!(
+            id,
+            JobId {
+                shard: "shard_1".into(),
+                id: 42
+            }
+        );
         assert_eq!(id.to_string(), "shard_1:42");
         for bad in ["", "shard_1", ":4", "shard_1:x", "shard_1:-3", "shard_1:0"] {
             assert!(bad.parse::<JobId>().is_err(), "{bad:?} should be rejected");
@@ -194,10 +225,21 @@ mod tests {
         assert!(err.contains("args") && err.contains("exceed"), "{err}");
         let err = NewJob::from_json_text("k", "{not json").unwrap_err().to_string();
         assert!(err.contains("args") && err.contains("not valid JSON"), "{err}");
-        let err = NewJob::from_json("k", serde_json::json!({})).queue("").validate().unwrap_err().to_string();
+        let err = NewJob::from_json("k", serde_json::json!({}))
+            .queue("")
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("queue"), "{err}");
-        let err = NewJob::from_json("k", serde_json::json!({})).max_attempts(0).validate().unwrap_err().to_string();
+        let err = NewJob::from_json("k", serde_json::json!({}))
+            .max_attempts(0)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_attempts"), "{err}");
-        assert!(NewJob::from_json("k", serde_json::json!({"q": "'; DROP TABLE x; --"})).queue("é\"q;").validate().is_ok());
+        assert!(NewJob::from_json("k", serde_json::json!({"q": "'; DROP TABLE x; --"}))
+            .queue("é\"q;")
+            .validate()
+            .is_ok());
     }
 }

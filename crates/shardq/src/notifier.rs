@@ -16,7 +16,11 @@ use crate::shard::ShardWork;
 pub const CHANNEL: &str = "shardq_jobs";
 
 /// Listens on `shard` and wakes `producers` (queue → wake-up) until `stop`.
-pub(crate) async fn run(shard: Arc<ShardWork>, producers: HashMap<String, Arc<Notify>>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(
+    shard: Arc<ShardWork>,
+    producers: HashMap<String, Arc<Notify>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let wake_all = || producers.values().for_each(|w| w.notify_one());
     let mut wait = Duration::from_millis(100);
     loop {

@@ -107,7 +107,13 @@ impl Producer {
                     self.queue.clone(),
                     job,
                 ));
-                leases.insert(id, Lease { attempt, run: Some(task.abort_handle()) });
+                leases.insert(
+                    id,
+                    Lease {
+                        attempt,
+                        run: Some(task.abort_handle()),
+                    },
+                );
             }
         }
         Ok(got)

@@ -115,7 +115,9 @@ impl RuntimeBuilder {
     pub fn start(self) -> Result<Runtime> {
         self.options.validate()?;
         if self.queues.is_empty() {
-            return Err(Error::Runtime("no queues: call .queue(name, limit) at least once".into()));
+            return Err(Error::Runtime(
+                "no queues: call .queue(name, limit) at least once".into(),
+            ));
         }
         if let Some((q, _)) = self.queues.iter().find(|(_, l)| **l == 0) {
             return Err(Error::Runtime(format!("queue {q:?}: limit must be at least 1")));
@@ -152,21 +154,47 @@ impl RuntimeBuilder {
                 done_tx,
                 stats: ShardStats::default(),
             });
-            completers.push(tokio::spawn(completer::run(shard.clone(), done_rx, node.options.backoff, finish_rx.clone())));
+            completers.push(tokio::spawn(completer::run(
+                shard.clone(),
+                done_rx,
+                node.options.backoff,
+                finish_rx.clone(),
+            )));
             let mut producers = HashMap::new();
             for q in self.queues.keys() {
                 let wake = wakes[q][index].clone();
                 producers.insert(q.clone(), wake.clone());
-                let p = Producer { node: node.clone(), shard: shard.clone(), queue: q.as_str().into(), slots: slots[q].clone(), wake };
+                let p = Producer {
+                    node: node.clone(),
+                    shard: shard.clone(),
+                    queue: q.as_str().into(),
+                    slots: slots[q].clone(),
+                    wake,
+                };
                 tasks.push(tokio::spawn(p.run(stop_rx.clone())));
             }
             tasks.push(tokio::spawn(notifier::run(shard.clone(), producers, stop_rx.clone())));
-            tasks.push(tokio::spawn(lease::heartbeat(node.clone(), shard.clone(), stop_rx.clone())));
-            tasks.push(tokio::spawn(lease::rescuer(node.clone(), shard.clone(), stop_rx.clone())));
+            tasks.push(tokio::spawn(lease::heartbeat(
+                node.clone(),
+                shard.clone(),
+                stop_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(lease::rescuer(
+                node.clone(),
+                shard.clone(),
+                stop_rx.clone(),
+            )));
             shards.push(shard);
         }
         tracing::info!(node = %node.id, shards = shards.len(), queues = ?self.queues, "worker node started");
-        Ok(Runtime { node, shards, stop_tx, finish_tx, tasks, completers })
+        Ok(Runtime {
+            node,
+            shards,
+            stop_tx,
+            finish_tx,
+            tasks,
+            completers,
+        })
     }
 }
 
@@ -185,7 +213,12 @@ pub struct Runtime {
 impl Runtime {
     /// A builder for a node working jobs routed by `router`.
     pub fn builder(router: Arc<Router>) -> RuntimeBuilder {
-        RuntimeBuilder { router, queues: BTreeMap::new(), registry: Registry::default(), options: RuntimeOptions::default() }
+        RuntimeBuilder {
+            router,
+            queues: BTreeMap::new(),
+            registry: Registry::default(),
+            options: RuntimeOptions::default(),
+        }
     }
 
     /// This node's id (recorded as `locked_by` on the jobs it runs).
@@ -237,7 +270,10 @@ impl Runtime {
             // Pending outcomes are flushed; a shard that stays down past a
             // further grace period leaves its jobs to lease expiry and rescue.
             let abort = c.abort_handle();
-            if tokio::time::timeout(grace.max(Duration::from_secs(5)), c).await.is_err() {
+            if tokio::time::timeout(grace.max(Duration::from_secs(5)), c)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }
@@ -251,10 +287,12 @@ async fn give_back(node: &Node, shard: &ShardWork) {
         Ok(mut leases) => {
             let running: Vec<(i64, i32)> = leases
                 .iter_mut()
-                .filter_map(|(id, l)| l.run.take().map(|run| {
-                    run.abort();
-                    (*id, l.attempt)
-                }))
+                .filter_map(|(id, l)| {
+                    l.run.take().map(|run| {
+                        run.abort();
+                        (*id, l.attempt)
+                    })
+                })
                 .collect();
             for (id, _) in &running {
                 leases.remove(id);
@@ -268,7 +306,9 @@ async fn give_back(node: &Node, shard: &ShardWork) {
     }
     match store::job_give_back(&shard.db.pool, &ids, &attempts, &node.id).await {
         Ok(n) => tracing::info!(shard = %shard.db.name, given_back = n, "handed running jobs back"),
-        Err(e) => tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "hand-back failed; leases will expire and the jobs be rescued"),
+        Err(e) => {
+            tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "hand-back failed; leases will expire and the jobs be rescued")
+        }
     }
 }
 

@@ -39,7 +39,10 @@ pub(crate) struct ShardWork {
 impl ShardWork {
     /// Ids and attempts of every leased job.
     pub(crate) fn leased(&self) -> (Vec<i64>, Vec<i32>) {
-        self.leases.lock().map(|l| l.iter().map(|(id, l)| (*id, l.attempt)).unzip()).unwrap_or_default()
+        self.leases
+            .lock()
+            .map(|l| l.iter().map(|(id, l)| (*id, l.attempt)).unzip())
+            .unwrap_or_default()
     }
 
     /// Number of leased jobs.

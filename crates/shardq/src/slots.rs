@@ -32,7 +32,14 @@ impl QueueSlots {
     /// Slots for `limit` concurrent runs across the producers woken by `wakers`.
     pub(crate) fn new(limit: usize, wakers: Vec<Arc<Notify>>) -> QueueSlots {
         let n = wakers.len();
-        QueueSlots { limit, state: Mutex::new(SlotState { running: vec![0; n], hungry: vec![false; n] }), wakers }
+        QueueSlots {
+            limit,
+            state: Mutex::new(SlotState {
+                running: vec![0; n],
+                hungry: vec![false; n],
+            }),
+            wakers,
+        }
     }
 
     /// Reserves up to `max` slots for `shard`; returns how many it got. A
@@ -127,10 +134,15 @@ mod tests {
         assert_eq!(s.reserve(1, 1), 0); // shard 1 found no slot: hungry
         s.release(0, 1);
         // notify_one stores a permit, so a producer that was not waiting yet still wakes.
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
         rt.block_on(async {
             for w in &s.wakers {
-                tokio::time::timeout(std::time::Duration::from_secs(5), w.notified()).await.expect("woken");
+                tokio::time::timeout(std::time::Duration::from_secs(5), w.notified())
+                    .await
+                    .expect("woken");
             }
         });
     }

@@ -262,7 +262,10 @@ const JOB_COLUMNS: &str = "id, account, queue, kind, args, state, priority, atte
 impl JobRow {
     fn into_record(self, shard: &str) -> JobRecord {
         JobRecord {
-            id: JobId { shard: shard.to_string(), id: self.id },
+            id: JobId {
+                shard: shard.to_string(),
+                id: self.id,
+            },
             account: self.account,
             queue: self.queue,
             kind: self.kind,

@@ -97,8 +97,9 @@ pub trait Worker: Send + Sync + 'static {
 
 /// A handler with its args type erased: `Err` before running means the args
 /// did not deserialize.
-pub(crate) type ErasedRun =
-    Arc<dyn Fn(JobContext, serde_json::Value) -> Result<BoxFuture<'static, Result<(), JobError>>, String> + Send + Sync>;
+pub(crate) type ErasedRun = Arc<
+    dyn Fn(JobContext, serde_json::Value) -> Result<BoxFuture<'static, Result<(), JobError>>, String> + Send + Sync,
+>;
 
 /// A registered kind.
 #[derive(Clone)]

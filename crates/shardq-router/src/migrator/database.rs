@@ -58,15 +58,28 @@ pub(crate) async fn migrate(db: &Db, sources: &RoleSources, opts: RunOptions) ->
 }
 
 /// Connects and, unless dry, runs both histories under the advisory lock.
-async fn migrate_locked(db: &Db, sources: &RoleSources, opts: RunOptions, report: &mut DatabaseReport) -> Result<(), Failure> {
-    let mut client = connect(&db.target).await.map_err(|e| Failure::from_error(Stage::Connect, None, &e))?;
+async fn migrate_locked(
+    db: &Db,
+    sources: &RoleSources,
+    opts: RunOptions,
+    report: &mut DatabaseReport,
+) -> Result<(), Failure> {
+    let mut client = connect(&db.target)
+        .await
+        .map_err(|e| Failure::from_error(Stage::Connect, None, &e))?;
     if !opts.dry_run {
-        store::migration_lock(&client).await.map_err(|e| Failure::from_error(Stage::Lock, None, &e))?;
+        store::migration_lock(&client)
+            .await
+            .map_err(|e| Failure::from_error(Stage::Lock, None, &e))?;
     }
     let mut result = Ok(());
     for history in HISTORIES {
         let Some(files) = sources.files(history) else { continue };
-        let target = if history == History::Application { opts.app_target } else { None };
+        let target = if history == History::Application {
+            opts.app_target
+        } else {
+            None
+        };
         let slot = match history {
             History::Platform => &mut report.platform,
             History::Application => &mut report.application,
@@ -150,7 +163,9 @@ pub(crate) async fn status(db: &Db, sources: &RoleSources) -> DatabaseStatus {
 }
 
 async fn read_status(db: &Db, sources: &RoleSources) -> Result<(HistoryStatus, Option<HistoryStatus>), Failure> {
-    let client = connect(&db.target).await.map_err(|e| Failure::from_error(Stage::Connect, None, &e))?;
+    let client = connect(&db.target)
+        .await
+        .map_err(|e| Failure::from_error(Stage::Connect, None, &e))?;
     let platform = history_status(&client, History::Platform, &sources.platform).await?;
     let application = match &sources.application {
         Some(files) => Some(history_status(&client, History::Application, files).await?),
@@ -159,7 +174,11 @@ async fn read_status(db: &Db, sources: &RoleSources) -> Result<(HistoryStatus, O
     Ok((platform, application))
 }
 
-async fn history_status(client: &Client, history: History, files: &[refinery::Migration]) -> Result<HistoryStatus, Failure> {
+async fn history_status(
+    client: &Client,
+    history: History,
+    files: &[refinery::Migration],
+) -> Result<HistoryStatus, Failure> {
     let applied = store::migration_history(client, history.table())
         .await
         .map_err(|e| Failure::from_error(Stage::ReadHistory, Some(history), &e))?;

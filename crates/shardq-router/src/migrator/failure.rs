@@ -58,13 +58,31 @@ impl Failure {
     /// for a Postgres error).
     pub(crate) fn from_error(stage: Stage, history: Option<History>, error: &(dyn StdError + 'static)) -> Failure {
         let (sqlstate, message) = describe(error);
-        Failure { stage, history, migration: None, sqlstate, message, divergences: Vec::new() }
+        Failure {
+            stage,
+            history,
+            migration: None,
+            sqlstate,
+            message,
+            divergences: Vec::new(),
+        }
     }
 
     /// A refusal to run a diverged history.
     pub(crate) fn diverged(history: History, divergences: Vec<Divergence>) -> Failure {
-        let message = divergences.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-        Failure { stage: Stage::Diverged, history: Some(history), migration: None, sqlstate: None, message, divergences }
+        let message = divergences
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        Failure {
+            stage: Stage::Diverged,
+            history: Some(history),
+            migration: None,
+            sqlstate: None,
+            message,
+            divergences,
+        }
     }
 }
 

@@ -147,7 +147,10 @@ impl Migrator {
             ));
         }
         let (master, shards) = self.selection()?;
-        let opts = RunOptions { app_target: self.target, dry_run: self.dry_run };
+        let opts = RunOptions {
+            app_target: self.target,
+            dry_run: self.dry_run,
+        };
         let mut databases = Vec::with_capacity(shards.len() + 1);
         if let Some(m) = &master {
             databases.push(database::migrate(m, sources.for_role(m.role), opts).await);
@@ -158,7 +161,11 @@ impl Migrator {
             .collect()
             .await;
         databases.extend(shard_reports);
-        Ok(MigrationReport { dry_run: self.dry_run, target: self.target, databases })
+        Ok(MigrationReport {
+            dry_run: self.dry_run,
+            target: self.target,
+            databases,
+        })
     }
 
     /// Reads every selected database's histories and compares them with the
@@ -194,7 +201,11 @@ impl Migrator {
             .shards
             .iter()
             .filter(|s| self.selects_shard(&s.name))
-            .map(|s| Db { name: s.name.clone(), role: Role::Shard, target: s.database.target.clone() })
+            .map(|s| Db {
+                name: s.name.clone(),
+                role: Role::Shard,
+                target: s.database.target.clone(),
+            })
             .collect();
         Ok((master, shards))
     }

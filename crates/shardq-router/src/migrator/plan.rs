@@ -18,7 +18,10 @@ pub struct MigrationId {
 
 impl MigrationId {
     pub(crate) fn of(m: &Migration) -> MigrationId {
-        MigrationId { version: m.version(), name: m.name().to_string() }
+        MigrationId {
+            version: m.version(),
+            name: m.name().to_string(),
+        }
     }
 }
 
@@ -68,7 +71,10 @@ impl std::fmt::Display for Divergence {
         let (h, m) = (self.history, &self.migration);
         match &self.reason {
             DivergenceReason::ChecksumChanged => {
-                write!(f, "{h} migration {m} was edited after it was applied (checksum differs)")
+                write!(
+                    f,
+                    "{h} migration {m} was edited after it was applied (checksum differs)"
+                )
             }
             DivergenceReason::Renamed { file_name } => write!(
                 f,
@@ -76,7 +82,11 @@ impl std::fmt::Display for Divergence {
                 m.version
             ),
             DivergenceReason::MissingFromFiles => {
-                write!(f, "{h} migration {m} was applied, but no file has version {}", m.version)
+                write!(
+                    f,
+                    "{h} migration {m} was applied, but no file has version {}",
+                    m.version
+                )
             }
             DivergenceReason::NeverApplied { applied_version } => write!(
                 f,
@@ -102,12 +112,23 @@ pub(crate) struct Plan {
 /// Compares applied rows with the (sorted) files, as refinery does with
 /// `abort_divergent` and `abort_missing` on, so a plan without divergences
 /// is exactly what refinery will run.
-pub(crate) fn plan(history: History, applied: &[MigrationHistoryRow], files: &[Migration], target: Option<u32>) -> Plan {
+pub(crate) fn plan(
+    history: History,
+    applied: &[MigrationHistoryRow],
+    files: &[Migration],
+    target: Option<u32>,
+) -> Plan {
     let current = applied.iter().filter_map(|r| u32::try_from(r.version).ok()).max();
-    let mut divergences: Vec<Divergence> = applied.iter().filter_map(|row| check_applied(history, row, files)).collect();
+    let mut divergences: Vec<Divergence> = applied
+        .iter()
+        .filter_map(|row| check_applied(history, row, files))
+        .collect();
     let mut pending = Vec::new();
     for file in files {
-        if applied.iter().any(|r| i64::from(r.version) == i64::from(file.version())) {
+        if applied
+            .iter()
+            .any(|r| i64::from(r.version) == i64::from(file.version()))
+        {
             continue;
         }
         match current {
@@ -120,18 +141,32 @@ pub(crate) fn plan(history: History, applied: &[MigrationHistoryRow], files: &[M
             _ => pending.push(MigrationId::of(file)),
         }
     }
-    Plan { current, latest: files.iter().map(Migration::version).max(), pending, divergences }
+    Plan {
+        current,
+        latest: files.iter().map(Migration::version).max(),
+        pending,
+        divergences,
+    }
 }
 
 fn check_applied(history: History, row: &MigrationHistoryRow, files: &[Migration]) -> Option<Divergence> {
-    let migration = MigrationId { version: u32::try_from(row.version).unwrap_or(0), name: row.name.clone() };
+    let migration = MigrationId {
+        version: u32::try_from(row.version).unwrap_or(0),
+        name: row.name.clone(),
+    };
     let reason = match files.iter().find(|f| i64::from(f.version()) == i64::from(row.version)) {
         None => DivergenceReason::MissingFromFiles,
-        Some(f) if f.name() != row.name => DivergenceReason::Renamed { file_name: f.to_string() },
+        Some(f) if f.name() != row.name => DivergenceReason::Renamed {
+            file_name: f.to_string(),
+        },
         Some(f) if f.checksum().to_string() != row.checksum => DivergenceReason::ChecksumChanged,
         Some(_) => return None,
     };
-    Some(Divergence { history, migration, reason })
+    Some(Divergence {
+        history,
+        migration,
+        reason,
+    })
 }
 
 #[cfg(test)]
@@ -143,7 +178,11 @@ mod tests {
     }
 
     fn row(m: &Migration) -> MigrationHistoryRow {
-        MigrationHistoryRow { version: m.version() as i32, name: m.name().into(), checksum: m.checksum().to_string() }
+        MigrationHistoryRow {
+            version: m.version() as i32,
+            name: m.name().into(),
+            checksum: m.checksum().to_string(),
+        }
     }
 
     #[test]
@@ -159,14 +198,28 @@ mod tests {
     #[test]
     fn edited_renamed_missing_and_out_of_order_are_divergences() {
         let old = [file("V1__a", "x"), file("V2__b", "y"), file("V4__d", "w")];
-        let now = [file("V1__a", "edited"), file("V2__bee", "y"), file("V3__c", "z"), file("V5__e", "v")];
+        let now = [
+            file("V1__a", "edited"),
+            file("V2__bee", "y"),
+            file("V3__c", "z"),
+            file("V5__e", "v"),
+        ];
         let p = plan(History::Platform, &old.iter().map(row).collect::<Vec<_>>(), &now, None);
-        let reasons: Vec<_> = p.divergences.iter().map(|d| (d.migration.version, d.reason.clone())).collect();
+        let reasons: Vec<_> = p
+            .divergences
+            .iter()
+            .map(|d| (d.migration.version, d.reason.clone()))
+            .collect();
         assert_eq!(
             reasons,
             vec![
                 (1, DivergenceReason::ChecksumChanged),
-                (2, DivergenceReason::Renamed { file_name: "V2__bee".into() }),
+                (
+                    2,
+                    DivergenceReason::Renamed {
+                        file_name: "V2__bee".into()
+                    }
+                ),
                 (4, DivergenceReason::MissingFromFiles),
                 (3, DivergenceReason::NeverApplied { applied_version: 4 }),
             ]

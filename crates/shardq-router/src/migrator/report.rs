@@ -104,7 +104,10 @@ fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 }
 
 fn versions(h: Option<&HistoryReport>) -> String {
-    h.map_or_else(|| "-".to_string(), |h| format!("{} → {}", version(h.version_before), version(h.version_after)))
+    h.map_or_else(
+        || "-".to_string(),
+        |h| format!("{} → {}", version(h.version_before), version(h.version_after)),
+    )
 }
 
 impl std::fmt::Display for MigrationReport {
@@ -122,11 +125,19 @@ impl std::fmt::Display for MigrationReport {
                     versions(d.application.as_ref()),
                     d.applied_count().to_string(),
                     format!("{} ms", d.duration.as_millis()),
-                    if d.error.is_some() { "FAILED".into() } else { "ok".into() },
+                    if d.error.is_some() {
+                        "FAILED".into()
+                    } else {
+                        "ok".into()
+                    },
                 ]
             })
             .collect();
-        write_table(f, &["database", "address", "platform", "application", verb, "took", "result"], &rows)?;
+        write_table(
+            f,
+            &["database", "address", "platform", "application", verb, "took", "result"],
+            &rows,
+        )?;
         self.write_applied(f, verb)?;
         self.write_failures(f)?;
         self.write_summary(f)
@@ -169,7 +180,11 @@ impl MigrationReport {
         writeln!(f)?;
         match (self.dry_run, failed) {
             (true, 0) => writeln!(f, "dry run: nothing was changed on {total} database(s)"),
-            (false, 0) => writeln!(f, "{total} database(s) migrated, {} migration(s) applied", self.applied_count()),
+            (false, 0) => writeln!(
+                f,
+                "{total} database(s) migrated, {} migration(s) applied",
+                self.applied_count()
+            ),
             (dry, _) => writeln!(
                 f,
                 "{failed} of {total} database(s) FAILED{}; the others are unaffected. \

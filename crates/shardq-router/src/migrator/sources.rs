@@ -124,7 +124,10 @@ fn sorted(mut migrations: Vec<Migration>) -> Vec<Migration> {
 
 /// Reads a folder of `V{n}__name.sql` files (recursively, as refinery does).
 fn load_folder(folder: &Path) -> Result<Vec<Migration>> {
-    let bad = |message: String| Error::MigrationFiles { folder: folder.to_path_buf(), message };
+    let bad = |message: String| Error::MigrationFiles {
+        folder: folder.to_path_buf(),
+        message,
+    };
     if !folder.is_dir() {
         return Err(bad("is not a folder".into()));
     }

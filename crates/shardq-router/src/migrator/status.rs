@@ -113,12 +113,23 @@ impl DatabaseStatus {
         } else {
             State::UpToDate
         };
-        DatabaseStatus { database, role, target, platform, application, error, state }
+        DatabaseStatus {
+            database,
+            role,
+            target,
+            platform,
+            application,
+            error,
+            state,
+        }
     }
 
     /// The divergences of both histories.
     pub fn divergences(&self) -> impl Iterator<Item = &Divergence> {
-        self.platform.iter().chain(self.application.iter()).flat_map(|h| h.divergences.iter())
+        self.platform
+            .iter()
+            .chain(self.application.iter())
+            .flat_map(|h| h.divergences.iter())
     }
 }
 
@@ -126,7 +137,9 @@ impl StatusReport {
     /// Whether any database diverged or could not be read: the cases a
     /// person must look at (`shardq migrate status` exits non-zero).
     pub fn has_errors(&self) -> bool {
-        self.databases.iter().any(|d| matches!(d.state, State::Diverged | State::Unreachable))
+        self.databases
+            .iter()
+            .any(|d| matches!(d.state, State::Diverged | State::Unreachable))
     }
 
     /// The databases whose history diverged from the files.
@@ -145,7 +158,11 @@ impl StatusReport {
     }
 
     fn named(&self, state: State) -> Vec<&str> {
-        self.databases.iter().filter(|d| d.state == state).map(|d| d.database.as_str()).collect()
+        self.databases
+            .iter()
+            .filter(|d| d.state == state)
+            .map(|d| d.database.as_str())
+            .collect()
     }
 }
 
@@ -185,7 +202,11 @@ impl std::fmt::Display for StatusReport {
         let (diverged, lagging) = (self.diverged(), self.lagging());
         writeln!(f)?;
         if !diverged.is_empty() {
-            writeln!(f, "diverged: {} (migrate refuses to run there; restore the original files or repair the history by hand)", diverged.join(", "))?;
+            writeln!(
+                f,
+                "diverged: {} (migrate refuses to run there; restore the original files or repair the history by hand)",
+                diverged.join(", ")
+            )?;
         }
         if !lagging.is_empty() {
             writeln!(f, "behind: {} (run `shardq migrate`)", lagging.join(", "))?;

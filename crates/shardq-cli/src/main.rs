@@ -1,12 +1,14 @@
 //! The `shardq` command. One module per command; this file only parses
 //! arguments and dispatches.
 
+mod bench;
 mod demo;
 mod enqueue;
 mod jobs;
 mod kinds;
 mod migrate;
 mod route;
+mod store;
 mod testbed;
 mod worker;
 
@@ -43,6 +45,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Run the whole path on the local test bed and print a per-shard table.
     Demo(demo::DemoArgs),
+    /// Measure throughput, pickup latency, shard scaling and notification isolation.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,5 +84,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(args) => jobs::run(&config()?, args).await,
         Command::Worker(args) => worker::run(&config()?, args).await,
         Command::Demo(args) => demo::run(&config()?, args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }

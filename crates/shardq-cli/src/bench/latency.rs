@@ -1,0 +1,140 @@
+//! Pickup latency under a steady load (with notifications and poll-only),
+//! and notification isolation between shards.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardq::{Account, NewJob, RuntimeOptions, ShardRunStats};
+use shardq_testbed::TestBed;
+
+use super::{BenchArgs, BenchFleet, Results};
+use crate::store;
+
+/// Enqueues single jobs (one transaction, one NOTIFY each) for `account` at
+/// `rate` per second for `seconds`; returns how many were enqueued.
+async fn steady(fleet: &BenchFleet, account: Account, rate: u32, seconds: u64) -> anyhow::Result<u64> {
+    let client = fleet.client.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut sent = Vec::new();
+    while Instant::now() < until {
+        tick.tick().await;
+        let (client, account) = (client.clone(), account.clone());
+        sent.push(tokio::spawn(async move {
+            client
+                .enqueue(&account, NewJob::from_json("noop", serde_json::json!({})))
+                .await
+        }));
+    }
+    let n = sent.len() as u64;
+    for s in sent {
+        s.await??;
+    }
+    Ok(n)
+}
+
+/// Waits until the node completed `n` jobs on `shard`, then returns its stats.
+async fn settle(node: &shardq::Runtime, shard: &str, n: u64) -> anyhow::Result<ShardRunStats> {
+    let started = Instant::now();
+    loop {
+        let stats = node.stats().into_iter().find(|s| s.shard == shard).unwrap_or_default();
+        if stats.completed >= n {
+            return Ok(stats);
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "only {} of {n} completed",
+            stats.completed
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Scenario 3: p50/p95/p99/max pickup at a steady rate, with notifications and poll-only.
+pub(super) async fn pickup(bed: &TestBed, args: &BenchArgs, results: &mut Results) -> anyhow::Result<()> {
+    for notify in [true, false] {
+        let mode = if notify { "notify" } else { "poll-only" };
+        eprintln!("latency: {} jobs/s for {} s, {mode}...", args.rate, args.seconds);
+        let dbs = bed.fresh_fleet().await?;
+        let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
+        if !notify {
+            store::notify_trigger_disable(&fleet.router.shards()[0].pool).await?;
+        }
+        let node = fleet.node(64, RuntimeOptions::default())?;
+        let account = Account::new("latency")?;
+        fleet.router.shard_for(&account).await?;
+        let n = steady(&fleet, account, args.rate, args.seconds).await?;
+        let stats = settle(&node, "shard_1", n).await?;
+        node.shutdown(Duration::from_secs(5)).await;
+        let [p50, p95, p99, max] = stats.pickup_ms.unwrap_or_default();
+        if notify {
+            results.add_target("latency", "p50 pickup, notify", p50, "ms", 5.0, false);
+            results.add("latency", "p95 pickup, notify", p95, "ms");
+            results.add_target("latency", "p99 pickup, notify", p99, "ms", 25.0, false);
+            results.add("latency", "max pickup, notify", max, "ms");
+        } else {
+            results.add("latency", "p50 pickup, poll-only (1 s poll)", p50, "ms");
+            results.add("latency", "p99 pickup, poll-only (1 s poll)", p99, "ms");
+        }
+    }
+    Ok(())
+}
+
+/// Scenario 5: shard A flooded by single-row enqueues while shard B serves a
+/// steady stream; B's p99 pickup with A on another server, then on B's server.
+pub(super) async fn isolation(bed: &TestBed, args: &BenchArgs, results: &mut Results) -> anyhow::Result<()> {
+    for same_server in [false, true] {
+        let label = if same_server {
+            "A and B on one server"
+        } else {
+            "A and B on separate servers"
+        };
+        eprintln!("isolation: {label}...");
+        let one = bed.fresh_fleet().await?;
+        let two = bed.fresh_fleet().await?;
+        let a_db = if same_server { &two.shards[1] } else { &one.shards[0] };
+        let fleet = BenchFleet::new(&one.master, &[("shard_a", a_db), ("shard_b", &one.shards[1])], 20).await?;
+        let (a, b) = (Account::new("flooder")?, Account::new("steady")?);
+        fleet.router.place(&a, "shard_a").await?;
+        fleet.router.place(&b, "shard_b").await?;
+        let node = fleet.node(64, RuntimeOptions::default())?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flooders: Vec<_> = (0..4)
+            .map(|_| {
+                let (client, a, stop) = (fleet.client.clone(), a.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if client
+                            .enqueue(&a, NewJob::from_json("noop", serde_json::json!({})))
+                            .await
+                            .is_ok()
+                        {
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        let rate = (args.rate / 5).max(1);
+        let n = steady(&fleet, b, rate, args.seconds).await?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut flooded = 0;
+        for f in flooders {
+            flooded += f.await?;
+        }
+        let stats = settle(&node, "shard_b", n).await?;
+        node.shutdown(Duration::from_secs(5)).await;
+        let p99 = stats.pickup_ms.map(|p| p[2]).unwrap_or_default();
+        results.add("isolation", &format!("B p99 pickup at {rate}/s, {label}"), p99, "ms");
+        results.add(
+            "isolation",
+            &format!("A flood, {label}"),
+            flooded as f64 / args.seconds as f64,
+            "enqueues/s",
+        );
+    }
+    Ok(())
+}

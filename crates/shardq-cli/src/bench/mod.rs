@@ -1,0 +1,233 @@
+//! `shardq bench`: throughput, pickup latency, shard scaling and notification
+//! isolation, on test-bed servers the command starts itself (free ports,
+//! torn down after). Speed is measured here, never in tests.
+//!
+//! Layout: this file parses the arguments, starts the servers, runs the
+//! scenarios and prints; `drain` (drain, SQL floor, shards), `latency`
+//! (pickup latency, notification isolation) hold the scenarios.
+
+mod drain;
+mod latency;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use serde::Serialize;
+use shardq::{Client, Runtime, RuntimeOptions};
+use shardq_router::{Config, Migrator, Router};
+use shardq_testbed::{FleetDb, TestBed};
+
+use crate::{kinds, store};
+
+/// Arguments of `bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Scenarios to run (comma-separated): drain, floor, latency, shards, isolation.
+    #[arg(long, default_value = "drain,floor,latency,shards,isolation", value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Jobs preloaded for the drain and floor scenarios.
+    #[arg(long, default_value_t = 200_000)]
+    jobs: usize,
+    /// Jobs per shard-count step of the shards scenario.
+    #[arg(long, default_value_t = 100_000)]
+    shard_jobs: usize,
+    /// The node's concurrency (slots) for the drain scenarios; also the floor's batch size.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Steady enqueue rate of the latency scenario, jobs/s.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds of steady load in the latency and isolation scenarios.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One measured figure, with its target when it has one.
+#[derive(Serialize)]
+pub struct Figure {
+    scenario: String,
+    metric: String,
+    value: f64,
+    unit: &'static str,
+    target: Option<String>,
+    met: Option<bool>,
+}
+
+/// Collects figures as scenarios produce them.
+#[derive(Default, Serialize)]
+pub struct Results {
+    machine: Machine,
+    figures: Vec<Figure>,
+}
+
+impl Results {
+    fn add(&mut self, scenario: &str, metric: &str, value: f64, unit: &'static str) {
+        self.figures.push(Figure {
+            scenario: scenario.into(),
+            metric: metric.into(),
+            value,
+            unit,
+            target: None,
+            met: None,
+        });
+    }
+
+    /// Adds a figure with a target: `at_least` true means higher is better.
+    fn add_target(&mut self, scenario: &str, metric: &str, value: f64, unit: &'static str, bound: f64, at_least: bool) {
+        let met = if at_least { value >= bound } else { value <= bound };
+        let target = format!("{} {}", if at_least { "≥" } else { "≤" }, fmt_value(bound));
+        self.figures.push(Figure {
+            scenario: scenario.into(),
+            metric: metric.into(),
+            value,
+            unit,
+            target: Some(target),
+            met: Some(met),
+        });
+    }
+
+    fn value(&self, scenario: &str, metric: &str) -> Option<f64> {
+        self.figures
+            .iter()
+            .find(|f| f.scenario == scenario && f.metric == metric)
+            .map(|f| f.value)
+    }
+}
+
+fn fmt_value(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{:.0}", v)
+    } else if v >= 1.0 {
+        format!("{:.2}", v)
+    } else {
+        format!("{:.3}", v)
+    }
+}
+
+/// What the figures were measured on.
+#[derive(Default, Serialize)]
+struct Machine {
+    cpu: String,
+    cores: usize,
+    memory_gib: f64,
+    postgres: String,
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib: f64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            cpu,
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            memory_gib: (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+            postgres: String::new(),
+        }
+    }
+}
+
+/// A migrated set of databases and what works on it.
+pub(crate) struct BenchFleet {
+    pub router: Arc<Router>,
+    pub client: Client,
+}
+
+impl BenchFleet {
+    /// Migrates `master` and `shards` and connects a router.
+    pub(crate) async fn new(master: &FleetDb, shards: &[(&str, &FleetDb)], pool: u32) -> anyhow::Result<BenchFleet> {
+        let pairs: Vec<(&str, &str)> = shards.iter().map(|(n, db)| (*n, db.url.as_str())).collect();
+        let mut config = Config::from_urls(&master.url, &pairs)?;
+        for s in &mut config.shards {
+            s.database.pool.max_connections = pool;
+        }
+        let report = Migrator::new(&config).run().await?;
+        anyhow::ensure!(!report.failed(), "migration failed:\n{report}");
+        let router = Arc::new(Router::connect(&config).await?);
+        Ok(BenchFleet {
+            client: Client::new(router.clone()),
+            router,
+        })
+    }
+
+    /// Starts a node with the built-in kinds.
+    pub(crate) fn node(&self, concurrency: usize, options: RuntimeOptions) -> anyhow::Result<Runtime> {
+        Ok(kinds::register(Runtime::builder(self.router.clone()))
+            .queue(shardq::job::DEFAULT_QUEUE, concurrency)
+            .options(options)
+            .start()?)
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let mut results = Results {
+        machine: Machine::read(),
+        figures: Vec::new(),
+    };
+    eprintln!("starting test-bed servers (master + 4 shards)...");
+    let bed = tokio::task::spawn_blocking(|| TestBed::start(4)).await??;
+    let probe = sqlx::PgPool::connect(&bed.master().url("postgres")).await?;
+    results.machine.postgres = store::server_version(&probe).await?;
+    probe.close().await;
+    let want = |s: &str| args.scenarios.iter().any(|x| x == s);
+    if want("drain") || want("floor") {
+        drain::drain_and_floor(&bed, &args, &mut results, want("drain"), want("floor")).await?;
+    }
+    if want("latency") {
+        latency::pickup(&bed, &args, &mut results).await?;
+    }
+    if want("shards") {
+        drain::shards(&bed, &args, &mut results).await?;
+    }
+    if want("isolation") {
+        latency::isolation(&bed, &args, &mut results).await?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print_table(&results);
+    }
+    drop(bed);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(r: &Results) {
+    let m = &r.machine;
+    println!(
+        "machine: {} cores, {} GiB, {}; PostgreSQL {}",
+        m.cores, m.memory_gib, m.cpu, m.postgres
+    );
+    println!();
+    println!("| scenario | metric | value | target |");
+    println!("|---|---|---|---|");
+    for f in &r.figures {
+        let target = match (&f.target, f.met) {
+            (Some(t), Some(true)) => format!("{t} (met)"),
+            (Some(t), Some(false)) => format!("{t} (missed)"),
+            _ => String::new(),
+        };
+        println!(
+            "| {} | {} | {} {} | {} |",
+            f.scenario,
+            f.metric,
+            fmt_value(f.value),
+            f.unit,
+            target
+        );
+    }
+}

@@ -77,9 +77,9 @@ pub async fn run(config: &Config, args: WorkerArgs) -> anyhow::Result<ExitCode> 
     for (q, limit) in queues {
         builder = builder.queue(q, limit);
     }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let runtime = builder.start()?;
     eprintln!("worker {} running; ctrl-c or SIGTERM to stop", runtime.node_id());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -110,21 +110,24 @@ async fn count_held(f: &Fleet, state: &str, node: &str) -> i64 {
 
 /// Every job of the fleet: id → (state, locked_by, attempt, max_attempts, errors).
 type Row = (String, Option<String>, i32, i32, serde_json::Value);
+/// The same with the id, as selected.
+type DbRow = (
+    i64,
+    String,
+    Option<String>,
+    i32,
+    i32,
+    sqlx::types::Json<serde_json::Value>,
+);
 
 async fn all_jobs(f: &Fleet) -> BTreeMap<JobId, Row> {
     let mut out = BTreeMap::new();
     for db in f.router.shards() {
-        let rows: Vec<(
-            i64,
-            String,
-            Option<String>,
-            i32,
-            i32,
-            sqlx::types::Json<serde_json::Value>,
-        )> = sqlx::query_as("SELECT id, state, locked_by, attempt, max_attempts, errors FROM shardq.jobs")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+        let rows: Vec<DbRow> =
+            sqlx::query_as("SELECT id, state, locked_by, attempt, max_attempts, errors FROM shardq.jobs")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
         for (id, state, locked_by, attempt, max_attempts, errors) in rows {
             let id = JobId {
                 shard: db.name.clone(),

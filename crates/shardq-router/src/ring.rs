@@ -117,13 +117,20 @@ mod tests {
     }
 
     const GOLDEN: [(&str, &str); 6] = [
-        ("1", "?"),
-        ("42", "?"),
-        ("acme", "?"),
-        ("8f14e45f-ceea-467f-a0e6-7b8e3c2f1d0a", "?"),
-        ("émile", "?"),
-        ("' OR 1=1; --", "?"),
+        ("1", "shard_2"),
+        ("42", "shard_3"),
+        ("acme", "shard_2"),
+        ("8f14e45f-ceea-467f-a0e6-7b8e3c2f1d0a", "shard_1"),
+        ("émile", "shard_3"),
+        ("' OR 1=1; --", "shard_1"),
     ];
+
+    #[test]
+    fn positions_are_xxh3_of_the_bytes() {
+        // Pins the hash function itself, independent of the ring.
+        assert_eq!(account_position("acme"), 4948779126678378721);
+        assert_eq!(account_position(""), 0x2D06_8005_38D3_94C2); // the published XXH3-64 of the empty input
+    }
 
     #[test]
     fn weights_share_new_accounts() {

@@ -128,8 +128,11 @@ impl Server {
             return self.wait_accepting();
         }
         let dir = self.data_dir.display().to_string().replace('\'', r"'\''");
+        // fsync and full_page_writes are off for speed: they only guard
+        // against an operating-system crash. synchronous_commit stays on, so
+        // a commit that returned survives `kill()` (a server process crash).
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k '{dir}' -c fsync=off -c synchronous_commit=off \
+            "-p {} -c listen_addresses=127.0.0.1 -k '{dir}' -c fsync=off \
              -c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB",
             self.port
         );

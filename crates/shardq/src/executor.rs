@@ -70,6 +70,10 @@ async fn run_handler(node: &Node, shard: &ShardWork, queue: &str, job: &FetchedJ
         Err(message) => return Outcome::Failed(message),
     };
     let mut task = tokio::spawn(fut);
+    // Dropping this run (shutdown aborts the runs it hands back) must stop
+    // the handler too: a detached handler would run on beside the node that
+    // picks the job up next.
+    let _stop_handler = AbortOnDrop(task.abort_handle());
     tokio::select! {
         joined = &mut task => match joined {
             Ok(Ok(())) => Outcome::Completed,
@@ -83,6 +87,15 @@ async fn run_handler(node: &Node, shard: &ShardWork, queue: &str, job: &FetchedJ
             task.abort();
             Outcome::Failed(format!("timed out after {}", human(handler.timeout)))
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

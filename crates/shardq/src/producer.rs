@@ -28,7 +28,7 @@ pub(crate) struct Producer {
 }
 
 impl Producer {
-    /// Runs until `stop` turns true.
+    /// Runs until `stop` turns true; returns after the fetch in progress, if any.
     pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
         let opts = &self.node.options;
         let mut last_fetch = Instant::now() - opts.fetch_cooldown;
@@ -47,13 +47,16 @@ impl Producer {
             if since < opts.fetch_cooldown {
                 tokio::time::sleep(opts.fetch_cooldown - since).await;
             }
-            loop {
+            while !*stop.borrow() {
                 let want = self.slots.reserve(self.shard.index, opts.max_batch);
                 if want == 0 {
                     break; // a released slot wakes us
                 }
+                let fetched = self.fetch(want).await;
+                // The cooldown counts from the end of the fetch, so slots
+                // freed while it ran gather into the next claim.
                 last_fetch = Instant::now();
-                match self.fetch(want).await {
+                match fetched {
                     Ok(got) => {
                         error_wait = Duration::from_millis(100);
                         if got < want {

@@ -142,6 +142,7 @@ impl RuntimeBuilder {
             .map(|(q, limit)| (q, Arc::new(QueueSlots::new(*limit, wakes[q].clone()))))
             .collect();
         let mut shards = Vec::new();
+        let mut producers_tasks = Vec::new();
         let mut tasks = Vec::new();
         let mut completers = Vec::new();
         for (index, db) in databases.iter().enumerate() {
@@ -171,13 +172,15 @@ impl RuntimeBuilder {
                     slots: slots[q].clone(),
                     wake,
                 };
-                tasks.push(tokio::spawn(p.run(stop_rx.clone())));
+                producers_tasks.push(tokio::spawn(p.run(stop_rx.clone())));
             }
             tasks.push(tokio::spawn(notifier::run(shard.clone(), producers, stop_rx.clone())));
+            // Leases are renewed until the end of shutdown: jobs keep running
+            // through the grace period.
             tasks.push(tokio::spawn(lease::heartbeat(
                 node.clone(),
                 shard.clone(),
-                stop_rx.clone(),
+                finish_rx.clone(),
             )));
             tasks.push(tokio::spawn(lease::rescuer(
                 node.clone(),
@@ -192,6 +195,7 @@ impl RuntimeBuilder {
             shards,
             stop_tx,
             finish_tx,
+            producers: producers_tasks,
             tasks,
             completers,
         })
@@ -204,8 +208,11 @@ pub struct Runtime {
     shards: Vec<Arc<ShardWork>>,
     /// Stops producers, notifiers, heartbeats and rescuers.
     stop_tx: watch::Sender<bool>,
-    /// Tells completers to write what is queued and stop.
+    /// Tells completers to write what is queued and stop, and stops heartbeats.
     finish_tx: watch::Sender<bool>,
+    /// One per (shard, queue); they return once `stop_tx` is sent.
+    producers: Vec<JoinHandle<()>>,
+    /// Notifiers, heartbeats and rescuers.
     tasks: Vec<JoinHandle<()>>,
     completers: Vec<JoinHandle<()>>,
 }
@@ -248,6 +255,11 @@ impl Runtime {
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop_tx.send(true);
         let deadline = tokio::time::Instant::now() + grace;
+        // A producer finishes the fetch it is in (its jobs are then leased
+        // and handled below) and returns.
+        for p in self.producers {
+            let _ = p.await;
+        }
         for shard in &self.shards {
             loop {
                 let changed = shard.leases_changed.notified();

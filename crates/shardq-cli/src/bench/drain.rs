@@ -44,7 +44,7 @@ async fn drain(fleet: &BenchFleet, n: usize, concurrency: usize) -> anyhow::Resu
             "drain stalled at {done} of {n}"
         );
         ticks += 1;
-        if ticks % 20 == 0 {
+        if ticks.is_multiple_of(20) {
             for db in fleet.router.shards() {
                 peak = peak.max(store::server_connections(&db.pool).await.unwrap_or(0));
             }

@@ -180,7 +180,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         figures: Vec::new(),
     };
     eprintln!("starting test-bed servers (master + 4 shards)...");
-    let bed = tokio::task::spawn_blocking(|| TestBed::start(4)).await??;
+    let bed = tokio::task::spawn_blocking(|| TestBed::start(4).map_err(anyhow::Error::from)).await??;
     let probe = sqlx::PgPool::connect(&bed.master().url("postgres")).await?;
     results.machine.postgres = store::server_version(&probe).await?;
     probe.close().await;

@@ -90,6 +90,7 @@ pub(crate) async fn run(
                 Err(_) => break,
             }
         }
+        tracing::debug!(shard = %shard.db.name, outcomes = batch.len(), "writing outcomes");
         write(&shard, &batch, &backoff).await;
         if let Ok(mut leases) = shard.leases.lock() {
             for d in &batch {

@@ -1,10 +1,12 @@
 //! The executor: runs one fetched job's handler with its timeout, turns a
 //! panic into an error message, and hands the outcome to the completer.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::FutureExt;
 use tracing::Instrument;
 
 use crate::completer::{Done, Outcome};
@@ -69,33 +71,15 @@ async fn run_handler(node: &Node, shard: &ShardWork, queue: &str, job: &FetchedJ
         Ok(fut) => fut,
         Err(message) => return Outcome::Failed(message),
     };
-    let mut task = tokio::spawn(fut);
-    // Dropping this run (shutdown aborts the runs it hands back) must stop
-    // the handler too: a detached handler would run on beside the node that
-    // picks the job up next.
-    let _stop_handler = AbortOnDrop(task.abort_handle());
-    tokio::select! {
-        joined = &mut task => match joined {
-            Ok(Ok(())) => Outcome::Completed,
-            Ok(Err(JobError::Failed(m))) => Outcome::Failed(m),
-            Ok(Err(JobError::Snooze(d))) => Outcome::Snooze(d),
-            Ok(Err(JobError::Cancel(r))) => Outcome::Cancel(r),
-            Err(e) if e.is_panic() => Outcome::Failed(format!("handler panicked: {}", panic_message(e.into_panic()))),
-            Err(_) => Outcome::Failed("handler task was aborted".into()),
-        },
-        _ = tokio::time::sleep(handler.timeout) => {
-            task.abort();
-            Outcome::Failed(format!("timed out after {}", human(handler.timeout)))
-        }
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+    // The handler runs inside this task: dropping the run (shutdown hands the
+    // job back) drops the handler too, and a panic unwinds only to here.
+    match tokio::time::timeout(handler.timeout, AssertUnwindSafe(fut).catch_unwind()).await {
+        Ok(Ok(Ok(()))) => Outcome::Completed,
+        Ok(Ok(Err(JobError::Failed(m)))) => Outcome::Failed(m),
+        Ok(Ok(Err(JobError::Snooze(d)))) => Outcome::Snooze(d),
+        Ok(Ok(Err(JobError::Cancel(r)))) => Outcome::Cancel(r),
+        Ok(Err(panic)) => Outcome::Failed(format!("handler panicked: {}", panic_message(panic))),
+        Err(_) => Outcome::Failed(format!("timed out after {}", human(handler.timeout))),
     }
 }
 

@@ -26,7 +26,7 @@ pub struct RuntimeOptions {
     /// Fallback poll of each producer, jittered ±10 % (default 1 s).
     pub poll_interval: Duration,
     /// Least time between two fetches of one producer; wake-ups inside it
-    /// coalesce into one fetch (default 2 ms).
+    /// coalesce into one fetch (default 0.5 ms).
     pub fetch_cooldown: Duration,
     /// Most jobs one fetch claims (default 1,000; free slots bound it too).
     pub max_batch: usize,
@@ -46,7 +46,7 @@ impl Default for RuntimeOptions {
     fn default() -> Self {
         RuntimeOptions {
             poll_interval: Duration::from_secs(1),
-            fetch_cooldown: Duration::from_millis(2),
+            fetch_cooldown: Duration::from_micros(500),
             max_batch: 1_000,
             lease: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),

@@ -103,45 +103,48 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
     .await
 }
 
+/// The fetch statement: `$1` queue, `$2` limit, `$3` node id, `$4` lease
+/// seconds. Public so tests can check its generic plan: `id = ANY(ARRAY(..))`
+/// keeps it an index scan even when the server switches to a generic plan
+/// (a CTE joined on id can become a hash join over a sequential scan).
+pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
+            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
+                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4)
+          WHERE j.id = ANY(ARRAY(
+              SELECT id FROM shardq.jobs
+               WHERE state = 'available' AND queue = $1 AND run_at <= now()
+               ORDER BY priority, run_at, id
+               LIMIT $2
+               FOR UPDATE SKIP LOCKED))
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at";
+
 /// Claims up to `limit` due jobs of a queue, in priority then run order,
 /// skipping rows other nodes hold, and leases them to `node`.
 pub async fn job_fetch_available(pool: &PgPool, p: &FetchParams<'_>) -> sqlx::Result<Vec<FetchedJob>> {
-    sqlx::query_as(
-        "WITH picked AS (
-             SELECT id FROM shardq.jobs
-              WHERE state = 'available' AND queue = $1 AND run_at <= now()
-              ORDER BY priority, run_at, id
-              LIMIT $2
-              FOR UPDATE SKIP LOCKED
-         )
-         UPDATE shardq.jobs j
-            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
-                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4)
-           FROM picked
-          WHERE j.id = picked.id
-         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at",
-    )
-    .bind(p.queue)
-    .bind(p.limit)
-    .bind(p.node)
-    .bind(p.lease_secs)
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(JOB_FETCH_AVAILABLE_SQL)
+        .bind(p.queue)
+        .bind(p.limit)
+        .bind(p.node)
+        .bind(p.lease_secs)
+        .fetch_all(pool)
+        .await
 }
+
+/// The completion statement: `$1` ids, `$2` attempts. Public so tests can
+/// check its generic plan.
+pub const JOB_COMPLETE_MANY_SQL: &str = "UPDATE shardq.jobs j
+            SET state = 'completed', finalized_at = now(), locked_by = NULL, lease_expires_at = NULL
+           FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
+          WHERE j.id = ANY($1) AND j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'";
 
 /// Marks runs completed, fenced by attempt. Returns the rows changed.
 pub async fn job_complete_many(pool: &PgPool, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
-    sqlx::query(
-        "UPDATE shardq.jobs j
-            SET state = 'completed', finalized_at = now(), locked_by = NULL, lease_expires_at = NULL
-           FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
-          WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'",
-    )
-    .bind(ids)
-    .bind(attempts)
-    .execute(pool)
-    .await
-    .map(|r| r.rows_affected())
+    sqlx::query(JOB_COMPLETE_MANY_SQL)
+        .bind(ids)
+        .bind(attempts)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
 }
 
 /// Writes runs that did not simply complete (retry, snooze, discard, cancel), fenced by attempt.
@@ -164,7 +167,7 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
                 locked_by = NULL, lease_expires_at = NULL
            FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::int[])
                 AS f(id, attempt, state, run_at, error, extra)
-          WHERE j.id = f.id AND j.attempt = f.attempt AND j.state = 'running'",
+          WHERE j.id = ANY($1) AND j.id = f.id AND j.attempt = f.attempt AND j.state = 'running'",
     )
     .bind(ids)
     .bind(attempts)
@@ -191,18 +194,8 @@ pub async fn job_lease_renew(pool: &PgPool, ids: &[i64], node: &str, lease_secs:
     .map(|r| r.rows_affected())
 }
 
-/// Makes running jobs whose lease expired available again (or discards them
-/// when they had no attempts left), recording the lost attempt as an error.
-pub async fn job_rescue_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> {
-    sqlx::query(
-        "WITH expired AS (
-             SELECT id FROM shardq.jobs
-              WHERE state = 'running' AND lease_expires_at < now()
-              ORDER BY lease_expires_at
-              LIMIT $1
-              FOR UPDATE SKIP LOCKED
-         )
-         UPDATE shardq.jobs j
+/// The rescue statement: `$1` limit. Public so tests can check its generic plan.
+pub const JOB_RESCUE_EXPIRED_SQL: &str = "UPDATE shardq.jobs j
             SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'discarded' ELSE 'available' END,
                 finalized_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
                 run_at = now(),
@@ -210,13 +203,21 @@ pub async fn job_rescue_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> 
                     'attempt', j.attempt, 'at', now(),
                     'error', 'lease expired: node ' || coalesce(j.locked_by, '?') || ' stopped renewing it (crashed or cut off); rescued')),
                 locked_by = NULL, lease_expires_at = NULL
-           FROM expired
-          WHERE j.id = expired.id",
-    )
-    .bind(limit)
-    .execute(pool)
-    .await
-    .map(|r| r.rows_affected())
+          WHERE j.id = ANY(ARRAY(
+              SELECT id FROM shardq.jobs
+               WHERE state = 'running' AND lease_expires_at < now()
+               ORDER BY lease_expires_at
+               LIMIT $1
+               FOR UPDATE SKIP LOCKED))";
+
+/// Makes running jobs whose lease expired available again (or discards them
+/// when they had no attempts left), recording the lost attempt as an error.
+pub async fn job_rescue_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> {
+    sqlx::query(JOB_RESCUE_EXPIRED_SQL)
+        .bind(limit)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
 }
 
 /// Hands running jobs of this node back (shutdown): available now, and the
@@ -227,7 +228,8 @@ pub async fn job_give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &
             SET state = 'available', run_at = now(), max_attempts = j.max_attempts + 1,
                 locked_by = NULL, lease_expires_at = NULL
            FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
-          WHERE j.id = g.id AND j.attempt = g.attempt AND j.state = 'running' AND j.locked_by = $3",
+          WHERE j.id = ANY($1) AND j.id = g.id AND j.attempt = g.attempt
+            AND j.state = 'running' AND j.locked_by = $3",
     )
     .bind(ids)
     .bind(attempts)

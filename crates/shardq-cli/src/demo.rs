@@ -86,7 +86,7 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let expected = ids.len() as u64;
     let deadline = tokio::time::Instant::now() + args.timeout;
     loop {
-        let finished: u64 = runtime.stats().iter().map(|s| s.completed + s.discarded).sum();
+        let finished: u64 = runtime.counts().iter().map(|s| s.completed + s.discarded).sum();
         if finished >= expected {
             break;
         }

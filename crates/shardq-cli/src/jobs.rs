@@ -1,4 +1,4 @@
-//! `shardq jobs show|list`.
+//! `shardq jobs show|list|cancel|retry`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,6 +35,18 @@ enum JobsCommand {
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
+    /// Cancel a job: one not yet run never runs; a running one is signalled
+    /// to stop and ends cancelled. Cancelling a cancelled job does nothing.
+    Cancel {
+        /// The job id, SHARD:ID.
+        id: String,
+    },
+    /// Retry a discarded or cancelled job now (errors are kept; it gets one
+    /// more attempt if it had none left).
+    Retry {
+        /// The job id, SHARD:ID.
+        id: String,
+    },
 }
 
 /// Runs a `jobs` subcommand.
@@ -67,6 +79,17 @@ pub async fn run(config: &Config, args: JobsArgs) -> anyhow::Result<ExitCode> {
                     j.run_at.to_rfc3339()
                 );
             }
+        }
+        JobsCommand::Cancel { id } => {
+            let job = client.cancel(&id.parse::<JobId>()?).await?;
+            println!("{}: {}", job.id, job.state);
+        }
+        JobsCommand::Retry { id } => {
+            let job = client.retry(&id.parse::<JobId>()?).await?;
+            println!(
+                "{}: {} (attempt {} of {})",
+                job.id, job.state, job.attempt, job.max_attempts
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

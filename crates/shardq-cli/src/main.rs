@@ -2,12 +2,14 @@
 //! arguments and dispatches.
 
 mod bench;
+mod chaos;
 mod demo;
 mod enqueue;
 mod jobs;
 mod kinds;
 mod migrate;
 mod route;
+mod status;
 mod store;
 mod testbed;
 mod worker;
@@ -41,12 +43,16 @@ enum Command {
     Enqueue(enqueue::EnqueueArgs),
     /// Inspect jobs.
     Jobs(jobs::JobsArgs),
+    /// Per shard and queue: jobs by state, oldest waiting job, throughput, reachability.
+    Status(status::StatusArgs),
     /// Run a worker node with the built-in kinds (noop, sleep, fail, panic).
     Worker(worker::WorkerArgs),
     /// Run the whole path on the local test bed and print a per-shard table.
     Demo(demo::DemoArgs),
     /// Measure throughput, pickup latency, shard scaling and notification isolation.
     Bench(bench::BenchArgs),
+    /// Run fault scenarios under load and report enqueued, finished, lost and recovery time.
+    Chaos(chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,8 +88,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Route(args) => route::run(&config()?, args).await,
         Command::Enqueue(args) => enqueue::run(&config()?, args).await,
         Command::Jobs(args) => jobs::run(&config()?, args).await,
+        Command::Status(args) => status::run(&config()?, args).await,
         Command::Worker(args) => worker::run(&config()?, args).await,
         Command::Demo(args) => demo::run(&config()?, args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Chaos(args) => chaos::run(args).await,
     }
 }

@@ -58,3 +58,28 @@ pub async fn notify_trigger_disable(pool: &PgPool) -> sqlx::Result<()> {
 pub async fn server_version(pool: &PgPool) -> sqlx::Result<String> {
     sqlx::query_scalar("SHOW server_version").fetch_one(pool).await
 }
+
+/// Terminates every backend of the node (application name `shardq`) on the
+/// shard, the LISTEN connection included; returns how many.
+pub async fn chaos_terminate_node_backends(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'shardq'
+         ) AS t",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// How many of `ids` are in a final state (completed, discarded, cancelled),
+/// and how many of those started more than once.
+pub async fn chaos_finished_of(pool: &PgPool, ids: &[i64]) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE attempt > 1) FROM shardq.jobs
+          WHERE id = ANY($1) AND state IN ('completed', 'discarded', 'cancelled')",
+    )
+    .bind(ids)
+    .fetch_one(pool)
+    .await
+}

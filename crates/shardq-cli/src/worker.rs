@@ -33,6 +33,9 @@ pub struct WorkerArgs {
     /// Node id (default host-pid-random).
     #[arg(long)]
     pub node_id: Option<String>,
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address, e.g. 127.0.0.1:9187.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Parses `name=limit[,name=limit...]`.
@@ -77,9 +80,15 @@ pub async fn run(config: &Config, args: WorkerArgs) -> anyhow::Result<ExitCode> 
     for (q, limit) in queues {
         builder = builder.queue(q, limit);
     }
+    if let Some(addr) = args.metrics_addr {
+        builder = builder.metrics_addr(addr);
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let runtime = builder.start()?;
     eprintln!("worker {} running; ctrl-c or SIGTERM to stop", runtime.node_id());
+    if let Some(addr) = runtime.metrics_addr() {
+        eprintln!("metrics on http://{addr}/metrics, health on http://{addr}/healthz");
+    }
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -139,12 +139,20 @@ impl Target {
         o
     }
 
-    /// Connect settings for tokio-postgres (used by the migrator).
+    /// Connect settings for tokio-postgres (used by the migrator), with the
+    /// sslmode mapped as [`crate::tls`] describes; pair them with
+    /// [`crate::tls::tokio_postgres_connector`].
     pub fn tokio_postgres_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host(&self.host).port(self.port).user(&self.user).dbname(&self.dbname);
         c.application_name("shardq-migrate");
         c.connect_timeout(Duration::from_secs(5));
+        // TLS itself comes from `tls::tokio_postgres_connector`.
+        c.ssl_mode(
+            crate::tls::SslMode::parse(&self.sslmode)
+                .unwrap_or(crate::tls::SslMode::Prefer)
+                .tokio_postgres(),
+        );
         if let Some(p) = &self.password {
             c.password(p);
         }

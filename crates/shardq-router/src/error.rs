@@ -89,6 +89,20 @@ pub enum Error {
         /// The driver's error.
         source: sqlx::Error,
     },
+    /// The `sslrootcert` file of a database cannot be used.
+    #[error("sslrootcert {file}: {message}", file = file.display())]
+    TlsRootCert {
+        /// The file named by `sslrootcert`.
+        file: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The TLS client could not be set up (not a connection failure).
+    #[error("TLS setup: {message}")]
+    Tls {
+        /// What went wrong.
+        message: String,
+    },
     /// A migration run could not even start (bad migration files).
     #[error("migrations: {0}")]
     Migrations(String),

@@ -8,6 +8,10 @@
 //! - [`router`]: [`Router`], lazy pools per database, cached placements.
 //! - [`migrator`]: [`Migrator`], platform and application migrations on the
 //!   master and every shard, with a per-database report.
+//! - [`tls`]: what each `sslmode` means, for sqlx and the migrator's
+//!   tokio-postgres connections alike.
+//! - [`privileges`]: the GRANT statements for a least-privilege
+//!   application role.
 //! - `store`: every SQL statement of this crate.
 //! - [`error`]: the crate's one error type.
 //!
@@ -25,9 +29,11 @@ pub mod account;
 pub mod config;
 pub mod error;
 pub mod migrator;
+pub mod privileges;
 pub mod ring;
 pub mod router;
 mod store;
+pub mod tls;
 
 pub use account::Account;
 pub use config::{Config, DatabaseConfig, PoolConfig, ShardConfig, Target};

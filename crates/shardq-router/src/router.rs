@@ -60,7 +60,7 @@ impl Database {
         Error::Database {
             database,
             target: self.target.clone(),
-            source,
+            source: crate::tls::classify(source),
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::exit_guard::ExitGuard;
 use crate::pg_bin::PgBin;
 use crate::server::Server;
 use crate::server_user::ServerUser;
+use crate::tls::{TestCa, TlsFiles};
 
 /// Shard count of [`TestBed::shared`].
 const SHARED_SHARDS: usize = 3;
@@ -136,6 +137,20 @@ impl TestBed {
     /// The master, then the shards.
     pub fn servers(&self) -> impl Iterator<Item = &Server> {
         std::iter::once(&self.master).chain(&self.shards)
+    }
+
+    /// Turns TLS on for every server of the bed, with server certificates
+    /// from one new CA, restarting them; returns the CA certificate's file
+    /// (in the bed's directory), to set as `sslrootcert`. Blocks while the
+    /// servers restart.
+    pub fn enable_tls(&self) -> Result<TlsFiles> {
+        let ca = TestCa::generate("shardq test bed CA")?;
+        let ca_cert = self.dir.join("ca.crt");
+        ca.write_cert(&ca_cert)?;
+        for server in self.servers() {
+            server.enable_tls_with(&ca)?;
+        }
+        Ok(TlsFiles { ca_cert })
     }
 
     /// The temporary directory holding the data directories.

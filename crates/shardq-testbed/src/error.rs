@@ -113,6 +113,13 @@ pub enum Error {
         known: String,
     },
 
+    /// A test certificate could not be generated.
+    #[error("generating a test certificate: {message}")]
+    Certificate {
+        /// What failed.
+        message: String,
+    },
+
     /// A SQL statement against a server failed.
     #[error("server {server}: {action} via {url} failed: {source}")]
     Sql {

@@ -9,6 +9,8 @@
 //! - [`server`]: one server ([`Server`]): init, start, stop, kill, probe.
 //! - [`bed`]: a master plus N shards in a temp dir ([`TestBed`]) and fresh
 //!   databases on all of them ([`Fleet`]).
+//! - [`tls`]: test certificates ([`TestCa`]) for servers with `ssl = on`
+//!   ([`Server::enable_tls`], [`TestBed::enable_tls`]).
 //! - `exit_guard`: the child process that stops a bed's servers and removes
 //!   its directory when this process exits, even when killed.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
@@ -33,8 +35,10 @@ mod exit_guard;
 pub mod pg_bin;
 pub mod server;
 mod server_user;
+pub mod tls;
 
 pub use bed::{Fleet, FleetDb, TestBed};
 pub use error::{Error, Result};
 pub use pg_bin::{PgBin, PG_BIN_ENV};
 pub use server::Server;
+pub use tls::{TestCa, TlsFiles};

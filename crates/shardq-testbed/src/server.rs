@@ -17,11 +17,14 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::pg_bin::PgBin;
 use crate::server_user::ServerUser;
+use crate::tls::{write_private, TestCa, TlsFiles};
 
 /// How long `pg_ctl -w` may wait for a start or stop, in seconds.
 const PG_CTL_TIMEOUT_SECS: &str = "60";
 /// How long a started server may take to accept TCP connections.
 const ACCEPT_DEADLINE: Duration = Duration::from_secs(30);
+/// The line `enable_tls_with` adds to postgresql.conf before its settings.
+const TLS_CONF_MARKER: &str = "# shardq-testbed: TLS";
 /// Interval between readiness probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(25);
 /// How many log lines a start error shows.
@@ -159,6 +162,48 @@ impl Server {
     /// recovery on next start); nothing to do if it is not running.
     pub fn kill(&self) -> Result<()> {
         self.stop_mode("immediate")
+    }
+
+    /// Turns TLS on with a certificate from a new CA; see
+    /// [`Server::enable_tls_with`].
+    pub fn enable_tls(&self) -> Result<TlsFiles> {
+        let ca = TestCa::generate(&format!("shardq test CA for {}", self.name))?;
+        let ca_cert = self.data_dir.join("ca.crt");
+        ca.write_cert(&ca_cert)?;
+        self.enable_tls_with(&ca)?;
+        Ok(TlsFiles { ca_cert })
+    }
+
+    /// Turns TLS on with a server certificate issued by `ca` (for
+    /// `127.0.0.1` and `localhost`): writes `server.crt` and `server.key`
+    /// (mode 0600, owned by the server user: Postgres refuses a key others
+    /// can read) into the data directory, sets `ssl = on` in
+    /// `postgresql.conf` and restarts the server if it runs. Plain
+    /// connections are still accepted, so clients choose with `sslmode`.
+    pub fn enable_tls_with(&self, ca: &TestCa) -> Result<()> {
+        let issued = ca.issue_server()?;
+        for (file, contents) in [("server.crt", &issued.cert_pem), ("server.key", &issued.key_pem)] {
+            let path = self.data_dir.join(file);
+            write_private(&path, contents, 0o600)?;
+            self.user.chown(&path)?;
+        }
+        let conf = self.data_dir.join("postgresql.conf");
+        let text = fs::read_to_string(&conf).map_err(|e| Error::io("read", &conf, e))?;
+        if !text.contains(TLS_CONF_MARKER) {
+            let mut file = fs::OpenOptions::new()
+                .append(true)
+                .open(&conf)
+                .map_err(|e| Error::io("open for append", &conf, e))?;
+            writeln!(
+                file,
+                "\n{TLS_CONF_MARKER}\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+            )
+            .map_err(|e| Error::io("append to", &conf, e))?;
+        }
+        if self.is_running()? {
+            self.restart()?;
+        }
+        Ok(())
     }
 
     /// Stops (fast) and starts the server.

@@ -10,6 +10,23 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::job::{JobId, JobRecord, NewJob};
 use crate::store;
+use crate::unique::{self, Enqueued};
+
+/// Inserts a unique or serial job: `Ok(Ok((id, inserted)))`; the outer
+/// error is the database's, the inner one a duplicate that kept vanishing.
+async fn insert_keyed(
+    conn: &mut PgConnection,
+    account: &str,
+    job: &NewJob,
+    args: &str,
+) -> sqlx::Result<Result<(i64, bool)>> {
+    Ok(unique::insert(conn, account, job, args)
+        .await?
+        .ok_or_else(|| Error::Unique {
+            kind: job.kind.clone(),
+            message: "an equal unique job kept finishing between the insert and its lookup; try again".into(),
+        }))
+}
 
 /// Enqueues and inspects jobs. Cheap to clone.
 #[derive(Clone)]
@@ -30,7 +47,13 @@ impl Client {
 
     /// Enqueues one job on the account's shard: one INSERT in its own
     /// transaction; the shard's trigger sends the queue's NOTIFY at commit.
+    /// For a unique job ([`NewJob::unique`]) that duplicates an existing
+    /// one, nothing is inserted and the existing job's id is returned; use
+    /// [`Client::enqueue_unique`] to learn which happened.
     pub async fn enqueue(&self, account: &Account, job: NewJob) -> Result<JobId> {
+        if job.is_keyed() {
+            return self.enqueue_unique(account, job).await.map(|e| e.id);
+        }
         let args = job.validate()?;
         let span = tracing::debug_span!("enqueue", account = %account, queue = %job.queue, kind = %job.kind, shard = tracing::field::Empty);
         async {
@@ -49,15 +72,52 @@ impl Client {
         .await
     }
 
+    /// Enqueues one job and tells whether it was inserted or duplicates an
+    /// existing unique job ([`Enqueued::duplicate`], with that job's id).
+    /// For a job that is not unique, `duplicate` is always false. The
+    /// database decides (a unique index), so this holds across nodes and
+    /// concurrent calls: exactly one of them inserts.
+    pub async fn enqueue_unique(&self, account: &Account, job: NewJob) -> Result<Enqueued> {
+        let args = job.validate()?;
+        let span = tracing::debug_span!("enqueue", account = %account, queue = %job.queue, kind = %job.kind, shard = tracing::field::Empty);
+        async {
+            let db = self.router.pool_for(account).await?;
+            tracing::Span::current().record("shard", db.name.as_str());
+            let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+            let (id, inserted) = insert_keyed(&mut conn, account.as_str(), &job, &args)
+                .await
+                .map_err(|e| db.error(e))??;
+            Ok(Enqueued {
+                id: JobId {
+                    shard: db.name.clone(),
+                    id,
+                },
+                duplicate: !inserted,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Enqueues one job inside the application's own transaction, which must
     /// be open on the account's shard (`router.pool_for(account)`): the job
-    /// exists if and only if that transaction commits.
+    /// exists if and only if that transaction commits. A unique job that
+    /// duplicates one this transaction can see returns that job's id (under
+    /// REPEATABLE READ or SERIALIZABLE, a duplicate committed after the
+    /// transaction's snapshot cannot be read and is an [`Error::Unique`]).
     pub async fn enqueue_in(&self, tx: &mut PgConnection, account: &Account, job: NewJob) -> Result<JobId> {
         let args = job.validate()?;
         let db = self.router.pool_for(account).await?;
-        let id = store::job_insert(tx, account.as_str(), &job, &args)
-            .await
-            .map_err(|e| db.error(e))?;
+        let id = if job.is_keyed() {
+            insert_keyed(tx, account.as_str(), &job, &args)
+                .await
+                .map_err(|e| db.error(e))??
+                .0
+        } else {
+            store::job_insert(tx, account.as_str(), &job, &args)
+                .await
+                .map_err(|e| db.error(e))?
+        };
         Ok(JobId {
             shard: db.name.clone(),
             id,
@@ -67,6 +127,11 @@ impl Client {
     /// Enqueues many jobs of one or many accounts: one INSERT per shard
     /// involved (shards written concurrently). Ids come back in input order.
     /// Nothing is written when any job is invalid.
+    ///
+    /// Unique and serial jobs among them are inserted one statement each,
+    /// in input order, after the shard's batch (on the same connection, each
+    /// committed on its own); a unique job that duplicates an existing job,
+    /// or an earlier job of the same call, gets that job's id.
     pub async fn enqueue_many(&self, jobs: impl IntoIterator<Item = (Account, NewJob)>) -> Result<Vec<JobId>> {
         let jobs: Vec<(Account, NewJob)> = jobs.into_iter().collect();
         let mut by_shard: BTreeMap<String, Vec<(usize, &str, &NewJob, String)>> = BTreeMap::new();
@@ -82,9 +147,26 @@ impl Client {
             let db = self.router.shard(&shard)?;
             let input: Vec<(&str, &NewJob, String)> = rows.iter().map(|r| (r.1, r.2, r.3.clone())).collect();
             let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
-            let ids = store::job_insert_many(&mut conn, &input)
-                .await
-                .map_err(|e| db.error(e))?;
+            let plain: Vec<(&str, &NewJob, String)> = input.iter().filter(|r| !r.1.is_keyed()).cloned().collect();
+            let mut plain_ids = if plain.is_empty() {
+                Vec::new()
+            } else {
+                store::job_insert_many(&mut conn, &plain)
+                    .await
+                    .map_err(|e| db.error(e))?
+            }
+            .into_iter();
+            let mut ids = Vec::with_capacity(input.len());
+            for (account, job, args) in &input {
+                if job.is_keyed() {
+                    let (id, _) = insert_keyed(&mut conn, account, job, args)
+                        .await
+                        .map_err(|e| db.error(e))??;
+                    ids.push(id);
+                } else {
+                    ids.extend(plain_ids.next());
+                }
+            }
             Ok::<_, Error>(
                 rows.iter()
                     .map(|r| r.0)

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics::JobMetrics;
 use crate::shard::{ShardStats, ShardWork};
 use crate::store::{self, Finish};
 
@@ -31,6 +32,10 @@ pub(crate) struct Done {
     pub attempt: i32,
     pub max_attempts: i32,
     pub outcome: Outcome,
+    /// When the job was due (total latency counts from here).
+    pub run_at: DateTime<Utc>,
+    /// The (shard, queue, kind) handles the outcome is recorded into once written.
+    pub metrics: Arc<JobMetrics>,
 }
 
 /// Retry backoff: `base · 2^(attempt-1)`, capped at `max`, ±20 % jitter.
@@ -178,5 +183,10 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
             _ => &stats.retried,
         };
         ShardStats::add(counter, 1);
+    }
+    let now = Utc::now();
+    for d in batch {
+        let latency = (now - d.run_at).to_std().unwrap_or_default();
+        d.metrics.job_finished(&d.outcome, d.attempt >= d.max_attempts, latency);
     }
 }

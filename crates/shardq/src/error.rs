@@ -37,7 +37,48 @@ pub enum Error {
         /// Why the operation is refused.
         message: String,
     },
+    /// The metrics recorder or the `/metrics` endpoint could not be set up.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// The worker runtime was configured wrongly.
     #[error("runtime: {0}")]
     Runtime(String),
+    /// A unique job's existing duplicate could not be read.
+    #[error("unique job of kind {kind:?}: {message}")]
+    Unique {
+        /// The job's kind.
+        kind: String,
+        /// What happened.
+        message: String,
+    },
+    /// A periodic job was declared wrongly (bad cron expression, time zone,
+    /// option), or its occurrence could not be enqueued.
+    #[error("periodic job {name:?}: {message}")]
+    Periodic {
+        /// The periodic job's name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Displays an error with its cause chain (`outer: cause: root`), for logs.
+/// A cause whose text the previous message already ends with is not repeated.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !last.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::FutureExt;
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::completer::{Done, Outcome};
@@ -24,11 +25,31 @@ pub(crate) async fn execute(
     slots: Arc<QueueSlots>,
     queue: Arc<str>,
     job: FetchedJob,
+    cancelled: watch::Receiver<bool>,
 ) {
     let pickup = (Utc::now() - job.run_at).num_microseconds().unwrap_or(0).max(0) as u64;
     shard.stats.record_pickup(pickup);
+    let metrics = shard.metrics.get(&queue, &job.kind);
+    let running = metrics.job_started(Duration::from_micros(pickup));
     let span = tracing::info_span!("job", shard = %shard.db.name, queue = %queue, kind = %job.kind, id = job.id, attempt = job.attempt);
-    let outcome = run_handler(&node, &shard, &queue, &job).instrument(span).await;
+    let started = std::time::Instant::now();
+    let mut outcome = run_handler(&node, &shard, &queue, &job, cancelled.clone())
+        .instrument(span.clone())
+        .await;
+    metrics.job_ran(started.elapsed());
+    drop(running);
+    if let Outcome::Failed(error) = &outcome {
+        if job.attempt >= job.max_attempts {
+            tracing::warn!(parent: &span, %error, max_attempts = job.max_attempts, "job failed on its last attempt; discarded");
+        } else {
+            tracing::debug!(parent: &span, %error, "job failed; will retry");
+        }
+    }
+    if *cancelled.borrow() {
+        // Cancelled while running: the row is already `cancelled` (the write
+        // below is fenced off), whatever the handler returned.
+        outcome = Outcome::Cancel("cancelled on request while running".into());
+    }
     slots.release(shard.index, 1);
     if let Ok(mut leases) = shard.leases.lock() {
         if let Some(lease) = leases.get_mut(&job.id) {
@@ -40,6 +61,8 @@ pub(crate) async fn execute(
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         outcome,
+        run_at: job.run_at,
+        metrics,
     };
     if shard.done_tx.send(done).await.is_err() {
         // The completer is gone (shutdown after its grace): the lease expires and the job is rescued.
@@ -47,7 +70,13 @@ pub(crate) async fn execute(
     }
 }
 
-async fn run_handler(node: &Node, shard: &ShardWork, queue: &str, job: &FetchedJob) -> Outcome {
+async fn run_handler(
+    node: &Node,
+    shard: &ShardWork,
+    queue: &str,
+    job: &FetchedJob,
+    cancelled: watch::Receiver<bool>,
+) -> Outcome {
     let Some(handler) = node.registry.get(&job.kind) else {
         return Outcome::Failed(format!(
             "no handler for kind {:?} on node {} (registered: {})",
@@ -66,6 +95,7 @@ async fn run_handler(node: &Node, shard: &ShardWork, queue: &str, job: &FetchedJ
         kind: job.kind.clone(),
         attempt: job.attempt,
         max_attempts: job.max_attempts,
+        cancelled,
     };
     let fut = match (handler.run)(ctx, job.args.0.clone()) {
         Ok(fut) => fut,

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::unique::UniqueOpts;
 
 /// Largest accepted args document, in bytes of JSON text.
 pub const MAX_ARGS_BYTES: usize = 256 * 1024;
@@ -18,6 +19,8 @@ pub const MAX_KIND_BYTES: usize = 255;
 pub const DEFAULT_QUEUE: &str = "default";
 /// Attempts allowed when none is given.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 20;
+/// Longest serial (ordering) key, in bytes.
+pub const MAX_SERIAL_KEY_BYTES: usize = 255;
 
 /// A job's identity: the shard it lives on and its row id there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -59,6 +62,10 @@ pub struct NewJob {
     pub(crate) priority: i16,
     pub(crate) max_attempts: i32,
     pub(crate) run_at: Option<DateTime<Utc>>,
+    /// Set by [`NewJob::unique`].
+    pub(crate) unique: Option<UniqueOpts>,
+    /// Set by [`NewJob::serial_key`].
+    pub(crate) serial_key: Option<String>,
 }
 
 impl NewJob {
@@ -89,6 +96,8 @@ impl NewJob {
             priority: 0,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             run_at: None,
+            unique: None,
+            serial_key: None,
         }
     }
 
@@ -122,6 +131,34 @@ impl NewJob {
         self
     }
 
+    /// Makes the job unique (see [`crate::unique`]): while an equal job
+    /// exists in one of `opts.states`, enqueueing this one inserts nothing
+    /// and returns the existing job's id.
+    pub fn unique(mut self, opts: UniqueOpts) -> Self {
+        self.unique = Some(opts);
+        self
+    }
+
+    /// Runs the job in order with the account's other jobs of the same
+    /// ordering `key`: one at a time across all nodes and queues, in enqueue
+    /// (id) order; jobs of different keys run in parallel.
+    ///
+    /// A job is claimable only while no earlier job of its key is
+    /// `available` or `running`, so a failing job holds its key through its
+    /// retries (and their backoff) until it completes, is discarded or is
+    /// cancelled; a job scheduled for later holds it until it has run. Two
+    /// enqueues of one key from concurrent transactions run in the order
+    /// their ids were allocated.
+    pub fn serial_key(mut self, key: impl Into<String>) -> Self {
+        self.serial_key = Some(key.into());
+        self
+    }
+
+    /// Whether the job needs the keyed insert (unique or serial).
+    pub(crate) fn is_keyed(&self) -> bool {
+        self.unique.is_some() || self.serial_key.is_some()
+    }
+
     /// Checks the fields and returns the args as JSON text.
     pub(crate) fn validate(&self) -> Result<String> {
         let bad = |field, message: String| Err(Error::InvalidJob { field, message });
@@ -145,6 +182,25 @@ impl NewJob {
         }
         if self.max_attempts < 1 {
             return bad("max_attempts", format!("must be at least 1, got {}", self.max_attempts));
+        }
+        if let Some(key) = &self.serial_key {
+            if key.is_empty() || key.len() > MAX_SERIAL_KEY_BYTES || key.contains('\0') {
+                return bad(
+                    "serial_key",
+                    format!(
+                        "must be 1 to {MAX_SERIAL_KEY_BYTES} bytes without NUL, got {} bytes",
+                        key.len()
+                    ),
+                );
+            }
+        }
+        if let Some(unique) = &self.unique {
+            if unique.key.as_deref().is_some_and(|k| k.contains('\0')) {
+                return bad("unique.key", "must not contain NUL".into());
+            }
+            if unique.period.is_some_and(|p| p.as_millis() == 0) {
+                return bad("unique.period", "must be at least 1 ms".into());
+            }
         }
         let text = self.args.to_string();
         if text.len() > MAX_ARGS_BYTES {

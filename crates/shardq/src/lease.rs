@@ -7,6 +7,8 @@ use std::sync::Arc;
 use rand::Rng;
 use tokio::sync::watch;
 
+use crate::error::ErrorChain;
+use crate::metrics;
 use crate::runtime::Node;
 use crate::shard::ShardWork;
 use crate::store;
@@ -26,7 +28,9 @@ pub(crate) async fn heartbeat(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: 
         let lease = node.options.lease.as_secs_f64();
         match store::job_lease_renew(&shard.db.pool, &ids, &node.id, lease).await {
             Ok(n) => tracing::trace!(shard = %shard.db.name, renewed = n, held = ids.len(), "leases renewed"),
-            Err(e) => tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "lease renewal failed"),
+            Err(e) => {
+                tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "lease renewal failed")
+            }
         }
     }
 }
@@ -44,6 +48,7 @@ pub(crate) async fn rescuer(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: wa
             match store::job_rescue_expired(&shard.db.pool, BATCH).await {
                 Ok(n) => {
                     if n > 0 {
+                        metrics::jobs_rescued(&shard.db.name, n);
                         tracing::info!(shard = %shard.db.name, rescued = n, "rescued jobs with expired leases");
                     }
                     if n < BATCH as u64 {
@@ -51,7 +56,7 @@ pub(crate) async fn rescuer(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: wa
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "rescue failed");
+                    tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "rescue failed");
                     break;
                 }
             }

@@ -13,7 +13,18 @@
 //! - `executor`: runs a handler with timeout and panic capture.
 //! - `completer`: per shard, writes outcomes in batches, fenced by attempt.
 //! - `lease`: heartbeat of this node's leases and rescue of expired ones.
+//! - `schedule`: a producer's next wake-up, from its queue's earliest scheduled job.
+//! - `cancel`: [`Client::cancel`] / [`Client::retry`], and signalling a
+//!   running job's handler when it is cancelled (`shardq_cancel`).
+//! - `retention`: per shard, prunes finished jobs past their retention.
 //! - `shard`: what a node's tasks for one shard share.
+//! - [`metrics`]: the metric names and the handles the stages record into.
+//! - `sampler`: per shard, periodic depth / oldest-job / pool gauges.
+//! - [`health`]: readiness of the master and every shard.
+//! - [`status`]: [`status::FleetStatus`], per shard and queue (`shardq status`).
+//! - [`http`]: `/metrics` and `/healthz` (feature `http`).
+//! - [`unique`]: unique jobs ([`NewJob::unique`], [`Client::enqueue_unique`]).
+//! - [`periodic`]: cron-scheduled jobs, enqueued once per occurrence across nodes.
 //! - `store`: every SQL statement of this crate.
 //! - [`error`]: the crate's one error type.
 //!
@@ -23,18 +34,29 @@
 //! (default every second, jittered), because notifications are lost across
 //! reconnects and through transaction-mode poolers.
 
+mod cancel;
 pub mod client;
 mod completer;
 pub mod error;
 mod executor;
+pub mod health;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod job;
 mod lease;
+pub mod metrics;
 mod notifier;
+pub mod periodic;
 mod producer;
+mod retention;
 pub mod runtime;
+mod sampler;
+mod schedule;
 mod shard;
 mod slots;
+pub mod status;
 pub mod store;
+pub mod unique;
 pub mod worker;
 
 pub use client::Client;
@@ -42,7 +64,9 @@ pub use completer::Backoff;
 pub use error::{Error, Result};
 pub use job::{JobId, JobRecord, NewJob};
 pub use notifier::CHANNEL;
+pub use periodic::{Overlap, PeriodicJob};
 pub use runtime::{Runtime, RuntimeBuilder, RuntimeOptions};
 pub use shard::ShardRunStats;
 pub use shardq_router::{Account, Config, Router};
+pub use unique::{Enqueued, UniqueOpts, UniqueStates};
 pub use worker::{JobContext, JobError, Worker};

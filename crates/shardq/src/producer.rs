@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::executor;
 use crate::runtime::Node;
+use crate::schedule;
 use crate::shard::{Lease, ShardWork};
 use crate::slots::QueueSlots;
 use crate::store::{self, FetchParams};
@@ -33,16 +34,22 @@ impl Producer {
         let opts = &self.node.options;
         let mut last_fetch = Instant::now() - opts.fetch_cooldown;
         let mut error_wait = Duration::from_millis(100);
+        // When the queue's earliest scheduled job is due, read after the last
+        // short fetch (see `schedule`).
+        let mut due: Option<Instant> = None;
         loop {
             let poll = opts.poll_interval.mul_f64(rand::rng().random_range(0.9..1.1));
+            let sleep = schedule::sleep_for(poll, due, Instant::now());
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(sleep) => {}
             }
             if *stop.borrow() {
                 return;
             }
+            // A due time that has passed is used up; the next short fetch reads a new one.
+            due = due.filter(|at| *at > Instant::now());
             let since = last_fetch.elapsed();
             if since < opts.fetch_cooldown {
                 tokio::time::sleep(opts.fetch_cooldown - since).await;
@@ -60,6 +67,7 @@ impl Producer {
                     Ok(got) => {
                         error_wait = Duration::from_millis(100);
                         if got < want {
+                            due = schedule::next_due(&self.shard, &self.queue).await;
                             break;
                         }
                     }
@@ -103,18 +111,21 @@ impl Producer {
             for job in jobs {
                 let id = job.id;
                 let attempt = job.attempt;
+                let (cancel, cancelled) = watch::channel(false);
                 let task = tokio::spawn(executor::execute(
                     self.node.clone(),
                     self.shard.clone(),
                     self.slots.clone(),
                     self.queue.clone(),
                     job,
+                    cancelled,
                 ));
                 leases.insert(
                     id,
                     Lease {
                         attempt,
                         run: Some(task.abort_handle()),
+                        cancel,
                     },
                 );
             }

@@ -3,6 +3,7 @@
 //! are per node and shared fairly across shards.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,11 +11,16 @@ use shardq_router::Router;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::cancel;
 use crate::completer::{self, Backoff};
 use crate::error::{Error, Result};
 use crate::lease;
+use crate::metrics::JobMetricsCache;
 use crate::notifier;
+use crate::periodic::{self, PeriodicJob};
 use crate::producer::Producer;
+use crate::retention;
+use crate::sampler;
 use crate::shard::{ShardRunStats, ShardStats, ShardWork};
 use crate::slots::QueueSlots;
 use crate::store;
@@ -40,6 +46,15 @@ pub struct RuntimeOptions {
     pub backoff: Backoff,
     /// This node's id (default `host-pid-random`).
     pub node_id: Option<String>,
+    /// How long completed jobs are kept before the pruner deletes them (default 24 h).
+    pub retain_completed: Duration,
+    /// How long cancelled jobs are kept, with their errors (default 7 days).
+    pub retain_cancelled: Duration,
+    /// How long discarded jobs are kept, with their errors (default 7 days).
+    pub retain_discarded: Duration,
+    /// How often each shard's pruner deletes jobs past their retention
+    /// (default 60 s, jittered ±20 %).
+    pub prune_interval: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -53,6 +68,10 @@ impl Default for RuntimeOptions {
             rescue_interval: Duration::from_secs(15),
             backoff: Backoff::default(),
             node_id: None,
+            retain_completed: Duration::from_secs(24 * 3600),
+            retain_cancelled: Duration::from_secs(7 * 24 * 3600),
+            retain_discarded: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -73,6 +92,9 @@ impl RuntimeOptions {
         if self.rescue_interval.is_zero() {
             return bad("rescue_interval must be more than 0");
         }
+        if self.prune_interval.is_zero() {
+            return bad("prune_interval must be more than 0");
+        }
         Ok(())
     }
 }
@@ -90,9 +112,24 @@ pub struct RuntimeBuilder {
     queues: BTreeMap<String, usize>,
     registry: Registry,
     options: RuntimeOptions,
+    /// Where to serve `/metrics` and `/healthz`; `None`: not served.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    metrics_addr: Option<SocketAddr>,
+    /// Periodic jobs this node schedules (every node may declare the same
+    /// ones: each occurrence is enqueued once).
+    periodic: Vec<PeriodicJob>,
 }
 
 impl RuntimeBuilder {
+    /// Serves `/metrics` (Prometheus) and `/healthz` on `addr` while the node
+    /// runs, installing the Prometheus recorder first (see [`crate::http`]).
+    /// Port 0 picks a free port: [`Runtime::metrics_addr`] tells which.
+    #[cfg(feature = "http")]
+    pub fn metrics_addr(mut self, addr: SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
     /// Works `queue` with at most `limit` concurrent jobs on this node (across all shards).
     pub fn queue(mut self, queue: impl Into<String>, limit: usize) -> Self {
         self.queues.insert(queue.into(), limit);
@@ -102,6 +139,15 @@ impl RuntimeBuilder {
     /// Registers a handler for `W::KIND`.
     pub fn register<W: Worker>(mut self, worker: W) -> Self {
         self.registry.register(worker);
+        self
+    }
+
+    /// Schedules a periodic job on this node (see [`crate::periodic`]).
+    /// Declare the same ones on every node: each occurrence is enqueued
+    /// exactly once however many nodes run, and a node that starts enqueues
+    /// the occurrences of the job's catch-up window that none recorded.
+    pub fn periodic(mut self, job: PeriodicJob) -> Self {
+        self.periodic.push(job);
         self
     }
 
@@ -122,6 +168,19 @@ impl RuntimeBuilder {
         if let Some((q, _)) = self.queues.iter().find(|(_, l)| **l == 0) {
             return Err(Error::Runtime(format!("queue {q:?}: limit must be at least 1")));
         }
+        let mut names = std::collections::BTreeSet::new();
+        if let Some(dup) = self.periodic.iter().find(|p| !names.insert(p.name())) {
+            return Err(Error::Periodic {
+                name: dup.name().to_string(),
+                message: "declared twice on this node; names must be unique".into(),
+            });
+        }
+        // The recorder goes in before any metric handle is made.
+        #[cfg(feature = "http")]
+        let endpoint = match self.metrics_addr {
+            Some(addr) => Some((crate::http::bind(addr)?, crate::http::install_prometheus()?)),
+            None => None,
+        };
         let node = Arc::new(Node {
             id: self.options.node_id.clone().unwrap_or_else(default_node_id),
             registry: self.registry,
@@ -154,6 +213,7 @@ impl RuntimeBuilder {
                 leases_changed: Notify::new(),
                 done_tx,
                 stats: ShardStats::default(),
+                metrics: JobMetricsCache::new(&db.name),
             });
             completers.push(tokio::spawn(completer::run(
                 shard.clone(),
@@ -187,7 +247,53 @@ impl RuntimeBuilder {
                 shard.clone(),
                 stop_rx.clone(),
             )));
+            tasks.push(tokio::spawn(retention::pruner(
+                node.clone(),
+                shard.clone(),
+                stop_rx.clone(),
+            )));
+            // Cancel signals reach running jobs until the end of shutdown.
+            tasks.push(tokio::spawn(cancel::sweeper(
+                node.clone(),
+                shard.clone(),
+                finish_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(sampler::shard(
+                shard.clone(),
+                self.queues.keys().map(|q| q.as_str().into()).collect(),
+                sampler::INTERVAL,
+                stop_rx.clone(),
+            )));
             shards.push(shard);
+        }
+        if !self.periodic.is_empty() {
+            tasks.push(tokio::spawn(periodic::run(
+                self.router.clone(),
+                Arc::new(self.periodic),
+                stop_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(sampler::slots(
+            slots.iter().map(|(q, s)| (q.as_str().into(), s.clone())).collect(),
+            sampler::INTERVAL,
+            stop_rx.clone(),
+        )));
+        #[cfg_attr(not(feature = "http"), allow(unused_mut))]
+        let mut metrics_addr = None;
+        #[cfg(feature = "http")]
+        if let Some((listener, handle)) = endpoint {
+            metrics_addr = listener.local_addr().ok();
+            let router = self.router.clone();
+            let mut stop = finish_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = crate::http::serve(listener, router, handle, stopped).await {
+                    tracing::warn!(error = %crate::error::ErrorChain(&e), "metrics endpoint stopped");
+                }
+            }));
+            tracing::info!(addr = ?metrics_addr, "serving /metrics and /healthz");
         }
         tracing::info!(node = %node.id, shards = shards.len(), queues = ?self.queues, "worker node started");
         Ok(Runtime {
@@ -198,6 +304,7 @@ impl RuntimeBuilder {
             producers: producers_tasks,
             tasks,
             completers,
+            metrics_addr,
         })
     }
 }
@@ -215,6 +322,8 @@ pub struct Runtime {
     /// Notifiers, heartbeats and rescuers.
     tasks: Vec<JoinHandle<()>>,
     completers: Vec<JoinHandle<()>>,
+    /// Where `/metrics` and `/healthz` are served, if they are; set at start.
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Runtime {
@@ -225,7 +334,15 @@ impl Runtime {
             queues: BTreeMap::new(),
             registry: Registry::default(),
             options: RuntimeOptions::default(),
+            metrics_addr: None,
+            periodic: Vec::new(),
         }
+    }
+
+    /// The address `/metrics` and `/healthz` are served on, when
+    /// [`RuntimeBuilder::metrics_addr`] was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// This node's id (recorded as `locked_by` on the jobs it runs).
@@ -233,9 +350,18 @@ impl Runtime {
         &self.node.id
     }
 
-    /// Per-shard run statistics so far.
+    /// Per-shard run statistics so far, with pickup latency percentiles
+    /// (computed from every sample: call it once at the end, not in a loop).
     pub fn stats(&self) -> Vec<ShardRunStats> {
-        self.shards.iter().map(|s| s.stats.snapshot(&s.db.name)).collect()
+        self.shards.iter().map(|s| s.stats.snapshot(&s.db.name, true)).collect()
+    }
+
+    /// Per-shard outcome counters so far, without latency (cheap to poll).
+    pub fn counts(&self) -> Vec<ShardRunStats> {
+        self.shards
+            .iter()
+            .map(|s| s.stats.snapshot(&s.db.name, false))
+            .collect()
     }
 
     /// Jobs this node holds leases on right now.

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use shardq_router::router::Database;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
 
 use crate::completer::Done;
+use crate::metrics::JobMetricsCache;
 
 /// A job this node holds a lease on, from fetch until its outcome is written.
 pub(crate) struct Lease {
@@ -17,6 +18,9 @@ pub(crate) struct Lease {
     pub attempt: i32,
     /// Aborts the run; `None` once the run has ended (outcome pending write).
     pub run: Option<AbortHandle>,
+    /// Set to true when the job is cancelled while it runs (see `cancel`);
+    /// the handler observes it through `JobContext::cancelled`.
+    pub cancel: watch::Sender<bool>,
 }
 
 /// Per-shard state of one node.
@@ -34,6 +38,9 @@ pub(crate) struct ShardWork {
     pub done_tx: mpsc::Sender<Done>,
     /// Counters and pickup samples, read by `Runtime::stats`.
     pub stats: ShardStats,
+    /// Metric handles per (queue, kind): filled and recorded into by
+    /// executors, recorded into by the completer.
+    pub metrics: JobMetricsCache,
 }
 
 impl ShardWork {
@@ -100,9 +107,12 @@ pub struct ShardRunStats {
 }
 
 impl ShardStats {
-    pub(crate) fn snapshot(&self, shard: &str) -> ShardRunStats {
+    /// Counters and, when `latency` is set, pickup percentiles (which copy
+    /// and sort every sample: not for a hot loop).
+    pub(crate) fn snapshot(&self, shard: &str, latency: bool) -> ShardRunStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let pickup_ms = self.pickup_us.lock().ok().and_then(|v| {
+        let samples = if latency { self.pickup_us.lock().ok() } else { None };
+        let pickup_ms = samples.and_then(|v| {
             let mut v = v.clone();
             if v.is_empty() {
                 return None;

@@ -75,10 +75,20 @@ impl QueueSlots {
         }
     }
 
-    /// Returns `n` reserved slots that a fetch did not fill; wakes no one.
+    /// Returns `n` reserved slots that a fetch did not fill, and wakes the
+    /// other hungry producers of the queue: one that found no free slot
+    /// while this fetch held them would otherwise wait for a run to end (or
+    /// the poll) with slots free.
     pub(crate) fn unreserve(&self, shard: usize, n: usize) {
-        if let Ok(mut s) = self.state.lock() {
-            s.running[shard] = s.running[shard].saturating_sub(n);
+        let Ok(mut s) = self.state.lock() else { return };
+        s.running[shard] = s.running[shard].saturating_sub(n);
+        if n == 0 {
+            return;
+        }
+        for (i, (w, hungry)) in self.wakers.iter().zip(&s.hungry).enumerate() {
+            if *hungry && i != shard {
+                w.notify_one();
+            }
         }
     }
 
@@ -87,6 +97,14 @@ impl QueueSlots {
         if let Ok(mut s) = self.state.lock() {
             s.hungry[shard] = hungry;
         }
+    }
+
+    /// Slots neither running nor reserved on any shard (read by the sampler).
+    pub(crate) fn free(&self) -> usize {
+        self.state
+            .lock()
+            .map(|s| self.limit.saturating_sub(s.running.iter().sum()))
+            .unwrap_or(0)
     }
 
     /// Runs in progress for `shard`.
@@ -124,6 +142,24 @@ mod tests {
         assert_eq!(s.reserve(0, 10), 5);
         assert_eq!(s.reserve(1, 10), 5);
         assert_eq!(s.running(1), 5);
+    }
+
+    #[test]
+    fn slots_a_fetch_did_not_fill_wake_a_producer_that_found_none() {
+        let s = slots(4, 2);
+        assert_eq!(s.reserve(0, 4), 4); // shard 0 reserves every slot and fetches
+        assert_eq!(s.reserve(1, 4), 0); // shard 1 finds none: hungry
+        s.unreserve(0, 4); // shard 0's fetch found nothing
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.wakers[1].notified())
+                .await
+                .expect("shard 1 woken");
+        });
+        assert_eq!(s.reserve(1, 4), 4);
     }
 
     #[test]

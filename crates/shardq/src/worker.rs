@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 use crate::job::JobId;
 
@@ -30,6 +31,29 @@ pub struct JobContext {
     pub attempt: i32,
     /// Attempts allowed.
     pub max_attempts: i32,
+    /// Turns true when the job is cancelled while it runs.
+    pub(crate) cancelled: watch::Receiver<bool>,
+}
+
+impl JobContext {
+    /// Whether the job has been cancelled (`Client::cancel`) while it runs.
+    /// Cheap: reads a local flag.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancelled.borrow()
+    }
+
+    /// Resolves when the job is cancelled while it runs; never resolves
+    /// otherwise. Race it against the work, e.g. with `tokio::select!`, to
+    /// stop early. The signal is cooperative: a handler that ignores it runs
+    /// on (up to its timeout), and the job ends `cancelled` whatever it
+    /// returns.
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancelled.clone();
+        if rx.wait_for(|c| *c).await.is_err() {
+            // The run's lease is gone (its outcome is written): no cancel can come.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Why a handler did not complete its job.

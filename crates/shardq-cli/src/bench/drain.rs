@@ -35,7 +35,7 @@ async fn drain(fleet: &BenchFleet, n: usize, concurrency: usize) -> anyhow::Resu
     let mut peak = 0;
     let mut ticks = 0u32;
     loop {
-        let done: u64 = node.stats().iter().map(|s| s.completed).sum();
+        let done: u64 = node.counts().iter().map(|s| s.completed).sum();
         if done as usize >= n {
             break;
         }

@@ -38,14 +38,14 @@ async fn steady(fleet: &BenchFleet, account: Account, rate: u32, seconds: u64) -
 async fn settle(node: &shardq::Runtime, shard: &str, n: u64) -> anyhow::Result<ShardRunStats> {
     let started = Instant::now();
     loop {
-        let stats = node.stats().into_iter().find(|s| s.shard == shard).unwrap_or_default();
-        if stats.completed >= n {
-            return Ok(stats);
+        let counts = node.counts().into_iter().find(|s| s.shard == shard).unwrap_or_default();
+        if counts.completed >= n {
+            return Ok(node.stats().into_iter().find(|s| s.shard == shard).unwrap_or_default());
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(120),
             "only {} of {n} completed",
-            stats.completed
+            counts.completed
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

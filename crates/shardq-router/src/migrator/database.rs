@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use refinery::Runner;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::failure::{Failure, Stage};
 use super::plan::{plan, MigrationId};
@@ -64,9 +64,7 @@ async fn migrate_locked(
     opts: RunOptions,
     report: &mut DatabaseReport,
 ) -> Result<(), Failure> {
-    let mut client = connect(&db.target)
-        .await
-        .map_err(|e| Failure::from_error(Stage::Connect, None, &e))?;
+    let mut client = connect(&db.target).await?;
     if !opts.dry_run {
         store::migration_lock(&client)
             .await
@@ -163,9 +161,7 @@ pub(crate) async fn status(db: &Db, sources: &RoleSources) -> DatabaseStatus {
 }
 
 async fn read_status(db: &Db, sources: &RoleSources) -> Result<(HistoryStatus, Option<HistoryStatus>), Failure> {
-    let client = connect(&db.target)
-        .await
-        .map_err(|e| Failure::from_error(Stage::Connect, None, &e))?;
+    let client = connect(&db.target).await?;
     let platform = history_status(&client, History::Platform, &sources.platform).await?;
     let application = match &sources.application {
         Some(files) => Some(history_status(&client, History::Application, files).await?),
@@ -194,8 +190,17 @@ async fn history_status(
 
 /// Opens one connection for the migrator; its driver task runs until the
 /// client is dropped.
-async fn connect(target: &Target) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = target.tokio_postgres_config().connect(NoTls).await?;
+/// TLS as `target.sslmode` says (see [`crate::tls`]).
+async fn connect(target: &Target) -> Result<Client, Failure> {
+    let failed = |e: &(dyn std::error::Error + 'static)| Failure::from_error(Stage::Connect, None, e);
+    // With sslmode disable the config never asks for TLS, so the connector
+    // goes unused.
+    let tls = crate::tls::tokio_postgres_connector(target).map_err(|e| failed(&e))?;
+    let (client, connection) = target
+        .tokio_postgres_config()
+        .connect(tls)
+        .await
+        .map_err(|e| failed(&e))?;
     let address = target.to_string();
     tokio::spawn(async move {
         if let Err(e) = connection.await {

@@ -43,6 +43,18 @@ pub enum History {
     Application,
 }
 
+impl Role {
+    /// The latest platform migration version embedded for this role: the
+    /// schema version shardq's code expects (health checks compare with it).
+    pub fn platform_latest(self) -> Option<u32> {
+        let runner = match self {
+            Role::Master => embedded_master::migrations::runner(),
+            Role::Shard => embedded_shard::migrations::runner(),
+        };
+        runner.get_migrations().iter().map(|m| m.version()).max()
+    }
+}
+
 impl History {
     /// The refinery history table of this history.
     pub fn table(self) -> &'static str {

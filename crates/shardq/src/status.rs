@@ -1,0 +1,148 @@
+//! [`FleetStatus`]: per shard and queue, whether work keeps up: jobs by
+//! state, the oldest due job's age, jobs finished in the last minute and
+//! hour, plus each database's reachability, schema version and (for shards)
+//! how many LISTEN connections any node holds on it. Behind `shardq status`.
+//!
+//! Every shard is read concurrently with a short timeout, through bounded
+//! index reads (see the observability statements in `store`); a shard that
+//! is down is reported as down, with its (password-free) error.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use shardq_router::migrator::Role;
+use shardq_router::router::Database;
+use shardq_router::Router;
+
+use crate::error::ErrorChain;
+use crate::health::{self, DatabaseHealth, Readiness};
+use crate::store;
+
+/// The fleet's state, as `shardq status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetStatus {
+    /// The readiness summary (as `/healthz`).
+    pub status: Readiness,
+    /// The master's health.
+    pub master: DatabaseHealth,
+    /// Every shard, in configuration order.
+    pub shards: Vec<ShardStatus>,
+}
+
+/// One shard's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardStatus {
+    /// Reachability and schema version; `health.error` says why it is down.
+    pub health: DatabaseHealth,
+    /// Backends holding a LISTEN on this shard (one per live worker node);
+    /// `None` when the shard could not be read.
+    pub listeners: Option<i64>,
+    /// Queues with waiting, running or recently finished jobs, by name.
+    pub queues: Vec<QueueStatus>,
+}
+
+/// One queue on one shard.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct QueueStatus {
+    /// The queue's name.
+    pub queue: String,
+    /// Due jobs waiting.
+    pub available: i64,
+    /// Jobs waiting for a future `run_at`.
+    pub scheduled: i64,
+    /// Whether `available + scheduled` stopped at [`store::QUEUE_DEPTH_CAP`]
+    /// (the queue holds at least that many).
+    pub capped: bool,
+    /// Jobs running (on any node).
+    pub running: i64,
+    /// Age in seconds of the oldest due job; 0 when none is due.
+    pub oldest_available_secs: f64,
+    /// Completed in the last minute.
+    pub completed_1m: i64,
+    /// Completed in the last hour.
+    pub completed_1h: i64,
+    /// Failed for good (discarded, out of attempts) in the last minute.
+    pub failed_1m: i64,
+    /// Failed for good (discarded, out of attempts) in the last hour.
+    pub failed_1h: i64,
+    /// Cancelled in the last hour.
+    pub cancelled_1h: i64,
+}
+
+/// Reads the whole fleet concurrently, waiting at most `timeout` for each database.
+pub async fn fleet(router: &Router, timeout: Duration) -> FleetStatus {
+    let master = health::database(router.master(), Role::Master, timeout);
+    let shards = futures::future::join_all(router.shards().iter().map(|db| shard(db, timeout)));
+    let (master, shards) = futures::join!(master, shards);
+    let healths: Vec<DatabaseHealth> = shards.iter().map(|s| s.health.clone()).collect();
+    FleetStatus {
+        status: health::summarize(&master, &healths),
+        master,
+        shards,
+    }
+}
+
+/// Reads one shard: its health, then (when reachable) listeners and queues.
+pub async fn shard(db: &Database, timeout: Duration) -> ShardStatus {
+    let mut health = health::database(db, Role::Shard, timeout).await;
+    let mut status = ShardStatus {
+        health: health.clone(),
+        listeners: None,
+        queues: Vec::new(),
+    };
+    if !health.reachable {
+        return status;
+    }
+    match tokio::time::timeout(timeout, queues(db)).await {
+        Ok(Ok((listeners, queues))) => {
+            status.listeners = Some(listeners);
+            status.queues = queues;
+        }
+        Ok(Err(e)) => {
+            health.error.get_or_insert_with(|| ErrorChain(&db.error(e)).to_string());
+        }
+        Err(_) => {
+            health
+                .error
+                .get_or_insert_with(|| format!("{} ({}): no answer within {timeout:?}", db.name, db.target));
+        }
+    }
+    status.health = health;
+    status
+}
+
+async fn queues(db: &Database) -> sqlx::Result<(i64, Vec<QueueStatus>)> {
+    let pool = &db.pool;
+    let listeners = store::listener_count(pool).await?;
+    let mut by_queue: BTreeMap<String, QueueStatus> = BTreeMap::new();
+    for (queue, n) in store::queue_running(pool).await? {
+        entry(&mut by_queue, &queue).running = n;
+    }
+    for (queue, state, minute, hour) in store::queue_finished_recent(pool).await? {
+        let q = entry(&mut by_queue, &queue);
+        match state.as_str() {
+            "completed" => (q.completed_1m, q.completed_1h) = (minute, hour),
+            "discarded" => (q.failed_1m, q.failed_1h) = (minute, hour),
+            _ => q.cancelled_1h = hour,
+        }
+    }
+    for queue in store::queue_names_waiting(pool).await? {
+        entry(&mut by_queue, &queue);
+    }
+    for q in by_queue.values_mut() {
+        let d = store::queue_depth(pool, &q.queue, store::QUEUE_DEPTH_CAP).await?;
+        q.available = d.available;
+        q.scheduled = d.scheduled;
+        q.capped = d.capped(store::QUEUE_DEPTH_CAP);
+        q.oldest_available_secs = d.oldest_secs;
+    }
+    Ok((listeners, by_queue.into_values().collect()))
+}
+
+fn entry<'a>(by_queue: &'a mut BTreeMap<String, QueueStatus>, queue: &str) -> &'a mut QueueStatus {
+    by_queue.entry(queue.to_string()).or_insert_with(|| QueueStatus {
+        queue: queue.to_string(),
+        ..QueueStatus::default()
+    })
+}

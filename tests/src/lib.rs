@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardq::Client;
+use shardq::{Backoff, Client, RuntimeOptions};
 use shardq_router::{Config, Migrator, Router};
 use shardq_testbed::TestBed;
 
@@ -44,6 +44,32 @@ pub async fn fleet_on(bed: &TestBed) -> Fleet {
         client: Client::new(router.clone()),
         router,
     }
+}
+
+/// Runtime options for tests: 200 ms poll, 10-50 ms retry backoff, 2 s
+/// leases renewed every 500 ms, rescue every 200 ms.
+pub fn fast_options() -> RuntimeOptions {
+    RuntimeOptions {
+        poll_interval: Duration::from_millis(200),
+        backoff: Backoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        },
+        lease: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(500),
+        rescue_interval: Duration::from_millis(200),
+        ..RuntimeOptions::default()
+    }
+}
+
+/// A private bed (master + `shards` shard servers) for a test that stops,
+/// crashes or exhausts servers.
+pub async fn private_bed(shards: usize) -> Arc<TestBed> {
+    let bed = tokio::task::spawn_blocking(move || TestBed::start(shards).map_err(|e| e.to_string()))
+        .await
+        .expect("join")
+        .expect("private test bed");
+    Arc::new(bed)
 }
 
 /// Polls `check` every 20 ms until it returns true; panics naming `what`

@@ -9,38 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shardq::store;
-use shardq::{Account, Backoff, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
+use shardq::{Account, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
 use shardq_router::Router;
 use shardq_testbed::{Server, TestBed};
-use shardq_tests::{count_state, fleet_on, wait_for, Fleet};
+use shardq_tests::{count_state, fast_options, fleet_on, private_bed, wait_for, Fleet};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn fast() -> RuntimeOptions {
-    RuntimeOptions {
-        poll_interval: Duration::from_millis(200),
-        backoff: Backoff {
-            base: Duration::from_millis(10),
-            max: Duration::from_millis(50),
-        },
-        lease: Duration::from_secs(2),
-        heartbeat_interval: Duration::from_millis(500),
-        rescue_interval: Duration::from_millis(200),
-        ..RuntimeOptions::default()
-    }
-}
-
-/// A private bed: `shards` shard servers plus a master.
-async fn private_bed(shards: usize) -> Arc<TestBed> {
-    let bed = tokio::task::spawn_blocking(move || TestBed::start(shards).map_err(|e| e.to_string()))
-        .await
-        .unwrap()
-        .unwrap();
-    Arc::new(bed)
-}
 
 /// Runs a (blocking) server operation such as `Server::kill` on server `name`.
 async fn on_server(bed: &Arc<TestBed>, name: &'static str, op: fn(&Server) -> shardq_testbed::Result<()>) {
@@ -126,7 +103,7 @@ async fn a_crashed_shard_stops_only_its_own_jobs_and_they_complete_after_restart
         .queue("default", 8)
         .register(Count(runs.clone()))
         .register(Gate(runs.clone(), gate))
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
 
@@ -264,7 +241,7 @@ async fn a_node_whose_connections_are_all_terminated_reconnects_listens_again_an
         .register(Count(runs.clone()))
         .options(RuntimeOptions {
             poll_interval: Duration::from_secs(3600),
-            ..fast()
+            ..fast_options()
         })
         .start()
         .unwrap();
@@ -358,7 +335,7 @@ async fn with_the_master_down_cached_accounts_keep_working_and_new_ones_fail_nam
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 8)
         .register(Count(runs.clone()))
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
 
@@ -441,7 +418,7 @@ async fn shutdown_stops_the_handlers_of_the_jobs_it_hands_back() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 8)
         .register(Hang(in_progress.clone()))
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     let running = || in_progress.load(std::sync::atomic::Ordering::SeqCst);

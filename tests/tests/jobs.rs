@@ -6,24 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shardq::store::{self, FetchParams};
-use shardq::{Account, Backoff, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
-use shardq_tests::{count_state, count_state_all, fleet, wait_for};
+use shardq::{Account, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
+use shardq_tests::{count_state, count_state_all, fast_options, fleet, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn fast() -> RuntimeOptions {
-    RuntimeOptions {
-        poll_interval: Duration::from_millis(200),
-        backoff: Backoff {
-            base: Duration::from_millis(10),
-            max: Duration::from_millis(50),
-        },
-        lease: Duration::from_secs(2),
-        heartbeat_interval: Duration::from_millis(500),
-        rescue_interval: Duration::from_millis(200),
-        ..RuntimeOptions::default()
-    }
-}
 
 /// Counts runs per job id.
 #[derive(Clone, Default)]
@@ -117,7 +103,7 @@ async fn every_job_of_a_multi_shard_batch_completes_exactly_once_under_two_nodes
             Runtime::builder(f.router.clone())
                 .queue("default", 16)
                 .register(runs.clone())
-                .options(fast())
+                .options(fast_options())
                 .start()
                 .unwrap()
         })
@@ -188,7 +174,7 @@ async fn a_notification_wakes_the_producer_without_polling() {
     // The poll is an hour away: only the notification can start this job.
     let opts = RuntimeOptions {
         poll_interval: Duration::from_secs(3600),
-        ..fast()
+        ..fast_options()
     };
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
@@ -222,7 +208,7 @@ async fn the_poll_picks_up_jobs_when_notifications_are_lost() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
         .register(Counting::default())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     wait_listening(&f, &db.name).await;
@@ -244,7 +230,7 @@ async fn failures_retry_with_backoff_then_discard_keeping_every_error() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
         .register(Fail)
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     let a = account(3);
@@ -291,7 +277,7 @@ async fn timeouts_and_panics_are_recorded_as_errors() {
         .queue("default", 4)
         .register(Slow)
         .register(Panics)
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     let a = account(4);
@@ -332,7 +318,7 @@ async fn args_that_do_not_fit_the_handler_fail_with_the_serde_message() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
         .register(Fail)
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     let id = f
@@ -373,7 +359,7 @@ async fn shutdown_hands_running_jobs_back_without_counting_the_attempt() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 8)
         .register(Hang)
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     wait_for("3 jobs running", WAIT, || async {
@@ -420,7 +406,7 @@ async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
         .register(runs.clone())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     wait_for("rescued job completed", WAIT, || async {
@@ -477,7 +463,7 @@ async fn a_backlogged_shard_does_not_starve_another_on_the_same_queue() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 8)
         .register(Sleepy)
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     wait_for("the backlog is being worked", WAIT, || async {

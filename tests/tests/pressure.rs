@@ -8,31 +8,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shardq::{Account, Backoff, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
-use shardq_testbed::TestBed;
-use shardq_tests::{count_state, fleet_on, wait_for};
+use shardq::{Account, JobContext, JobError, JobId, NewJob, Runtime, Worker};
+use shardq_tests::{count_state, fast_options, fleet_on, private_bed, wait_for};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::Connection;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn fast() -> RuntimeOptions {
-    RuntimeOptions {
-        poll_interval: Duration::from_millis(200),
-        backoff: Backoff {
-            base: Duration::from_millis(10),
-            max: Duration::from_millis(50),
-        },
-        ..RuntimeOptions::default()
-    }
-}
-
-async fn private_bed() -> TestBed {
-    tokio::task::spawn_blocking(|| TestBed::start(1).map_err(|e| e.to_string()))
-        .await
-        .unwrap()
-        .unwrap()
-}
 
 /// Runs per job id.
 #[derive(Clone, Default)]
@@ -49,7 +30,7 @@ impl Worker for Count {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_holding_nearly_every_connection_slows_the_node_but_loses_nothing() {
-    let bed = private_bed().await;
+    let bed = private_bed(1).await;
     let f = fleet_on(&bed).await;
     let shard = f.router.shards()[0].clone();
     let url = bed.shards()[0].url("postgres");
@@ -103,7 +84,7 @@ async fn a_client_holding_nearly_every_connection_slows_the_node_but_loses_nothi
     let node = Runtime::builder(f.router.clone())
         .queue("default", 32)
         .register(runs.clone())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     // With two connections to share, the node still makes progress.
@@ -121,7 +102,7 @@ async fn a_client_holding_nearly_every_connection_slows_the_node_but_loses_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_transaction_pinning_xmin_slows_nothing_to_a_stall() {
-    let bed = private_bed().await;
+    let bed = private_bed(1).await;
     let f = fleet_on(&bed).await;
     let shard = f.router.shards()[0].clone();
 
@@ -141,7 +122,7 @@ async fn an_idle_transaction_pinning_xmin_slows_nothing_to_a_stall() {
     let node = Runtime::builder(f.router.clone())
         .queue("default", 32)
         .register(runs.clone())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     for round in 1..=3 {

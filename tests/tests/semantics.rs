@@ -10,31 +10,17 @@ use std::time::Duration;
 
 use shardq::store::{Finished, JOB_NEXT_DUE_SQL};
 use shardq::{Account, Backoff, Client, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
-use shardq_tests::{fleet, wait_for, Fleet};
+use shardq_tests::{fast_options, fleet, wait_for, Fleet};
 use sqlx::{Connection, PgPool};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn fast() -> RuntimeOptions {
-    RuntimeOptions {
-        poll_interval: Duration::from_millis(200),
-        backoff: Backoff {
-            base: Duration::from_millis(10),
-            max: Duration::from_millis(50),
-        },
-        lease: Duration::from_secs(2),
-        heartbeat_interval: Duration::from_millis(500),
-        rescue_interval: Duration::from_millis(200),
-        ..RuntimeOptions::default()
-    }
-}
 
 /// Options under which only notifications and due-time wake-ups can start a
 /// job: the fallback poll is an hour away.
 fn no_poll() -> RuntimeOptions {
     RuntimeOptions {
         poll_interval: Duration::from_secs(3600),
-        ..fast()
+        ..fast_options()
     }
 }
 
@@ -279,7 +265,7 @@ async fn lower_priority_runs_first_and_equal_priority_runs_oldest_first() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 1)
         .register(order.clone())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     wait_for("all 8 jobs ran", WAIT, || async { order.0.lock().unwrap().len() == 8 }).await;
@@ -375,7 +361,7 @@ async fn a_cancelled_job_that_has_not_run_never_runs() {
         .queue("default", 4)
         .queue("later", 4)
         .register(runs.clone())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     // A job enqueued after both, due after the scheduled one, on the same
@@ -418,7 +404,7 @@ async fn a_running_job_is_signalled_and_ends_cancelled_even_if_its_handler_succe
         .queue("default", 4)
         .register(coop.clone())
         .register(stubborn.clone())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     let c = f
@@ -471,7 +457,7 @@ async fn a_cancel_whose_notification_was_lost_still_reaches_the_handler() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
         .register(coop.clone())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     let id = f
@@ -583,7 +569,7 @@ async fn cancels_racing_claims_leave_every_job_either_completed_or_never_run() {
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 8)
         .register(runs.clone())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     let mut refused = 0;
@@ -634,7 +620,7 @@ async fn retry_brings_back_discarded_and_cancelled_jobs_keeping_their_errors() {
         .queue("default", 4)
         .register(FailTimes)
         .register(Counting::default())
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     // Fails on its only attempt, then succeeds on the hand retry.
@@ -930,7 +916,7 @@ async fn the_pruner_deletes_old_finished_jobs_and_leaves_the_rest() {
         retain_cancelled: Duration::from_secs(3600),
         retain_discarded: Duration::from_secs(3600),
         prune_interval: Duration::from_millis(50),
-        ..fast()
+        ..fast_options()
     };
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
@@ -968,7 +954,7 @@ async fn the_jobs_table_stays_small_while_thousands_of_jobs_flow_through() {
     let opts = RuntimeOptions {
         retain_completed: Duration::ZERO,
         prune_interval: Duration::from_millis(50),
-        ..fast()
+        ..fast_options()
     };
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 16)
@@ -1098,7 +1084,7 @@ async fn a_chained_fan_out_processes_every_row_once_chunk_by_chunk() {
         .register(ProcessItems {
             client: f.client.clone(),
         })
-        .options(fast())
+        .options(fast_options())
         .start()
         .unwrap();
     wait_for("the chain reached its end", WAIT, || async {

@@ -637,10 +637,16 @@ async fn retry_brings_back_discarded_and_cancelled_jobs_keeping_their_errors() {
     })
     .await;
     let job = f.client.retry(&doomed).await.unwrap();
+    // The running node may claim it at once (the retry notifies the queue).
+    assert!(
+        matches!(job.state.as_str(), "available" | "running" | "completed"),
+        "{}",
+        job.state
+    );
     assert_eq!(
-        (job.state.as_str(), job.attempt, job.max_attempts, job.finalized_at),
-        ("available", 1, 2, None),
-        "available again with one more attempt"
+        (job.max_attempts, job.finalized_at),
+        (2, None),
+        "one more attempt, no longer final"
     );
     wait_for("the retried job completed", WAIT, || async {
         state_of(&f, &doomed).await == "completed"
@@ -660,7 +666,12 @@ async fn retry_brings_back_discarded_and_cancelled_jobs_keeping_their_errors() {
         .unwrap();
     f.client.cancel(&cancelled).await.unwrap();
     let job = f.client.retry(&cancelled).await.unwrap();
-    assert_eq!((job.state.as_str(), job.max_attempts), ("available", 20));
+    assert!(
+        matches!(job.state.as_str(), "available" | "running" | "completed"),
+        "{}",
+        job.state
+    );
+    assert_eq!(job.max_attempts, 20);
     assert!(job.run_at <= chrono::Utc::now(), "due now, not at its old schedule");
     wait_for("the retried cancelled job completed", WAIT, || async {
         state_of(&f, &cancelled).await == "completed"

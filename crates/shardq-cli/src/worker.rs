@@ -33,8 +33,9 @@ pub struct WorkerArgs {
     /// Node id (default host-pid-random).
     #[arg(long)]
     pub node_id: Option<String>,
-    /// Serve `/metrics` (Prometheus) and `/healthz` on this address, e.g. 127.0.0.1:9187.
-    #[arg(long)]
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address; given
+    /// without a value, on loopback only: 127.0.0.1:9187.
+    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9187")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
@@ -99,4 +100,42 @@ pub async fn run(config: &Config, args: WorkerArgs) -> anyhow::Result<ExitCode> 
     );
     runtime.shutdown(args.grace).await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        worker: super::WorkerArgs,
+    }
+
+    #[test]
+    fn metrics_are_off_unless_asked_and_alone_bind_loopback() {
+        assert_eq!(Cli::parse_from(["shardq"]).worker.metrics_addr, None);
+        let alone = Cli::parse_from(["shardq", "--metrics-addr"]).worker.metrics_addr;
+        assert_eq!(alone, Some("127.0.0.1:9187".parse().unwrap()));
+        assert!(alone.unwrap().ip().is_loopback());
+        let given = Cli::parse_from(["shardq", "--metrics-addr", "0.0.0.0:9999"])
+            .worker
+            .metrics_addr;
+        assert_eq!(given, Some("0.0.0.0:9999".parse().unwrap()));
+    }
+
+    #[test]
+    fn queues_parse_and_bad_ones_say_what_is_wrong() {
+        assert_eq!(
+            super::parse_queues("default=10,email=5"),
+            Ok(vec![("default".into(), 10), ("email".into(), 5)])
+        );
+        assert!(super::parse_queues("default")
+            .unwrap_err()
+            .contains("expected QUEUE=LIMIT"));
+        assert!(super::parse_queues("default=0")
+            .unwrap_err()
+            .contains("positive integer"));
+        assert!(super::parse_queues("=3").unwrap_err().contains("queue name is empty"));
+    }
 }

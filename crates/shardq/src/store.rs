@@ -363,17 +363,13 @@ pub async fn job_counts(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)
 /// was cancelled; the payload is the job's row id.
 pub const CANCEL_CHANNEL: &str = "shardq_cancel";
 
-/// Seconds from now until the earliest available job of queue `$1` is due
-/// (negative when one is already due; NULL when the queue has none).
-///
-/// `jobs_fetch_idx (queue, priority, run_at, id) WHERE state = 'available'`
-/// leads with priority, so a plain `min(run_at)` would read every available
-/// row of the queue. Instead this walks the distinct priorities with a
-/// recursive skip scan: each step is one index seek to the first entry of
-/// the next priority, which is that priority's earliest `run_at`. The cost
-/// is one seek per distinct priority in use, and no extra index to write on
-/// every enqueue. Public so tests can check its generic plan.
-pub const JOB_NEXT_DUE_SQL: &str = "WITH RECURSIVE firsts AS (
+/// `firsts`: the earliest available job (priority, run_at) of queue `$1`
+/// for each priority in use, by a recursive skip scan over `jobs_fetch_idx`
+/// (one index seek per distinct priority). Shared by [`JOB_NEXT_DUE_SQL`] and
+/// [`QUEUE_DEPTH_SQL`].
+macro_rules! queue_heads_cte {
+    () => {
+        "WITH RECURSIVE firsts AS (
              (SELECT priority, run_at FROM shardq.jobs
                WHERE state = 'available' AND queue = $1
                ORDER BY priority, run_at LIMIT 1)
@@ -384,8 +380,24 @@ pub const JOB_NEXT_DUE_SQL: &str = "WITH RECURSIVE firsts AS (
                    SELECT priority, run_at FROM shardq.jobs
                     WHERE state = 'available' AND queue = $1 AND priority > f.priority
                     ORDER BY priority, run_at LIMIT 1) AS n
-         )
-         SELECT EXTRACT(EPOCH FROM min(run_at) - clock_timestamp())::float8 FROM firsts";
+         ) "
+    };
+}
+
+/// Seconds from now until the earliest available job of queue `$1` is due
+/// (negative when one is already due; NULL when the queue has none).
+///
+/// `jobs_fetch_idx (queue, priority, run_at, id) WHERE state = 'available'`
+/// leads with priority, so a plain `min(run_at)` would read every available
+/// row of the queue. Instead this walks the distinct priorities with a
+/// recursive skip scan: each step is one index seek to the first entry of
+/// the next priority, which is that priority's earliest `run_at`. The cost
+/// is one seek per distinct priority in use, and no extra index to write on
+/// every enqueue. Public so tests can check its generic plan.
+pub const JOB_NEXT_DUE_SQL: &str = concat!(
+    queue_heads_cte!(),
+    "SELECT EXTRACT(EPOCH FROM min(run_at) - clock_timestamp())::float8 FROM firsts"
+);
 
 /// Seconds until the earliest available job of `queue` is due (negative if
 /// one is due now), or `None` when the queue has no available job. Read by a
@@ -591,25 +603,16 @@ pub const QUEUE_DEPTH_CAP: i64 = 10_000;
 /// job (0 when none is due). The oldest `run_at` comes from a recursive skip
 /// scan over the distinct priorities (one index seek each), as in
 /// [`JOB_NEXT_DUE_SQL`].
-pub const QUEUE_DEPTH_SQL: &str = "WITH RECURSIVE firsts AS (
-             (SELECT priority, run_at FROM shardq.jobs
-               WHERE state = 'available' AND queue = $1
-               ORDER BY priority, run_at LIMIT 1)
-             UNION ALL
-             SELECT n.priority, n.run_at
-               FROM firsts f
-               CROSS JOIN LATERAL (
-                   SELECT priority, run_at FROM shardq.jobs
-                    WHERE state = 'available' AND queue = $1 AND priority > f.priority
-                    ORDER BY priority, run_at LIMIT 1) AS n
-         )
-         SELECT count(*) FILTER (WHERE h.run_at <= now()) AS available,
+pub const QUEUE_DEPTH_SQL: &str = concat!(
+    queue_heads_cte!(),
+    "SELECT count(*) FILTER (WHERE h.run_at <= now()) AS available,
                 count(*) FILTER (WHERE h.run_at > now()) AS scheduled,
                 GREATEST(EXTRACT(EPOCH FROM now() - (SELECT min(run_at) FROM firsts))::float8, 0) AS oldest_secs
            FROM (SELECT run_at FROM shardq.jobs
                   WHERE state = 'available' AND queue = $1
                   ORDER BY priority, run_at, id
-                  LIMIT $2) AS h";
+                  LIMIT $2) AS h"
+);
 
 /// The queues that have available jobs on a shard: a recursive skip scan of
 /// `jobs_fetch_idx`, one index seek per queue.

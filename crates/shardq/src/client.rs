@@ -105,6 +105,7 @@ impl Client {
     /// duplicates one this transaction can see returns that job's id (under
     /// REPEATABLE READ or SERIALIZABLE, a duplicate committed after the
     /// transaction's snapshot cannot be read and is an [`Error::Unique`]).
+    #[tracing::instrument(level = "debug", name = "enqueue_in", skip_all, fields(account = %account, queue = %job.queue, kind = %job.kind))]
     pub async fn enqueue_in(&self, tx: &mut PgConnection, account: &Account, job: NewJob) -> Result<JobId> {
         let args = job.validate()?;
         let db = self.router.pool_for(account).await?;
@@ -132,8 +133,10 @@ impl Client {
     /// in input order, after the shard's batch (on the same connection, each
     /// committed on its own); a unique job that duplicates an existing job,
     /// or an earlier job of the same call, gets that job's id.
+    #[tracing::instrument(level = "debug", name = "enqueue_many", skip_all, fields(jobs = tracing::field::Empty))]
     pub async fn enqueue_many(&self, jobs: impl IntoIterator<Item = (Account, NewJob)>) -> Result<Vec<JobId>> {
         let jobs: Vec<(Account, NewJob)> = jobs.into_iter().collect();
+        tracing::Span::current().record("jobs", jobs.len());
         let mut by_shard: BTreeMap<String, Vec<(usize, &str, &NewJob, String)>> = BTreeMap::new();
         for (i, (account, job)) in jobs.iter().enumerate() {
             let args = job.validate()?;

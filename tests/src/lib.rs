@@ -107,3 +107,40 @@ pub async fn count_state_all(router: &Router, state: &str) -> i64 {
     }
     n
 }
+
+/// The plan the server uses for `sql` once it switches a prepared statement
+/// to a generic plan (what it may do after a few executions): `types` are
+/// the parameter types, `args` literal arguments. The session's settings and
+/// prepared statements are left as they were.
+pub async fn generic_plan(conn: &mut sqlx::PgConnection, types: &str, sql: &str, args: &str) -> String {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.expect("begin");
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    sqlx::query(&format!("PREPARE shardq_plan_probe({types}) AS {sql}"))
+        .execute(&mut *tx)
+        .await
+        .expect("prepare");
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE shardq_plan_probe({args})"))
+        .fetch_all(&mut *tx)
+        .await
+        .expect("explain");
+    sqlx::query("DEALLOCATE shardq_plan_probe")
+        .execute(&mut *tx)
+        .await
+        .expect("deallocate");
+    tx.rollback().await.expect("rollback");
+    plan.join("\n")
+}
+
+/// Asserts that `plan` (of the statement `name`) reads `shardq.jobs` through
+/// indexes only, never a sequential scan.
+pub fn assert_indexed(name: &str, plan: &str) {
+    assert!(
+        !plan.contains("Seq Scan"),
+        "{name}: the plan scans the whole table:\n{plan}"
+    );
+    assert!(plan.contains("Index"), "{name}: no index in the plan:\n{plan}");
+}

@@ -4,8 +4,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use shardq::store::{JOB_COMPLETE_MANY_SQL, JOB_FETCH_AVAILABLE_SQL, JOB_RESCUE_EXPIRED_SQL};
-use shardq_tests::fleet;
-use sqlx::Connection;
+use shardq_tests::{assert_indexed, fleet, generic_plan};
 
 /// Rows in the table when plans are checked.
 const ROWS: i64 = 300_000;
@@ -27,40 +26,21 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
     .await
     .unwrap();
     sqlx::query("ANALYZE shardq.jobs").execute(&mut *conn).await.unwrap();
-    let mut tx = conn.begin().await.unwrap();
-    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
     for (name, types, sql, args) in [
         (
-            "plan_fetch",
+            "fetch",
             "text, bigint, text, float8",
             JOB_FETCH_AVAILABLE_SQL,
             "'default', 64, 'node', 30",
         ),
         (
-            "plan_complete",
+            "complete",
             "bigint[], int[]",
             JOB_COMPLETE_MANY_SQL,
             "'{1,2,3}', '{1,1,1}'",
         ),
-        ("plan_rescue", "bigint", JOB_RESCUE_EXPIRED_SQL, "1000"),
+        ("rescue", "bigint", JOB_RESCUE_EXPIRED_SQL, "1000"),
     ] {
-        sqlx::query(&format!("PREPARE {name}({types}) AS {sql}"))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}({args})"))
-            .fetch_all(&mut *tx)
-            .await
-            .unwrap();
-        let plan = plan.join("\n");
-        assert!(
-            !plan.contains("Seq Scan"),
-            "{name}: the generic plan scans the whole table:\n{plan}"
-        );
-        assert!(plan.contains("Index"), "{name}: no index in the plan:\n{plan}");
+        assert_indexed(name, &generic_plan(&mut conn, types, sql, args).await);
     }
-    tx.rollback().await.unwrap();
 }

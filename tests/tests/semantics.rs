@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shardq::store::{Finished, JOB_NEXT_DUE_SQL};
 use shardq::{Account, Backoff, Client, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
-use shardq_tests::{fast_options, fleet, wait_for, Fleet};
+use shardq_tests::{assert_indexed, fast_options, fleet, generic_plan, wait_for, Fleet};
 use sqlx::{Connection, PgPool};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -184,31 +184,14 @@ async fn the_next_due_lookup_and_the_prune_statements_use_indexes_under_generic_
     .await
     .unwrap();
     sqlx::query("ANALYZE shardq.jobs").execute(&mut *conn).await.unwrap();
-    let mut tx = conn.begin().await.unwrap();
-    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let mut statements = vec![("plan_next_due", "text", JOB_NEXT_DUE_SQL, "'default'")];
+    let mut statements = vec![("next_due", "text", JOB_NEXT_DUE_SQL, "'default'")];
     for s in Finished::ALL {
-        statements.push(("plan_prune", "float8, bigint", s.prune_sql(), "3600, 1000"));
+        statements.push(("prune", "float8, bigint", s.prune_sql(), "3600, 1000"));
     }
-    for (i, (name, types, sql, args)) in statements.into_iter().enumerate() {
-        sqlx::query(&format!("PREPARE {name}_{i}({types}) AS {sql}"))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}_{i}({args})"))
-            .fetch_all(&mut *tx)
-            .await
-            .unwrap();
-        let plan = plan.join("\n");
-        assert!(
-            !plan.contains("Seq Scan"),
-            "{name}: the generic plan scans the whole table:\n{plan}"
-        );
-        assert!(plan.contains("Index"), "{name}: no index in the plan:\n{plan}");
+    for (name, types, sql, args) in statements {
+        assert_indexed(name, &generic_plan(&mut conn, types, sql, args).await);
     }
+    let mut tx = conn.begin().await.unwrap();
     // The lookup finds the earliest available run_at across priorities.
     let (expected,): (f64,) = sqlx::query_as(
         "SELECT EXTRACT(EPOCH FROM min(run_at) - clock_timestamp())::float8

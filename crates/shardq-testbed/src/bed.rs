@@ -200,22 +200,9 @@ pub async fn ensure_database(server: &Server, db: &str) -> Result<bool> {
     Ok(!exists)
 }
 
-/// `CREATE DATABASE db` on `server`.
+/// Creates the fresh database `db` on `server` (names are unique per bed).
 async fn create_database(server: &Server, db: &str) -> Result<FleetDb> {
-    let admin = server.url("postgres");
-    let sql_error = |action: &str, source| Error::Sql {
-        server: server.name().to_owned(),
-        action: action.to_owned(),
-        url: admin.clone(),
-        source,
-    };
-    let mut conn = PgConnection::connect(&admin)
-        .await
-        .map_err(|e| sql_error("connect", e))?;
-    conn.execute(format!(r#"CREATE DATABASE "{db}""#).as_str())
-        .await
-        .map_err(|e| sql_error(&format!("CREATE DATABASE {db}"), e))?;
-    conn.close().await.map_err(|e| sql_error("close", e))?;
+    ensure_database(server, db).await?;
     Ok(FleetDb {
         name: server.name().to_owned(),
         url: server.url(db),

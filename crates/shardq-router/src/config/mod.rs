@@ -1,0 +1,417 @@
+//! `shards.toml`: the topology (one master, one or more shards), parsed,
+//! expanded (`${VAR}`, `${VAR:-default}`) and validated.
+//!
+//! Every error names the file, the field and what is wrong; nothing gets a
+//! silent default except the documented ones (port 5432, user `postgres`,
+//! dbname `shardq`, weight 1, the pool defaults of [`PoolConfig`]).
+//!
+//! Callers load a [`Config`] with [`Config::load`] (or [`Config::parse`],
+//! [`Config::from_urls`]) and hand it to the router and the migrator, which
+//! read the [`Target`] of each database.
+//!
+//! Layout of this folder (dependencies point down; nothing here uses the
+//! `tls` module, which uses this one):
+//! - `mod.rs`: [`Config`], [`ShardConfig`], [`DatabaseConfig`],
+//!   [`PoolConfig`], [`AppMigrations`] and the topology rules: `Check`
+//!   turns the raw file into these types with field-located errors.
+//! - `raw.rs`: the `Raw*` serde structs (unknown keys rejected) and the
+//!   `${VAR}` / `${VAR:-default}` expansion.
+//! - `target.rs`: [`Target`], the address of one database, and the sqlx and
+//!   tokio-postgres connect options built from it.
+//! - `ssl_mode.rs`: [`SslMode`] and its parsing (re-exported as `tls::SslMode`).
+//! - `tests.rs`: the unit tests of parsing and validation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgSslMode;
+
+use crate::error::{Error, Result};
+
+mod raw;
+mod ssl_mode;
+mod target;
+#[cfg(test)]
+mod tests;
+
+use raw::{RawConfig, RawDatabase, RawPool};
+pub use ssl_mode::SslMode;
+pub use target::Target;
+
+/// The default configuration file, relative to the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "shards.toml";
+
+/// Where a configuration came from, for error messages.
+const INLINE: &str = "<inline>";
+
+/// The validated topology.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (`<inline>` when built in code).
+    pub file: PathBuf,
+    /// The global database.
+    pub master: DatabaseConfig,
+    /// The shards, in file order. Names are unique.
+    pub shards: Vec<ShardConfig>,
+    /// The application's own migration folders, if any.
+    pub migrations: AppMigrations,
+}
+
+/// One shard: a stable name, a weight and a database.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// Identity of the shard forever; a simple identifier.
+    pub name: String,
+    /// Share of new accounts; 0 accepts no new accounts.
+    pub weight: u32,
+    /// Where the shard's database is.
+    pub database: DatabaseConfig,
+}
+
+/// A database: where it is and how to pool connections to it.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// Connection settings.
+    pub target: Target,
+    /// Pool settings.
+    pub pool: PoolConfig,
+}
+
+/// Connection pool settings of one database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Most connections the pool opens (default 10).
+    pub max_connections: u32,
+    /// Connections kept open when idle (default 0).
+    pub min_connections: u32,
+    /// How long a caller waits for a connection (default 5 s).
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The application's migration folders (refinery `V{n}__name.sql` files).
+#[derive(Debug, Clone, Default)]
+pub struct AppMigrations {
+    /// Folder of migrations for the master, resolved against the config file's folder.
+    pub master: Option<PathBuf>,
+    /// Folder of migrations for every shard.
+    pub shard: Option<PathBuf>,
+}
+
+/// Builds field-located errors for one file.
+struct Check<'a> {
+    file: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Check<'_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> Error {
+        Error::Config {
+            file: self.file.to_path_buf(),
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Expands `${VAR}` and `${VAR:-default}` in a field's value.
+    fn expand(&self, field: &str, value: &str) -> Result<String> {
+        raw::expand(value, self.env).map_err(|message| self.err(field, message))
+    }
+
+    fn opt(&self, field: &str, value: &Option<String>) -> Result<Option<String>> {
+        value.as_deref().map(|v| self.expand(field, v)).transpose()
+    }
+
+    fn database(&self, at: &str, raw: &RawDatabase) -> Result<DatabaseConfig> {
+        let f = |name: &str| format!("{at}.{name}");
+        let mut t = Target {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: None,
+            dbname: "shardq".into(),
+            sslmode: "prefer".into(),
+            sslrootcert: None,
+        };
+        if let Some(url) = self.opt(&f("url"), &raw.url)? {
+            self.apply_url(&f("url"), &url, &mut t)?;
+        }
+        if let Some(h) = self.opt(&f("host"), &raw.host)? {
+            t.host = h;
+        }
+        if let Some(p) = raw.port {
+            t.port = u16::try_from(p)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| self.err(&f("port"), format!("{p} is not a TCP port (1-65535)")))?;
+        }
+        if let Some(u) = self.opt(&f("user"), &raw.user)? {
+            t.user = u;
+        }
+        if let Some(p) = self.opt(&f("password"), &raw.password)? {
+            t.password = (!p.is_empty()).then_some(p);
+        }
+        if let Some(d) = self.opt(&f("dbname"), &raw.dbname)? {
+            t.dbname = d;
+        }
+        if let Some(s) = self.opt(&f("sslmode"), &raw.sslmode)? {
+            t.sslmode = s;
+        }
+        if let Some(c) = self.opt(&f("sslrootcert"), &raw.sslrootcert)? {
+            t.sslrootcert = Some(PathBuf::from(c));
+        }
+        if PgSslMode::from_str(&t.sslmode).is_err() {
+            return Err(self.err(
+                &f("sslmode"),
+                format!(
+                    "{:?} is not one of disable, allow, prefer, require, verify-ca, verify-full",
+                    t.sslmode
+                ),
+            ));
+        }
+        for (name, value) in [("host", &t.host), ("user", &t.user), ("dbname", &t.dbname)] {
+            if value.is_empty() {
+                return Err(self.err(&f(name), "must not be empty"));
+            }
+        }
+        Ok(DatabaseConfig {
+            target: t,
+            pool: self.pool(&f("pool"), &raw.pool)?,
+        })
+    }
+
+    fn apply_url(&self, field: &str, url: &str, t: &mut Target) -> Result<()> {
+        // Never echo the URL itself: it may hold a password.
+        let u = url::Url::parse(url).map_err(|e| self.err(field, format!("not a valid URL: {e}")))?;
+        if u.scheme() != "postgres" && u.scheme() != "postgresql" {
+            return Err(self.err(
+                field,
+                format!("scheme must be postgres:// or postgresql://, not {}://", u.scheme()),
+            ));
+        }
+        // Percent-decoding only: unlike form encoding, `+` and `&` are literal
+        // in a URL's userinfo and path.
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B").replace('&', "%26")).as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        if let Some(h) = u.host_str().filter(|h| !h.is_empty()) {
+            t.host = h.trim_start_matches('[').trim_end_matches(']').to_string();
+        }
+        if let Some(p) = u.port() {
+            t.port = p;
+        }
+        if !u.username().is_empty() {
+            t.user = decode(u.username());
+        }
+        if let Some(p) = u.password() {
+            t.password = Some(decode(p));
+        }
+        let db = u.path().trim_start_matches('/');
+        if !db.is_empty() {
+            t.dbname = decode(db);
+        }
+        for (k, v) in u.query_pairs() {
+            match &*k {
+                "sslmode" => t.sslmode = v.into_owned(),
+                "sslrootcert" => t.sslrootcert = Some(PathBuf::from(v.into_owned())),
+                other => {
+                    return Err(self.err(
+                        field,
+                        format!("unsupported URL parameter {other:?} (supported: sslmode, sslrootcert)"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pool(&self, at: &str, raw: &RawPool) -> Result<PoolConfig> {
+        let mut p = PoolConfig::default();
+        let count = |name: &str, v: i64| {
+            u32::try_from(v)
+                .ok()
+                .filter(|v| *v <= 10_000)
+                .ok_or_else(|| self.err(&format!("{at}.{name}"), format!("{v} is out of range (0-10000)")))
+        };
+        if let Some(v) = raw.max_connections {
+            p.max_connections = count("max_connections", v)?;
+            if p.max_connections == 0 {
+                return Err(self.err(&format!("{at}.max_connections"), "must be at least 1"));
+            }
+        }
+        if let Some(v) = raw.min_connections {
+            p.min_connections = count("min_connections", v)?;
+        }
+        if p.min_connections > p.max_connections {
+            return Err(self.err(
+                &format!("{at}.min_connections"),
+                format!(
+                    "{} is more than max_connections ({})",
+                    p.min_connections, p.max_connections
+                ),
+            ));
+        }
+        if let Some(v) = &raw.acquire_timeout {
+            let field = format!("{at}.acquire_timeout");
+            let v = self.expand(&field, v)?;
+            p.acquire_timeout = humantime::parse_duration(&v)
+                .map_err(|e| self.err(&field, format!("{v:?} is not a duration like \"5s\" or \"500ms\": {e}")))?;
+        }
+        Ok(p)
+    }
+}
+
+/// Whether `name` is a simple identifier: a lowercase letter, then lowercase
+/// letters, digits or `_`, at most 63 bytes.
+pub fn is_simple_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name.len() <= 63
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates configuration text. `file` is used in error
+    /// messages and to resolve relative migration folders; `env` looks up
+    /// `${VAR}` references.
+    pub fn parse(text: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::ConfigSyntax {
+            file: file.to_path_buf(),
+            source: Box::new(e),
+        })?;
+        let check = Check { file, env };
+        let master = check.database("master", &raw.master)?;
+        if raw.shards.is_empty() {
+            return Err(check.err("shards", "no shards are defined; add at least one [[shards]] table"));
+        }
+        let mut shards: Vec<ShardConfig> = Vec::with_capacity(raw.shards.len());
+        let mut seen = BTreeMap::new();
+        for (i, rs) in raw.shards.iter().enumerate() {
+            let at = format!("shards[{i}]");
+            if !is_simple_identifier(&rs.name) {
+                return Err(check.err(
+                    &format!("{at}.name"),
+                    format!("{:?} is not a simple identifier (lowercase letter, then lowercase letters, digits or _; at most 63 bytes)", rs.name),
+                ));
+            }
+            if let Some(first) = seen.insert(rs.name.clone(), i) {
+                return Err(check.err(
+                    &format!("{at}.name"),
+                    format!("duplicate shard name {:?} (also shards[{first}])", rs.name),
+                ));
+            }
+            let weight = match rs.weight {
+                None => 1,
+                Some(w) if w < 0 => {
+                    return Err(check.err(
+                        &format!("{at}.weight"),
+                        format!("{w} is negative; use 0 for a shard that takes no new accounts"),
+                    ))
+                }
+                Some(w) => u32::try_from(w)
+                    .ok()
+                    .filter(|w| *w <= 1000)
+                    .ok_or_else(|| check.err(&format!("{at}.weight"), format!("{w} is too large (at most 1000)")))?,
+            };
+            let database = check.database(&at, &rs.database)?;
+            if database.target.same_database(&master.target) {
+                return Err(check.err(
+                    &at,
+                    format!(
+                        "shard {:?} points to the same database as the master ({})",
+                        rs.name, master.target
+                    ),
+                ));
+            }
+            if let Some(other) = shards
+                .iter()
+                .find(|s| s.database.target.same_database(&database.target))
+            {
+                return Err(check.err(
+                    &at,
+                    format!(
+                        "shard {:?} points to the same database as shard {:?} ({})",
+                        rs.name, other.name, database.target
+                    ),
+                ));
+            }
+            shards.push(ShardConfig {
+                name: rs.name.clone(),
+                weight,
+                database,
+            });
+        }
+        let base = file.parent().unwrap_or(Path::new("."));
+        let folder = |field: &str, v: &Option<String>| -> Result<Option<PathBuf>> {
+            Ok(check.opt(field, v)?.map(|p| base.join(p)))
+        };
+        let migrations = AppMigrations {
+            master: folder("migrations.master", &raw.migrations.master)?,
+            shard: folder("migrations.shard", &raw.migrations.shard)?,
+        };
+        Ok(Config {
+            file: file.to_path_buf(),
+            master,
+            shards,
+            migrations,
+        })
+    }
+
+    /// Builds a configuration from database URLs (tests, benchmarks, embedding
+    /// apps that keep their topology elsewhere). Shards get weight 1.
+    pub fn from_urls(master: &str, shards: &[(&str, &str)]) -> Result<Config> {
+        let mut text = format!("[master]\nurl = {}\n", toml_string(master));
+        for (name, url) in shards {
+            text.push_str(&format!(
+                "[[shards]]\nname = {}\nurl = {}\n",
+                toml_string(name),
+                toml_string(url)
+            ));
+        }
+        Self::parse(&text, Path::new(INLINE), &|_| None)
+    }
+
+    /// The shard named `name`.
+    pub fn shard(&self, name: &str) -> Result<&ShardConfig> {
+        self.shards
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::UnknownShard {
+                shard: name.to_string(),
+                known: self.shard_names().join(", "),
+            })
+    }
+
+    /// The shard names in file order.
+    pub fn shard_names(&self) -> Vec<String> {
+        self.shards.iter().map(|s| s.name.clone()).collect()
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}

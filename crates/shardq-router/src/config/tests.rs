@@ -1,0 +1,399 @@
+//! Unit tests of `shards.toml` parsing and validation, through
+//! [`Config::parse`] and [`Config::from_urls`]: the rules of `mod.rs`, the
+//! expansion of `raw.rs` and the password-free printing of `target.rs`.
+//! Postgres is not needed.
+
+use super::*;
+
+const FILE: &str = "shards.toml";
+
+/// A valid master table followed by `shards`.
+fn with_shards(shards: &str) -> String {
+    format!("[master]\nurl = \"postgres://postgres@127.0.0.1:5440/shardq\"\n\n{shards}")
+}
+
+/// Two valid shards on ports 5441 and 5442.
+const TWO: &str = r#"
+[[shards]]
+name = "shard_1"
+port = 5441
+
+[[shards]]
+name = "shard_2"
+port = 5442
+"#;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse_with(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+    Config::parse(text, Path::new(FILE), env)
+}
+
+fn parse(text: &str) -> Result<Config> {
+    parse_with(text, &no_env)
+}
+
+/// The error message of a config that must be rejected; asserts it names
+/// the file and every one of `needles`.
+fn rejected(text: &str, needles: &[&str]) -> String {
+    rejected_with(text, &no_env, needles)
+}
+
+fn rejected_with(text: &str, env: &dyn Fn(&str) -> Option<String>, needles: &[&str]) -> String {
+    let err = match parse_with(text, env) {
+        Ok(c) => panic!("accepted a config that should be rejected:\n{text}\n=> {c:?}"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    assert!(msg.contains(FILE), "error does not name the file: {msg}");
+    for n in needles {
+        assert!(msg.contains(n), "error does not mention {n:?}: {msg}");
+    }
+    msg
+}
+
+#[test]
+fn a_valid_config_parses_with_documented_defaults() {
+    let c = parse(&with_shards(TWO)).unwrap();
+    assert_eq!(c.file, Path::new(FILE));
+    assert_eq!(c.shard_names(), ["shard_1", "shard_2"]);
+    let s = &c.shards[0];
+    assert_eq!(s.weight, 1);
+    assert_eq!(s.database.target.host, "127.0.0.1");
+    assert_eq!(s.database.target.port, 5441);
+    assert_eq!(s.database.target.user, "postgres");
+    assert_eq!(s.database.target.dbname, "shardq");
+    assert_eq!(s.database.target.password, None);
+    assert_eq!(s.database.pool, PoolConfig::default());
+    assert!(c.shard("shard_2").is_ok());
+    assert!(matches!(c.shard("nope"), Err(Error::UnknownShard { .. })));
+}
+
+#[test]
+fn unknown_top_level_key_is_rejected() {
+    let text = format!("colour = \"blue\"\n{}", with_shards(TWO));
+    let msg = rejected(&text, &["unknown field", "colour"]);
+    assert!(matches!(parse(&text), Err(Error::ConfigSyntax { .. })), "{msg}");
+}
+
+#[test]
+fn unknown_key_in_master_is_rejected() {
+    let text = format!("[master]\nport = 5440\nhots = \"db\"\n{TWO}");
+    rejected(&text, &["unknown field", "hots"]);
+}
+
+#[test]
+fn unknown_key_in_a_shard_is_rejected() {
+    let text = with_shards("[[shards]]\nname = \"shard_1\"\nport = 5441\nwieght = 2\n");
+    rejected(&text, &["unknown field", "wieght"]);
+}
+
+#[test]
+fn unknown_key_in_a_pool_is_rejected() {
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\nport = 5441\npool = { max_conections = 5 }\n"),
+        &["unknown field", "max_conections"],
+    );
+    rejected(
+        &format!("[master]\nport = 5440\n[master.pool]\nmax_size = 3\n{TWO}"),
+        &["unknown field", "max_size"],
+    );
+}
+
+#[test]
+fn duplicate_shard_names_are_rejected() {
+    let text =
+        with_shards("[[shards]]\nname = \"shard_1\"\nport = 5441\n[[shards]]\nname = \"shard_1\"\nport = 5442\n");
+    rejected(&text, &["shards[1].name", "duplicate", "shard_1", "shards[0]"]);
+}
+
+#[test]
+fn a_config_without_shards_is_rejected() {
+    rejected("[master]\nport = 5440\n", &["shards", "no shards"]);
+    rejected("shards = []\n[master]\nport = 5440\n", &["shards", "no shards"]);
+}
+
+#[test]
+fn negative_weight_is_rejected_and_zero_accepted() {
+    let text = with_shards(
+        "[[shards]]\nname = \"shard_1\"\nport = 5441\n[[shards]]\nname = \"shard_2\"\nport = 5442\nweight = -1\n",
+    );
+    rejected(&text, &["shards[1].weight", "-1", "negative"]);
+    let zero = with_shards(
+        "[[shards]]\nname = \"shard_1\"\nport = 5441\n[[shards]]\nname = \"shard_2\"\nport = 5442\nweight = 0\n",
+    );
+    let c = parse(&zero).unwrap();
+    assert_eq!(c.shards[1].weight, 0);
+    assert_eq!(c.shards[0].weight, 1);
+}
+
+#[test]
+fn a_shard_on_the_master_database_is_rejected() {
+    // Same fields.
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\nport = 5440\n"),
+        &["shards[0]", "shard_1", "same database as the master"],
+    );
+    // localhost vs 127.0.0.1.
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\nhost = \"localhost\"\nport = 5440\n"),
+        &["shards[0]", "shard_1", "same database as the master"],
+    );
+    // url vs structured fields.
+    rejected(
+        "[master]\nhost = \"localhost\"\nport = 5440\ndbname = \"app\"\n\
+         [[shards]]\nname = \"shard_1\"\nurl = \"postgres://other@127.0.0.1:5440/app\"\n",
+        &["shards[0]", "shard_1", "same database as the master"],
+    );
+    // A different database on the master's server is fine.
+    let c = parse(&with_shards(
+        "[[shards]]\nname = \"shard_1\"\nport = 5440\ndbname = \"s1\"\n",
+    ))
+    .unwrap();
+    assert_eq!(c.shards[0].database.target.dbname, "s1");
+}
+
+#[test]
+fn two_shards_on_one_database_are_rejected() {
+    rejected(
+        &with_shards(
+            "[[shards]]\nname = \"shard_1\"\nport = 5441\n\
+             [[shards]]\nname = \"shard_2\"\nurl = \"postgres://localhost:5441/shardq\"\n",
+        ),
+        &["shards[1]", "shard_2", "same database as shard \"shard_1\""],
+    );
+}
+
+#[test]
+fn env_vars_are_expanded() {
+    let env = |name: &str| match name {
+        "PGHOST" => Some("db.internal".to_string()),
+        "PGPASS" => Some("s3cret".to_string()),
+        _ => None,
+    };
+    let text = with_shards(
+        "[[shards]]\nname = \"shard_1\"\nhost = \"${PGHOST}\"\nport = 5441\n\
+         password = \"${PGPASS}\"\ndbname = \"app_${PGHOST:-x}\"\n",
+    );
+    let c = parse_with(&text, &env).unwrap();
+    let t = &c.shards[0].database.target;
+    assert_eq!(t.host, "db.internal");
+    assert_eq!(t.password.as_deref(), Some("s3cret"));
+    assert_eq!(t.dbname, "app_db.internal");
+}
+
+#[test]
+fn env_default_is_used_when_unset() {
+    let text = with_shards(
+        "[[shards]]\nname = \"shard_1\"\nport = 5441\nuser = \"${PGUSER_UNSET:-app}\"\n\
+         password = \"${PGPASS_UNSET:-}\"\npool = { acquire_timeout = \"${T:-250ms}\" }\n",
+    );
+    let c = parse(&text).unwrap();
+    let d = &c.shards[0].database;
+    assert_eq!(d.target.user, "app");
+    assert_eq!(d.target.password, None, "an empty default means no password");
+    assert_eq!(d.pool.acquire_timeout, Duration::from_millis(250));
+    // A set variable wins over the default.
+    let env = |n: &str| (n == "PGUSER_UNSET").then(|| "set".to_string());
+    let c = parse_with(&text, &env).unwrap();
+    assert_eq!(c.shards[0].database.target.user, "set");
+}
+
+#[test]
+fn unset_env_var_without_default_is_an_error() {
+    let text = with_shards("[[shards]]\nname = \"shard_1\"\nport = 5441\npassword = \"${SHARD1_PASSWORD}\"\n");
+    rejected(&text, &["shards[0].password", "SHARD1_PASSWORD", "not set"]);
+}
+
+#[test]
+fn the_password_is_never_printed() {
+    let env = |n: &str| (n == "PW").then(|| "hunter2-env".to_string());
+    let text = "[master]\nurl = \"postgres://app:hunter2-url@127.0.0.1:5440/shardq\"\n\
+                [[shards]]\nname = \"shard_1\"\nport = 5441\npassword = \"${PW}\"\n";
+    let c = parse_with(text, &env).unwrap();
+    let m = &c.master.target;
+    let s = &c.shards[0].database.target;
+    assert_eq!(m.password.as_deref(), Some("hunter2-url"));
+    assert_eq!(s.password.as_deref(), Some("hunter2-env"));
+    for shown in [
+        m.to_string(),
+        format!("{m:?}"),
+        s.to_string(),
+        format!("{s:?}"),
+        format!("{c:?}"),
+    ] {
+        assert!(!shown.contains("hunter2"), "password printed: {shown}");
+    }
+    assert_eq!(m.to_string(), "postgres://app@127.0.0.1:5440/shardq");
+}
+
+#[test]
+fn shard_names_must_be_simple_identifiers() {
+    let long = "a".repeat(64);
+    for bad in ["Shard-1", "1abc", "a:b", "", "shard 1", "_x", "ünï", long.as_str()] {
+        let text = with_shards(&format!("[[shards]]\nname = {}\nport = 5441\n", toml_string(bad)));
+        rejected(
+            &text,
+            &["shards[0].name", "not a simple identifier", &format!("{bad:?}")],
+        );
+    }
+    for good in ["a", "shard_1", "eu_west_2", "a".repeat(63).as_str()] {
+        let text = with_shards(&format!("[[shards]]\nname = {}\nport = 5441\n", toml_string(good)));
+        assert_eq!(parse(&text).unwrap().shards[0].name, good);
+    }
+}
+
+#[test]
+fn url_parts_are_parsed_and_decoded() {
+    let text = "[master]\nurl = \"postgres://u:p%40ss@db.example:6000/app?sslmode=require\"\n\
+                [[shards]]\nname = \"shard_1\"\nport = 5441\n";
+    let t = parse(text).unwrap().master.target;
+    assert_eq!(t.host, "db.example");
+    assert_eq!(t.port, 6000);
+    assert_eq!(t.user, "u");
+    assert_eq!(t.password.as_deref(), Some("p@ss"));
+    assert_eq!(t.dbname, "app");
+    assert_eq!(t.sslmode, "require");
+    // postgresql:// is accepted too, and missing parts keep their defaults.
+    let t = parse("[master]\nurl = \"postgresql://db.example\"\n[[shards]]\nname = \"s\"\n")
+        .unwrap()
+        .master
+        .target;
+    assert_eq!(
+        (t.host.as_str(), t.port, t.user.as_str()),
+        ("db.example", 5432, "postgres")
+    );
+    assert_eq!((t.dbname.as_str(), t.password.as_deref()), ("shardq", None));
+}
+
+#[test]
+fn url_userinfo_keeps_plus_and_ampersand() {
+    // `+` and `&` are literal in a URL's userinfo and path (only form
+    // encoding gives them a meaning).
+    let text = "[master]\nurl = \"postgres://a+b:x+y&z=w@db.example/my+db\"\n\
+                [[shards]]\nname = \"shard_1\"\nport = 5441\n";
+    let t = parse(text).unwrap().master.target;
+    assert_eq!(t.user, "a+b");
+    assert_eq!(t.password.as_deref(), Some("x+y&z=w"));
+    assert_eq!(t.dbname, "my+db");
+}
+
+#[test]
+fn structured_fields_override_url_parts() {
+    let text = "[master]\nurl = \"postgres://u:pw@db.example:6000/app?sslmode=require\"\n\
+                host = \"other.example\"\nport = 7000\nuser = \"v\"\npassword = \"pw2\"\n\
+                dbname = \"app2\"\nsslmode = \"disable\"\n\
+                [[shards]]\nname = \"shard_1\"\nport = 5441\n";
+    let t = parse(text).unwrap().master.target;
+    assert_eq!(t.host, "other.example");
+    assert_eq!(t.port, 7000);
+    assert_eq!(t.user, "v");
+    assert_eq!(t.password.as_deref(), Some("pw2"));
+    assert_eq!(t.dbname, "app2");
+    assert_eq!(t.sslmode, "disable");
+}
+
+#[test]
+fn a_url_with_another_scheme_is_rejected() {
+    let msg = rejected(
+        "[master]\nurl = \"mysql://u:topsecret@db.example/app\"\n[[shards]]\nname = \"s\"\n",
+        &["master.url", "scheme", "mysql://"],
+    );
+    assert!(!msg.contains("topsecret"), "the URL's password was echoed: {msg}");
+}
+
+#[test]
+fn a_bad_sslmode_is_rejected() {
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\nport = 5441\nsslmode = \"sometimes\"\n"),
+        &["shards[0].sslmode", "\"sometimes\"", "verify-full"],
+    );
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\nurl = \"postgres://h:5441/db?sslmode=bogus\"\n"),
+        &["shards[0]", "sslmode", "\"bogus\""],
+    );
+}
+
+#[test]
+fn a_bad_port_is_rejected() {
+    for p in ["0", "-5", "65536"] {
+        rejected(
+            &with_shards(&format!("[[shards]]\nname = \"shard_1\"\nport = {p}\n")),
+            &["shards[0].port", p, "not a TCP port"],
+        );
+    }
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\nurl = \"postgres://u:pw@h:99999/db\"\n"),
+        &["shards[0].url", "not a valid URL"],
+    );
+}
+
+#[test]
+fn pool_acquire_timeout_is_a_duration() {
+    let c = parse(&with_shards(
+        "[[shards]]\nname = \"shard_1\"\nport = 5441\npool = { acquire_timeout = \"5s\", max_connections = 3, min_connections = 1 }\n",
+    ))
+    .unwrap();
+    let pool = &c.shards[0].database.pool;
+    assert_eq!(pool.acquire_timeout, Duration::from_secs(5));
+    assert_eq!((pool.max_connections, pool.min_connections), (3, 1));
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\nport = 5441\npool = { acquire_timeout = \"five\" }\n"),
+        &["shards[0].pool.acquire_timeout", "\"five\"", "not a duration"],
+    );
+}
+
+#[test]
+fn pool_min_above_max_is_rejected() {
+    rejected(
+        &with_shards(
+            "[[shards]]\nname = \"shard_1\"\nport = 5441\npool = { max_connections = 2, min_connections = 3 }\n",
+        ),
+        &["shards[0].pool.min_connections", "3 is more than max_connections (2)"],
+    );
+    rejected(
+        &format!("[master]\nport = 5440\n[master.pool]\nmin_connections = 11\n{TWO}"),
+        &["master.pool.min_connections", "more than max_connections (10)"],
+    );
+}
+
+#[test]
+fn the_committed_shards_toml_parses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shards.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let c = Config::parse(&text, Path::new(path), &no_env).unwrap();
+    assert_eq!(c.master.target.host, "127.0.0.1");
+    assert_eq!(c.master.target.port, 5440);
+    assert_eq!(c.master.target.user, "postgres");
+    assert_eq!(c.master.target.password, None);
+    assert_eq!(c.shard_names(), ["shard_1", "shard_2", "shard_3"]);
+    let ports: Vec<u16> = c.shards.iter().map(|s| s.database.target.port).collect();
+    assert_eq!(ports, [5441, 5442, 5443]);
+    assert!(c
+        .shards
+        .iter()
+        .all(|s| s.weight == 1 && s.database.pool.max_connections == 20));
+    // The password comes from the environment when it is set.
+    let env = |n: &str| (n == "SHARDQ_PGPASSWORD").then(|| "pw".to_string());
+    let c = Config::parse(&text, Path::new(path), &env).unwrap();
+    assert_eq!(c.shards[2].database.target.password.as_deref(), Some("pw"));
+}
+
+#[test]
+fn from_urls_builds_an_inline_config() {
+    let c = Config::from_urls(
+        "postgres://postgres@127.0.0.1:5440/m",
+        &[
+            ("a", "postgres://127.0.0.1:5441/x"),
+            ("b", "postgres://127.0.0.1:5442/x"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.shard_names(), ["a", "b"]);
+    let err = Config::from_urls("postgres://127.0.0.1:5440/m", &[("Bad", "postgres://h/x")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("<inline>") && err.contains("shards[0].name"), "{err}");
+}

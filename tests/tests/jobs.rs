@@ -425,7 +425,7 @@ async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced
     let finish = store::Finish {
         id: id.id,
         attempt: 1,
-        state: "discarded",
+        state: shardq::JobState::Discarded,
         run_at: None,
         error: Some("late".into()),
         extra_attempts: 0,

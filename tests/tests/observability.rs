@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardq::health::Readiness;
+use shardq::observe::health::Readiness;
 use shardq::store::{QUEUE_DEPTH_CAP, QUEUE_DEPTH_SQL, QUEUE_FINISHED_RECENT_SQL, QUEUE_NAMES_SQL, QUEUE_RUNNING_SQL};
 use shardq::{Account, Backoff, JobContext, JobError, NewJob, Runtime, RuntimeOptions, Worker};
 use shardq_router::{Config, Migrator, Router};
@@ -240,7 +240,7 @@ async fn status_reports_a_stopped_shard_as_down_and_the_others_with_their_counts
         .await
         .unwrap();
 
-    let all_up = shardq::status::fleet(&router, Duration::from_secs(2)).await;
+    let all_up = shardq::observe::status::fleet(&router, Duration::from_secs(2)).await;
     assert_eq!(all_up.status, Readiness::Ready, "{all_up:?}");
     assert_eq!(all_up.shards[0].queues[0].available, 1, "{all_up:?}");
 
@@ -249,7 +249,7 @@ async fn status_reports_a_stopped_shard_as_down_and_the_others_with_their_counts
         .await
         .unwrap();
 
-    let fleet = shardq::status::fleet(&router, Duration::from_secs(2)).await;
+    let fleet = shardq::observe::status::fleet(&router, Duration::from_secs(2)).await;
     let json = serde_json::to_string(&fleet).unwrap();
     assert!(!json.contains(PASSWORD), "a password leaked: {json}");
     assert_eq!(fleet.status, Readiness::Degraded, "{json}");
@@ -282,7 +282,7 @@ async fn status_reports_a_stopped_shard_as_down_and_the_others_with_their_counts
     // The node that listened on shard_2 was shut down.
     assert_eq!(up.listeners, Some(0), "{json}");
 
-    let health = shardq::health::check(&router).await;
+    let health = shardq::observe::health::check(&router).await;
     assert_eq!(health.status, Readiness::Degraded);
     assert!(!format!("{health:?}").contains(PASSWORD));
 }

@@ -46,7 +46,7 @@ async fn wait_listening(pool: &PgPool) {
     .await;
 }
 
-async fn state_of(f: &Fleet, id: &JobId) -> String {
+async fn state_of(f: &Fleet, id: &JobId) -> shardq::JobState {
     f.client.job(id).await.unwrap().state
 }
 

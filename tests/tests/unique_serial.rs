@@ -33,7 +33,7 @@ fn account(name: &str) -> Account {
     Account::new(name).unwrap()
 }
 
-async fn state_of(f: &Fleet, id: &JobId) -> String {
+async fn state_of(f: &Fleet, id: &JobId) -> shardq::JobState {
     f.client.job(id).await.unwrap().state
 }
 

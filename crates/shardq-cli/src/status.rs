@@ -6,9 +6,8 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use shardq::health::{DatabaseHealth, Readiness};
-use shardq::status::{self, FleetStatus, ShardStatus};
-use shardq::store::QUEUE_DEPTH_CAP;
+use shardq::observe::health::{DatabaseHealth, Readiness};
+use shardq::observe::status::{self, FleetStatus, ShardStatus, DEPTH_CAP};
 use shardq_router::{Config, Router};
 
 /// Arguments of `status`.
@@ -135,7 +134,7 @@ fn queue_table(out: &mut String, shard: &ShardStatus) {
         );
     }
     if shard.queues.iter().any(|q| q.capped) {
-        let _ = writeln!(out, "  (+: counting stopped at {QUEUE_DEPTH_CAP} jobs)");
+        let _ = writeln!(out, "  (+: counting stopped at {DEPTH_CAP} jobs)");
     }
 }
 

@@ -289,7 +289,7 @@ async fn a_worker_sigkilled_mid_batch_loses_no_job_and_its_running_jobs_are_resc
             .map(|id| Finish {
                 id: *id,
                 attempt: 1,
-                state: "available",
+                state: shardq::JobState::Available,
                 run_at: None,
                 error: Some("late".into()),
                 extra_attempts: 0,

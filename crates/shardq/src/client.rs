@@ -1,4 +1,6 @@
-//! [`Client`]: enqueue jobs on their account's shard, and look them up.
+//! [`Client`]: every call an application makes about jobs: enqueue (one,
+//! unique, in its own transaction, many), look up (`job`, `jobs_of`),
+//! cancel and retry. Routes through the router, writes through the store.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,9 +10,11 @@ use sqlx::PgConnection;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::job::{JobId, JobRecord, NewJob};
-use crate::store;
-use crate::unique::{self, Enqueued};
+use crate::job::{Enqueued, JobId, JobRecord, JobState, NewJob};
+use crate::store::{self, JobChange};
+
+/// Reason recorded in a job's errors when it is cancelled through the client.
+const CANCEL_REASON: &str = "cancelled on request";
 
 /// Inserts a unique or serial job: `Ok(Ok((id, inserted)))`; the outer
 /// error is the database's, the inner one a duplicate that kept vanishing.
@@ -20,7 +24,7 @@ async fn insert_keyed(
     job: &NewJob,
     args: &str,
 ) -> sqlx::Result<Result<(i64, bool)>> {
-    Ok(unique::insert(conn, account, job, args)
+    Ok(store::job_insert_keyed(conn, account, job, args)
         .await?
         .ok_or_else(|| Error::Unique {
             kind: job.kind.clone(),
@@ -205,10 +209,66 @@ impl Client {
     }
 
     /// An account's most recent jobs, optionally of one state.
+    /// An unknown state name is an [`Error::InvalidJob`] naming the field `state`.
     pub async fn jobs_of(&self, account: &Account, state: Option<&str>, limit: i64) -> Result<Vec<JobRecord>> {
+        let state = state.map(str::parse::<JobState>).transpose()?;
         let db = self.router.pool_for(account).await?;
         store::job_list_for_account(&db.pool, &db.name, account.as_str(), state, limit)
             .await
             .map_err(|e| db.error(e).into())
+    }
+
+    /// Cancels a job. One that has not run yet (available, scheduled or
+    /// waiting to retry) becomes `cancelled` and never runs. One that is
+    /// running becomes `cancelled` at once and its handler is signalled
+    /// ([`JobContext::cancelled`](crate::worker::JobContext::cancelled)); it stays
+    /// `cancelled` even if the handler ignores the signal and succeeds.
+    /// The reason is appended to the job's errors. Cancelling a cancelled job
+    /// does nothing; a completed or discarded job is an [`Error::JobState`].
+    /// Returns the job as it is afterwards.
+    pub async fn cancel(&self, id: &JobId) -> Result<JobRecord> {
+        let db = self.router().shard(&id.shard)?;
+        let change = store::job_cancel(&db.pool, id.id, CANCEL_REASON)
+            .await
+            .map_err(|e| db.error(e))?;
+        match change {
+            JobChange::Changed { was } => {
+                tracing::info!(job = %id, was = %was, "job cancelled");
+            }
+            JobChange::Unchanged { .. } => {}
+            JobChange::NotFound => return Err(Error::JobNotFound(id.to_string())),
+            JobChange::Refused { state } => {
+                return Err(Error::JobState {
+                    id: id.to_string(),
+                    state: state.to_string(),
+                    message: "only available (scheduled, retryable) or running jobs can be cancelled".into(),
+                })
+            }
+        }
+        self.job(id).await
+    }
+
+    /// Retries a discarded or cancelled job by hand: it becomes available
+    /// now, keeping its errors, with one more attempt allowed when it had
+    /// none left (`max_attempts` becomes at least `attempt + 1`; a job that
+    /// still had attempts keeps its `max_attempts`). Any other state is an
+    /// [`Error::JobState`] and nothing changes. Returns the job afterwards.
+    pub async fn retry(&self, id: &JobId) -> Result<JobRecord> {
+        let db = self.router().shard(&id.shard)?;
+        let change = store::job_retry(&db.pool, id.id).await.map_err(|e| db.error(e))?;
+        match change {
+            JobChange::Changed { was } => {
+                tracing::info!(job = %id, was = %was, "job retried by hand");
+            }
+            JobChange::NotFound => return Err(Error::JobNotFound(id.to_string())),
+            JobChange::Refused { state } | JobChange::Unchanged { state } => {
+                return Err(Error::JobState {
+                    id: id.to_string(),
+                    state: state.to_string(),
+                    message: "only discarded or cancelled jobs can be retried".into(),
+                })
+            }
+        }
+        self.job(id).await
     }
 }

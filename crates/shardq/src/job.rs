@@ -1,5 +1,6 @@
 //! Jobs as the application sees them: [`NewJob`] to enqueue, [`JobId`] to
-//! name one (`SHARD:ID`), [`JobRecord`] to inspect one.
+//! name one (`SHARD:ID`), [`Enqueued`] to learn whether an enqueue inserted,
+//! [`JobState`] and [`JobRecord`] to inspect one. Plain values: no I/O here.
 
 use std::time::Duration;
 
@@ -51,6 +52,92 @@ impl std::str::FromStr for JobId {
             id,
         })
     }
+}
+
+/// Where a job is in its life. Stored as text in the `state` column; the
+/// store maps it at the boundary, nothing else sees the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting to run: due now, scheduled for later, or retrying after a backoff.
+    Available,
+    /// Claimed by a node, which holds its lease.
+    Running,
+    /// Ran to completion (final).
+    Completed,
+    /// Failed on its last attempt, kept with its errors (final).
+    Discarded,
+    /// Cancelled on request or by its handler, kept with its errors (final).
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, in life order.
+    pub const ALL: [JobState; 5] = [
+        JobState::Available,
+        JobState::Running,
+        JobState::Completed,
+        JobState::Discarded,
+        JobState::Cancelled,
+    ];
+
+    /// The state's name, as stored and printed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Available => "available",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Discarded => "discarded",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// The state named `name`, if it is one.
+    pub fn parse(name: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether the job reached a final state (completed, discarded, cancelled).
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Discarded | JobState::Cancelled)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<JobState> {
+        JobState::parse(s).ok_or_else(|| Error::InvalidJob {
+            field: "state",
+            message: format!("{s:?} is not a job state (one of: available, running, completed, discarded, cancelled)"),
+        })
+    }
+}
+
+impl PartialEq<str> for JobState {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for JobState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// The result of `Client::enqueue_unique`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    /// The new job, or the existing job it duplicates.
+    pub id: JobId,
+    /// True when nothing was inserted because an equal unique job exists.
+    pub duplicate: bool,
 }
 
 /// A job to enqueue: kind, JSON args and options.
@@ -232,8 +319,8 @@ pub struct JobRecord {
     pub kind: String,
     /// Its args.
     pub args: serde_json::Value,
-    /// `available`, `running`, `completed`, `discarded` or `cancelled`.
-    pub state: String,
+    /// Where it is in its life.
+    pub state: JobState,
     /// Priority (lower first).
     pub priority: i16,
     /// Attempts started so far.
@@ -272,6 +359,17 @@ mod tests {
         for bad in ["", "shard_1", ":4", "shard_1:x", "shard_1:-3", "shard_1:0"] {
             assert!(bad.parse::<JobId>().is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn job_states_round_trip_through_their_names() {
+        for s in JobState::ALL {
+            assert_eq!(JobState::parse(s.as_str()), Some(s));
+            assert_eq!(s, s.as_str());
+        }
+        assert_eq!(JobState::parse("Completed"), None);
+        let err = "done".parse::<JobState>().unwrap_err().to_string();
+        assert!(err.contains("state") && err.contains("done"), "{err}");
     }
 
     #[test]

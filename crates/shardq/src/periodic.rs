@@ -1,6 +1,6 @@
 //! Periodic jobs: [`PeriodicJob`] enqueues a job at every occurrence of a
 //! cron expression in a time zone, declared on the node
-//! ([`RuntimeBuilder::periodic`](crate::RuntimeBuilder::periodic)).
+//! (`RuntimeBuilder::periodic`; the node's scheduler stage runs them).
 //!
 //! Exactly once across nodes: every node runs the same schedule, and an
 //! occurrence is recorded in the target shard's `shardq.periodic_runs`
@@ -20,7 +20,6 @@
 //! occurrence does while the previous run of the job is not done.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -30,12 +29,11 @@ use croner::Cron;
 use rand::Rng;
 use shardq_router::router::Database;
 use shardq_router::{Account, Router};
-use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::job::{JobId, NewJob};
 use crate::store;
-use crate::unique::{self, UniqueOpts};
+use crate::unique::UniqueOpts;
 
 /// The account per-shard periodic jobs belong to unless another is given.
 pub const SYSTEM_ACCOUNT: &str = "_shardq";
@@ -43,10 +41,6 @@ pub const SYSTEM_ACCOUNT: &str = "_shardq";
 /// Most occurrences of one job enqueued by one pass (the newest are kept):
 /// bounds the catch-up of a per-second schedule after a long stop.
 pub const MAX_OCCURRENCES_PER_PASS: usize = 1_000;
-
-/// Longest a node's scheduler sleeps between passes, so a clock change or
-/// a newly reachable shard is noticed.
-const MAX_SLEEP: Duration = Duration::from_secs(30);
 
 /// What an occurrence does while the previous run of the job has not
 /// finished (is `available`, scheduled, retrying or `running`).
@@ -209,7 +203,7 @@ impl PeriodicJob {
     }
 
     /// The first occurrence after `after`.
-    fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.cron
             .find_next_occurrence(&after.with_timezone(&self.tz), false)
             .ok()
@@ -267,7 +261,7 @@ impl PeriodicJob {
             };
             job.run_at = Some(at + chrono::Duration::from_std(offset).unwrap_or_default());
             let id = if job.is_keyed() {
-                unique::insert(&mut tx, account, &job, &args)
+                store::job_insert_keyed(&mut tx, account, &job, &args)
                     .await
                     .map_err(|e| db.error(e))?
                     .and_then(|(id, inserted)| inserted.then_some(id))
@@ -298,7 +292,7 @@ impl PeriodicJob {
 
     /// Forgets this job's records older than its catch-up window, on the
     /// shards it writes to.
-    async fn prune(&self, router: &Router, now: DateTime<Utc>) {
+    pub(crate) async fn prune(&self, router: &Router, now: DateTime<Utc>) {
         let before = now - chrono::Duration::from_std(self.catch_up * 2).unwrap_or_default();
         let dbs: Vec<&Database> = match &self.scope {
             Scope::PerShard(_) => router.shards().iter().collect(),
@@ -311,55 +305,6 @@ impl PeriodicJob {
             if let Err(e) = store::periodic_runs_prune(&db.pool, &self.name, before).await {
                 tracing::debug!(periodic = %self.name, error = %db.error(e), "pruning periodic records failed");
             }
-        }
-    }
-}
-
-/// A node's scheduler: enqueues due occurrences of `jobs` until `stop`.
-/// Starts `catch_up` back for each job; a pass that fails for a job is
-/// repeated from the same point on the next pass.
-pub(crate) async fn run(router: Arc<Router>, jobs: Arc<Vec<PeriodicJob>>, mut stop: watch::Receiver<bool>) {
-    let start = Utc::now();
-    let mut after: Vec<DateTime<Utc>> = jobs
-        .iter()
-        .map(|j| start - chrono::Duration::from_std(j.catch_up).unwrap_or_default())
-        .collect();
-    let mut last_prune: Option<DateTime<Utc>> = None;
-    loop {
-        let now = Utc::now();
-        for (job, after) in jobs.iter().zip(after.iter_mut()) {
-            match job.enqueue_due(&router, *after, now).await {
-                Ok(done) => {
-                    *after = now;
-                    let enqueued = done.iter().filter(|o| o.job.is_some()).count();
-                    if !done.is_empty() {
-                        tracing::debug!(periodic = %job.name, enqueued, skipped = done.len() - enqueued, "periodic occurrences recorded");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(periodic = %job.name, error = %crate::error::ErrorChain(&e), "enqueueing periodic occurrences failed; retrying next pass");
-                }
-            }
-        }
-        if last_prune.is_none_or(|at| now - at > chrono::Duration::minutes(10)) {
-            for job in jobs.iter() {
-                job.prune(&router, now).await;
-            }
-            last_prune = Some(now);
-        }
-        let next = jobs.iter().filter_map(|j| j.next_after(now)).min();
-        let sleep = next
-            .and_then(|at| (at - Utc::now()).to_std().ok())
-            .unwrap_or(Duration::ZERO)
-            .min(MAX_SLEEP)
-            // A little past the occurrence, so it is not missed by rounding.
-            + Duration::from_millis(5);
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(sleep) => {}
-        }
-        if *stop.borrow() {
-            return;
         }
     }
 }

@@ -1,4 +1,8 @@
-//! Unique jobs: [`UniqueOpts`] on a [`NewJob`](crate::NewJob) makes a
+//! Unique jobs and serial keys as values: [`UniqueOpts`], and the key texts
+//! the store writes (the I/O, `ON CONFLICT` and the duplicate lookup, is in
+//! `store::insert`). Used by `job` (options) and the store (keys).
+//!
+//! [`UniqueOpts`] on a `NewJob` makes a
 //! duplicate enqueue return the existing job instead of inserting another.
 //!
 //! The database decides, so uniqueness holds across nodes and races: the
@@ -24,9 +28,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-
-use crate::job::JobId;
 
 /// The states a unique job is unique among.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,15 +91,6 @@ impl UniqueOpts {
     }
 }
 
-/// The result of [`Client::enqueue_unique`](crate::Client::enqueue_unique).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Enqueued {
-    /// The new job, or the existing job it duplicates.
-    pub id: JobId,
-    /// True when nothing was inserted because an equal unique job exists.
-    pub duplicate: bool,
-}
-
 /// The text hashed into `unique_key` (the database stores its SHA-256):
 /// fields separated by U+001F, which cannot be confused with their content
 /// in practice and is never a NUL.
@@ -123,48 +115,6 @@ pub(crate) fn key_text(
 pub(crate) fn bucket_start(period: Duration, at: DateTime<Utc>) -> i64 {
     let p = i64::try_from(period.as_millis()).unwrap_or(i64::MAX).max(1);
     at.timestamp_millis().div_euclid(p) * p
-}
-
-/// How many times an insert that found a duplicate, which then finished
-/// (and so released its key) before it could be read, is tried again.
-const INSERT_TRIES: usize = 5;
-
-/// Inserts a unique and/or serial job on `conn`: `Some((id, inserted))`,
-/// with the existing job's id when it is a duplicate. `None` when every try
-/// found a duplicate that was gone by the time it was read.
-///
-/// The lookup is its own statement so that, under READ COMMITTED, it sees
-/// the row whose committed insert made `ON CONFLICT` do nothing (a
-/// statement's snapshot predates the conflicting commit it waited for).
-pub(crate) async fn insert(
-    conn: &mut sqlx::PgConnection,
-    account: &str,
-    job: &crate::NewJob,
-    args: &str,
-) -> sqlx::Result<Option<(i64, bool)>> {
-    let unique_text = job
-        .unique
-        .as_ref()
-        .map(|u| key_text(&job.kind, &job.queue, account, u, args, job.run_at));
-    let serial = job.serial_key.as_ref().map(|k| serial_text(account, k));
-    let keys = crate::store::JobKeys {
-        unique_text: unique_text.as_deref(),
-        unique_states: job.unique.as_ref().map(|u| u.states.as_slice()),
-        serial_key: serial.as_deref(),
-    };
-    for _ in 0..INSERT_TRIES {
-        if let Some(id) = crate::store::job_insert_keyed(conn, account, job, args, &keys).await? {
-            return Ok(Some((id, true)));
-        }
-        let Some(text) = keys.unique_text else {
-            // Not unique: the insert cannot have conflicted.
-            return Ok(None);
-        };
-        if let Some(id) = crate::store::job_find_unique(conn, text).await? {
-            return Ok(Some((id, false)));
-        }
-    }
-    Ok(None)
 }
 
 /// The stored serial key: the account and the ordering key, so ordering

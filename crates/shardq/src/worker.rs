@@ -1,6 +1,7 @@
 //! The handler side: the [`Worker`] trait an application implements per job
 //! kind, what a handler receives ([`JobContext`]) and returns ([`JobError`]),
-//! and the registry that maps kinds to type-erased handlers.
+//! how a run ended (`Outcome`), and the registry that maps kinds to
+//! type-erased handlers. Read by the runtime's executor and completer.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -86,6 +87,19 @@ impl<E: std::error::Error> From<E> for JobError {
         }
         JobError::Failed(message)
     }
+}
+
+/// How a run ended, as the executor saw it; the completer writes it.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The handler returned `Ok`.
+    Completed,
+    /// The handler failed (error, panic, timeout, bad args, no handler).
+    Failed(String),
+    /// Run again after this long, without counting a failure.
+    Snooze(Duration),
+    /// Stop for good, with this reason.
+    Cancel(String),
 }
 
 /// A handler for one job kind, with typed args.

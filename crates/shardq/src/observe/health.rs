@@ -4,8 +4,8 @@
 //!
 //! ```no_run
 //! # async fn demo(router: &shardq::Router) {
-//! let health = shardq::health::check(router).await;
-//! if health.status != shardq::health::Readiness::Ready {
+//! let health = shardq::observe::health::check(router).await;
+//! if health.status != shardq::observe::health::Readiness::Ready {
 //!     eprintln!("{}", serde_json::to_string_pretty(&health).unwrap_or_default());
 //! }
 //! # }

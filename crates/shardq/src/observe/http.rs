@@ -1,6 +1,6 @@
 //! The observability endpoint (feature `http`, on by default): `GET /metrics`
 //! in the Prometheus text format, and `GET /healthz`, the readiness of the
-//! fleet as JSON ([`crate::health::Health`]).
+//! fleet as JSON ([`crate::observe::health::Health`]).
 //!
 //! `/healthz` answers **200** when the status is `ready` or `degraded` (some
 //! database is down or not migrated but at least one shard works: taking the
@@ -8,7 +8,7 @@
 //! **503** when it is `unavailable` (no shard works). Read `status` in the
 //! body to tell ready from degraded.
 //!
-//! A worker node serves it with [`crate::RuntimeBuilder::metrics_addr`]; an
+//! A worker node serves it with `RuntimeBuilder::metrics_addr`; an
 //! application that wants it elsewhere calls [`install_prometheus`] before
 //! starting its runtime and spawns [`serve`].
 
@@ -25,8 +25,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use shardq_router::Router;
 
 use crate::error::{Error, Result};
-use crate::health::{self, Readiness};
-use crate::metrics;
+use crate::observe::health::{self, Readiness};
+use crate::observe::metrics;
 
 /// The process-wide recorder's handle, or why it could not be installed.
 static PROMETHEUS: OnceLock<std::result::Result<PrometheusHandle, String>> = OnceLock::new();

@@ -1,10 +1,10 @@
 //! Metrics, recorded through the [`metrics`] facade: the names below are
-//! what a Prometheus scrape of a node shows (see `shardq::http` for the
+//! what a Prometheus scrape of a node shows (see `observe::http` for the
 //! endpoint, or install any `metrics` recorder yourself).
 //!
 //! Handles are bound to the recorder installed when they are first used:
-//! install a recorder (e.g. [`crate::http::install_prometheus`], or
-//! [`crate::RuntimeBuilder::metrics_addr`]) before starting the runtime.
+//! install a recorder (e.g. `observe::http::install_prometheus`, or
+//! `RuntimeBuilder::metrics_addr`) before starting the runtime.
 //!
 //! The per-job handles of a (shard, queue, kind) are built once and cached in
 //! [`JobMetricsCache`], so the hot path does no label building per job.
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 
-use crate::completer::Outcome;
+use crate::worker::Outcome;
 
 /// Runs written as completed. Labels: shard, queue, kind.
 pub const JOBS_COMPLETED: &str = "shardq_jobs_completed_total";

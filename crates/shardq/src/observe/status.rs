@@ -16,8 +16,12 @@ use shardq_router::router::Database;
 use shardq_router::Router;
 
 use crate::error::ErrorChain;
-use crate::health::{self, DatabaseHealth, Readiness};
+use crate::observe::health::{self, DatabaseHealth, Readiness};
 use crate::store;
+
+/// Most jobs one queue's depth counts on a shard; a count at the cap means
+/// "at least this many".
+pub const DEPTH_CAP: i64 = store::QUEUE_DEPTH_CAP;
 
 /// The fleet's state, as `shardq status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -51,7 +55,7 @@ pub struct QueueStatus {
     pub available: i64,
     /// Jobs waiting for a future `run_at`.
     pub scheduled: i64,
-    /// Whether `available + scheduled` stopped at [`store::QUEUE_DEPTH_CAP`]
+    /// Whether `available + scheduled` stopped at [`DEPTH_CAP`]
     /// (the queue holds at least that many).
     pub capped: bool,
     /// Jobs running (on any node).

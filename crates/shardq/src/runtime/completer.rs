@@ -1,72 +1,25 @@
 //! The completer: one task per shard that writes run outcomes in batches
 //! (one statement for completions, one for everything else), fenced by
-//! attempt, and retries the write until the shard takes it.
+//! attempt, retries the write until the shard takes it, then releases the
+//! runs' leases. Fed by the producer's run callback with [`Done`] values.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use rand::Rng;
+use chrono::Utc;
 use tokio::sync::{mpsc, watch};
 
-use crate::metrics::JobMetrics;
-use crate::shard::{ShardStats, ShardWork};
+use super::node::{Done, ShardStats, ShardWork};
+use super::options::Backoff;
+use crate::job::JobState;
 use crate::store::{self, Finish};
+use crate::worker::Outcome;
 
 /// Most outcomes written in one batch.
 const MAX_BATCH: usize = 5_000;
 
-/// How a run ended.
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    Completed,
-    Failed(String),
-    Snooze(Duration),
-    Cancel(String),
-}
-
-/// A run's outcome, sent by the executor.
-#[derive(Debug)]
-pub(crate) struct Done {
-    pub id: i64,
-    pub attempt: i32,
-    pub max_attempts: i32,
-    pub outcome: Outcome,
-    /// When the job was due (total latency counts from here).
-    pub run_at: DateTime<Utc>,
-    /// The (shard, queue, kind) handles the outcome is recorded into once written.
-    pub metrics: Arc<JobMetrics>,
-}
-
-/// Retry backoff: `base · 2^(attempt-1)`, capped at `max`, ±20 % jitter.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    /// Delay after the first failure.
-    pub base: Duration,
-    /// Longest delay.
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(3600),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before the run after failed attempt `attempt` (from 1).
-    pub fn delay(&self, attempt: i32) -> Duration {
-        let exp = attempt.clamp(1, 31) as u32 - 1;
-        let d = self.base.saturating_mul(2u32.saturating_pow(exp)).min(self.max);
-        d.mul_f64(rand::rng().random_range(0.8..1.2))
-    }
-}
-
-/// Writes outcomes from `rx` until `finish` turns true, then writes what is
-/// still queued and returns.
+/// Writes outcomes from `rx` until `finish` turns true (or every sender is
+/// gone), then writes what is still queued and returns.
 pub(crate) async fn run(
     shard: Arc<ShardWork>,
     mut rx: mpsc::Receiver<Done>,
@@ -97,14 +50,7 @@ pub(crate) async fn run(
         }
         tracing::debug!(shard = %shard.db.name, outcomes = batch.len(), "writing outcomes");
         write(&shard, &batch, &backoff).await;
-        if let Ok(mut leases) = shard.leases.lock() {
-            for d in &batch {
-                if leases.get(&d.id).is_some_and(|l| l.attempt == d.attempt) {
-                    leases.remove(&d.id);
-                }
-            }
-        }
-        shard.leases_changed.notify_waiters();
+        shard.leases.release(batch.iter().map(|d| (d.id, d.attempt)));
         batch.clear();
     }
 }
@@ -127,7 +73,7 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
                 finishes.push(Finish {
                     id: d.id,
                     attempt: d.attempt,
-                    state: if last { "discarded" } else { "available" },
+                    state: if last { JobState::Discarded } else { JobState::Available },
                     run_at,
                     error: Some(message.clone()),
                     extra_attempts: 0,
@@ -136,7 +82,7 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
             Outcome::Snooze(after) => finishes.push(Finish {
                 id: d.id,
                 attempt: d.attempt,
-                state: "available",
+                state: JobState::Available,
                 run_at: Some(Utc::now() + *after),
                 error: None,
                 extra_attempts: 1,
@@ -144,7 +90,7 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
             Outcome::Cancel(reason) => finishes.push(Finish {
                 id: d.id,
                 attempt: d.attempt,
-                state: "cancelled",
+                state: JobState::Cancelled,
                 run_at: None,
                 error: Some(format!("cancelled by handler: {reason}")),
                 extra_attempts: 0,
@@ -177,8 +123,8 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
     ShardStats::add(&stats.completed, ids.len() as u64);
     for f in &finishes {
         let counter = match f.state {
-            "discarded" => &stats.discarded,
-            "cancelled" => &stats.cancelled,
+            JobState::Discarded => &stats.discarded,
+            JobState::Cancelled => &stats.cancelled,
             _ if f.extra_attempts > 0 => &stats.snoozed,
             _ => &stats.retried,
         };

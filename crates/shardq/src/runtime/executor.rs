@@ -1,5 +1,7 @@
 //! The executor: runs one fetched job's handler with its timeout, turns a
-//! panic into an error message, and hands the outcome to the completer.
+//! panic into an error message, and returns the run's [`Done`]. Called by
+//! the producer inside the run's own task; what happens to the outcome
+//! (slot, lease, completer) is the producer's callback.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -10,30 +12,26 @@ use futures::FutureExt;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::completer::{Done, Outcome};
+use super::node::{Done, Node, ShardWork};
 use crate::job::JobId;
-use crate::runtime::Node;
-use crate::shard::ShardWork;
-use crate::slots::QueueSlots;
 use crate::store::FetchedJob;
-use crate::worker::{JobContext, JobError};
+use crate::worker::{JobContext, JobError, Outcome};
 
 /// Runs one job to its outcome. Called in its own task by the producer.
 pub(crate) async fn execute(
-    node: Arc<Node>,
-    shard: Arc<ShardWork>,
-    slots: Arc<QueueSlots>,
-    queue: Arc<str>,
+    node: &Node,
+    shard: &ShardWork,
+    queue: &Arc<str>,
     job: FetchedJob,
     cancelled: watch::Receiver<bool>,
-) {
+) -> Done {
     let pickup = (Utc::now() - job.run_at).num_microseconds().unwrap_or(0).max(0) as u64;
     shard.stats.record_pickup(pickup);
-    let metrics = shard.metrics.get(&queue, &job.kind);
+    let metrics = shard.metrics.get(queue, &job.kind);
     let running = metrics.job_started(Duration::from_micros(pickup));
     let span = tracing::info_span!("job", shard = %shard.db.name, queue = %queue, kind = %job.kind, id = job.id, attempt = job.attempt);
     let started = std::time::Instant::now();
-    let mut outcome = run_handler(&node, &shard, &queue, &job, cancelled.clone())
+    let mut outcome = run_handler(node, shard, queue, &job, cancelled.clone())
         .instrument(span.clone())
         .await;
     metrics.job_ran(started.elapsed());
@@ -50,23 +48,13 @@ pub(crate) async fn execute(
         // below is fenced off), whatever the handler returned.
         outcome = Outcome::Cancel("cancelled on request while running".into());
     }
-    slots.release(shard.index, 1);
-    if let Ok(mut leases) = shard.leases.lock() {
-        if let Some(lease) = leases.get_mut(&job.id) {
-            lease.run = None;
-        }
-    }
-    let done = Done {
+    Done {
         id: job.id,
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         outcome,
         run_at: job.run_at,
         metrics,
-    };
-    if shard.done_tx.send(done).await.is_err() {
-        // The completer is gone (shutdown after its grace): the lease expires and the job is rescued.
-        tracing::warn!(shard = %shard.db.name, id = job.id, "outcome not recorded: completer stopped");
     }
 }
 

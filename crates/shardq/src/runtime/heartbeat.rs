@@ -1,27 +1,25 @@
-//! Leases: the heartbeat that renews this node's leases on a shard in one
-//! statement, and the rescuer that returns jobs whose lease expired (their
-//! node died or was cut off) to the queue.
+//! The heartbeat: keeps this node's leases on one shard alive, renewing them
+//! all in one statement every `heartbeat_interval`, and at shutdown hands
+//! back the runs still going (available at once, the interrupted attempt not
+//! counted). Spawned by the composer; reads `ShardWork::leases`.
 
 use std::sync::Arc;
 
-use rand::Rng;
 use tokio::sync::watch;
 
+use super::node::{Node, ShardWork};
 use crate::error::ErrorChain;
-use crate::metrics;
-use crate::runtime::Node;
-use crate::shard::ShardWork;
 use crate::store;
 
 /// Renews the leases of every job this node holds on `shard` every
 /// `heartbeat_interval`, until `stop`.
-pub(crate) async fn heartbeat(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(node.options.heartbeat_interval) => {}
         }
-        let (ids, _) = shard.leased();
+        let (ids, _) = shard.leases.held();
         if ids.is_empty() {
             continue;
         }
@@ -35,31 +33,17 @@ pub(crate) async fn heartbeat(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: 
     }
 }
 
-/// Rescues expired leases on `shard` every `rescue_interval` (jittered), until `stop`.
-pub(crate) async fn rescuer(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch::Receiver<bool>) {
-    const BATCH: i64 = 1_000;
-    loop {
-        let wait = node.options.rescue_interval.mul_f64(rand::rng().random_range(0.8..1.2));
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        loop {
-            match store::job_rescue_expired(&shard.db.pool, BATCH).await {
-                Ok(n) => {
-                    if n > 0 {
-                        metrics::jobs_rescued(&shard.db.name, n);
-                        tracing::info!(shard = %shard.db.name, rescued = n, "rescued jobs with expired leases");
-                    }
-                    if n < BATCH as u64 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "rescue failed");
-                    break;
-                }
-            }
+/// Aborts this node's runs still going on `shard` and makes their jobs
+/// available again (shutdown, after the grace period).
+pub(crate) async fn hand_back(node: &Node, shard: &ShardWork) {
+    let (ids, attempts) = shard.leases.abort_running();
+    if ids.is_empty() {
+        return;
+    }
+    match store::job_give_back(&shard.db.pool, &ids, &attempts, &node.id).await {
+        Ok(n) => tracing::info!(shard = %shard.db.name, given_back = n, "handed running jobs back"),
+        Err(e) => {
+            tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "hand-back failed; leases will expire and the jobs be rescued")
         }
     }
 }

@@ -1,6 +1,44 @@
-//! [`Runtime`]: a worker node. For each shard it runs one notifier, one
-//! producer per queue, one completer, a heartbeat and a rescuer; queue limits
-//! are per node and shared fairly across shards.
+//! [`Runtime`]: a worker node. This file only wires: for each shard it
+//! spawns one notifier, one producer per queue, one completer, a heartbeat,
+//! a rescuer, a pruner, a cancel sweeper and a sampler; per node, the
+//! scheduler of periodic jobs and the slot sampler; and it shuts them down
+//! in order.
+//!
+//! The stages, each in its own file (they import [`node`] and the store,
+//! never this file nor each other, except the producer, which runs jobs
+//! through the executor and gates them with its queue's slots):
+//! - `node`: the shared types at the bottom: `Node`, `ShardWork`, `Leases`,
+//!   `Done`, run statistics.
+//! - [`options`]: [`RuntimeOptions`] and [`Backoff`].
+//! - `notifier`: per shard, the one LISTEN connection; hands payloads to
+//!   subscribers by channel.
+//! - `producer`: per (shard, queue), claims due jobs up to free slots and
+//!   runs each in its own task; its callback hands the outcome on.
+//! - `wakeup`: a producer's next wake-up, from its queue's earliest scheduled job.
+//! - `slots`: a queue's node-wide limit, shared fairly across shards.
+//! - `executor`: runs a handler with timeout and panic capture.
+//! - `completer`: per shard, writes outcomes in batches, fenced by attempt.
+//! - `heartbeat`: renews this node's leases; hands running jobs back at shutdown.
+//! - `rescuer`: returns jobs whose lease expired to the queue.
+//! - `cancel`: signals a running job's handler when it is cancelled.
+//! - `retention`: prunes finished jobs past their retention.
+//! - `sampler`: depth, oldest-job, pool and slot gauges.
+//! - `scheduler`: enqueues periodic jobs' occurrences.
+
+mod cancel;
+mod completer;
+mod executor;
+mod heartbeat;
+mod node;
+mod notifier;
+pub mod options;
+mod producer;
+mod rescuer;
+mod retention;
+mod sampler;
+mod scheduler;
+mod slots;
+mod wakeup;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -11,100 +49,18 @@ use shardq_router::Router;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::cancel;
-use crate::completer::{self, Backoff};
 use crate::error::{Error, Result};
-use crate::lease;
-use crate::metrics::JobMetricsCache;
-use crate::notifier;
-use crate::periodic::{self, PeriodicJob};
-use crate::producer::Producer;
-use crate::retention;
-use crate::sampler;
-use crate::shard::{ShardRunStats, ShardStats, ShardWork};
-use crate::slots::QueueSlots;
+use crate::observe::metrics::JobMetricsCache;
+use crate::periodic::PeriodicJob;
 use crate::store;
 use crate::worker::{Registry, Worker};
-
-/// Tunables of a worker node. `Default` gives the documented defaults.
-#[derive(Debug, Clone)]
-pub struct RuntimeOptions {
-    /// Fallback poll of each producer, jittered ±10 % (default 1 s).
-    pub poll_interval: Duration,
-    /// Least time between two fetches of one producer; wake-ups inside it
-    /// coalesce into one fetch (default 0.5 ms).
-    pub fetch_cooldown: Duration,
-    /// Most jobs one fetch claims (default 1,000; free slots bound it too).
-    pub max_batch: usize,
-    /// How long a fetched job's lease lasts without renewal (default 30 s).
-    pub lease: Duration,
-    /// How often leases are renewed (default 10 s; must be under `lease`).
-    pub heartbeat_interval: Duration,
-    /// How often each shard is checked for expired leases (default 15 s, jittered).
-    pub rescue_interval: Duration,
-    /// Retry delays after failures.
-    pub backoff: Backoff,
-    /// This node's id (default `host-pid-random`).
-    pub node_id: Option<String>,
-    /// How long completed jobs are kept before the pruner deletes them (default 24 h).
-    pub retain_completed: Duration,
-    /// How long cancelled jobs are kept, with their errors (default 7 days).
-    pub retain_cancelled: Duration,
-    /// How long discarded jobs are kept, with their errors (default 7 days).
-    pub retain_discarded: Duration,
-    /// How often each shard's pruner deletes jobs past their retention
-    /// (default 60 s, jittered ±20 %).
-    pub prune_interval: Duration,
-}
-
-impl Default for RuntimeOptions {
-    fn default() -> Self {
-        RuntimeOptions {
-            poll_interval: Duration::from_secs(1),
-            fetch_cooldown: Duration::from_micros(500),
-            max_batch: 1_000,
-            lease: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_secs(10),
-            rescue_interval: Duration::from_secs(15),
-            backoff: Backoff::default(),
-            node_id: None,
-            retain_completed: Duration::from_secs(24 * 3600),
-            retain_cancelled: Duration::from_secs(7 * 24 * 3600),
-            retain_discarded: Duration::from_secs(7 * 24 * 3600),
-            prune_interval: Duration::from_secs(60),
-        }
-    }
-}
-
-impl RuntimeOptions {
-    /// Checks the options; messages name the field.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Runtime(m.to_string()));
-        if self.poll_interval.is_zero() {
-            return bad("poll_interval must be more than 0");
-        }
-        if self.max_batch == 0 {
-            return bad("max_batch must be at least 1");
-        }
-        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.lease {
-            return bad("heartbeat_interval must be more than 0 and less than lease");
-        }
-        if self.rescue_interval.is_zero() {
-            return bad("rescue_interval must be more than 0");
-        }
-        if self.prune_interval.is_zero() {
-            return bad("prune_interval must be more than 0");
-        }
-        Ok(())
-    }
-}
-
-/// What every task of a node reads: its id, handlers and options. Set at start.
-pub(crate) struct Node {
-    pub id: String,
-    pub registry: Registry,
-    pub options: RuntimeOptions,
-}
+pub use node::ShardRunStats;
+use node::{Node, ShardStats, ShardWork};
+pub use notifier::CHANNEL;
+use notifier::{Subscriber, Subscriptions};
+pub use options::{Backoff, RuntimeOptions};
+use producer::Producer;
+use slots::QueueSlots;
 
 /// Builds a worker node.
 pub struct RuntimeBuilder {
@@ -122,7 +78,7 @@ pub struct RuntimeBuilder {
 
 impl RuntimeBuilder {
     /// Serves `/metrics` (Prometheus) and `/healthz` on `addr` while the node
-    /// runs, installing the Prometheus recorder first (see [`crate::http`]).
+    /// runs, installing the Prometheus recorder first (see [`crate::observe::http`]).
     /// Port 0 picks a free port: [`Runtime::metrics_addr`] tells which.
     #[cfg(feature = "http")]
     pub fn metrics_addr(mut self, addr: SocketAddr) -> Self {
@@ -142,7 +98,8 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Schedules a periodic job on this node (see [`crate::periodic`]).
+    /// Schedules a periodic job on this node (see [`crate::periodic`]; the
+    /// node's scheduler enqueues its occurrences).
     /// Declare the same ones on every node: each occurrence is enqueued
     /// exactly once however many nodes run, and a node that starts enqueues
     /// the occurrences of the job's catch-up window that none recorded.
@@ -178,7 +135,10 @@ impl RuntimeBuilder {
         // The recorder goes in before any metric handle is made.
         #[cfg(feature = "http")]
         let endpoint = match self.metrics_addr {
-            Some(addr) => Some((crate::http::bind(addr)?, crate::http::install_prometheus()?)),
+            Some(addr) => Some((
+                crate::observe::http::bind(addr)?,
+                crate::observe::http::install_prometheus()?,
+            )),
             None => None,
         };
         let node = Arc::new(Node {
@@ -210,8 +170,6 @@ impl RuntimeBuilder {
                 index,
                 db: db.clone(),
                 leases: Default::default(),
-                leases_changed: Notify::new(),
-                done_tx,
                 stats: ShardStats::default(),
                 metrics: JobMetricsCache::new(&db.name),
             });
@@ -231,22 +189,23 @@ impl RuntimeBuilder {
                     queue: q.as_str().into(),
                     slots: slots[q].clone(),
                     wake,
+                    done: done_tx.clone(),
                 };
                 producers_tasks.push(tokio::spawn(p.run(stop_rx.clone())));
             }
-            tasks.push(tokio::spawn(notifier::run(shard.clone(), producers, stop_rx.clone())));
+            tasks.push(tokio::spawn(notifier::run(
+                db.clone(),
+                subscriptions(&shard, producers),
+                stop_rx.clone(),
+            )));
             // Leases are renewed until the end of shutdown: jobs keep running
             // through the grace period.
-            tasks.push(tokio::spawn(lease::heartbeat(
+            tasks.push(tokio::spawn(heartbeat::run(
                 node.clone(),
                 shard.clone(),
                 finish_rx.clone(),
             )));
-            tasks.push(tokio::spawn(lease::rescuer(
-                node.clone(),
-                shard.clone(),
-                stop_rx.clone(),
-            )));
+            tasks.push(tokio::spawn(rescuer::run(node.clone(), shard.clone(), stop_rx.clone())));
             tasks.push(tokio::spawn(retention::pruner(
                 node.clone(),
                 shard.clone(),
@@ -267,14 +226,16 @@ impl RuntimeBuilder {
             shards.push(shard);
         }
         if !self.periodic.is_empty() {
-            tasks.push(tokio::spawn(periodic::run(
+            tasks.push(tokio::spawn(scheduler::run(
                 self.router.clone(),
                 Arc::new(self.periodic),
                 stop_rx.clone(),
             )));
         }
+        let queue_slots: Vec<(Arc<str>, Arc<QueueSlots>)> =
+            slots.iter().map(|(q, s)| (q.as_str().into(), s.clone())).collect();
         tasks.push(tokio::spawn(sampler::slots(
-            slots.iter().map(|(q, s)| (q.as_str().into(), s.clone())).collect(),
+            move || queue_slots.iter().map(|(q, s)| (q.clone(), s.free())).collect(),
             sampler::INTERVAL,
             stop_rx.clone(),
         )));
@@ -289,7 +250,7 @@ impl RuntimeBuilder {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                if let Err(e) = crate::http::serve(listener, router, handle, stopped).await {
+                if let Err(e) = crate::observe::http::serve(listener, router, handle, stopped).await {
                     tracing::warn!(error = %crate::error::ErrorChain(&e), "metrics endpoint stopped");
                 }
             }));
@@ -366,7 +327,7 @@ impl Runtime {
 
     /// Jobs this node holds leases on right now.
     pub fn leased(&self) -> usize {
-        self.shards.iter().map(|s| s.leased_count()).sum()
+        self.shards.iter().map(|s| s.leases.count()).sum()
     }
 
     /// Runs until `signal` resolves, then shuts down with `grace`.
@@ -387,18 +348,10 @@ impl Runtime {
             let _ = p.await;
         }
         for shard in &self.shards {
-            loop {
-                let changed = shard.leases_changed.notified();
-                if shard.leased_count() == 0 {
-                    break;
-                }
-                if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                    break;
-                }
-            }
+            shard.leases.wait_released(deadline).await;
         }
         for shard in &self.shards {
-            give_back(&self.node, shard).await;
+            heartbeat::hand_back(&self.node, shard).await;
         }
         for t in &self.tasks {
             t.abort();
@@ -419,34 +372,26 @@ impl Runtime {
     }
 }
 
-/// Aborts this node's runs still going on `shard` and makes their jobs available again.
-async fn give_back(node: &Node, shard: &ShardWork) {
-    let (ids, attempts): (Vec<i64>, Vec<i32>) = match shard.leases.lock() {
-        Ok(mut leases) => {
-            let running: Vec<(i64, i32)> = leases
-                .iter_mut()
-                .filter_map(|(id, l)| {
-                    l.run.take().map(|run| {
-                        run.abort();
-                        (*id, l.attempt)
-                    })
-                })
-                .collect();
-            for (id, _) in &running {
-                leases.remove(id);
+/// Who hears what on `shard`'s LISTEN connection: job notifications wake the
+/// producer of the queue named in the payload, cancel notifications go to
+/// the cancel stage, and every (re)connect wakes every producer.
+fn subscriptions(shard: &Arc<ShardWork>, producers: HashMap<String, Arc<Notify>>) -> Subscriptions {
+    let producers = Arc::new(producers);
+    let wake_queue: Subscriber = {
+        let producers = producers.clone();
+        Box::new(move |queue| {
+            if let Some(w) = producers.get(queue) {
+                w.notify_one();
             }
-            running.into_iter().unzip()
-        }
-        Err(_) => return,
+        })
     };
-    if ids.is_empty() {
-        return;
-    }
-    match store::job_give_back(&shard.db.pool, &ids, &attempts, &node.id).await {
-        Ok(n) => tracing::info!(shard = %shard.db.name, given_back = n, "handed running jobs back"),
-        Err(e) => {
-            tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "hand-back failed; leases will expire and the jobs be rescued")
-        }
+    let cancelled: Subscriber = {
+        let shard = shard.clone();
+        Box::new(move |payload| cancel::on_notification(&shard, payload))
+    };
+    Subscriptions {
+        channels: HashMap::from([(CHANNEL, wake_queue), (store::CANCEL_CHANNEL, cancelled)]),
+        on_listen: Box::new(move || producers.values().for_each(|w| w.notify_one())),
     }
 }
 

@@ -1,22 +1,17 @@
 //! The notifier: one task per shard that owns the shard's one LISTEN
-//! connection and wakes that shard's producer of the queue named in each
-//! notification. After every (re)connect it wakes all of the shard's
-//! producers, since notifications sent while it was away are lost. The same
-//! connection listens on `shardq_cancel` and signals the handler of a job
-//! this node runs when that job is cancelled (see `cancel`).
+//! connection and hands each notification's payload to the subscriber of
+//! its channel. After every (re)connect it calls `on_listen`, since
+//! notifications sent while it was away are lost. The composer subscribes
+//! the producers (to [`CHANNEL`]) and the cancel stage (to `shardq_cancel`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
-use tokio::sync::{watch, Notify};
+use shardq_router::router::Database;
+use tokio::sync::watch;
 
-use crate::cancel;
 use crate::error::ErrorChain;
-use crate::metrics::{self, NotifierState};
-use crate::shard::ShardWork;
-use crate::store;
+use crate::observe::metrics::{self, NotifierState};
 
 /// Longest wait between two LISTEN connection attempts.
 const MAX_WAIT: Duration = Duration::from_secs(5);
@@ -24,19 +19,27 @@ const MAX_WAIT: Duration = Duration::from_secs(5);
 /// The channel the shard's insert trigger notifies, with the queue as payload.
 pub const CHANNEL: &str = "shardq_jobs";
 
-/// Listens on `shard` and wakes `producers` (queue → wake-up) until `stop`.
-pub(crate) async fn run(
-    shard: Arc<ShardWork>,
-    producers: HashMap<String, Arc<Notify>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let wake_all = || producers.values().for_each(|w| w.notify_one());
+/// Called with a notification's payload.
+pub(crate) type Subscriber = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Who hears what on one shard's LISTEN connection.
+pub(crate) struct Subscriptions {
+    /// Channel → the subscriber its payloads go to.
+    pub channels: HashMap<&'static str, Subscriber>,
+    /// Called after every (re)connect and on every lost connection: whatever
+    /// was sent meanwhile is gone, so subscribers must look for themselves.
+    pub on_listen: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Listens on `db` and hands notifications to `subs` until `stop`.
+pub(crate) async fn run(db: Database, subs: Subscriptions, mut stop: watch::Receiver<bool>) {
+    let channels: Vec<&str> = subs.channels.keys().copied().collect();
     let mut wait = Duration::from_millis(100);
     let mut was_listening = false;
     loop {
         let connected = async {
-            let mut l = PgListener::connect_with(&shard.db.pool).await?;
-            l.listen_all([CHANNEL, store::CANCEL_CHANNEL]).await?;
+            let mut l = sqlx::postgres::PgListener::connect_with(&db.pool).await?;
+            l.listen_all(channels.iter().copied()).await?;
             Ok::<_, sqlx::Error>(l)
         };
         let mut listener = tokio::select! {
@@ -44,11 +47,11 @@ pub(crate) async fn run(
             r = connected => match r {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "LISTEN connection failed; polling until it is back");
+                    tracing::warn!(shard = %db.name, error = %ErrorChain(&db.error(e)), "LISTEN connection failed; polling until it is back");
                     // Once the backoff reaches its cap LISTEN keeps failing
                     // (server down, or a pooler that cannot LISTEN): poll only.
                     let state = if wait >= MAX_WAIT { NotifierState::Polling } else { NotifierState::Reconnecting };
-                    metrics::notifier_state(&shard.db.name, state);
+                    metrics::notifier_state(&db.name, state);
                     tokio::select! {
                         _ = stop.changed() => return,
                         _ = tokio::time::sleep(wait) => {}
@@ -58,35 +61,34 @@ pub(crate) async fn run(
                 }
             }
         };
-        tracing::debug!(shard = %shard.db.name, "listening");
-        metrics::notifier_state(&shard.db.name, NotifierState::Listening);
+        tracing::debug!(shard = %db.name, "listening");
+        metrics::notifier_state(&db.name, NotifierState::Listening);
         if was_listening {
-            metrics::notifier_reconnected(&shard.db.name);
+            metrics::notifier_reconnected(&db.name);
         }
         was_listening = true;
         wait = Duration::from_millis(100);
-        wake_all();
+        (subs.on_listen)();
         loop {
             let next = tokio::select! {
                 _ = stop.changed() => return,
                 n = listener.try_recv() => n,
             };
             match next {
-                Ok(Some(n)) if n.channel() == store::CANCEL_CHANNEL => cancel::on_notification(&shard, n.payload()),
                 Ok(Some(n)) => {
-                    if let Some(w) = producers.get(n.payload()) {
-                        w.notify_one();
+                    if let Some(subscriber) = subs.channels.get(n.channel()) {
+                        subscriber(n.payload());
                     }
                 }
                 // The connection dropped and will be re-established on the next call.
                 Ok(None) => {
-                    metrics::notifier_reconnected(&shard.db.name);
-                    wake_all();
+                    metrics::notifier_reconnected(&db.name);
+                    (subs.on_listen)();
                 }
                 Err(e) => {
-                    tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "LISTEN connection lost");
-                    metrics::notifier_state(&shard.db.name, NotifierState::Reconnecting);
-                    wake_all();
+                    tracing::warn!(shard = %db.name, error = %ErrorChain(&db.error(e)), "LISTEN connection lost");
+                    metrics::notifier_state(&db.name, NotifierState::Reconnecting);
+                    (subs.on_listen)();
                     break;
                 }
             }

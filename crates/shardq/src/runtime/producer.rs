@@ -3,20 +3,23 @@
 //! are lost), it waits out a short cooldown so bursts of wake-ups coalesce,
 //! then claims as many due jobs as it has free slots in one statement, and
 //! claims again at once while batches come back full.
+//!
+//! Each claimed job runs in its own task through the executor; when the run
+//! ends, the producer's callback frees its slot, marks its lease ended and
+//! sends its [`Done`] to the shard's completer.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
-use crate::executor;
-use crate::runtime::Node;
-use crate::schedule;
-use crate::shard::{Lease, ShardWork};
-use crate::slots::QueueSlots;
-use crate::store::{self, FetchParams};
+use super::executor;
+use super::node::{Done, Node, ShardWork};
+use super::slots::QueueSlots;
+use super::wakeup;
+use crate::store::{self, FetchParams, FetchedJob};
 
 /// One producer's fixed inputs.
 pub(crate) struct Producer {
@@ -26,6 +29,8 @@ pub(crate) struct Producer {
     pub slots: Arc<QueueSlots>,
     /// Notified by the notifier and by released slots; `notify_one` keeps a permit.
     pub wake: Arc<Notify>,
+    /// The shard's completer inbox: every ended run's outcome goes here.
+    pub done: mpsc::Sender<Done>,
 }
 
 impl Producer {
@@ -35,11 +40,11 @@ impl Producer {
         let mut last_fetch = Instant::now() - opts.fetch_cooldown;
         let mut error_wait = Duration::from_millis(100);
         // When the queue's earliest scheduled job is due, read after the last
-        // short fetch (see `schedule`).
+        // short fetch (see `wakeup`).
         let mut due: Option<Instant> = None;
         loop {
             let poll = opts.poll_interval.mul_f64(rand::rng().random_range(0.9..1.1));
-            let sleep = schedule::sleep_for(poll, due, Instant::now());
+            let sleep = wakeup::sleep_for(poll, due, Instant::now());
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = self.wake.notified() => {}
@@ -67,7 +72,7 @@ impl Producer {
                     Ok(got) => {
                         error_wait = Duration::from_millis(100);
                         if got < want {
-                            due = schedule::next_due(&self.shard, &self.queue).await;
+                            due = wakeup::next_due(&self.shard, &self.queue).await;
                             break;
                         }
                     }
@@ -107,29 +112,36 @@ impl Producer {
         if got > 0 {
             tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, got, want, "fetched");
         }
-        if let Ok(mut leases) = self.shard.leases.lock() {
-            for job in jobs {
-                let id = job.id;
-                let attempt = job.attempt;
-                let (cancel, cancelled) = watch::channel(false);
-                let task = tokio::spawn(executor::execute(
-                    self.node.clone(),
-                    self.shard.clone(),
-                    self.slots.clone(),
-                    self.queue.clone(),
-                    job,
-                    cancelled,
-                ));
-                leases.insert(
-                    id,
-                    Lease {
-                        attempt,
-                        run: Some(task.abort_handle()),
-                        cancel,
-                    },
-                );
+        self.shard.leases.start(jobs, |job, cancelled| {
+            tokio::spawn(self.run_one(job, cancelled)).abort_handle()
+        });
+        Ok(got)
+    }
+
+    /// One job's run and the callback on its end: the slot is freed, the
+    /// lease marked ended, and the outcome sent to the completer.
+    fn run_one(
+        &self,
+        job: FetchedJob,
+        cancelled: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (node, shard, slots, queue, done_tx) = (
+            self.node.clone(),
+            self.shard.clone(),
+            self.slots.clone(),
+            self.queue.clone(),
+            self.done.clone(),
+        );
+        async move {
+            let done = executor::execute(&node, &shard, &queue, job, cancelled).await;
+            slots.release(shard.index, 1);
+            shard.leases.run_ended(done.id);
+            let id = done.id;
+            if done_tx.send(done).await.is_err() {
+                // The completer is gone (shutdown after its grace): the lease
+                // expires and the job is rescued.
+                tracing::warn!(shard = %shard.db.name, id, "outcome not recorded: completer stopped");
             }
         }
-        Ok(got)
     }
 }

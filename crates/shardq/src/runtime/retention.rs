@@ -6,7 +6,8 @@
 //! first, walking `jobs_finalized_idx`; each batch is one short statement
 //! that skips rows another transaction holds, so pruning never blocks
 //! producers, completers or a concurrent retry for long. Every node prunes
-//! every shard it works; concurrent pruners skip each other's rows.
+//! every shard it works; concurrent pruners skip each other's rows. Spawned
+//! by the composer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::watch;
 
-use crate::runtime::Node;
-use crate::shard::ShardWork;
+use super::node::{Node, ShardWork};
 use crate::store::{self, Finished};
 
 /// Most jobs deleted by one statement.

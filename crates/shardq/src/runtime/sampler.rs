@@ -1,17 +1,17 @@
 //! The sampler: gauges that are read rather than counted. Per shard, a
 //! cheap periodic query gives each queue's depth and the age of its oldest
 //! due job (bounded index reads, see `store::QUEUE_DEPTH_SQL`), plus the
-//! pool's connections in use; per node, each queue's free slots.
+//! pool's connections in use; per node, each queue's free slots (read
+//! through a callback the composer gives it). Spawned by the composer.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::node::ShardWork;
 use crate::error::ErrorChain;
-use crate::metrics;
-use crate::shard::ShardWork;
-use crate::slots::QueueSlots;
+use crate::observe::metrics;
 use crate::store;
 
 /// How often the sampler reads depths, pool and slot gauges.
@@ -49,15 +49,16 @@ pub(crate) async fn shard(
     }
 }
 
-/// Sets each queue's free slots on this node every `interval` until `stop`.
+/// Sets each queue's free slots on this node every `interval` until `stop`;
+/// `free` reads them as (queue, free slots).
 pub(crate) async fn slots(
-    queues: Vec<(Arc<str>, Arc<QueueSlots>)>,
+    free: impl Fn() -> Vec<(Arc<str>, usize)>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        for (queue, slots) in &queues {
-            metrics::queue_free_slots(queue, slots.free());
+        for (queue, n) in free() {
+            metrics::queue_free_slots(&queue, n);
         }
         tokio::select! {
             _ = stop.changed() => return,

@@ -1,4 +1,7 @@
-//! Scheduled jobs without a busy loop: when a producer's fetch comes back
+//! A producer's next wake-up: scheduled jobs without a busy loop. Called by
+//! the producer only.
+//!
+//! When a producer's fetch comes back
 //! short, it reads when the earliest available job of its queue on its shard
 //! is due ([`store::job_next_due`]) and sleeps until then instead of a whole
 //! poll interval (never longer than the poll interval, which stays the
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::shard::ShardWork;
+use super::node::ShardWork;
 use crate::store;
 
 /// Shortest sleep before a due-looking job is fetched again. A job that looks

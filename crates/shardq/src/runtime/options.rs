@@ -1,0 +1,109 @@
+//! [`RuntimeOptions`]: a worker node's tunables with their defaults and
+//! `validate()`, and the retry [`Backoff`]. Read by every stage through
+//! `Node::options`; set once by `RuntimeBuilder::options`.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::error::{Error, Result};
+
+/// Tunables of a worker node. `Default` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Fallback poll of each producer, jittered ±10 % (default 1 s).
+    pub poll_interval: Duration,
+    /// Least time between two fetches of one producer; wake-ups inside it
+    /// coalesce into one fetch (default 0.5 ms).
+    pub fetch_cooldown: Duration,
+    /// Most jobs one fetch claims (default 1,000; free slots bound it too).
+    pub max_batch: usize,
+    /// How long a fetched job's lease lasts without renewal (default 30 s).
+    pub lease: Duration,
+    /// How often leases are renewed (default 10 s; must be under `lease`).
+    pub heartbeat_interval: Duration,
+    /// How often each shard is checked for expired leases (default 15 s, jittered).
+    pub rescue_interval: Duration,
+    /// Retry delays after failures.
+    pub backoff: Backoff,
+    /// This node's id (default `host-pid-random`).
+    pub node_id: Option<String>,
+    /// How long completed jobs are kept before the pruner deletes them (default 24 h).
+    pub retain_completed: Duration,
+    /// How long cancelled jobs are kept, with their errors (default 7 days).
+    pub retain_cancelled: Duration,
+    /// How long discarded jobs are kept, with their errors (default 7 days).
+    pub retain_discarded: Duration,
+    /// How often each shard's pruner deletes jobs past their retention
+    /// (default 60 s, jittered ±20 %).
+    pub prune_interval: Duration,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            poll_interval: Duration::from_secs(1),
+            fetch_cooldown: Duration::from_micros(500),
+            max_batch: 1_000,
+            lease: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            rescue_interval: Duration::from_secs(15),
+            backoff: Backoff::default(),
+            node_id: None,
+            retain_completed: Duration::from_secs(24 * 3600),
+            retain_cancelled: Duration::from_secs(7 * 24 * 3600),
+            retain_discarded: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RuntimeOptions {
+    /// Checks the options; messages name the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Runtime(m.to_string()));
+        if self.poll_interval.is_zero() {
+            return bad("poll_interval must be more than 0");
+        }
+        if self.max_batch == 0 {
+            return bad("max_batch must be at least 1");
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.lease {
+            return bad("heartbeat_interval must be more than 0 and less than lease");
+        }
+        if self.rescue_interval.is_zero() {
+            return bad("rescue_interval must be more than 0");
+        }
+        if self.prune_interval.is_zero() {
+            return bad("prune_interval must be more than 0");
+        }
+        Ok(())
+    }
+}
+
+/// Retry backoff: `base · 2^(attempt-1)`, capped at `max`, ±20 % jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// Delay after the first failure.
+    pub base: Duration,
+    /// Longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the run after failed attempt `attempt` (from 1).
+    pub fn delay(&self, attempt: i32) -> Duration {
+        let exp = attempt.clamp(1, 31) as u32 - 1;
+        let d = self.base.saturating_mul(2u32.saturating_pow(exp)).min(self.max);
+        d.mul_f64(rand::rng().random_range(0.8..1.2))
+    }
+}

@@ -1,0 +1,190 @@
+//! Reading jobs and changing them by hand: get one, list an account's,
+//! cancel, retry. Called by the client.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use crate::job::{JobId, JobRecord, JobState};
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: i64,
+    account: String,
+    queue: String,
+    kind: String,
+    args: sqlx::types::Json<serde_json::Value>,
+    state: String,
+    priority: i16,
+    attempt: i32,
+    max_attempts: i32,
+    run_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    attempted_at: Option<DateTime<Utc>>,
+    finalized_at: Option<DateTime<Utc>>,
+    locked_by: Option<String>,
+    errors: sqlx::types::Json<serde_json::Value>,
+}
+
+const JOB_COLUMNS: &str = "id, account, queue, kind, args, state, priority, attempt, max_attempts, run_at,
+                           created_at, attempted_at, finalized_at, locked_by, errors";
+
+impl JobRow {
+    fn into_record(self, shard: &str) -> sqlx::Result<JobRecord> {
+        Ok(JobRecord {
+            id: JobId {
+                shard: shard.to_string(),
+                id: self.id,
+            },
+            account: self.account,
+            queue: self.queue,
+            kind: self.kind,
+            args: self.args.0,
+            state: super::state_from_db(&self.state)?,
+            priority: self.priority,
+            attempt: self.attempt,
+            max_attempts: self.max_attempts,
+            run_at: self.run_at,
+            created_at: self.created_at,
+            attempted_at: self.attempted_at,
+            finalized_at: self.finalized_at,
+            locked_by: self.locked_by,
+            errors: self.errors.0,
+        })
+    }
+}
+
+/// One job by id.
+pub async fn job_get(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Option<JobRecord>> {
+    let row: Option<JobRow> = sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM shardq.jobs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| r.into_record(shard)).transpose()
+}
+
+/// An account's jobs on a shard, newest first, optionally of one state.
+pub async fn job_list_for_account(
+    pool: &PgPool,
+    shard: &str,
+    account: &str,
+    state: Option<JobState>,
+    limit: i64,
+) -> sqlx::Result<Vec<JobRecord>> {
+    let rows: Vec<JobRow> = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM shardq.jobs
+          WHERE account = $1 AND ($2::text IS NULL OR state = $2)
+          ORDER BY id DESC LIMIT $3"
+    ))
+    .bind(account)
+    .bind(state.map(JobState::as_str))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|r| r.into_record(shard)).collect()
+}
+
+/// The notification channel that tells a shard's worker nodes a running job
+/// was cancelled; the payload is the job's row id.
+pub const CANCEL_CHANNEL: &str = "shardq_cancel";
+
+/// What a cancel or retry request found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobChange {
+    /// No job has this id.
+    NotFound,
+    /// The job was changed; it was in this state before.
+    Changed {
+        /// The state before the change.
+        was: JobState,
+    },
+    /// The job was left alone: in this state the request does nothing
+    /// (cancelling a cancelled job).
+    Unchanged {
+        /// Its state.
+        state: JobState,
+    },
+    /// The job's state does not allow the request; nothing was written.
+    Refused {
+        /// Its state.
+        state: JobState,
+    },
+}
+
+/// Cancels job `id`: an available (or scheduled) job becomes `cancelled` and
+/// never runs; a running job becomes `cancelled` at once (so its node's late
+/// outcome is fenced off by `state = 'running'`) and `shardq_cancel` is
+/// notified with its id so the node signals the handler. `reason` is
+/// appended to the job's errors. A cancelled job is left alone; a completed
+/// or discarded one is refused. The row is locked first, so a cancel that
+/// races a claim waits for it and then sees the job running.
+pub async fn job_cancel(pool: &PgPool, id: i64, reason: &str) -> sqlx::Result<JobChange> {
+    let mut tx = pool.begin().await?;
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM shardq.jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(state) = state else {
+        return Ok(JobChange::NotFound);
+    };
+    let state = super::state_from_db(&state)?;
+    match state {
+        JobState::Available | JobState::Running => {}
+        JobState::Cancelled => return Ok(JobChange::Unchanged { state }),
+        JobState::Completed | JobState::Discarded => return Ok(JobChange::Refused { state }),
+    }
+    sqlx::query(
+        "UPDATE shardq.jobs
+            SET state = 'cancelled', finalized_at = now(), locked_by = NULL, lease_expires_at = NULL,
+                unique_key = CASE WHEN 'cancelled' = ANY(unique_states) THEN unique_key END,
+                errors = errors || jsonb_build_array(jsonb_build_object(
+                    'attempt', attempt, 'at', now(), 'error', $2::text))
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    if state == JobState::Running {
+        sqlx::query("SELECT pg_notify($1, $2::bigint::text)")
+            .bind(CANCEL_CHANNEL)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(JobChange::Changed { was: state })
+}
+
+/// Retries job `id` by hand: a discarded or cancelled job becomes available
+/// now, keeping its errors, with at least one attempt left
+/// (`max_attempts = greatest(max_attempts, attempt + 1)`); its queue is
+/// notified. Any other state is refused. Locks the row first, like
+/// [`job_cancel`].
+pub async fn job_retry(pool: &PgPool, id: i64) -> sqlx::Result<JobChange> {
+    let mut tx = pool.begin().await?;
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM shardq.jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(state) = state else {
+        return Ok(JobChange::NotFound);
+    };
+    let state = super::state_from_db(&state)?;
+    if !matches!(state, JobState::Discarded | JobState::Cancelled) {
+        return Ok(JobChange::Refused { state });
+    }
+    sqlx::query(
+        "WITH retried AS (
+             UPDATE shardq.jobs
+                SET state = 'available', run_at = now(), finalized_at = NULL,
+                    max_attempts = greatest(max_attempts, attempt + 1)
+              WHERE id = $1
+             RETURNING queue)
+         SELECT pg_notify('shardq_jobs', queue) FROM retried",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(JobChange::Changed { was: state })
+}

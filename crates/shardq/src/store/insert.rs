@@ -1,0 +1,158 @@
+//! Inserting jobs: one row, a batch in one statement, and the keyed insert of
+//! unique and serial jobs (with the lookup of an existing duplicate). Called
+//! by the client, the periodic scheduler and tests, on a pool connection or
+//! inside the application's transaction.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use crate::job::NewJob;
+use crate::unique;
+
+const JOB_INSERT: &str = "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
+     VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now()))
+     RETURNING id";
+
+/// Inserts one job on the connection (the caller's transaction, or a pool connection).
+pub async fn job_insert(conn: &mut PgConnection, account: &str, job: &NewJob, args: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar(JOB_INSERT)
+        .bind(account)
+        .bind(&job.queue)
+        .bind(&job.kind)
+        .bind(args)
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(job.run_at)
+        .fetch_one(conn)
+        .await
+}
+
+/// Inserts many jobs in one statement; ids come back in input order.
+pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, String)]) -> sqlx::Result<Vec<i64>> {
+    let accounts: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    let queues: Vec<&str> = rows.iter().map(|r| r.1.queue.as_str()).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.1.kind.as_str()).collect();
+    let args: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    let priorities: Vec<i16> = rows.iter().map(|r| r.1.priority).collect();
+    let max_attempts: Vec<i32> = rows.iter().map(|r| r.1.max_attempts).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.1.run_at).collect();
+    sqlx::query_scalar(
+        "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
+         SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now())
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::int[], $7::timestamptz[])
+                WITH ORDINALITY AS t(a, q, k, g, p, m, r, n)
+          ORDER BY n
+         RETURNING id",
+    )
+    .bind(accounts)
+    .bind(queues)
+    .bind(kinds)
+    .bind(args)
+    .bind(priorities)
+    .bind(max_attempts)
+    .bind(run_ats)
+    .fetch_all(conn)
+    .await
+}
+
+// ---- unique jobs, serial keys, periodic jobs
+
+/// The keyed insert: `$1`..`$7` as in the plain insert, `$8` the unique key
+/// text (hashed here to hex SHA-256, so any length fits the index; NULL: not
+/// unique), `$9` the unique states, `$10` the serial key. Inserts nothing
+/// when a job holds the same unique key.
+const JOB_INSERT_KEYED: &str = "INSERT INTO shardq.jobs
+            (account, queue, kind, args, priority, max_attempts, run_at, unique_key, unique_states, serial_key)
+     VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now()),
+             CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
+             $9::text[], $10)
+     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+     RETURNING id";
+
+/// A job's unique key and serial key as stored, from the client's inputs.
+struct JobKeys<'a> {
+    /// The unique key's text (see `unique::key_text`); `None`: not unique.
+    pub unique_text: Option<&'a str>,
+    /// The unique states; `None` when not unique.
+    pub unique_states: Option<&'a [&'a str]>,
+    /// The stored serial key (account and ordering key); `None`: none.
+    pub serial_key: Option<&'a str>,
+}
+
+/// Inserts one unique and/or serial job; `None` when a job with the same
+/// unique key exists (nothing inserted).
+async fn job_insert_keyed_once(
+    conn: &mut PgConnection,
+    account: &str,
+    job: &NewJob,
+    args: &str,
+    keys: &JobKeys<'_>,
+) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(JOB_INSERT_KEYED)
+        .bind(account)
+        .bind(&job.queue)
+        .bind(&job.kind)
+        .bind(args)
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(job.run_at)
+        .bind(keys.unique_text)
+        .bind(keys.unique_states)
+        .bind(keys.serial_key)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The job holding the unique key whose text is `unique_text`, if any
+/// (through `jobs_unique_idx`).
+async fn job_find_unique(conn: &mut PgConnection, unique_text: &str) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "SELECT id FROM shardq.jobs
+          WHERE unique_key = encode(sha256(convert_to($1::text, 'UTF8')), 'hex') AND unique_key IS NOT NULL",
+    )
+    .bind(unique_text)
+    .fetch_optional(conn)
+    .await
+}
+
+/// How many times an insert that found a duplicate, which then finished
+/// (and so released its key) before it could be read, is tried again.
+const INSERT_TRIES: usize = 5;
+
+/// Inserts a unique and/or serial job on `conn`: `Some((id, inserted))`,
+/// with the existing job's id when it is a duplicate. `None` when every try
+/// found a duplicate that was gone by the time it was read.
+///
+/// The lookup is its own statement so that, under READ COMMITTED, it sees
+/// the row whose committed insert made `ON CONFLICT` do nothing (a
+/// statement's snapshot predates the conflicting commit it waited for).
+pub async fn job_insert_keyed(
+    conn: &mut PgConnection,
+    account: &str,
+    job: &NewJob,
+    args: &str,
+) -> sqlx::Result<Option<(i64, bool)>> {
+    let unique_text = job
+        .unique
+        .as_ref()
+        .map(|u| unique::key_text(&job.kind, &job.queue, account, u, args, job.run_at));
+    let serial = job.serial_key.as_ref().map(|k| unique::serial_text(account, k));
+    let keys = JobKeys {
+        unique_text: unique_text.as_deref(),
+        unique_states: job.unique.as_ref().map(|u| u.states.as_slice()),
+        serial_key: serial.as_deref(),
+    };
+    for _ in 0..INSERT_TRIES {
+        if let Some(id) = job_insert_keyed_once(conn, account, job, args, &keys).await? {
+            return Ok(Some((id, true)));
+        }
+        let Some(text) = keys.unique_text else {
+            // Not unique: the insert cannot have conflicted.
+            return Ok(None);
+        };
+        if let Some(id) = job_find_unique(conn, text).await? {
+            return Ok(Some((id, false)));
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,226 @@
+//! The statements of a node's hot loop on one shard: claim due jobs, write
+//! outcomes, renew and hand back leases, find the next due time, and see
+//! which running jobs were cancelled. Called by the runtime's producer,
+//! completer, heartbeat and cancel stages. Every write that ends or extends
+//! a run is fenced as the module `store` describes.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use crate::job::JobState;
+
+/// A job claimed by a producer.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FetchedJob {
+    /// Row id on its shard.
+    pub id: i64,
+    /// Owning account.
+    pub account: String,
+    /// Kind, selects the handler.
+    pub kind: String,
+    /// Args as JSON.
+    pub args: sqlx::types::Json<serde_json::Value>,
+    /// This attempt's number (1 for the first run).
+    pub attempt: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// When the job became due.
+    pub run_at: DateTime<Utc>,
+}
+
+/// What a producer asks for.
+pub struct FetchParams<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// Most jobs to claim.
+    pub limit: i64,
+    /// This node's id, recorded as `locked_by`.
+    pub node: &'a str,
+    /// Lease length in seconds.
+    pub lease_secs: f64,
+}
+
+/// How one run ended, for the batched write.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// Row id.
+    pub id: i64,
+    /// The attempt that ran (fence).
+    pub attempt: i32,
+    /// New state: `Available` (retry or snooze), `Discarded` or `Cancelled`.
+    pub state: JobState,
+    /// Next run time for `available`.
+    pub run_at: Option<DateTime<Utc>>,
+    /// Error text to append to the job's errors, with this attempt's number.
+    pub error: Option<String>,
+    /// Extra attempts granted (a snooze does not count as a failure).
+    pub extra_attempts: i32,
+}
+
+/// The fetch statement: `$1` queue, `$2` limit, `$3` node id, `$4` lease
+/// seconds. Public so tests can check its generic plan: `id = ANY(ARRAY(..))`
+/// keeps it an index scan even when the server switches to a generic plan
+/// (a CTE joined on id can become a hash join over a sequential scan).
+///
+/// Serial keys: a job with a `serial_key` is claimed only when no earlier
+/// job (lower id) of the same key is `available` or `running` (one seek in
+/// `jobs_serial_idx`; jobs without a key skip the probe, as `OR` evaluates
+/// its left side first). Why two concurrent fetches cannot both claim jobs
+/// of one key: the earlier job leaves `available`/`running` only when it is
+/// final, and a final state is written only after the job was claimed and
+/// ran, in a later transaction than its claim. A fetch whose snapshot
+/// predates the claim's commit sees the earlier job `available`; one that
+/// sees the claim sees it `running`; either way the probe finds it and the
+/// later job is skipped. SKIP LOCKED skips only rows this fetch would lock
+/// (candidates), never the probed rows, which are read from the snapshot.
+pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
+            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
+                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4)
+          WHERE j.id = ANY(ARRAY(
+              SELECT id FROM shardq.jobs
+               WHERE state = 'available' AND queue = $1 AND run_at <= now()
+                 AND (serial_key IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM shardq.jobs b
+                       WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                         AND b.state IN ('available', 'running')))
+               ORDER BY priority, run_at, id
+               LIMIT $2
+               FOR UPDATE SKIP LOCKED))
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at";
+
+/// Claims up to `limit` due jobs of a queue, in priority then run order,
+/// skipping rows other nodes hold, and leases them to `node`.
+pub async fn job_fetch_available(pool: &PgPool, p: &FetchParams<'_>) -> sqlx::Result<Vec<FetchedJob>> {
+    sqlx::query_as(JOB_FETCH_AVAILABLE_SQL)
+        .bind(p.queue)
+        .bind(p.limit)
+        .bind(p.node)
+        .bind(p.lease_secs)
+        .fetch_all(pool)
+        .await
+}
+
+/// The completion statement: `$1` ids, `$2` attempts. Public so tests can
+/// check its generic plan.
+pub const JOB_COMPLETE_MANY_SQL: &str = "UPDATE shardq.jobs j
+            SET state = 'completed', finalized_at = now(), locked_by = NULL, lease_expires_at = NULL,
+                unique_key = CASE WHEN 'completed' = ANY(j.unique_states) THEN j.unique_key END
+           FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
+          WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'";
+
+/// Marks runs completed, fenced by attempt. Returns the rows changed.
+pub async fn job_complete_many(pool: &PgPool, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
+    sqlx::query(JOB_COMPLETE_MANY_SQL)
+        .bind(ids)
+        .bind(attempts)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+}
+
+/// Writes runs that did not simply complete (retry, snooze, discard, cancel), fenced by attempt.
+/// Jobs made available again (retry, snooze) notify their queue, so every
+/// node's producer re-reads the queue's next run time and wakes at the
+/// retry's `run_at` rather than up to a poll later.
+pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result<u64> {
+    let ids: Vec<i64> = finishes.iter().map(|f| f.id).collect();
+    let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
+    let states: Vec<&str> = finishes.iter().map(|f| f.state.as_str()).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = finishes.iter().map(|f| f.run_at).collect();
+    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+    let extra: Vec<i32> = finishes.iter().map(|f| f.extra_attempts).collect();
+    sqlx::query_as(
+        "WITH finished AS (
+         UPDATE shardq.jobs j
+            SET state = f.state,
+                run_at = COALESCE(f.run_at, j.run_at),
+                finalized_at = CASE WHEN f.state = 'available' THEN NULL ELSE now() END,
+                unique_key = CASE WHEN f.state = ANY(j.unique_states) THEN j.unique_key END,
+                max_attempts = j.max_attempts + f.extra,
+                errors = CASE WHEN f.error IS NULL THEN j.errors
+                              ELSE j.errors || jsonb_build_array(jsonb_build_object(
+                                       'attempt', j.attempt, 'at', now(), 'error', f.error)) END,
+                locked_by = NULL, lease_expires_at = NULL
+           FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::int[])
+                AS f(id, attempt, state, run_at, error, extra)
+          WHERE j.id = f.id AND j.attempt = f.attempt AND j.state = 'running'
+         RETURNING j.queue, j.state
+         )
+         SELECT (SELECT count(*) FROM finished) AS written,
+                (SELECT count(pg_notify('shardq_jobs', q.queue))
+                   FROM (SELECT DISTINCT queue FROM finished WHERE state = 'available') AS q) AS notified",
+    )
+    .bind(ids)
+    .bind(attempts)
+    .bind(states)
+    .bind(run_ats)
+    .bind(errors)
+    .bind(extra)
+    .fetch_one(pool)
+    .await
+    .map(|(written, _notified): (i64, i64)| written as u64)
+}
+
+/// Extends the leases of this node's running jobs.
+pub async fn job_lease_renew(pool: &PgPool, ids: &[i64], node: &str, lease_secs: f64) -> sqlx::Result<u64> {
+    sqlx::query(
+        "UPDATE shardq.jobs SET lease_expires_at = now() + make_interval(secs => $3)
+          WHERE id = ANY($1) AND state = 'running' AND locked_by = $2",
+    )
+    .bind(ids)
+    .bind(node)
+    .bind(lease_secs)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+}
+
+/// Hands running jobs of this node back (shutdown): available now, and the
+/// interrupted attempt does not count against `max_attempts`.
+pub async fn job_give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
+    sqlx::query(
+        "UPDATE shardq.jobs j
+            SET state = 'available', run_at = now(), max_attempts = j.max_attempts + 1,
+                locked_by = NULL, lease_expires_at = NULL
+           FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
+          WHERE j.id = g.id AND j.attempt = g.attempt
+            AND j.state = 'running' AND j.locked_by = $3",
+    )
+    .bind(ids)
+    .bind(attempts)
+    .bind(node)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+}
+
+/// Seconds from now until the earliest available job of queue `$1` is due
+/// (negative when one is already due; NULL when the queue has none).
+///
+/// `jobs_fetch_idx (queue, priority, run_at, id) WHERE state = 'available'`
+/// leads with priority, so a plain `min(run_at)` would read every available
+/// row of the queue. Instead this walks the distinct priorities with a
+/// recursive skip scan: each step is one index seek to the first entry of
+/// the next priority, which is that priority's earliest `run_at`. The cost
+/// is one seek per distinct priority in use, and no extra index to write on
+/// every enqueue. Public so tests can check its generic plan.
+pub const JOB_NEXT_DUE_SQL: &str = concat!(
+    queue_heads_cte!(),
+    "SELECT EXTRACT(EPOCH FROM min(run_at) - clock_timestamp())::float8 FROM firsts"
+);
+
+/// Seconds until the earliest available job of `queue` is due (negative if
+/// one is due now), or `None` when the queue has no available job. Read by a
+/// producer whose fetch came back short, to set its next wake-up.
+pub async fn job_next_due(pool: &PgPool, queue: &str) -> sqlx::Result<Option<f64>> {
+    sqlx::query_scalar(JOB_NEXT_DUE_SQL).bind(queue).fetch_one(pool).await
+}
+
+/// Of `ids` (jobs this node runs), those that are now `cancelled`: the
+/// fallback for a `shardq_cancel` notification lost across a reconnect.
+pub async fn job_cancelled_among(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar("SELECT id FROM shardq.jobs WHERE id = ANY($1) AND state = 'cancelled'")
+        .bind(ids)
+        .fetch_all(pool)
+        .await
+}

@@ -1,7 +1,8 @@
 //! The completer: one task per shard that writes run outcomes in batches
 //! (one statement for completions, one for everything else), fenced by
-//! attempt, retries the write until the shard takes it, then releases the
-//! runs' leases. Fed by the producer's run callback with [`Done`] values.
+//! attempt, retries the write while the shard is unreachable (and splits a
+//! batch the shard refuses, so one bad row never blocks the rest), then
+//! releases the runs' leases. Fed by the producer's run callback with [`Done`] values.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,84 +56,159 @@ pub(crate) async fn run(
     }
 }
 
-/// Writes one batch, retrying with backoff while the shard is unreachable.
-async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
-    let mut ids = Vec::new();
-    let mut attempts = Vec::new();
-    let mut finishes = Vec::new();
-    let stats = &shard.stats;
-    for d in batch {
+/// Longest error text kept per attempt, in bytes; longer text is cut at a
+/// character boundary and says how long it was.
+const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// `text` as the jobs table can store it: NUL bytes (which Postgres text
+/// refuses) written as `\0`, and at most [`MAX_ERROR_BYTES`].
+fn storable(text: &str) -> String {
+    let text = if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\\0"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    };
+    if text.len() <= MAX_ERROR_BYTES {
+        return text.into_owned();
+    }
+    let mut cut = MAX_ERROR_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… (truncated from {} bytes)", &text[..cut], text.len())
+}
+
+/// One outcome as the store writes it.
+enum Row {
+    /// A completion: (id, attempt).
+    Complete(i64, i32),
+    /// Anything else.
+    Finish(Finish),
+}
+
+impl Row {
+    fn of(d: &Done, backoff: &Backoff) -> Row {
+        let finish = |state, run_at, error: Option<String>, extra_attempts| {
+            Row::Finish(Finish {
+                id: d.id,
+                attempt: d.attempt,
+                state,
+                run_at,
+                error: error.map(|e| storable(&e)),
+                extra_attempts,
+            })
+        };
         match &d.outcome {
-            Outcome::Completed => {
-                ids.push(d.id);
-                attempts.push(d.attempt);
-            }
+            Outcome::Completed => Row::Complete(d.id, d.attempt),
             Outcome::Failed(message) => {
                 let last = d.attempt >= d.max_attempts;
                 let run_at = (!last).then(|| Utc::now() + backoff.delay(d.attempt));
-                finishes.push(Finish {
-                    id: d.id,
-                    attempt: d.attempt,
-                    state: if last { JobState::Discarded } else { JobState::Available },
-                    run_at,
-                    error: Some(message.clone()),
-                    extra_attempts: 0,
-                });
+                let state = if last { JobState::Discarded } else { JobState::Available };
+                finish(state, run_at, Some(message.clone()), 0)
             }
-            Outcome::Snooze(after) => finishes.push(Finish {
-                id: d.id,
-                attempt: d.attempt,
-                state: JobState::Available,
-                run_at: Some(Utc::now() + *after),
-                error: None,
-                extra_attempts: 1,
-            }),
-            Outcome::Cancel(reason) => finishes.push(Finish {
-                id: d.id,
-                attempt: d.attempt,
-                state: JobState::Cancelled,
-                run_at: None,
-                error: Some(format!("cancelled by handler: {reason}")),
-                extra_attempts: 0,
-            }),
+            Outcome::Snooze(after) => finish(JobState::Available, Some(Utc::now() + *after), None, 1),
+            Outcome::Cancel(reason) => finish(
+                JobState::Cancelled,
+                None,
+                Some(format!("cancelled by handler: {reason}")),
+                0,
+            ),
         }
     }
+
+    fn id(&self) -> i64 {
+        match self {
+            Row::Complete(id, _) => *id,
+            Row::Finish(f) => f.id,
+        }
+    }
+}
+
+/// Writes one batch. A transient failure (connection lost, shard down) is
+/// retried with backoff until the shard takes it; a permanent one splits
+/// the batch so one bad row cannot hold back the others. A single row that
+/// the shard refuses for good is left to its lease: it expires, and the
+/// rescuer records the lost attempt.
+async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
+    let rows: Vec<Row> = batch.iter().map(|d| Row::of(d, backoff)).collect();
+    let mut pending: Vec<&[Row]> = vec![&rows];
     let mut wait = Duration::from_millis(50);
-    loop {
-        let result = async {
-            if !ids.is_empty() {
-                store::job_complete_many(&shard.db.pool, &ids, &attempts).await?;
-            }
-            if !finishes.is_empty() {
-                store::job_finish_many(&shard.db.pool, &finishes).await?;
-            }
-            Ok::<_, sqlx::Error>(())
-        }
-        .await;
-        match result {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), jobs = batch.len(), "writing outcomes failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-                // Completed ids stay pending with the rest; a job completed by
-                // a previous try is fenced by `state = 'running'`.
-            }
-        }
-    }
-    ShardStats::add(&stats.completed, ids.len() as u64);
-    for f in &finishes {
-        let counter = match f.state {
-            JobState::Discarded => &stats.discarded,
-            JobState::Cancelled => &stats.cancelled,
-            _ if f.extra_attempts > 0 => &stats.snoozed,
-            _ => &stats.retried,
+    while let Some(part) = pending.pop() {
+        let Err(e) = write_rows(shard, part).await else {
+            count(&shard.stats, part);
+            continue;
         };
-        ShardStats::add(counter, 1);
+        if store::error_is_transient(&e) {
+            tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), jobs = part.len(), "writing outcomes failed; retrying");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+            // Completed ids stay pending with the rest; a job completed by
+            // a previous try is fenced by `state = 'running'`.
+            pending.push(part);
+        } else if part.len() > 1 {
+            let (a, b) = part.split_at(part.len() / 2);
+            pending.push(b);
+            pending.push(a);
+        } else {
+            let id = part.first().map(Row::id).unwrap_or_default();
+            tracing::error!(shard = %shard.db.name, id, error = %shard.db.error(e), "the shard refused this job's outcome; its lease will expire and the job be rescued");
+        }
     }
     let now = Utc::now();
     for d in batch {
         let latency = (now - d.run_at).to_std().unwrap_or_default();
         d.metrics.job_finished(&d.outcome, d.attempt >= d.max_attempts, latency);
+    }
+}
+
+/// Writes `rows` in at most two statements: completions, then the rest.
+async fn write_rows(shard: &ShardWork, rows: &[Row]) -> sqlx::Result<()> {
+    let (mut ids, mut attempts, mut finishes) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        match row {
+            Row::Complete(id, attempt) => {
+                ids.push(*id);
+                attempts.push(*attempt);
+            }
+            Row::Finish(f) => finishes.push(f.clone()),
+        }
+    }
+    if !ids.is_empty() {
+        store::job_complete_many(&shard.db.pool, &ids, &attempts).await?;
+    }
+    if !finishes.is_empty() {
+        store::job_finish_many(&shard.db.pool, &finishes).await?;
+    }
+    Ok(())
+}
+
+/// Adds written rows to the shard's run statistics.
+fn count(stats: &ShardStats, rows: &[Row]) {
+    for row in rows {
+        let counter = match row {
+            Row::Complete(..) => &stats.completed,
+            Row::Finish(f) => match f.state {
+                JobState::Discarded => &stats.discarded,
+                JobState::Cancelled => &stats.cancelled,
+                _ if f.extra_attempts > 0 => &stats.snoozed,
+                _ => &stats.retried,
+            },
+        };
+        ShardStats::add(counter, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_text_is_made_storable() {
+        assert_eq!(storable("plain"), "plain");
+        assert_eq!(storable("a\0b"), "a\\0b");
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let kept = storable(&long);
+        assert!(kept.len() < MAX_ERROR_BYTES + 64, "{}", kept.len());
+        assert!(kept.ends_with(&format!("(truncated from {} bytes)", long.len())));
     }
 }

@@ -61,3 +61,25 @@ pub(crate) fn state_from_db(name: &str) -> sqlx::Result<JobState> {
     JobState::parse(name)
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown job state {name:?} in shardq.jobs").into()))
 }
+
+/// Whether a failed statement may succeed if tried again unchanged: lost or
+/// refused connections, pool timeouts, serialization failures and
+/// deadlocks, resource exhaustion, cancels and shutdowns (SQLSTATE classes
+/// 08, 40, 53, 57, 58). Anything else (e.g. `22021`, a NUL byte in text)
+/// fails again the same way.
+pub(crate) fn error_is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let class = code.as_deref().map(|c| c.get(..2).unwrap_or(c)).unwrap_or("");
+            matches!(class, "08" | "40" | "53" | "57" | "58")
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
+}

@@ -37,6 +37,11 @@ pub struct RuntimeOptions {
     /// How often each shard's pruner deletes jobs past their retention
     /// (default 60 s, jittered ±20 %).
     pub prune_interval: Duration,
+    /// Longest a producer waits on its shard for a connection or a claim
+    /// before it counts the shard as failing (default 10 s). A shard that
+    /// stopped answering (frozen, or cut off without a reset) costs this
+    /// long per try, and holds none of the node's slots meanwhile.
+    pub shard_timeout: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -54,6 +59,7 @@ impl Default for RuntimeOptions {
             retain_cancelled: Duration::from_secs(7 * 24 * 3600),
             retain_discarded: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
+            shard_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -76,6 +82,9 @@ impl RuntimeOptions {
         }
         if self.prune_interval.is_zero() {
             return bad("prune_interval must be more than 0");
+        }
+        if self.shard_timeout.is_zero() {
+            return bad("shard_timeout must be more than 0");
         }
         Ok(())
     }

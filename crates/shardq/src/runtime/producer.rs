@@ -60,23 +60,23 @@ impl Producer {
                 tokio::time::sleep(opts.fetch_cooldown - since).await;
             }
             while !*stop.borrow() {
-                let want = self.slots.reserve(self.shard.index, opts.max_batch);
-                if want == 0 {
-                    break; // a released slot wakes us
-                }
-                let fetched = self.fetch(want).await;
+                let fetched = self.fetch().await;
                 // The cooldown counts from the end of the fetch, so slots
                 // freed while it ran gather into the next claim.
                 last_fetch = Instant::now();
                 match fetched {
-                    Ok(got) => {
+                    Ok(None) => break, // no free slot: a released slot wakes us
+                    Ok(Some((want, got))) => {
                         error_wait = Duration::from_millis(100);
                         if got < want {
-                            due = wakeup::next_due(&self.shard, &self.queue).await;
+                            due = wakeup::next_due(&self.shard, &self.queue, opts.shard_timeout).await;
                             break;
                         }
                     }
                     Err(e) => {
+                        // A shard that cannot be fetched from gives up its
+                        // share of the slots until it answers again.
+                        self.slots.set_failing(self.shard.index);
                         tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "fetch failed; backing off");
                         tokio::select! {
                             _ = stop.changed() => return,
@@ -91,19 +91,43 @@ impl Producer {
         }
     }
 
-    /// Claims up to `want` jobs (slots already reserved) and starts them.
-    async fn fetch(&self, want: usize) -> sqlx::Result<usize> {
+    /// Claims as many due jobs as there are free slots, and starts them:
+    /// `None` when no slot is free, else (slots reserved, jobs claimed).
+    ///
+    /// The connection comes first, with no slot reserved: a shard whose
+    /// server is down or not answering holds no slot while the node waits
+    /// on it. Each wait is bounded by `shard_timeout`; a claim that timed out
+    /// closes its connection.
+    async fn fetch(&self) -> sqlx::Result<Option<(usize, usize)>> {
+        let opts = &self.node.options;
+        let index = self.shard.index;
+        if !self.slots.has_free(index) {
+            return Ok(None);
+        }
+        let mut conn = tokio::time::timeout(opts.shard_timeout, self.shard.db.pool.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        let want = self.slots.reserve(index, opts.max_batch);
+        if want == 0 {
+            return Ok(None);
+        }
         let params = FetchParams {
             queue: &self.queue,
             limit: want as i64,
             node: &self.node.id,
-            lease_secs: self.node.options.lease.as_secs_f64(),
+            lease_secs: opts.lease.as_secs_f64(),
         };
-        let jobs = match store::job_fetch_available(&self.shard.db.pool, &params).await {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                self.slots.unreserve(self.shard.index, want);
+        let claimed = tokio::time::timeout(opts.shard_timeout, store::job_fetch_available(&mut *conn, &params)).await;
+        let jobs = match claimed {
+            Ok(Ok(jobs)) => jobs,
+            Ok(Err(e)) => {
+                self.slots.unreserve(index, want);
                 return Err(e);
+            }
+            Err(_) => {
+                self.slots.unreserve(index, want);
+                drop(conn.detach());
+                return Err(sqlx::Error::PoolTimedOut);
             }
         };
         let got = jobs.len();
@@ -115,7 +139,7 @@ impl Producer {
         self.shard.leases.start(jobs, |job, cancelled| {
             tokio::spawn(self.run_one(job, cancelled)).abort_handle()
         });
-        Ok(got)
+        Ok(Some((want, got)))
     }
 
     /// One job's run and the callback on its end: the slot is freed, the

@@ -7,6 +7,8 @@
 //! hungry, a shard may hold at most its fair share (limit / hungry shards,
 //! rounded up), so a shard with a 100k backlog cannot starve another shard's
 //! jobs on the same queue; when no one else is hungry it may use every slot.
+//! A shard whose fetch fails is not hungry ([`QueueSlots::set_failing`]):
+//! a shard that is down must not keep a share of the slots for its outage.
 
 use std::sync::{Arc, Mutex};
 
@@ -46,21 +48,37 @@ impl QueueSlots {
     /// shard that gets none is marked hungry and woken by the next release.
     pub(crate) fn reserve(&self, shard: usize, max: usize) -> usize {
         let Ok(mut s) = self.state.lock() else { return 0 };
-        let total: usize = s.running.iter().sum();
-        let free = self.limit.saturating_sub(total);
-        let others_hungry = s.hungry.iter().enumerate().filter(|(i, h)| **h && *i != shard).count();
-        let allowed = if others_hungry == 0 {
-            free
-        } else {
-            let share = self.limit.div_ceil(others_hungry + 1);
-            free.min(share.saturating_sub(s.running[shard]))
-        };
-        let got = allowed.min(max);
+        let got = self.allowed(&s, shard).min(max);
         s.running[shard] += got;
         if got == 0 {
             s.hungry[shard] = true;
         }
         got
+    }
+
+    /// Whether `shard` could reserve a slot now; when it could not, it is
+    /// marked hungry and woken by the next release, as by [`Self::reserve`].
+    pub(crate) fn has_free(&self, shard: usize) -> bool {
+        let Ok(mut s) = self.state.lock() else { return false };
+        let free = self.allowed(&s, shard) > 0;
+        if !free {
+            s.hungry[shard] = true;
+        }
+        free
+    }
+
+    /// Slots `shard` may take now: the free ones, bounded by its fair share
+    /// while other shards are hungry.
+    fn allowed(&self, s: &SlotState, shard: usize) -> usize {
+        let total: usize = s.running.iter().sum();
+        let free = self.limit.saturating_sub(total);
+        let others_hungry = s.hungry.iter().enumerate().filter(|(i, h)| **h && *i != shard).count();
+        if others_hungry == 0 {
+            free
+        } else {
+            let share = self.limit.div_ceil(others_hungry + 1);
+            free.min(share.saturating_sub(s.running[shard]))
+        }
     }
 
     /// Returns `n` slots of `shard` after runs ended and wakes the hungry
@@ -96,6 +114,23 @@ impl QueueSlots {
     pub(crate) fn set_hungry(&self, shard: usize, hungry: bool) {
         if let Ok(mut s) = self.state.lock() {
             s.hungry[shard] = hungry;
+        }
+    }
+
+    /// Records that `shard` cannot be fetched from (its server is down or
+    /// not answering): it is not hungry, so the other shards' fair share no
+    /// longer counts it, and their hungry producers are woken to take the
+    /// slots it leaves.
+    pub(crate) fn set_failing(&self, shard: usize) {
+        let Ok(mut s) = self.state.lock() else { return };
+        let was_hungry = std::mem::replace(&mut s.hungry[shard], false);
+        if !was_hungry {
+            return;
+        }
+        for (i, (w, hungry)) in self.wakers.iter().zip(&s.hungry).enumerate() {
+            if *hungry && i != shard {
+                w.notify_one();
+            }
         }
     }
 
@@ -160,6 +195,20 @@ mod tests {
                 .expect("shard 1 woken");
         });
         assert_eq!(s.reserve(1, 4), 4);
+    }
+
+    #[test]
+    fn a_failing_shard_gives_up_its_share() {
+        let s = slots(6, 3);
+        for shard in 0..3 {
+            assert_eq!(s.reserve(shard, 2), 2);
+            s.set_hungry(shard, true);
+        }
+        s.release(0, 2); // shard 0's runs ended; then its fetch fails
+        s.set_failing(0);
+        assert_eq!(s.reserve(1, 6), 1, "shard 1 may grow to half the limit");
+        assert_eq!(s.reserve(2, 6), 1);
+        assert_eq!(s.running(0), 0);
     }
 
     #[test]

@@ -29,9 +29,14 @@ pub(crate) const MIN_WAIT: Duration = Duration::from_millis(10);
 /// When the earliest available job of `queue` on `shard` is due, as an
 /// instant on this node's clock (the database's clock decides what is due;
 /// only the remaining time is carried over). `None` when the queue has no
-/// available job or the lookup failed (the poll covers it).
-pub(crate) async fn next_due(shard: &ShardWork, queue: &str) -> Option<Instant> {
-    match store::job_next_due(&shard.db.pool, queue).await {
+/// available job or the lookup failed or took longer than `timeout` (the
+/// poll covers it).
+pub(crate) async fn next_due(shard: &ShardWork, queue: &str, timeout: Duration) -> Option<Instant> {
+    let Ok(found) = tokio::time::timeout(timeout, store::job_next_due(&shard.db.pool, queue)).await else {
+        tracing::debug!(shard = %shard.db.name, queue, "next due time unknown (shard not answering); polling");
+        return None;
+    };
+    match found {
         Ok(Some(secs)) => {
             let wait = Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX);
             Instant::now().checked_add(wait)

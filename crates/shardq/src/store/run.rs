@@ -90,13 +90,16 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
 
 /// Claims up to `limit` due jobs of a queue, in priority then run order,
 /// skipping rows other nodes hold, and leases them to `node`.
-pub async fn job_fetch_available(pool: &PgPool, p: &FetchParams<'_>) -> sqlx::Result<Vec<FetchedJob>> {
+pub async fn job_fetch_available<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    p: &FetchParams<'_>,
+) -> sqlx::Result<Vec<FetchedJob>> {
     sqlx::query_as(JOB_FETCH_AVAILABLE_SQL)
         .bind(p.queue)
         .bind(p.limit)
         .bind(p.node)
         .bind(p.lease_secs)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
 }
 

@@ -148,6 +148,7 @@ impl RuntimeBuilder {
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let (finish_tx, finish_rx) = watch::channel(false);
+        let (end_tx, end_rx) = watch::channel(false);
         let databases = self.router.shards();
         // wakes[queue][shard]
         let wakes: BTreeMap<&String, Vec<Arc<Notify>>> = self
@@ -200,11 +201,7 @@ impl RuntimeBuilder {
             )));
             // Leases are renewed until the end of shutdown: jobs keep running
             // through the grace period.
-            tasks.push(tokio::spawn(heartbeat::run(
-                node.clone(),
-                shard.clone(),
-                finish_rx.clone(),
-            )));
+            tasks.push(tokio::spawn(heartbeat::run(node.clone(), shard.clone(), end_rx.clone())));
             tasks.push(tokio::spawn(rescuer::run(node.clone(), shard.clone(), stop_rx.clone())));
             tasks.push(tokio::spawn(retention::pruner(
                 node.clone(),
@@ -212,11 +209,7 @@ impl RuntimeBuilder {
                 stop_rx.clone(),
             )));
             // Cancel signals reach running jobs until the end of shutdown.
-            tasks.push(tokio::spawn(cancel::sweeper(
-                node.clone(),
-                shard.clone(),
-                finish_rx.clone(),
-            )));
+            tasks.push(tokio::spawn(cancel::sweeper(node.clone(), shard.clone(), end_rx.clone())));
             tasks.push(tokio::spawn(sampler::shard(
                 shard.clone(),
                 self.queues.keys().map(|q| q.as_str().into()).collect(),
@@ -245,7 +238,7 @@ impl RuntimeBuilder {
         if let Some((listener, handle)) = endpoint {
             metrics_addr = listener.local_addr().ok();
             let router = self.router.clone();
-            let mut stop = finish_rx.clone();
+            let mut stop = end_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
@@ -262,6 +255,7 @@ impl RuntimeBuilder {
             shards,
             stop_tx,
             finish_tx,
+            end_tx,
             producers: producers_tasks,
             tasks,
             completers,
@@ -274,13 +268,17 @@ impl RuntimeBuilder {
 pub struct Runtime {
     node: Arc<Node>,
     shards: Vec<Arc<ShardWork>>,
-    /// Stops producers, notifiers, heartbeats and rescuers.
+    /// Stops producers, notifiers, rescuers, pruners, samplers and the scheduler.
     stop_tx: watch::Sender<bool>,
-    /// Tells completers to write what is queued and stop, and stops heartbeats.
+    /// Tells completers to write what is queued and stop.
     finish_tx: watch::Sender<bool>,
+    /// Stops heartbeats, cancel sweepers and the metrics endpoint, at the
+    /// very end of shutdown (leases stay renewed while runs are handed back
+    /// and outcomes flushed).
+    end_tx: watch::Sender<bool>,
     /// One per (shard, queue); they return once `stop_tx` is sent.
     producers: Vec<JoinHandle<()>>,
-    /// Notifiers, heartbeats and rescuers.
+    /// Every other task but the completers.
     tasks: Vec<JoinHandle<()>>,
     completers: Vec<JoinHandle<()>>,
     /// Where `/metrics` and `/healthz` are served, if they are; set at start.
@@ -341,36 +339,51 @@ impl Runtime {
     /// flushes pending outcomes, and stops every task.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop_tx.send(true);
-        let deadline = tokio::time::Instant::now() + grace;
+        let start = tokio::time::Instant::now();
+        let deadline = start + grace;
+        // Whatever is not done by then is left to lease expiry and rescue:
+        // a shard that does not answer never holds the node past it.
+        let last = deadline + SHUTDOWN_AFTER_GRACE;
         // A producer finishes the fetch it is in (its jobs are then leased
-        // and handled below) and returns.
+        // and handled below) and returns; one still waiting on a shard at the
+        // deadline is stopped.
         for p in self.producers {
-            let _ = p.await;
-        }
-        for shard in &self.shards {
-            shard.leases.wait_released(deadline).await;
-        }
-        for shard in &self.shards {
-            heartbeat::hand_back(&self.node, shard).await;
-        }
-        for t in &self.tasks {
-            t.abort();
-        }
-        let _ = self.finish_tx.send(true);
-        for c in self.completers {
-            // Pending outcomes are flushed; a shard that stays down past a
-            // further grace period leaves its jobs to lease expiry and rescue.
-            let abort = c.abort_handle();
-            if tokio::time::timeout(grace.max(Duration::from_secs(5)), c)
-                .await
-                .is_err()
-            {
+            let abort = p.abort_handle();
+            if tokio::time::timeout_at(deadline, p).await.is_err() {
                 abort.abort();
             }
         }
-        tracing::info!("worker node stopped");
+        futures::future::join_all(self.shards.iter().map(|s| s.leases.wait_released(deadline))).await;
+        // Runs still going are handed back while the completers flush the
+        // outcomes of the ended ones, on every shard at once; leases stay
+        // renewed until both are done.
+        let _ = self.finish_tx.send(true);
+        let hand_backs = futures::future::join_all(self.shards.iter().map(|s| heartbeat::hand_back(&self.node, s)));
+        let completers = futures::future::join_all(self.completers.into_iter().map(|c| {
+            let abort = c.abort_handle();
+            async move {
+                if tokio::time::timeout_at(last, c).await.is_err() {
+                    abort.abort();
+                }
+            }
+        }));
+        if tokio::time::timeout_at(last, futures::future::join(hand_backs, completers))
+            .await
+            .is_err()
+        {
+            tracing::warn!("some shards did not answer within the shutdown deadline; their jobs will be rescued when their leases expire");
+        }
+        let _ = self.end_tx.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        tracing::info!(took = ?start.elapsed(), "worker node stopped");
     }
 }
+
+/// How long shutdown goes on after the grace period, at most: handing back
+/// the runs still going and flushing the last outcomes.
+const SHUTDOWN_AFTER_GRACE: Duration = Duration::from_millis(900);
 
 /// Who hears what on `shard`'s LISTEN connection: job notifications wake the
 /// producer of the queue named in the payload, cancel notifications go to

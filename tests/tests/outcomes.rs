@@ -2,9 +2,10 @@
 //! refuses, runs whose lease is lost, re-claims, and shutdown ordering.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shardq::{Account, JobContext, JobError, NewJob, Runtime};
+use shardq::{Account, CancelReason, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions};
 use shardq_tests::{count_state, fast_options, fleet, wait_for};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -74,5 +75,127 @@ async fn outcome_text_with_a_nul_byte_never_jams_the_shard_completer() {
     assert!(
         error_of(f.client.job(&panicked).await.unwrap()).contains("fell\\0over"),
         "the panic text is kept, its NUL escaped"
+    );
+}
+
+/// Records each run's attempt and why it was told to stop; attempt 1 waits
+/// for the stop signal, later attempts until shutdown hands them back.
+#[derive(Clone, Default)]
+struct Watch {
+    stops: Arc<Mutex<Vec<(i32, Option<CancelReason>)>>>,
+}
+
+impl shardq::Worker for Watch {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "watch";
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(3600)
+    }
+    async fn work(&self, ctx: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        if ctx.attempt == 1 {
+            ctx.cancelled().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+        self.stops.lock().unwrap().push((ctx.attempt, ctx.cancel_reason()));
+        Ok(())
+    }
+}
+
+/// What a rescue by another node does to a running job: available again,
+/// its lease gone (held back by `run_at` when `later`).
+async fn rescue_behind_the_nodes_back(f: &shardq_tests::Fleet, id: &JobId, later: bool) {
+    let db = f.router.shard(&id.shard).unwrap();
+    sqlx::query(
+        "UPDATE shardq.jobs SET state = 'available', locked_by = NULL, lease_expires_at = NULL,
+                run_at = CASE WHEN $2 THEN now() + interval '1 hour' ELSE now() END
+          WHERE id = $1 AND state = 'running'",
+    )
+    .bind(id.id)
+    .bind(later)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_lease_is_lost_is_told_to_stop_and_writes_nothing() {
+    let f = fleet().await;
+    let a = Account::new("lease-lost").unwrap();
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("watch", serde_json::json!({})))
+        .await
+        .unwrap();
+    let w = Watch::default();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(w.clone())
+        .options(fast_options())
+        .start()
+        .unwrap();
+    wait_for("the job runs", WAIT, || async {
+        f.client.job(&id).await.unwrap().state == "running"
+    })
+    .await;
+    rescue_behind_the_nodes_back(&f, &id, true).await;
+    wait_for("the run is told its lease is lost", WAIT, || async {
+        w.stops.lock().unwrap().clone() == vec![(1, Some(CancelReason::LeaseLost))]
+    })
+    .await;
+    wait_for("the run's lease is released", WAIT, || async { rt.leased() == 0 }).await;
+    let job = f.client.job(&id).await.unwrap();
+    assert_eq!(
+        (job.state, job.attempt),
+        (shardq::JobState::Available, 1),
+        "the lost run's outcome (Ok) is not written"
+    );
+    rt.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_claimed_again_by_the_same_node_keeps_both_runs_apart() {
+    let f = fleet().await;
+    let a = Account::new("reclaimed").unwrap();
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("watch", serde_json::json!({})))
+        .await
+        .unwrap();
+    let w = Watch::default();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(w.clone())
+        .options(RuntimeOptions {
+            // Renewals must not notice the rescue first: the re-claim must.
+            heartbeat_interval: Duration::from_secs(20),
+            lease: Duration::from_secs(30),
+            ..fast_options()
+        })
+        .start()
+        .unwrap();
+    wait_for("the job runs", WAIT, || async {
+        f.client.job(&id).await.unwrap().state == "running"
+    })
+    .await;
+    rescue_behind_the_nodes_back(&f, &id, false).await;
+    wait_for("this node claims it again", WAIT, || async {
+        let j = f.client.job(&id).await.unwrap();
+        j.state == "running" && j.attempt == 2
+    })
+    .await;
+    wait_for("the old run is told its lease is lost", WAIT, || async {
+        w.stops.lock().unwrap().clone() == vec![(1, Some(CancelReason::LeaseLost))]
+    })
+    .await;
+    // The old run's end must not touch the new run: shutdown still hands the
+    // new run back, without counting its attempt.
+    rt.shutdown(Duration::from_millis(100)).await;
+    let job = f.client.job(&id).await.unwrap();
+    assert_eq!((job.state, job.attempt), (shardq::JobState::Available, 2), "{job:?}");
+    assert_eq!(
+        job.max_attempts,
+        shardq::job::DEFAULT_MAX_ATTEMPTS + 1,
+        "the handed-back attempt does not count"
     );
 }

@@ -48,4 +48,4 @@ pub use periodic::{Overlap, PeriodicJob};
 pub use runtime::{Backoff, Runtime, RuntimeBuilder, RuntimeOptions, ShardRunStats, CHANNEL};
 pub use shardq_router::{Account, Config, Router};
 pub use unique::{UniqueOpts, UniqueStates};
-pub use worker::{JobContext, JobError, Worker};
+pub use worker::{CancelReason, JobContext, JobError, Worker};

@@ -32,25 +32,42 @@ pub struct JobContext {
     pub attempt: i32,
     /// Attempts allowed.
     pub max_attempts: i32,
-    /// Turns true when the job is cancelled while it runs.
-    pub(crate) cancelled: watch::Receiver<bool>,
+    /// Set when the run must stop: the job was cancelled, or this node lost its lease.
+    pub(crate) cancelled: watch::Receiver<Option<CancelReason>>,
+}
+
+/// Why a running job's handler is asked to stop ([`JobContext::cancel_reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The job was cancelled (`Client::cancel`); it ends `cancelled`.
+    Requested,
+    /// This node lost the job's lease (renewals failed past the lease, or
+    /// the job was rescued): another node may be running it now. Whatever
+    /// the handler returns is not written.
+    LeaseLost,
 }
 
 impl JobContext {
     /// Whether the job has been cancelled (`Client::cancel`) while it runs.
     /// Cheap: reads a local flag.
     pub fn is_cancelled(&self) -> bool {
+        self.cancelled.borrow().is_some()
+    }
+
+    /// Why the run was asked to stop, once it was (see [`CancelReason`]).
+    pub fn cancel_reason(&self) -> Option<CancelReason> {
         *self.cancelled.borrow()
     }
 
-    /// Resolves when the job is cancelled while it runs; never resolves
+    /// Resolves when the job is cancelled while it runs, or this node lost
+    /// its lease ([`JobContext::cancel_reason`] tells which); never resolves
     /// otherwise. Race it against the work, e.g. with `tokio::select!`, to
     /// stop early. The signal is cooperative: a handler that ignores it runs
-    /// on (up to its timeout), and the job ends `cancelled` whatever it
-    /// returns.
+    /// on (up to its timeout); a cancelled job ends `cancelled` whatever it
+    /// returns, and a run whose lease was lost writes no outcome.
     pub async fn cancelled(&self) {
         let mut rx = self.cancelled.clone();
-        if rx.wait_for(|c| *c).await.is_err() {
+        if rx.wait_for(|c| c.is_some()).await.is_err() {
             // The run's lease is gone (its outcome is written): no cancel can come.
             std::future::pending::<()>().await;
         }
@@ -100,6 +117,8 @@ pub(crate) enum Outcome {
     Snooze(Duration),
     /// Stop for good, with this reason.
     Cancel(String),
+    /// This node lost the lease during the run: nothing is written.
+    LeaseLost,
 }
 
 /// A handler for one job kind, with typed args.

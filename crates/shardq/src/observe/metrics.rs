@@ -34,6 +34,8 @@ pub const JOBS_CANCELLED: &str = "shardq_jobs_cancelled_total";
 pub const JOBS_SNOOZED: &str = "shardq_jobs_snoozed_total";
 /// Jobs whose lease expired and that this node returned to the queue (or discarded). Label: shard.
 pub const JOBS_RESCUED: &str = "shardq_jobs_rescued_total";
+/// Runs whose lease this node lost while they ran (the handler is signalled, its outcome dropped).
+pub const LEASES_LOST: &str = "shardq_leases_lost_total";
 /// Queue time: due (`run_at`) → handler start. Labels: shard, queue, kind.
 pub const JOB_QUEUE_SECONDS: &str = "shardq_job_queue_seconds";
 /// Run time: handler start → handler end. Labels: shard, queue, kind.
@@ -80,6 +82,10 @@ pub fn describe() {
     describe_counter!(
         JOBS_RESCUED,
         "Jobs with an expired lease returned to the queue by this node"
+    );
+    describe_counter!(
+        LEASES_LOST,
+        "Runs whose lease this node lost while they ran; their outcome is not written"
     );
     describe_histogram!(JOB_QUEUE_SECONDS, Unit::Seconds, "Due time to handler start");
     describe_histogram!(JOB_RUN_SECONDS, Unit::Seconds, "Handler start to handler end");
@@ -165,6 +171,8 @@ impl JobMetrics {
             }
             Outcome::Snooze(_) => self.snoozed.increment(1),
             Outcome::Cancel(_) => self.cancelled.increment(1),
+            // Counted when detected ([`leases_lost`]); nothing was written.
+            Outcome::LeaseLost => {}
         }
     }
 }
@@ -259,6 +267,10 @@ pub(crate) fn notifier_reconnected(shard: &str) {
 }
 
 /// The rescuer returned `n` jobs with expired leases on `shard`.
+pub(crate) fn leases_lost(shard: &str, n: u64) {
+    metrics::counter!(LEASES_LOST, "shard" => shard.to_string()).increment(n);
+}
+
 pub(crate) fn jobs_rescued(shard: &str, n: u64) {
     metrics::counter!(JOBS_RESCUED, "shard" => shard.to_string()).increment(n);
 }

@@ -87,19 +87,21 @@ enum Row {
 }
 
 impl Row {
-    fn of(d: &Done, backoff: &Backoff) -> Row {
+    /// The row that writes `d`; `None` for a run whose lease was lost.
+    fn of(d: &Done, backoff: &Backoff) -> Option<Row> {
         let finish = |state, run_at, error: Option<String>, extra_attempts| {
-            Row::Finish(Finish {
+            Some(Row::Finish(Finish {
                 id: d.id,
                 attempt: d.attempt,
                 state,
                 run_at,
                 error: error.map(|e| storable(&e)),
                 extra_attempts,
-            })
+            }))
         };
         match &d.outcome {
-            Outcome::Completed => Row::Complete(d.id, d.attempt),
+            Outcome::Completed => Some(Row::Complete(d.id, d.attempt)),
+            Outcome::LeaseLost => None,
             Outcome::Failed(message) => {
                 let last = d.attempt >= d.max_attempts;
                 let run_at = (!last).then(|| Utc::now() + backoff.delay(d.attempt));
@@ -130,7 +132,7 @@ impl Row {
 /// the shard refuses for good is left to its lease: it expires, and the
 /// rescuer records the lost attempt.
 async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
-    let rows: Vec<Row> = batch.iter().map(|d| Row::of(d, backoff)).collect();
+    let rows: Vec<Row> = batch.iter().filter_map(|d| Row::of(d, backoff)).collect();
     let mut pending: Vec<&[Row]> = vec![&rows];
     let mut wait = Duration::from_millis(50);
     while let Some(part) = pending.pop() {

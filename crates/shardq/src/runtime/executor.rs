@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::node::{Done, Node, ShardWork};
 use crate::job::JobId;
 use crate::store::FetchedJob;
-use crate::worker::{JobContext, JobError, Outcome};
+use crate::worker::{CancelReason, JobContext, JobError, Outcome};
 
 /// Runs one job to its outcome. Called in its own task by the producer.
 pub(crate) async fn execute(
@@ -23,7 +23,7 @@ pub(crate) async fn execute(
     shard: &ShardWork,
     queue: &Arc<str>,
     job: FetchedJob,
-    cancelled: watch::Receiver<bool>,
+    cancelled: watch::Receiver<Option<CancelReason>>,
 ) -> Done {
     let pickup = (Utc::now() - job.run_at).num_microseconds().unwrap_or(0).max(0) as u64;
     shard.stats.record_pickup(pickup);
@@ -43,10 +43,13 @@ pub(crate) async fn execute(
             tracing::debug!(parent: &span, %error, "job failed; will retry");
         }
     }
-    if *cancelled.borrow() {
+    match *cancelled.borrow() {
         // Cancelled while running: the row is already `cancelled` (the write
-        // below is fenced off), whatever the handler returned.
-        outcome = Outcome::Cancel("cancelled on request while running".into());
+        // is fenced off), whatever the handler returned.
+        Some(CancelReason::Requested) => outcome = Outcome::Cancel("cancelled on request while running".into()),
+        // Another node may run the job now: this run's outcome is not written.
+        Some(CancelReason::LeaseLost) => outcome = Outcome::LeaseLost,
+        None => {}
     }
     Done {
         id: job.id,
@@ -63,7 +66,7 @@ async fn run_handler(
     shard: &ShardWork,
     queue: &str,
     job: &FetchedJob,
-    cancelled: watch::Receiver<bool>,
+    cancelled: watch::Receiver<Option<CancelReason>>,
 ) -> Outcome {
     let Some(handler) = node.registry.get(&job.kind) else {
         return Outcome::Failed(format!(

@@ -201,7 +201,11 @@ impl RuntimeBuilder {
             )));
             // Leases are renewed until the end of shutdown: jobs keep running
             // through the grace period.
-            tasks.push(tokio::spawn(heartbeat::run(node.clone(), shard.clone(), end_rx.clone())));
+            tasks.push(tokio::spawn(heartbeat::run(
+                node.clone(),
+                shard.clone(),
+                end_rx.clone(),
+            )));
             tasks.push(tokio::spawn(rescuer::run(node.clone(), shard.clone(), stop_rx.clone())));
             tasks.push(tokio::spawn(retention::pruner(
                 node.clone(),
@@ -209,7 +213,11 @@ impl RuntimeBuilder {
                 stop_rx.clone(),
             )));
             // Cancel signals reach running jobs until the end of shutdown.
-            tasks.push(tokio::spawn(cancel::sweeper(node.clone(), shard.clone(), end_rx.clone())));
+            tasks.push(tokio::spawn(cancel::sweeper(
+                node.clone(),
+                shard.clone(),
+                end_rx.clone(),
+            )));
             tasks.push(tokio::spawn(sampler::shard(
                 shard.clone(),
                 self.queues.keys().map(|q| q.as_str().into()).collect(),

@@ -8,16 +8,18 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use shardq_router::router::Database;
 use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 use super::options::RuntimeOptions;
 use crate::observe::metrics::{JobMetrics, JobMetricsCache};
 use crate::store::FetchedJob;
-use crate::worker::{Outcome, Registry};
+use crate::worker::{CancelReason, Outcome, Registry};
 
 /// What every task of a node reads: its id, handlers and options. Set at
 /// start by the composer, never written after.
@@ -63,106 +65,173 @@ pub(crate) struct Done {
     pub metrics: Arc<JobMetrics>,
 }
 
-/// One job this node holds a lease on.
+/// One run this node holds a lease for.
 struct Lease {
-    /// The attempt it runs (the fence).
-    attempt: i32,
     /// Aborts the run; `None` once the run has ended (outcome pending write).
     run: Option<AbortHandle>,
-    /// Set to true when the job is cancelled while it runs; the handler
-    /// observes it through `JobContext::cancelled`.
-    cancel: watch::Sender<bool>,
+    /// Set when the run must stop (cancelled, or the lease was lost); the
+    /// handler observes it through `JobContext::cancelled`.
+    stop: watch::Sender<Option<CancelReason>>,
+    /// When the lease ends on this node's clock unless renewed: counted from
+    /// before the claim or renewal was sent, so never later than the shard's.
+    expires: Instant,
 }
 
-/// The jobs this node holds on one shard, from claim until their outcome is
-/// written. The producer starts them, the run's end marks them ended, the
-/// completer releases them once written, the heartbeat renews them, the
-/// cancel stage signals them, and shutdown waits for them or hands them
-/// back. Only this type knows their shape.
+/// The runs this node holds on one shard, from claim until their outcome is
+/// written, keyed by (job id, attempt): a job rescued and claimed again by
+/// this node while its old run goes on has two entries. The producer starts
+/// them, the run's end marks them ended, the completer releases them once
+/// written, the heartbeat renews them (and stops those whose lease it
+/// lost), the cancel stage signals them, and shutdown waits for them or
+/// hands them back. Only this type knows their shape.
 #[derive(Default)]
 pub(crate) struct Leases {
-    held: Mutex<HashMap<i64, Lease>>,
+    held: Mutex<HashMap<(i64, i32), Lease>>,
     /// Notified whenever leases are released (shutdown waits on it).
     released: Notify,
 }
 
 impl Leases {
-    /// Records `jobs` as held and starts each with `spawn`, which gets the
-    /// job and its cancel flag and returns the run's abort handle. The lock
-    /// is held across the spawns, so a run that ends at once still finds
-    /// its lease.
+    /// Records `jobs`, claimed with leases of `lease` from `claimed_at`, as
+    /// held and starts each with `spawn`, which gets the job and its stop
+    /// signal and returns the run's abort handle. The lock is held across
+    /// the spawns, so a run that ends at once still finds its lease. An
+    /// older run of the same job still going here lost its lease (the job
+    /// was rescued and claimed again): it is told so.
     pub(crate) fn start(
         &self,
         jobs: Vec<FetchedJob>,
-        mut spawn: impl FnMut(FetchedJob, watch::Receiver<bool>) -> AbortHandle,
-    ) {
-        let Ok(mut held) = self.held.lock() else { return };
+        claimed_at: Instant,
+        lease: Duration,
+        mut spawn: impl FnMut(FetchedJob, watch::Receiver<Option<CancelReason>>) -> AbortHandle,
+    ) -> usize {
+        let Ok(mut held) = self.held.lock() else { return 0 };
+        let mut lost = 0;
         for job in jobs {
-            let (id, attempt) = (job.id, job.attempt);
-            let (cancel, cancelled) = watch::channel(false);
-            let run = Some(spawn(job, cancelled));
-            held.insert(id, Lease { attempt, run, cancel });
+            let key = (job.id, job.attempt);
+            for ((id, _), old) in held.iter().filter(|((id, a), _)| *id == key.0 && *a < key.1) {
+                if old.run.is_some() && old.stop.send_replace(Some(CancelReason::LeaseLost)).is_none() {
+                    tracing::warn!(
+                        id,
+                        "a newer attempt of this job started here: the older run lost its lease"
+                    );
+                    lost += 1;
+                }
+            }
+            let (stop, stopped) = watch::channel(None);
+            let run = Some(spawn(job, stopped));
+            held.insert(
+                key,
+                Lease {
+                    run,
+                    stop,
+                    expires: claimed_at + lease,
+                },
+            );
         }
+        lost
     }
 
-    /// The run of job `id` ended; its outcome is on its way to the completer.
-    pub(crate) fn run_ended(&self, id: i64) {
+    /// The run of `(id, attempt)` ended; its outcome is on its way to the completer.
+    pub(crate) fn run_ended(&self, id: i64, attempt: i32) {
         if let Ok(mut held) = self.held.lock() {
-            if let Some(lease) = held.get_mut(&id) {
+            if let Some(lease) = held.get_mut(&(id, attempt)) {
                 lease.run = None;
             }
         }
     }
 
-    /// Releases the leases whose outcomes were written (matching attempt).
+    /// Releases the leases whose outcomes were written (or dropped).
     pub(crate) fn release(&self, written: impl IntoIterator<Item = (i64, i32)>) {
         if let Ok(mut held) = self.held.lock() {
-            for (id, attempt) in written {
-                if held.get(&id).is_some_and(|l| l.attempt == attempt) {
-                    held.remove(&id);
-                }
+            for key in written {
+                held.remove(&key);
             }
         }
         self.released.notify_waiters();
     }
 
-    /// Ids and attempts of every held job.
+    /// Ids and attempts of every held run.
     pub(crate) fn held(&self) -> (Vec<i64>, Vec<i32>) {
-        self.held
-            .lock()
-            .map(|l| l.iter().map(|(id, l)| (*id, l.attempt)).unzip())
-            .unwrap_or_default()
+        self.held.lock().map(|l| l.keys().copied().unzip()).unwrap_or_default()
     }
 
-    /// Number of held jobs.
+    /// Number of held runs.
     pub(crate) fn count(&self) -> usize {
         self.held.lock().map(|l| l.len()).unwrap_or(0)
     }
 
-    /// Ids of the jobs still running whose handler was not signalled to cancel.
+    /// After a renewal sent at `sent_at` for `asked`: the runs in `renewed`
+    /// now last until `sent_at + lease`; those asked for but not renewed
+    /// were taken from this node (rescued, cancelled or finished by someone
+    /// else), and those whose lease ran out meanwhile are lost too. Runs
+    /// still going among the lost are told to stop; returns how many.
+    pub(crate) fn renewed(
+        &self,
+        asked: &[(i64, i32)],
+        renewed: &[(i64, i32)],
+        sent_at: Instant,
+        lease: Duration,
+    ) -> usize {
+        let Ok(mut held) = self.held.lock() else { return 0 };
+        let renewed: std::collections::HashSet<&(i64, i32)> = renewed.iter().collect();
+        for key in asked {
+            if let Some(l) = held.get_mut(key) {
+                if renewed.contains(key) {
+                    l.expires = sent_at + lease;
+                } else {
+                    l.expires = l.expires.min(sent_at);
+                }
+            }
+        }
+        Self::stop_expired(&mut held, Instant::now())
+    }
+
+    /// Tells the runs still going whose lease ran out (renewals failed) to
+    /// stop; returns how many were told.
+    pub(crate) fn expire(&self, now: Instant) -> usize {
+        let Ok(mut held) = self.held.lock() else { return 0 };
+        Self::stop_expired(&mut held, now)
+    }
+
+    fn stop_expired(held: &mut HashMap<(i64, i32), Lease>, now: Instant) -> usize {
+        let mut lost = 0;
+        for ((id, attempt), l) in held.iter() {
+            if l.run.is_some() && l.expires <= now && l.stop.borrow().is_none() {
+                l.stop.send_replace(Some(CancelReason::LeaseLost));
+                tracing::warn!(
+                    id,
+                    attempt,
+                    "lease lost while the job runs: its handler is told to stop and its outcome will not be written"
+                );
+                lost += 1;
+            }
+        }
+        lost
+    }
+
+    /// Ids of the jobs still running whose handler was not told to stop.
     pub(crate) fn running_unsignalled(&self) -> Vec<i64> {
         self.held
             .lock()
             .map(|held| {
                 held.iter()
-                    .filter(|(_, l)| l.run.is_some() && !*l.cancel.borrow())
-                    .map(|(id, _)| *id)
+                    .filter(|(_, l)| l.run.is_some() && l.stop.borrow().is_none())
+                    .map(|((id, _), _)| *id)
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    /// Sets the cancel flag of the runs of `ids` still going; returns the
-    /// ids it signalled (not those signalled before).
+    /// Tells the runs of `ids` still going that their job was cancelled;
+    /// returns the ids it signalled (not those told to stop before).
     pub(crate) fn signal_cancel(&self, ids: &[i64]) -> Vec<i64> {
         let Ok(held) = self.held.lock() else { return Vec::new() };
         let mut signalled = Vec::new();
-        for id in ids {
-            if let Some(lease) = held.get(id).filter(|l| l.run.is_some()) {
-                if !*lease.cancel.borrow() {
-                    lease.cancel.send_replace(true);
-                    signalled.push(*id);
-                }
+        for ((id, _), lease) in held.iter() {
+            if ids.contains(id) && lease.run.is_some() && lease.stop.borrow().is_none() {
+                lease.stop.send_replace(Some(CancelReason::Requested));
+                signalled.push(*id);
             }
         }
         signalled
@@ -176,21 +245,21 @@ impl Leases {
         };
         let running: Vec<(i64, i32)> = held
             .iter_mut()
-            .filter_map(|(id, l)| {
+            .filter_map(|(key, l)| {
                 l.run.take().map(|run| {
                     run.abort();
-                    (*id, l.attempt)
+                    *key
                 })
             })
             .collect();
-        for (id, _) in &running {
-            held.remove(id);
+        for key in &running {
+            held.remove(key);
         }
         running.into_iter().unzip()
     }
 
     /// Waits until no lease is held, or `deadline` passes.
-    pub(crate) async fn wait_released(&self, deadline: tokio::time::Instant) {
+    pub(crate) async fn wait_released(&self, deadline: Instant) {
         loop {
             let released = self.released.notified();
             if self.count() == 0 {

@@ -19,7 +19,9 @@ use super::executor;
 use super::node::{Done, Node, ShardWork};
 use super::slots::QueueSlots;
 use super::wakeup;
+use crate::observe::metrics;
 use crate::store::{self, FetchParams, FetchedJob};
+use crate::worker::CancelReason;
 
 /// One producer's fixed inputs.
 pub(crate) struct Producer {
@@ -117,6 +119,7 @@ impl Producer {
             node: &self.node.id,
             lease_secs: opts.lease.as_secs_f64(),
         };
+        let claimed_at = Instant::now();
         let claimed = tokio::time::timeout(opts.shard_timeout, store::job_fetch_available(&mut *conn, &params)).await;
         let jobs = match claimed {
             Ok(Ok(jobs)) => jobs,
@@ -136,9 +139,12 @@ impl Producer {
         if got > 0 {
             tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, got, want, "fetched");
         }
-        self.shard.leases.start(jobs, |job, cancelled| {
-            tokio::spawn(self.run_one(job, cancelled)).abort_handle()
+        let lost = self.shard.leases.start(jobs, claimed_at, opts.lease, |job, stop| {
+            tokio::spawn(self.run_one(job, stop)).abort_handle()
         });
+        if lost > 0 {
+            metrics::leases_lost(&self.shard.db.name, lost as u64);
+        }
         Ok(Some((want, got)))
     }
 
@@ -147,7 +153,7 @@ impl Producer {
     fn run_one(
         &self,
         job: FetchedJob,
-        cancelled: watch::Receiver<bool>,
+        stop: watch::Receiver<Option<CancelReason>>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (node, shard, slots, queue, done_tx) = (
             self.node.clone(),
@@ -157,9 +163,9 @@ impl Producer {
             self.done.clone(),
         );
         async move {
-            let done = executor::execute(&node, &shard, &queue, job, cancelled).await;
+            let done = executor::execute(&node, &shard, &queue, job, stop).await;
             slots.release(shard.index, 1);
-            shard.leases.run_ended(done.id);
+            shard.leases.run_ended(done.id, done.attempt);
             let id = done.id;
             if done_tx.send(done).await.is_err() {
                 // The completer is gone (shutdown after its grace): the lease

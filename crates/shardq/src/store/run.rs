@@ -164,18 +164,27 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
     .map(|(written, _notified): (i64, i64)| written as u64)
 }
 
-/// Extends the leases of this node's running jobs.
-pub async fn job_lease_renew(pool: &PgPool, ids: &[i64], node: &str, lease_secs: f64) -> sqlx::Result<u64> {
-    sqlx::query(
-        "UPDATE shardq.jobs SET lease_expires_at = now() + make_interval(secs => $3)
-          WHERE id = ANY($1) AND state = 'running' AND locked_by = $2",
+/// Extends the leases of this node's runs `(ids[i], attempts[i])` that are
+/// still running under its name; returns those it extended.
+pub async fn job_lease_renew(
+    pool: &PgPool,
+    ids: &[i64],
+    attempts: &[i32],
+    node: &str,
+    lease_secs: f64,
+) -> sqlx::Result<Vec<(i64, i32)>> {
+    sqlx::query_as(
+        "UPDATE shardq.jobs j SET lease_expires_at = now() + make_interval(secs => $4)
+           FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+          WHERE j.id = r.id AND j.attempt = r.attempt AND j.state = 'running' AND j.locked_by = $3
+         RETURNING j.id, j.attempt",
     )
     .bind(ids)
+    .bind(attempts)
     .bind(node)
     .bind(lease_secs)
-    .execute(pool)
+    .fetch_all(pool)
     .await
-    .map(|r| r.rows_affected())
 }
 
 /// Hands running jobs of this node back (shutdown): available now, and the

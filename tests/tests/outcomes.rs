@@ -199,3 +199,84 @@ async fn a_job_claimed_again_by_the_same_node_keeps_both_runs_apart() {
         "the handed-back attempt does not count"
     );
 }
+
+/// Options for a node that only notifications can wake (1 h poll).
+fn woken_only_by_notify() -> RuntimeOptions {
+    RuntimeOptions {
+        poll_interval: Duration::from_secs(3600),
+        ..fast_options()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_handed_back_at_shutdown_wakes_another_node_at_once() {
+    let f = fleet().await;
+    let a = Account::new("handed-back").unwrap();
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("watch", serde_json::json!({})))
+        .await
+        .unwrap();
+    let first = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(Watch::default())
+        .options(fast_options())
+        .start()
+        .unwrap();
+    wait_for("the first node runs the job", WAIT, || async {
+        f.client.job(&id).await.unwrap().state == "running"
+    })
+    .await;
+    let second = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(Watch::default())
+        .options(woken_only_by_notify())
+        .start()
+        .unwrap();
+    // Let the second node's first fetch (at start) find nothing.
+    wait_for("the second node is listening", WAIT, || async {
+        let db = f.router.shard(&id.shard).unwrap();
+        shardq::store::listener_count(&db.pool).await.unwrap() >= 2
+    })
+    .await;
+    first.shutdown(Duration::from_millis(100)).await;
+    wait_for("the second node runs the handed-back job", WAIT, || async {
+        let j = f.client.job(&id).await.unwrap();
+        j.state == "running" && j.locked_by.as_deref() == Some(second.node_id())
+    })
+    .await;
+    second.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescued_job_wakes_a_producer_at_once() {
+    let f = fleet().await;
+    let a = Account::new("rescued").unwrap();
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("watch", serde_json::json!({})))
+        .await
+        .unwrap();
+    let db = f.router.shard(&id.shard).unwrap();
+    // A node that claimed the job and died: its lease has run out.
+    sqlx::query(
+        "UPDATE shardq.jobs SET state = 'running', attempt = 1, locked_by = 'dead-node',
+                lease_expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(id.id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let node = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(Watch::default())
+        .options(woken_only_by_notify())
+        .start()
+        .unwrap();
+    wait_for("the rescued job runs again", WAIT, || async {
+        let j = f.client.job(&id).await.unwrap();
+        j.state == "running" && j.attempt == 2
+    })
+    .await;
+    node.shutdown(Duration::from_millis(100)).await;
+}

@@ -26,8 +26,8 @@ pub(crate) type Subscriber = Box<dyn Fn(&str) + Send + Sync>;
 pub(crate) struct Subscriptions {
     /// Channel → the subscriber its payloads go to.
     pub channels: HashMap<&'static str, Subscriber>,
-    /// Called after every (re)connect and on every lost connection: whatever
-    /// was sent meanwhile is gone, so subscribers must look for themselves.
+    /// Called once LISTEN is in place after every (re)connect: whatever was
+    /// sent meanwhile is gone, so subscribers must look for themselves.
     pub on_listen: Box<dyn Fn() + Send + Sync>,
 }
 
@@ -80,15 +80,18 @@ pub(crate) async fn run(db: Database, subs: Subscriptions, mut stop: watch::Rece
                         subscriber(n.payload());
                     }
                 }
-                // The connection dropped and will be re-established on the next call.
+                // The connection dropped. Reconnect here rather than in the
+                // listener's next call, so producers are woken only once the
+                // new LISTEN is in place (a wake before it could miss a job
+                // inserted in between).
                 Ok(None) => {
-                    metrics::notifier_reconnected(&db.name);
-                    (subs.on_listen)();
+                    tracing::warn!(shard = %db.name, "LISTEN connection lost");
+                    metrics::notifier_state(&db.name, NotifierState::Reconnecting);
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(shard = %db.name, error = %ErrorChain(&db.error(e)), "LISTEN connection lost");
                     metrics::notifier_state(&db.name, NotifierState::Reconnecting);
-                    (subs.on_listen)();
                     break;
                 }
             }

@@ -7,7 +7,9 @@ use sqlx::PgPool;
 use crate::job::JobState;
 
 /// The rescue statement: `$1` limit. Public so tests can check its generic plan.
-pub const JOB_RESCUE_EXPIRED_SQL: &str = "UPDATE shardq.jobs j
+pub const JOB_RESCUE_EXPIRED_SQL: &str = concat!(
+    "WITH changed AS (
+         UPDATE shardq.jobs j
             SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'discarded' ELSE 'available' END,
                 finalized_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
                 unique_key = CASE WHEN j.attempt < j.max_attempts OR 'discarded' = ANY(j.unique_states)
@@ -22,16 +24,21 @@ pub const JOB_RESCUE_EXPIRED_SQL: &str = "UPDATE shardq.jobs j
                WHERE state = 'running' AND lease_expires_at < now()
                ORDER BY lease_expires_at
                LIMIT $1
-               FOR UPDATE SKIP LOCKED))";
+               FOR UPDATE SKIP LOCKED))
+         RETURNING j.queue, j.state
+     )",
+    written_and_notified!()
+);
 
 /// Makes running jobs whose lease expired available again (or discards them
-/// when they had no attempts left), recording the lost attempt as an error.
+/// when they had no attempts left), recording the lost attempt as an error;
+/// the queues of the jobs made available are notified.
 pub async fn job_rescue_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> {
-    sqlx::query(JOB_RESCUE_EXPIRED_SQL)
+    sqlx::query_as(JOB_RESCUE_EXPIRED_SQL)
         .bind(limit)
-        .execute(pool)
+        .fetch_one(pool)
         .await
-        .map(|r| r.rows_affected())
+        .map(|(written, _notified): (i64, i64)| written as u64)
 }
 
 /// A final state whose jobs are pruned after a retention period.

@@ -39,6 +39,19 @@ macro_rules! queue_heads_cte {
     };
 }
 
+/// The tail of a statement whose CTE `changed` is an `UPDATE .. RETURNING
+/// queue, state` of jobs: counts the rows written and sends one
+/// `NOTIFY shardq_jobs, '<queue>'` per queue that got an available job, so
+/// producers on every node wake for retries, hand-backs and rescues as they
+/// do for inserts.
+macro_rules! written_and_notified {
+    () => {
+        " SELECT (SELECT count(*) FROM changed) AS written,
+                 (SELECT count(pg_notify('shardq_jobs', q.queue))
+                    FROM (SELECT DISTINCT queue FROM changed WHERE state = 'available') AS q) AS notified"
+    };
+}
+
 mod admin;
 mod insert;
 mod maintain;

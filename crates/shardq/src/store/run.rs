@@ -132,8 +132,8 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
     let run_ats: Vec<Option<DateTime<Utc>>> = finishes.iter().map(|f| f.run_at).collect();
     let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
     let extra: Vec<i32> = finishes.iter().map(|f| f.extra_attempts).collect();
-    sqlx::query_as(
-        "WITH finished AS (
+    sqlx::query_as(concat!(
+        "WITH changed AS (
          UPDATE shardq.jobs j
             SET state = f.state,
                 run_at = COALESCE(f.run_at, j.run_at),
@@ -148,11 +148,9 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
                 AS f(id, attempt, state, run_at, error, extra)
           WHERE j.id = f.id AND j.attempt = f.attempt AND j.state = 'running'
          RETURNING j.queue, j.state
-         )
-         SELECT (SELECT count(*) FROM finished) AS written,
-                (SELECT count(pg_notify('shardq_jobs', q.queue))
-                   FROM (SELECT DISTINCT queue FROM finished WHERE state = 'available') AS q) AS notified",
-    )
+         )",
+        written_and_notified!()
+    ))
     .bind(ids)
     .bind(attempts)
     .bind(states)
@@ -188,22 +186,27 @@ pub async fn job_lease_renew(
 }
 
 /// Hands running jobs of this node back (shutdown): available now, and the
-/// interrupted attempt does not count against `max_attempts`.
+/// interrupted attempt does not count against `max_attempts`; their queues
+/// are notified, so another node takes them at once.
 pub async fn job_give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
-    sqlx::query(
-        "UPDATE shardq.jobs j
+    sqlx::query_as(concat!(
+        "WITH changed AS (
+         UPDATE shardq.jobs j
             SET state = 'available', run_at = now(), max_attempts = j.max_attempts + 1,
                 locked_by = NULL, lease_expires_at = NULL
            FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
           WHERE j.id = g.id AND j.attempt = g.attempt
-            AND j.state = 'running' AND j.locked_by = $3",
-    )
+            AND j.state = 'running' AND j.locked_by = $3
+         RETURNING j.queue, j.state
+         )",
+        written_and_notified!()
+    ))
     .bind(ids)
     .bind(attempts)
     .bind(node)
-    .execute(pool)
+    .fetch_one(pool)
     .await
-    .map(|r| r.rows_affected())
+    .map(|(written, _notified): (i64, i64)| written as u64)
 }
 
 /// Seconds from now until the earliest available job of queue `$1` is due

@@ -82,8 +82,11 @@ async fn outcome_text_with_a_nul_byte_never_jams_the_shard_completer() {
 /// for the stop signal, later attempts until shutdown hands them back.
 #[derive(Clone, Default)]
 struct Watch {
-    stops: Arc<Mutex<Vec<(i32, Option<CancelReason>)>>>,
+    stops: Arc<Mutex<Vec<Stop>>>,
 }
+
+/// A run's attempt and why it was told to stop.
+type Stop = (i32, Option<CancelReason>);
 
 impl shardq::Worker for Watch {
     type Args = serde_json::Value;

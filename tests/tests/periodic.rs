@@ -1,16 +1,21 @@
 //! Periodic jobs against real servers: two nodes enqueue each occurrence
-//! once, a restart catches up on missed occurrences within its window, and
-//! Overlap::Skip skips while the previous run is not done. Schedules are
-//! driven with explicit times (`enqueue_due`) except where nodes run them.
+//! once, a restart catches up on missed occurrences within its window,
+//! Overlap::Skip skips while the previous run is not done, and a shard that
+//! is down or frozen neither holds back nor duplicates the others' runs.
+//! Schedules are driven with explicit times (`enqueue_due`, `pass`) except
+//! where nodes run them.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use shardq::periodic::{Tz, SYSTEM_ACCOUNT};
+use shardq::periodic::{Target, Tz, MAX_OCCURRENCES_PER_PASS, SYSTEM_ACCOUNT};
 use shardq::{Account, JobContext, JobError, NewJob, Overlap, PeriodicJob, Runtime, RuntimeOptions, Worker};
+use shardq_router::{Config, Router};
 use shardq_tests::{fleet, wait_for, Fleet};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Semaphore;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -201,4 +206,234 @@ async fn overlap_skip_skips_while_the_previous_run_is_running() {
     .global(a.clone());
     let queued = q.enqueue_due(&f.router, at(9, 59, 0), at(10, 10, 0)).await.unwrap();
     assert!(queued.len() == 3 && queued.iter().all(|o| o.job.is_some()));
+}
+
+/// A router over `config` in which shard `down` is unreachable: its address
+/// is a closed port, and callers give up on it after 200 ms.
+async fn with_shard_down(config: &Config, down: &str) -> Router {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut config = config.clone();
+    let shard = config.shards.iter_mut().find(|s| s.name == down).unwrap();
+    shard.database.target.port = port;
+    shard.database.pool.acquire_timeout = Duration::from_millis(200);
+    Router::connect(&config).await.unwrap()
+}
+
+/// The run_at of every job of `kind` on `shard`, oldest first.
+async fn run_ats(f: &Fleet, shard: &str, kind: &str) -> Vec<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT run_at FROM shardq.jobs WHERE kind = $1 ORDER BY run_at")
+        .bind(kind)
+        .fetch_all(&f.router.shard(shard).unwrap().pool)
+        .await
+        .unwrap()
+}
+
+fn minutes(m: i64) -> chrono::Duration {
+    chrono::Duration::minutes(m)
+}
+
+#[tokio::test]
+async fn a_down_shard_neither_holds_back_nor_duplicates_the_others_and_returns_with_one_window() {
+    let f = fleet().await;
+    let down = f.router.shards()[1].name.clone();
+    let sick = with_shard_down(&f.config, &down).await;
+    let down_target = Target::Shard(down.clone());
+    // Every 5 minutes, 15 minutes of catch-up: records are kept 30 minutes.
+    let p = PeriodicJob::new(
+        "five",
+        "*/5 * * * *",
+        Tz::UTC,
+        NewJob::from_json("five", serde_json::json!({})),
+    )
+    .unwrap()
+    .per_shard()
+    .catch_up(Duration::from_secs(15 * 60));
+    let start = at(10, 0, 30);
+    let mut progress = p.progress(start);
+    for o in p.pass(&f.router, &mut progress, start).await {
+        let got: Vec<_> = o.result.unwrap().iter().map(|o| o.at).collect();
+        assert_eq!(got, [at(9, 50, 0), at(9, 55, 0), at(10, 0, 0)], "{}", o.target);
+    }
+
+    // The shard is down for an hour; the node passes (and prunes) every 5 minutes.
+    for k in 1..=12 {
+        let now = start + minutes(5 * k);
+        for o in p.pass(&sick, &mut progress, now).await {
+            if o.target == down_target {
+                let err = o.result.unwrap_err().to_string();
+                assert!(err.contains(&down), "the error names the shard: {err}");
+            } else {
+                let got: Vec<_> = o.result.unwrap().iter().map(|o| o.at).collect();
+                assert_eq!(got, [now - chrono::Duration::seconds(30)], "{} at {now}", o.target);
+            }
+        }
+        assert_eq!(progress.cursor(&down_target), start, "the down shard's cursor stays");
+        for o in p.prune(&sick, &progress, now).await {
+            assert_eq!(o.result.is_err(), o.target == down_target, "{}", o.target);
+        }
+    }
+
+    // It returns at 11:05:30: it gets the window's occurrences only, once.
+    let back = start + minutes(65);
+    for o in p.pass(&f.router, &mut progress, back).await {
+        let got: Vec<_> = o.result.unwrap().iter().map(|o| o.at).collect();
+        if o.target == down_target {
+            assert_eq!(got, [at(10, 55, 0), at(11, 0, 0), at(11, 5, 0)], "the returning shard");
+        } else {
+            assert_eq!(got, [at(11, 5, 0)], "{}", o.target);
+        }
+    }
+    let every_five: Vec<_> = (0..16).map(|k| at(9, 50, 0) + minutes(5 * k)).collect();
+    for db in f.router.shards() {
+        let expected = if db.name == down {
+            let mut v = every_five[..3].to_vec();
+            v.extend_from_slice(&every_five[13..]);
+            v
+        } else {
+            every_five.clone()
+        };
+        assert_eq!(
+            run_ats(&f, &db.name, "five").await,
+            expected,
+            "shard {}: each occurrence once, none pruned and enqueued again",
+            db.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_returning_shard_gets_at_most_max_occurrences_per_pass() {
+    let f = fleet().await;
+    let down = f.router.shards()[0].name.clone();
+    let sick = with_shard_down(&f.config, &down).await;
+    let down_target = Target::Shard(down.clone());
+    let p = PeriodicJob::new(
+        "second",
+        "* * * * * *",
+        Tz::UTC,
+        NewJob::from_json("second", serde_json::json!({})),
+    )
+    .unwrap()
+    .per_shard()
+    .catch_up(Duration::from_secs(3 * 3600));
+    let start = at(12, 0, 0);
+    let mut progress = p.progress(start);
+    for o in p.pass(&sick, &mut progress, start).await {
+        assert_eq!(o.result.is_err(), o.target == down_target, "{}", o.target);
+    }
+    // Back 30 minutes later: 3 h of missed seconds, of which the newest are kept.
+    let back = start + minutes(30);
+    let outcomes = p.pass(&f.router, &mut progress, back).await;
+    let returned = outcomes.into_iter().find(|o| o.target == down_target).unwrap();
+    let got = returned.result.unwrap();
+    assert_eq!(got.len(), MAX_OCCURRENCES_PER_PASS);
+    assert_eq!(got.first().unwrap().at, back - chrono::Duration::seconds(999));
+    assert_eq!(got.last().unwrap().at, back);
+    assert_eq!(run_ats(&f, &down, "second").await.len(), MAX_OCCURRENCES_PER_PASS);
+}
+
+/// A connection of its own to shard `name` of `f`.
+async fn connect(f: &Fleet, name: &str) -> PgConnection {
+    let shard = f.config.shards.iter().find(|s| s.name == name).unwrap();
+    PgConnection::connect_with(&shard.database.target.connect_options())
+        .await
+        .unwrap()
+}
+
+/// Freezes writes of periodic records on a shard: an open transaction
+/// holding an exclusive lock on its `shardq.periodic_runs`.
+async fn freeze(conn: &mut PgConnection) {
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    sqlx::query("LOCK TABLE shardq.periodic_runs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+async fn thaw(conn: &mut PgConnection) {
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+}
+
+/// Backends (other than the one asking) of `pool`'s database waiting for a
+/// lock while recording periodic occurrences.
+async fn waiting_writes(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO shardq.periodic_runs%'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_frozen_shard_delays_only_itself_is_retried_after_its_timeout_and_does_not_hold_up_shutdown() {
+    let f = fleet().await;
+    let frozen = f.router.shards()[1].name.clone();
+    let mut lock = connect(&f, &frozen).await;
+    let shard = f.config.shards.iter().find(|s| s.name == frozen).unwrap();
+    let watch = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(shard.database.target.connect_options())
+        .await
+        .unwrap();
+    freeze(&mut lock).await;
+    let node = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .periodic(
+            PeriodicJob::new(
+                "tock",
+                "* * * * * *",
+                Tz::UTC,
+                // Queued where this node does not work, so the jobs stay.
+                NewJob::from_json("tock", serde_json::json!({})).queue("unworked"),
+            )
+            .unwrap()
+            .per_shard()
+            .catch_up(Duration::from_secs(2))
+            .write_timeout(Duration::from_secs(1)),
+        )
+        .start()
+        .unwrap();
+    // The first pass writes at most the 2 s window's occurrences: six on a
+    // shard means later passes went on while the frozen shard's writes hung.
+    wait_for("six occurrences on every healthy shard", WAIT, || async {
+        let counts = jobs_per_shard(&f, "tock").await;
+        f.router
+            .shards()
+            .iter()
+            .zip(counts)
+            .all(|(db, (n, _))| db.name == frozen || n >= 6)
+    })
+    .await;
+    assert!(run_ats(&f, &frozen, "tock").await.is_empty());
+    // A write that hangs is given up after 1 s and tried again.
+    wait_for("two writes to the frozen shard waiting on its lock", WAIT, || async {
+        waiting_writes(&watch).await >= 2
+    })
+    .await;
+
+    // Thawed, it gets the occurrences of its window, and nothing twice.
+    thaw(&mut lock).await;
+    wait_for("occurrences on the thawed shard", WAIT, || async {
+        !run_ats(&f, &frozen, "tock").await.is_empty()
+    })
+    .await;
+
+    // Frozen again, with a write hanging: shutdown does not wait for it.
+    freeze(&mut lock).await;
+    wait_for("a write to the frozen shard waiting on its lock", WAIT, || async {
+        waiting_writes(&watch).await >= 1
+    })
+    .await;
+    tokio::time::timeout(WAIT, node.shutdown(Duration::from_secs(1)))
+        .await
+        .expect("shutdown returned while a shard write hangs");
+    thaw(&mut lock).await;
+    for (db, (n, distinct)) in f.router.shards().iter().zip(jobs_per_shard(&f, "tock").await) {
+        assert_eq!(n, distinct, "shard {}: an occurrence was enqueued twice", db.name);
+    }
 }

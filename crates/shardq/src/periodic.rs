@@ -14,18 +14,31 @@
 //!
 //! Nothing missed across a restart: a starting node enqueues the occurrences
 //! of the last [`PeriodicJob::catch_up`] window (default 1 h) that no node
-//! recorded. Records older than the window are pruned. [`PeriodicJob::jitter`]
-//! delays each job's `run_at` by a random offset, so many schedules firing on
-//! the same minute do not start at once. [`Overlap`] chooses what an
-//! occurrence does while the previous run of the job is not done.
+//! recorded. [`PeriodicJob::jitter`] delays each job's `run_at` by a random
+//! offset, so many schedules firing on the same minute do not start at once.
+//! [`Overlap`] chooses what an occurrence does while the previous run of the
+//! job is not done.
+//!
+//! One sick shard never slows the healthy ones: a node keeps its place in a
+//! job's schedule per [`Target`] (each shard of a per-shard job; the one
+//! target of a global job) in a [`Progress`]. Every write to one target is
+//! bounded by [`PeriodicJob::write_timeout`] (default 10 s) and moves only
+//! that target's cursor, so a shard that is down or hangs keeps its cursor
+//! where it was and is retried on the next pass while the others go on. A
+//! returning shard gets at most the occurrences of the catch-up window (and
+//! at most [`MAX_OCCURRENCES_PER_PASS`]), like a starting node. Records
+//! older than twice the window are pruned, never one a pass can still look
+//! at (passes look back one window at most).
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 pub use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
-use croner::Cron;
+use croner::{Cron, Direction};
 use rand::Rng;
 use shardq_router::router::Database;
 use shardq_router::{Account, Router};
@@ -77,9 +90,10 @@ pub struct PeriodicJob {
     overlap: Overlap,
     jitter: Duration,
     catch_up: Duration,
+    write_timeout: Duration,
 }
 
-/// One occurrence a call of [`PeriodicJob::enqueue_due`] recorded.
+/// One occurrence a write ([`PeriodicJob::pass`], [`PeriodicJob::enqueue_due`]) recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Occurrence {
     /// The shard it was recorded on.
@@ -88,6 +102,87 @@ pub struct Occurrence {
     pub at: DateTime<Utc>,
     /// The job enqueued; `None` when it was skipped ([`Overlap::Skip`]).
     pub job: Option<JobId>,
+}
+
+/// Where one write of a periodic job goes: what a [`Progress`] keeps a
+/// cursor for, and what a failed write names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// One shard of a per-shard job, by name.
+    Shard(String),
+    /// The one target of a global job: the shard this account lives on,
+    /// looked up at every write (so it follows a move).
+    Account(Account),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Shard(name) => write!(f, "shard {name}"),
+            Target::Account(account) => write!(f, "the shard of account {account}"),
+        }
+    }
+}
+
+/// What one write of a [`PeriodicJob::pass`] or [`PeriodicJob::prune`] did
+/// on one target.
+#[derive(Debug)]
+pub struct TargetOutcome<T> {
+    /// The target written to.
+    pub target: Target,
+    /// What the write returned: the occurrences recorded (a pass) or the
+    /// records deleted (a prune), or why it failed or timed out.
+    pub result: Result<T>,
+}
+
+/// A node's place in one periodic job's schedule: per [`Target`], the time
+/// up to which every occurrence is handled there (recorded by this node or
+/// found recorded). Made by [`PeriodicJob::progress`], moved by
+/// [`PeriodicJob::pass`] (or [`Progress::advance`]); a target whose write
+/// fails keeps its cursor, the others move on.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The job's catch-up window: no pass looks further back.
+    window: chrono::Duration,
+    /// The cursor of a target not written yet: the start minus the window.
+    origin: DateTime<Utc>,
+    /// Cursors of the targets written at least once.
+    cursors: BTreeMap<Target, DateTime<Utc>>,
+}
+
+impl Progress {
+    /// Every occurrence of the job up to this time is handled on `target`.
+    pub fn cursor(&self, target: &Target) -> DateTime<Utc> {
+        self.cursors.get(target).copied().unwrap_or(self.origin)
+    }
+
+    /// Where a pass at `now` starts on `target` (it covers `(after, now]`):
+    /// the target's cursor, but never more than the catch-up window back, so
+    /// a shard that returns after a long outage gets the window's
+    /// occurrences only, as a starting node would.
+    pub fn after(&self, target: &Target, now: DateTime<Utc>) -> DateTime<Utc> {
+        self.cursor(target).max(earlier(now, self.window))
+    }
+
+    /// Marks every occurrence up to `to` as handled on `target` (a cursor
+    /// never moves back).
+    pub fn advance(&mut self, target: &Target, to: DateTime<Utc>) {
+        let cursor = self.cursor(target).max(to);
+        self.cursors.insert(target.clone(), cursor);
+    }
+
+    /// The records of `target` a prune at `now` may delete: those before
+    /// twice the window back, and never one at or after where this node's
+    /// next pass starts ([`Progress::after`]), which it still needs to tell
+    /// handled occurrences from missed ones.
+    pub fn prune_before(&self, target: &Target, now: DateTime<Utc>) -> DateTime<Utc> {
+        earlier(earlier(now, self.window), self.window).min(self.after(target, now))
+    }
+}
+
+/// `t - d`, or the earliest time there is when that is out of range.
+fn earlier(t: DateTime<Utc>, d: chrono::Duration) -> DateTime<Utc> {
+    t.checked_sub_signed(d).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 impl PeriodicJob {
@@ -123,6 +218,7 @@ impl PeriodicJob {
             overlap: Overlap::default(),
             jitter: Duration::ZERO,
             catch_up: Duration::from_secs(3600),
+            write_timeout: Duration::from_secs(10),
         })
     }
 
@@ -163,10 +259,20 @@ impl PeriodicJob {
         self
     }
 
-    /// How far back a starting node looks for occurrences no node recorded
-    /// (default 1 h). Records are kept this long.
+    /// How far back a starting node, or a shard coming back, looks for
+    /// occurrences no node recorded (default 1 h). Records are kept twice
+    /// this long.
     pub fn catch_up(mut self, window: Duration) -> Self {
         self.catch_up = window;
+        self
+    }
+
+    /// How long one write of occurrences to one shard may take, connecting
+    /// included (default 10 s). A write that takes longer is abandoned (its
+    /// transaction rolls back) and counts as failed: that shard is retried
+    /// on the next pass, and no other shard waits for it.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
         self
     }
 
@@ -185,21 +291,26 @@ impl PeriodicJob {
         self.catch_up
     }
 
+    /// The catch-up window as a signed duration (an unrepresentable one is
+    /// the longest there is).
+    fn window(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.catch_up).unwrap_or(chrono::Duration::MAX)
+    }
+
     /// Occurrences in `(after, up_to]`, oldest first, at most
-    /// [`MAX_OCCURRENCES_PER_PASS`] (the newest).
+    /// [`MAX_OCCURRENCES_PER_PASS`] (the newest). Walks back from `up_to`,
+    /// so the cost is bounded by that cap however long the range.
     pub fn occurrences(&self, after: DateTime<Utc>, up_to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
-        let mut out = std::collections::VecDeque::new();
-        for at in self.cron.iter_after(after.with_timezone(&self.tz)) {
+        let mut out = Vec::new();
+        for at in self.cron.iter_from(up_to.with_timezone(&self.tz), Direction::Backward) {
             let at = at.with_timezone(&Utc);
-            if at > up_to {
+            if at <= after || out.len() == MAX_OCCURRENCES_PER_PASS {
                 break;
             }
-            if out.len() == MAX_OCCURRENCES_PER_PASS {
-                out.pop_front();
-            }
-            out.push_back(at);
+            out.push(at);
         }
-        out.into()
+        out.reverse();
+        out
     }
 
     /// The first occurrence after `after`.
@@ -210,13 +321,90 @@ impl PeriodicJob {
             .map(|at| at.with_timezone(&Utc))
     }
 
+    /// The targets it writes to: every shard of `router` (per shard), or
+    /// the account's shard (global).
+    pub fn targets(&self, router: &Router) -> Vec<Target> {
+        match &self.scope {
+            Scope::PerShard(_) => router
+                .shards()
+                .iter()
+                .map(|db| Target::Shard(db.name.clone()))
+                .collect(),
+            Scope::Global(account) => vec![Target::Account(account.clone())],
+        }
+    }
+
+    /// A fresh place in its schedule for a node starting at `start`: every
+    /// target begins one catch-up window back.
+    pub fn progress(&self, start: DateTime<Utc>) -> Progress {
+        let window = self.window();
+        Progress {
+            window,
+            origin: earlier(start, window),
+            cursors: BTreeMap::new(),
+        }
+    }
+
+    /// One pass at `now`: writes the due occurrences to every target at
+    /// once, each from where `progress` says it is ([`Progress::after`])
+    /// and bounded by [`PeriodicJob::write_timeout`], and advances the
+    /// cursor of each target that succeeded. A target that fails keeps its
+    /// cursor, so the next pass retries it; the others never wait for it
+    /// longer than the timeout. What a node's scheduler does on every pass
+    /// (without even that wait); public so the schedule can be driven with
+    /// explicit times.
+    pub async fn pass(
+        &self,
+        router: &Router,
+        progress: &mut Progress,
+        now: DateTime<Utc>,
+    ) -> Vec<TargetOutcome<Vec<Occurrence>>> {
+        let writes = self.targets(router).into_iter().map(|target| {
+            let after = progress.after(&target, now);
+            async move {
+                let result = self.enqueue_due_on(router, &target, after, now).await;
+                TargetOutcome { target, result }
+            }
+        });
+        let outcomes = futures::future::join_all(writes).await;
+        for outcome in &outcomes {
+            if outcome.result.is_ok() {
+                progress.advance(&outcome.target, now);
+            }
+        }
+        outcomes
+    }
+
     /// Enqueues the occurrences in `(after, up_to]` that no node recorded
-    /// yet, on every shard (per shard) or the account's shard (global), and
-    /// returns those this call recorded. What a node's scheduler calls on
-    /// every pass; public so the schedule can be driven with explicit times.
+    /// yet, on every target at once, and returns those this call recorded;
+    /// or, when a target fails, the first failure once every target was
+    /// tried (the targets that succeeded keep what they recorded: to retry
+    /// only the failed ones, use [`PeriodicJob::pass`] with a [`Progress`]).
     pub async fn enqueue_due(
         &self,
         router: &Router,
+        after: DateTime<Utc>,
+        up_to: DateTime<Utc>,
+    ) -> Result<Vec<Occurrence>> {
+        let targets = self.targets(router);
+        let writes = targets
+            .iter()
+            .map(|target| self.enqueue_due_on(router, target, after, up_to));
+        let mut out = Vec::new();
+        for written in futures::future::join_all(writes).await {
+            out.extend(written?);
+        }
+        Ok(out)
+    }
+
+    /// Enqueues on one target the occurrences in `(after, up_to]` that no
+    /// node recorded yet, and returns those this call recorded. Bounded by
+    /// [`PeriodicJob::write_timeout`]; the error names the job and the
+    /// target.
+    pub async fn enqueue_due_on(
+        &self,
+        router: &Router,
+        target: &Target,
         after: DateTime<Utc>,
         up_to: DateTime<Utc>,
     ) -> Result<Vec<Occurrence>> {
@@ -224,19 +412,38 @@ impl PeriodicJob {
         if due.is_empty() {
             return Ok(Vec::new());
         }
-        match &self.scope {
-            Scope::PerShard(account) => {
-                let writes = router.shards().iter().map(|db| self.enqueue_on(db, account, &due));
-                let mut out = Vec::new();
-                for written in futures::future::join_all(writes).await {
-                    out.extend(written?);
-                }
-                Ok(out)
+        let write = async {
+            let (db, account) = self.resolve(router, target).await?;
+            self.enqueue_on(db, account, &due).await
+        };
+        match tokio::time::timeout(self.write_timeout, write).await {
+            Ok(written) => written,
+            Err(_) => Err(self.timed_out(target, &format!("writing {} occurrences", due.len()))),
+        }
+    }
+
+    /// The database and the account name of one of its targets.
+    async fn resolve<'r>(&'r self, router: &'r Router, target: &Target) -> Result<(&'r Database, &'r str)> {
+        match (&self.scope, target) {
+            (Scope::PerShard(account), Target::Shard(name)) => Ok((router.shard(name)?, account.as_str())),
+            (Scope::Global(account), Target::Account(a)) if a == account => {
+                Ok((router.pool_for(account).await?, account.as_str()))
             }
-            Scope::Global(account) => {
-                let db = router.pool_for(account).await?;
-                self.enqueue_on(db, account.as_str(), &due).await
-            }
+            _ => Err(Error::Periodic {
+                name: self.name.clone(),
+                message: format!("{target} is not one of its targets"),
+            }),
+        }
+    }
+
+    /// The error of a write to `target` that took longer than the timeout.
+    fn timed_out(&self, target: &Target, what: &str) -> Error {
+        Error::Periodic {
+            name: self.name.clone(),
+            message: format!(
+                "{what} on {target} timed out after {:?} (write_timeout)",
+                self.write_timeout
+            ),
         }
     }
 
@@ -290,21 +497,33 @@ impl PeriodicJob {
         Ok(out)
     }
 
-    /// Forgets this job's records older than its catch-up window, on the
-    /// shards it writes to.
-    pub(crate) async fn prune(&self, router: &Router, now: DateTime<Utc>) {
-        let before = now - chrono::Duration::from_std(self.catch_up * 2).unwrap_or_default();
-        let dbs: Vec<&Database> = match &self.scope {
-            Scope::PerShard(_) => router.shards().iter().collect(),
-            Scope::Global(account) => match router.pool_for(account).await {
-                Ok(db) => vec![db],
-                Err(_) => return,
-            },
-        };
-        for db in dbs {
-            if let Err(e) = store::periodic_runs_prune(&db.pool, &self.name, before).await {
-                tracing::debug!(periodic = %self.name, error = %db.error(e), "pruning periodic records failed");
+    /// Forgets, on every target at once, the records `progress` no longer
+    /// needs at `now` ([`Progress::prune_before`]); each target bounded by
+    /// [`PeriodicJob::write_timeout`]. Returns how many records each target
+    /// deleted.
+    pub async fn prune(&self, router: &Router, progress: &Progress, now: DateTime<Utc>) -> Vec<TargetOutcome<u64>> {
+        let prunes = self.targets(router).into_iter().map(|target| {
+            let before = progress.prune_before(&target, now);
+            async move {
+                let result = self.prune_on(router, &target, before).await;
+                TargetOutcome { target, result }
             }
+        });
+        futures::future::join_all(prunes).await
+    }
+
+    /// Forgets this job's records before `before` on one target, bounded by
+    /// [`PeriodicJob::write_timeout`]; returns how many it deleted.
+    pub async fn prune_on(&self, router: &Router, target: &Target, before: DateTime<Utc>) -> Result<u64> {
+        let prune = async {
+            let (db, _) = self.resolve(router, target).await?;
+            store::periodic_runs_prune(&db.pool, &self.name, before)
+                .await
+                .map_err(|e| Error::from(db.error(e)))
+        };
+        match tokio::time::timeout(self.write_timeout, prune).await {
+            Ok(pruned) => pruned,
+            Err(_) => Err(self.timed_out(target, "pruning records")),
         }
     }
 }
@@ -343,5 +562,81 @@ mod tests {
             .to_string();
         assert!(err.contains("bad") && err.contains("61 * * * *"), "{err}");
         assert!(PeriodicJob::tz("Mars/Olympus").is_err());
+    }
+
+    #[test]
+    fn progress_is_kept_per_target_and_looks_back_one_window_at_most() {
+        let p = PeriodicJob::new("p", "*/5 * * * *", Tz::UTC, job())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .catch_up(Duration::from_secs(15 * 60));
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap_or_default();
+        let (a, b) = (Target::Shard("a".into()), Target::Shard("b".into()));
+        let mut progress = p.progress(t("2026-01-01T10:00:00Z"));
+        assert_eq!(progress.cursor(&a), t("2026-01-01T09:45:00Z"));
+        progress.advance(&a, t("2026-01-01T11:00:00Z"));
+        progress.advance(&a, t("2026-01-01T10:30:00Z"));
+        assert_eq!(
+            progress.cursor(&a),
+            t("2026-01-01T11:00:00Z"),
+            "a cursor never moves back"
+        );
+        assert_eq!(progress.cursor(&b), t("2026-01-01T09:45:00Z"), "b kept its own cursor");
+        let now = t("2026-01-01T11:01:00Z");
+        assert_eq!(progress.after(&a, now), t("2026-01-01T11:00:00Z"));
+        assert_eq!(
+            progress.after(&b, now),
+            t("2026-01-01T10:46:00Z"),
+            "one window back at most"
+        );
+        for target in [&a, &b] {
+            let before = progress.prune_before(target, now);
+            assert_eq!(before, t("2026-01-01T10:31:00Z"));
+            assert!(
+                before <= progress.after(target, now),
+                "never prunes what a pass looks at"
+            );
+        }
+        // A window too long to represent neither panics nor overflows.
+        let long = p.clone().catch_up(Duration::MAX).progress(now);
+        assert_eq!(long.after(&a, now), DateTime::<Utc>::MIN_UTC);
+        assert_eq!(long.prune_before(&a, now), DateTime::<Utc>::MIN_UTC);
+    }
+
+    #[test]
+    fn walking_back_finds_what_walking_forward_finds_across_clock_changes() {
+        let forward = |p: &PeriodicJob, after: DateTime<Utc>, up_to: DateTime<Utc>| -> Vec<DateTime<Utc>> {
+            p.cron
+                .iter_after(after.with_timezone(&p.tz))
+                .map(|at| at.with_timezone(&Utc))
+                .take_while(|at| *at <= up_to)
+                .collect()
+        };
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap_or_default();
+        for zone in ["Europe/Paris", "America/New_York", "Australia/Lord_Howe", "UTC"] {
+            let tz = PeriodicJob::tz(zone).unwrap_or(Tz::UTC);
+            for expression in ["*/15 * * * *", "30 2 * * *", "0 * * * *", "0 3 * * 0", "*/20 * * * * *"] {
+                let p = PeriodicJob::new("w", expression, tz, job()).unwrap_or_else(|e| panic!("{e}"));
+                // Both clock changes of 2026 in Europe and in the US.
+                for (after, up_to) in [
+                    ("2026-03-07T00:00:00Z", "2026-03-09T12:00:00Z"),
+                    ("2026-03-28T12:00:00Z", "2026-03-29T12:00:00Z"),
+                    ("2026-04-04T12:00:00Z", "2026-04-05T18:00:00Z"),
+                    ("2026-10-24T12:00:00Z", "2026-10-25T12:00:00Z"),
+                    ("2026-10-31T12:00:00Z", "2026-11-01T12:00:00Z"),
+                ] {
+                    let (after, up_to) = (t(after), t(up_to));
+                    let mut expected = forward(&p, after, up_to);
+                    let excess = expected.len().saturating_sub(MAX_OCCURRENCES_PER_PASS);
+                    expected.drain(..excess);
+                    assert_eq!(p.occurrences(after, up_to), expected, "{zone} {expression} {after}");
+                }
+            }
+        }
+        // A range far longer than the cap costs the cap, not the range.
+        let every_second = PeriodicJob::new("s", "* * * * * *", Tz::UTC, job()).unwrap_or_else(|e| panic!("{e}"));
+        let now = t("2026-01-01T00:00:00Z");
+        let got = every_second.occurrences(DateTime::<Utc>::MIN_UTC, now);
+        assert_eq!(got.len(), MAX_OCCURRENCES_PER_PASS);
+        assert_eq!(got.last(), Some(&now));
     }
 }

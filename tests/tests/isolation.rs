@@ -39,10 +39,15 @@ impl Worker for Hold {
 
 async fn stop_server(bed: &Arc<TestBed>, name: &str) {
     let (bed, name) = (bed.clone(), name.to_string());
-    tokio::task::spawn_blocking(move || bed.server(&name).and_then(|s| s.stop()).map_err(|e| e.to_string()))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        bed.server(&name)
+            .map_err(|e| e.to_string())?
+            .stop()
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+    .unwrap();
 }
 
 /// Accounts placed on `shard`, with `n` jobs of `kind` each.

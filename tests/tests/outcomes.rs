@@ -283,3 +283,70 @@ async fn a_rescued_job_wakes_a_producer_at_once() {
     .await;
     node.shutdown(Duration::from_millis(100)).await;
 }
+
+/// Counts runs.
+#[derive(Clone, Default)]
+struct Once(Arc<Mutex<u32>>);
+
+impl shardq::Worker for Once {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "once";
+    async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        *self.0.lock().unwrap() += 1;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_reply_is_lost_runs_the_job_instead_of_discarding_it() {
+    let f = fleet().await;
+    let a = Account::new("lost-reply").unwrap();
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("once", serde_json::json!({})).max_attempts(1))
+        .await
+        .unwrap();
+    // The first claim commits only after the node stopped waiting for its
+    // reply: the job is `running` under the node's name, unknown to it.
+    let db = f.router.shard(&id.shard).unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE slept (n int);
+         CREATE FUNCTION slow_first_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NOT EXISTS (SELECT 1 FROM slept) THEN
+                 INSERT INTO slept VALUES (1);
+                 PERFORM pg_sleep(1.5);
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER slow_first_claim AFTER UPDATE ON shardq.jobs
+             FOR EACH ROW WHEN (OLD.state = 'available' AND NEW.state = 'running')
+             EXECUTE FUNCTION slow_first_claim();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let runs = Once::default();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(runs.clone())
+        .options(RuntimeOptions {
+            shard_timeout: Duration::from_millis(300),
+            lease: Duration::from_secs(5),
+            ..fast_options()
+        })
+        .start()
+        .unwrap();
+    wait_for("the job is finished", WAIT, || async {
+        f.client.job(&id).await.unwrap().state.is_final()
+    })
+    .await;
+    rt.shutdown(Duration::from_millis(100)).await;
+    let job = f.client.job(&id).await.unwrap();
+    assert_eq!(job.state, "completed", "{job:?}");
+    assert_eq!(
+        (*runs.0.lock().unwrap(), job.attempt),
+        (1, 1),
+        "ran once, on its one attempt"
+    );
+}

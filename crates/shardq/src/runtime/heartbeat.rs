@@ -24,32 +24,77 @@ pub(crate) async fn run(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch:
             _ = stop.changed() => return,
             _ = tokio::time::sleep(node.options.heartbeat_interval) => {}
         }
-        let (ids, attempts) = shard.leases.held();
-        if ids.is_empty() {
-            continue;
+        renew(&node, &shard).await;
+        release_orphans(&node, &shard).await;
+    }
+}
+
+/// Renews every lease this node holds on `shard` in one statement, and
+/// stops the runs whose lease it lost.
+async fn renew(node: &Node, shard: &ShardWork) {
+    let (ids, attempts) = shard.leases.held();
+    if ids.is_empty() {
+        return;
+    }
+    let lease = node.options.lease;
+    let sent_at = Instant::now();
+    let renewal = store::job_lease_renew(&shard.db.pool, &ids, &attempts, &node.id, lease.as_secs_f64());
+    // A renewal that outlasts the lease is as good as failed.
+    let lost = match tokio::time::timeout(lease, renewal).await {
+        Ok(Ok(renewed)) => {
+            tracing::trace!(shard = %shard.db.name, renewed = renewed.len(), held = ids.len(), "leases renewed");
+            let asked: Vec<(i64, i32)> = ids.into_iter().zip(attempts).collect();
+            shard.leases.renewed(&asked, &renewed, sent_at, lease)
         }
-        let lease = node.options.lease;
-        let sent_at = Instant::now();
-        let renewal = store::job_lease_renew(&shard.db.pool, &ids, &attempts, &node.id, lease.as_secs_f64());
-        // A renewal that outlasts the lease is as good as failed.
-        let lost = match tokio::time::timeout(lease, renewal).await {
-            Ok(Ok(renewed)) => {
-                tracing::trace!(shard = %shard.db.name, renewed = renewed.len(), held = ids.len(), "leases renewed");
-                let asked: Vec<(i64, i32)> = ids.into_iter().zip(attempts).collect();
-                shard.leases.renewed(&asked, &renewed, sent_at, lease)
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "lease renewal failed");
-                shard.leases.expire(Instant::now())
-            }
-            Err(_) => {
-                tracing::warn!(shard = %shard.db.name, "lease renewal did not answer within the lease");
-                shard.leases.expire(Instant::now())
-            }
-        };
-        if lost > 0 {
-            metrics::leases_lost(&shard.db.name, lost as u64);
+        Ok(Err(e)) => {
+            tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "lease renewal failed");
+            shard.leases.expire(Instant::now())
         }
+        Err(_) => {
+            tracing::warn!(shard = %shard.db.name, "lease renewal did not answer within the lease");
+            shard.leases.expire(Instant::now())
+        }
+    };
+    if lost > 0 {
+        metrics::leases_lost(&shard.db.name, lost as u64);
+    }
+}
+
+/// Claims of this node whose reply never reached it (the connection dropped
+/// or timed out after the claim committed) leave rows `running` under its
+/// name that it does not hold. Rescue would take them only when their lease
+/// expires, counting an attempt that never ran (a `max_attempts = 1` job
+/// would be discarded unrun). Each heartbeat finds them and makes them
+/// available again with the attempt given back. Skipped while a claim is in
+/// flight, whose rows would look the same.
+async fn release_orphans(node: &Node, shard: &ShardWork) {
+    let Some(mark) = shard.leases.claims_quiet() else {
+        return;
+    };
+    let (held_ids, held_attempts) = shard.leases.held();
+    let held: std::collections::HashSet<(i64, i32)> = held_ids.into_iter().zip(held_attempts).collect();
+    let timeout = node.options.shard_timeout;
+    let Ok(Ok(mine)) = tokio::time::timeout(timeout, store::job_running_of_node(&shard.db.pool, &node.id)).await else {
+        return;
+    };
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = mine.into_iter().filter(|r| !held.contains(r)).unzip();
+    if ids.is_empty() || shard.leases.claims_quiet() != Some(mark) {
+        return;
+    }
+    match tokio::time::timeout(
+        timeout,
+        store::job_release_unclaimed(&shard.db.pool, &ids, &attempts, &node.id),
+    )
+    .await
+    {
+        Ok(Ok(n)) if n > 0 => {
+            tracing::warn!(shard = %shard.db.name, released = n, "claims whose reply was lost made available again, their attempt not counted")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "releasing lost claims failed")
+        }
+        Err(_) => tracing::warn!(shard = %shard.db.name, "releasing lost claims did not answer in time"),
     }
 }
 

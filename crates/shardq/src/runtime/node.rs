@@ -89,6 +89,19 @@ pub(crate) struct Leases {
     held: Mutex<HashMap<(i64, i32), Lease>>,
     /// Notified whenever leases are released (shutdown waits on it).
     released: Notify,
+    /// Claims sent and not yet recorded here (see [`Leases::claiming`]).
+    claims_in_flight: AtomicU64,
+    /// Claims ever sent; tells the orphan check that one came and went.
+    claims_sent: AtomicU64,
+}
+
+/// A claim in flight on the shard; recorded as ended when dropped.
+pub(crate) struct Claiming<'a>(&'a Leases);
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        self.0.claims_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Leases {
@@ -130,6 +143,23 @@ impl Leases {
             );
         }
         lost
+    }
+
+    /// Marks a claim as sent until the returned guard drops (after its jobs
+    /// were started, or the claim failed). While any claim is in flight,
+    /// running rows of this node that it does not hold may be that claim's
+    /// and are left alone.
+    pub(crate) fn claiming(&self) -> Claiming<'_> {
+        self.claims_sent.fetch_add(1, Ordering::SeqCst);
+        self.claims_in_flight.fetch_add(1, Ordering::SeqCst);
+        Claiming(self)
+    }
+
+    /// A mark of the claims so far, when none is in flight: the same mark
+    /// later means no claim started or ended in between.
+    pub(crate) fn claims_quiet(&self) -> Option<u64> {
+        let sent = self.claims_sent.load(Ordering::SeqCst);
+        (self.claims_in_flight.load(Ordering::SeqCst) == 0).then_some(sent)
     }
 
     /// The run of `(id, attempt)` ended; its outcome is on its way to the completer.

@@ -119,6 +119,9 @@ impl Producer {
             node: &self.node.id,
             lease_secs: opts.lease.as_secs_f64(),
         };
+        // Until its jobs are recorded, the orphan check leaves this node's
+        // unheld running rows alone: they may be this claim's.
+        let _claiming = self.shard.leases.claiming();
         let claimed_at = Instant::now();
         let claimed = tokio::time::timeout(opts.shard_timeout, store::job_fetch_available(&mut *conn, &params)).await;
         let jobs = match claimed {

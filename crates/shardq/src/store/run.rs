@@ -185,6 +185,37 @@ pub async fn job_lease_renew(
     .await
 }
 
+/// The runs `(id, attempt)` of this node on the shard, as the shard sees them.
+pub async fn job_running_of_node(pool: &PgPool, node: &str) -> sqlx::Result<Vec<(i64, i32)>> {
+    sqlx::query_as("SELECT id, attempt FROM shardq.jobs WHERE state = 'running' AND locked_by = $1")
+        .bind(node)
+        .fetch_all(pool)
+        .await
+}
+
+/// Makes claims of this node that it never received available again, with
+/// the attempt given back (it never ran); their queues are notified.
+pub async fn job_release_unclaimed(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
+    sqlx::query_as(concat!(
+        "WITH changed AS (
+         UPDATE shardq.jobs j
+            SET state = 'available', attempt = j.attempt - 1, run_at = now(),
+                locked_by = NULL, lease_expires_at = NULL
+           FROM unnest($1::bigint[], $2::int[]) AS o(id, attempt)
+          WHERE j.id = o.id AND j.attempt = o.attempt
+            AND j.state = 'running' AND j.locked_by = $3
+         RETURNING j.queue, j.state
+         )",
+        written_and_notified!()
+    ))
+    .bind(ids)
+    .bind(attempts)
+    .bind(node)
+    .fetch_one(pool)
+    .await
+    .map(|(written, _notified): (i64, i64)| written as u64)
+}
+
 /// Hands running jobs of this node back (shutdown): available now, and the
 /// interrupted attempt does not count against `max_attempts`; their queues
 /// are notified, so another node takes them at once.

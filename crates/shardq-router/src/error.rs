@@ -80,7 +80,7 @@ pub enum Error {
     },
     /// A database call failed; `database` names the master or the shard and
     /// `target` is its address without the password.
-    #[error("{database} ({target}): {source}")]
+    #[error("{database} ({target}): {source}{}", .detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
     Database {
         /// `master` or `shard NAME`.
         database: String,
@@ -88,6 +88,9 @@ pub enum Error {
         target: String,
         /// The driver's error.
         source: sqlx::Error,
+        /// What the driver's message leaves out, e.g. which limit a pool
+        /// timeout hit.
+        detail: Option<String>,
     },
     /// The `sslrootcert` file of a database cannot be used.
     #[error("sslrootcert {file}: {message}", file = file.display())]

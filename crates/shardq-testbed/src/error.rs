@@ -113,6 +113,18 @@ pub enum Error {
         known: String,
     },
 
+    /// A server's processes could not be frozen or thawed
+    /// ([`Server::freeze`](crate::Server::freeze), [`Server::thaw`](crate::Server::thaw)).
+    #[error("server {server}: cannot {action} it: {reason}")]
+    Freeze {
+        /// The server name.
+        server: String,
+        /// `freeze` or `thaw`.
+        action: &'static str,
+        /// What went wrong, naming the process.
+        reason: String,
+    },
+
     /// A test certificate could not be generated.
     #[error("generating a test certificate: {message}")]
     Certificate {

@@ -5,7 +5,11 @@
 //! (so a terminal's Ctrl-C does not kill it first), blocked reading its
 //! stdin, a pipe whose only write end we hold (std opens it close-on-exec,
 //! so no other child inherits it). When we exit, crash or are killed, the
-//! kernel closes that end, `read` returns, and the guard runs
+//! kernel closes that end, `read` returns, and the guard thaws every server
+//! (a test may have frozen one with `Server::freeze`, and a stopped
+//! postmaster would ignore pg_ctl: SIGCONT to the postmaster named by
+//! `postmaster.pid`, if its working directory is that data directory, and
+//! to its descendants, found by parent pid in `/proc/*/stat`), runs
 //! `pg_ctl stop -m immediate` on every data directory and `rm -rf` on the
 //! bed directory. Dropping an [`ExitGuard`] does the same and waits for it.
 
@@ -18,10 +22,30 @@ use crate::pg_bin::PgBin;
 use crate::server_user::ServerUser;
 
 /// Arguments: `$1` pg_ctl, `$2` bed directory, then the data directories.
+/// `thaw DIR` is the shell twin of `freeze::thaw`: it grows the set of the
+/// postmaster's descendants by `ppid` (the field after the state, read after
+/// the `)` that ends `comm` in `/proc/PID/stat`) until a scan adds none,
+/// then sends SIGCONT to all of them.
 const SCRIPT: &str = r#"trap '' HUP INT
 read -r _line
 pg_ctl="$1"; root="$2"; shift 2
-for d in "$@"; do "$pg_ctl" stop -w -m immediate -D "$d" >/dev/null 2>&1; done
+thaw() {
+  read -r pm < "$1/postmaster.pid" 2>/dev/null || return 0
+  [ -n "$pm" ] && [ "$(cd "/proc/$pm/cwd" 2>/dev/null && pwd -P)" = "$(cd "$1" && pwd -P)" ] || return 0
+  tree=" $pm "; grown=1
+  while [ "$grown" = 1 ]; do
+    grown=0
+    for stat in /proc/[0-9]*/stat; do
+      read -r line < "$stat" 2>/dev/null || continue
+      pid=${line%% *}
+      set -- ${line##*") "}
+      case "$tree" in *" $pid "*) continue ;; esac
+      case "$tree" in *" $2 "*) tree="$tree$pid "; grown=1 ;; esac
+    done
+  done
+  for pid in $tree; do kill -CONT "$pid" 2>/dev/null; done
+}
+for d in "$@"; do thaw "$d"; "$pg_ctl" stop -w -m immediate -D "$d" >/dev/null 2>&1; done
 rm -rf -- "$root""#;
 
 /// A running guard child; see the module docs.

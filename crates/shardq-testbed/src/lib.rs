@@ -6,13 +6,17 @@
 //! - [`pg_bin`]: finding `initdb`/`pg_ctl`/`postgres` ([`PgBin`]).
 //! - `server_user`: who runs the servers (the `postgres` user when we are
 //!   root, since PostgreSQL refuses to run as root).
-//! - [`server`]: one server ([`Server`]): init, start, stop, kill, probe.
+//! - [`server`]: one server ([`Server`]): init, start, stop, kill, freeze,
+//!   probe.
+//! - `freeze`: SIGSTOP / SIGCONT to a server's postmaster and its children,
+//!   found through `/proc` ([`Server::freeze`], [`Server::thaw`]).
 //! - [`bed`]: a master plus N shards in a temp dir ([`TestBed`]) and fresh
 //!   databases on all of them ([`Fleet`]).
 //! - [`tls`]: test certificates ([`TestCa`]) for servers with `ssl = on`
 //!   ([`Server::enable_tls`], [`TestBed::enable_tls`]).
 //! - `exit_guard`: the child process that stops a bed's servers and removes
-//!   its directory when this process exits, even when killed.
+//!   its directory when this process exits, even when killed (thawing
+//!   frozen servers first).
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 //!
 //! Tests share one bed per test binary and take fresh databases:
@@ -32,6 +36,7 @@
 pub mod bed;
 pub mod error;
 mod exit_guard;
+mod freeze;
 pub mod pg_bin;
 pub mod server;
 mod server_user;

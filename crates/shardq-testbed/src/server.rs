@@ -125,8 +125,10 @@ impl Server {
     }
 
     /// Starts the server and waits until it accepts TCP connections. Does
-    /// nothing if it already runs and accepts them.
+    /// nothing if it already runs and accepts them; a frozen server is
+    /// thawed.
     pub fn start(&self) -> Result<()> {
+        self.thaw_before("start");
         if self.is_running()? {
             return self.wait_accepting();
         }
@@ -152,16 +154,40 @@ impl Server {
         }
     }
 
-    /// Stops the server cleanly (`pg_ctl stop -m fast`); nothing to do if it
-    /// is not running.
+    /// Stops the server cleanly (`pg_ctl stop -m fast`), thawing it first if
+    /// it is frozen; nothing to do if it is not running.
     pub fn stop(&self) -> Result<()> {
         self.stop_mode("fast")
     }
 
     /// Crashes the server (`pg_ctl stop -m immediate`: no checkpoint, crash
-    /// recovery on next start); nothing to do if it is not running.
+    /// recovery on next start), thawing it first if it is frozen; nothing to
+    /// do if it is not running.
     pub fn kill(&self) -> Result<()> {
         self.stop_mode("immediate")
+    }
+
+    /// Freezes the server, to simulate one that stopped answering without
+    /// closing its sockets: SIGSTOP to its postmaster and, once that has
+    /// stopped (so it forks no more), to every process below it (backends,
+    /// checkpointer, walwriter, ...). The kernel still completes TCP
+    /// handshakes and buffers what clients send, but nothing answers: a
+    /// connection attempt hangs at startup and a query on an open
+    /// connection hangs, until [`Server::thaw`].
+    ///
+    /// [`Server::stop`], [`Server::kill`] and [`Server::restart`] thaw
+    /// first, and a [`TestBed`](crate::TestBed) thaws its servers when it is
+    /// dropped or its process exits. Fails when the server is not running.
+    /// Linux only (it reads `/proc`).
+    pub fn freeze(&self) -> Result<()> {
+        crate::freeze::freeze(&self.name, &self.data_dir)
+    }
+
+    /// Undoes [`Server::freeze`]: SIGCONT to every process below the
+    /// postmaster, then to the postmaster. Nothing to do when the server is
+    /// not running or not frozen.
+    pub fn thaw(&self) -> Result<()> {
+        crate::freeze::thaw(&self.name, &self.data_dir)
     }
 
     /// Turns TLS on with a certificate from a new CA; see
@@ -227,6 +253,7 @@ impl Server {
     }
 
     fn stop_mode(&self, mode: &str) -> Result<()> {
+        self.thaw_before("stop");
         if !self.is_running()? {
             return Ok(());
         }
@@ -234,6 +261,15 @@ impl Server {
         cmd.args(["stop", "-w", "-t", PG_CTL_TIMEOUT_SECS, "-m", mode, "-D"])
             .arg(&self.data_dir);
         self.run_ok(cmd).map(drop)
+    }
+
+    /// Thaws the server before pg_ctl acts on it (a frozen postmaster would
+    /// not act on pg_ctl's signal). A failure is logged, not returned: the
+    /// server is most likely not frozen, and pg_ctl says if it is.
+    fn thaw_before(&self, action: &str) {
+        if let Err(e) = self.thaw() {
+            tracing::warn!(server = %self.name, error = %e, "could not thaw the server before {action}");
+        }
     }
 
     /// Polls until the server accepts connections, up to [`ACCEPT_DEADLINE`].

@@ -72,14 +72,20 @@ async fn two_shard_bed_fleets_and_faults() {
 const CHILD_ENV: &str = "SHARDQ_TESTBED_GUARD_CHILD";
 
 /// Run by `killed_process_cleans_up` as a separate process: starts a bed,
-/// reports it, and blocks until killed.
+/// freezes shard_1, reports the bed and that postmaster's pid, and blocks
+/// until killed.
 #[test]
 fn guard_child() {
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
     }
     let bed = TestBed::shared().unwrap();
-    println!("BED {} {}", bed.master().port(), bed.dir().display());
+    // A frozen server must not keep the guard from stopping it.
+    let frozen = bed.server("shard_1").unwrap();
+    frozen.freeze().unwrap();
+    let pid = std::fs::read_to_string(frozen.data_dir().join("postmaster.pid")).unwrap();
+    let pid = pid.lines().next().unwrap();
+    println!("BED {} {} {pid}", bed.master().port(), bed.dir().display());
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).unwrap();
 }
@@ -99,7 +105,8 @@ fn killed_process_cleans_up() {
         .map(Result::unwrap)
         .find_map(|line| line.strip_prefix("BED ").map(str::to_owned))
         .expect("child reported its bed");
-    let (port, dir) = report.split_once(' ').unwrap();
+    let (port, rest) = report.split_once(' ').unwrap();
+    let (dir, frozen_pid) = rest.rsplit_once(' ').unwrap();
     let (port, dir): (u16, PathBuf) = (port.parse().unwrap(), dir.into());
     let master = Server::new("master", port, dir.join("master")).unwrap();
     assert!(master.is_accepting());
@@ -108,6 +115,14 @@ fn killed_process_cleans_up() {
     child.wait().unwrap();
     assert!(wait_until(60, || !dir.exists()), "{} left behind", dir.display());
     assert!(!master.is_accepting());
+    // The guard thawed the frozen shard before stopping it: its postmaster
+    // is gone (or a zombie about to be reaped), not stopped forever.
+    let stat = format!("/proc/{frozen_pid}/stat");
+    assert!(
+        wait_until(30, || std::fs::read_to_string(&stat)
+            .map_or(true, |s| s.contains(") Z "))),
+        "the frozen postmaster {frozen_pid} outlived the killed process"
+    );
 }
 
 #[test]

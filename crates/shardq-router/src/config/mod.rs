@@ -46,6 +46,10 @@ pub const DEFAULT_CONFIG_FILE: &str = "shards.toml";
 /// Where a configuration came from, for error messages.
 const INLINE: &str = "<inline>";
 
+/// The largest `statement_timeout` / `lock_timeout` the server accepts, in
+/// milliseconds (they are `int` settings).
+const SERVER_TIMEOUT_MAX_MS: u128 = i32::MAX as u128;
+
 /// The validated topology.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -79,15 +83,50 @@ pub struct DatabaseConfig {
     pub pool: PoolConfig,
 }
 
-/// Connection pool settings of one database.
+/// Connection pool settings of one database: `pool = { ... }` in
+/// shards.toml.
+///
+/// What bounds time on a database that is down or stopped answering:
+///
+/// - [`acquire_timeout`](Self::acquire_timeout) bounds getting a
+///   connection: waiting for a free one, checking an idle one (a ping) and
+///   opening a new one (TCP connect, TLS, startup, authentication; a
+///   refused connection is retried until then). sqlx 0.8 has no separate
+///   connect timeout: every connection a pool opens is opened inside this
+///   deadline, so shards.toml refuses a `connect_timeout` field.
+/// - [`statement_timeout`](Self::statement_timeout) and
+///   [`lock_timeout`](Self::lock_timeout) are sent to the server in the
+///   startup packet (`options=-c ...`), as session defaults of every pool
+///   connection; they override `ALTER ROLE/DATABASE ... SET` values, and a
+///   transaction may still `SET LOCAL` its own. The server enforces them, so
+///   they bound a server that is slow, not one that stopped answering.
+/// - Nothing bounds a statement already sent to a server that stopped
+///   answering: sqlx 0.8 has no read timeout and cannot set TCP keepalives
+///   (which a stopped server's kernel would answer anyway). Callers that
+///   must not wait wrap the call in `tokio::time::timeout`.
+///
+/// The migrator connects with its own driver (tokio-postgres) and gets none
+/// of these settings, so a long migration is never cancelled by them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolConfig {
     /// Most connections the pool opens (default 10).
     pub max_connections: u32,
     /// Connections kept open when idle (default 0).
     pub min_connections: u32,
-    /// How long a caller waits for a connection (default 5 s).
+    /// How long a caller waits for a connection, including opening a new
+    /// one (default 5 s; more than 0).
     pub acquire_timeout: Duration,
+    /// The server cancels a statement of a pool connection that runs
+    /// longer (SQLSTATE 57014; default 30 s). Zero leaves the setting to
+    /// the server (no limit unless its configuration, role or database sets
+    /// one); use zero for both timeouts behind a pooler that refuses the
+    /// `options` startup parameter, such as PgBouncer.
+    pub statement_timeout: Duration,
+    /// The server fails a statement of a pool connection that waits longer
+    /// for a lock, row or table (SQLSTATE 55P03; default 10 s). Zero leaves
+    /// the setting to the server. Keep it below `statement_timeout`, or
+    /// that fires first.
+    pub lock_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -96,6 +135,8 @@ impl Default for PoolConfig {
             max_connections: 10,
             min_connections: 0,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -265,13 +306,52 @@ impl Check<'_> {
                 ),
             ));
         }
-        if let Some(v) = &raw.acquire_timeout {
-            let field = format!("{at}.acquire_timeout");
-            let v = self.expand(&field, v)?;
-            p.acquire_timeout = humantime::parse_duration(&v)
-                .map_err(|e| self.err(&field, format!("{v:?} is not a duration like \"5s\" or \"500ms\": {e}")))?;
+        if let Some(v) = self.duration(&format!("{at}.acquire_timeout"), &raw.acquire_timeout)? {
+            if v.is_zero() {
+                return Err(self.err(&format!("{at}.acquire_timeout"), "must be more than 0"));
+            }
+            p.acquire_timeout = v;
+        }
+        for (name, raw, slot) in [
+            ("statement_timeout", &raw.statement_timeout, &mut p.statement_timeout),
+            ("lock_timeout", &raw.lock_timeout, &mut p.lock_timeout),
+        ] {
+            let field = format!("{at}.{name}");
+            if let Some(v) = self.duration(&field, raw)? {
+                if v.subsec_nanos() % 1_000_000 != 0 {
+                    return Err(self.err(
+                        &field,
+                        format!("{v:?} is not a whole number of milliseconds (the server counts in ms)"),
+                    ));
+                }
+                if v.as_millis() > SERVER_TIMEOUT_MAX_MS {
+                    return Err(self.err(
+                        &field,
+                        format!("{v:?} is more than the server accepts ({SERVER_TIMEOUT_MAX_MS}ms, about 24 days)"),
+                    ));
+                }
+                *slot = v;
+            }
+        }
+        if raw.connect_timeout.is_some() {
+            return Err(self.err(
+                &format!("{at}.connect_timeout"),
+                "is not a setting: the pool opens every connection (TCP, TLS, startup, authentication) \
+                 within acquire_timeout, which bounds it (sqlx 0.8 has no separate connect timeout); \
+                 set acquire_timeout instead",
+            ));
         }
         Ok(p)
+    }
+
+    /// Parses an optional duration field ("5s", "500ms", "1m", "0").
+    fn duration(&self, field: &str, value: &Option<String>) -> Result<Option<Duration>> {
+        let Some(v) = self.opt(field, value)? else {
+            return Ok(None);
+        };
+        humantime::parse_duration(&v)
+            .map(Some)
+            .map_err(|e| self.err(field, format!("{v:?} is not a duration like \"5s\" or \"500ms\": {e}")))
     }
 }
 

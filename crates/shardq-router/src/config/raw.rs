@@ -60,6 +60,11 @@ pub(super) struct RawPool {
     pub(super) max_connections: Option<i64>,
     pub(super) min_connections: Option<i64>,
     pub(super) acquire_timeout: Option<String>,
+    pub(super) statement_timeout: Option<String>,
+    pub(super) lock_timeout: Option<String>,
+    /// Not a setting: read only to refuse it with a message that points at
+    /// `acquire_timeout` (sqlx 0.8 has no separate connect timeout).
+    pub(super) connect_timeout: Option<toml::Value>,
 }
 
 /// Expands `${VAR}` and `${VAR:-default}` in `value`, looking variables up

@@ -346,6 +346,59 @@ fn pool_acquire_timeout_is_a_duration() {
 }
 
 #[test]
+fn pool_server_timeouts_default_and_parse() {
+    let d = PoolConfig::default();
+    assert_eq!(
+        (d.acquire_timeout, d.statement_timeout, d.lock_timeout),
+        (Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(10))
+    );
+    let c = parse(&with_shards(
+        "[[shards]]\nname = \"shard_1\"\nport = 5441\npool = { statement_timeout = \"${ST:-2m}\", lock_timeout = \"1500ms\" }\n\
+         [[shards]]\nname = \"shard_2\"\nport = 5442\npool = { statement_timeout = \"0\", lock_timeout = \"0s\" }\n",
+    ))
+    .unwrap();
+    let (one, two) = (&c.shards[0].database.pool, &c.shards[1].database.pool);
+    assert_eq!(
+        (one.statement_timeout, one.lock_timeout),
+        (Duration::from_secs(120), Duration::from_millis(1500))
+    );
+    assert_eq!(
+        (two.statement_timeout, two.lock_timeout),
+        (Duration::ZERO, Duration::ZERO)
+    );
+    assert_eq!(c.master.pool, PoolConfig::default());
+}
+
+#[test]
+fn bad_pool_timeouts_are_rejected_naming_the_field() {
+    let shard = |pool: &str| {
+        with_shards(&format!(
+            "[[shards]]\nname = \"shard_1\"\nport = 5441\npool = {{ {pool} }}\n"
+        ))
+    };
+    rejected(
+        &shard("statement_timeout = \"soon\""),
+        &["shards[0].pool.statement_timeout", "\"soon\"", "not a duration"],
+    );
+    rejected(
+        &shard("lock_timeout = \"250us\""),
+        &["shards[0].pool.lock_timeout", "not a whole number of milliseconds"],
+    );
+    rejected(
+        &shard("statement_timeout = \"30days\""),
+        &["shards[0].pool.statement_timeout", "more than the server accepts"],
+    );
+    rejected(
+        &shard("acquire_timeout = \"0s\""),
+        &["shards[0].pool.acquire_timeout", "must be more than 0"],
+    );
+    rejected(
+        &format!("[master]\nport = 5440\n[master.pool]\nconnect_timeout = \"5s\"\n{TWO}"),
+        &["master.pool.connect_timeout", "set acquire_timeout instead"],
+    );
+}
+
+#[test]
 fn pool_min_above_max_is_rejected() {
     rejected(
         &with_shards(

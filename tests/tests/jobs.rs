@@ -426,7 +426,7 @@ async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced
         id: id.id,
         attempt: 1,
         state: shardq::JobState::Discarded,
-        run_at: None,
+        retry_in: None,
         error: Some("late".into()),
         extra_attempts: 0,
     };

@@ -290,7 +290,7 @@ async fn a_worker_sigkilled_mid_batch_loses_no_job_and_its_running_jobs_are_resc
                 id: *id,
                 attempt: 1,
                 state: shardq::JobState::Available,
-                run_at: None,
+                retry_in: None,
                 error: Some("late".into()),
                 extra_attempts: 0,
             })

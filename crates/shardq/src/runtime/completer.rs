@@ -89,12 +89,12 @@ enum Row {
 impl Row {
     /// The row that writes `d`; `None` for a run whose lease was lost.
     fn of(d: &Done, backoff: &Backoff) -> Option<Row> {
-        let finish = |state, run_at, error: Option<String>, extra_attempts| {
+        let finish = |state, retry_in, error: Option<String>, extra_attempts| {
             Some(Row::Finish(Finish {
                 id: d.id,
                 attempt: d.attempt,
                 state,
-                run_at,
+                retry_in,
                 error: error.map(|e| storable(&e)),
                 extra_attempts,
             }))
@@ -104,11 +104,11 @@ impl Row {
             Outcome::LeaseLost => None,
             Outcome::Failed(message) => {
                 let last = d.attempt >= d.max_attempts;
-                let run_at = (!last).then(|| Utc::now() + backoff.delay(d.attempt));
+                let retry_in = (!last).then(|| backoff.delay(d.attempt));
                 let state = if last { JobState::Discarded } else { JobState::Available };
-                finish(state, run_at, Some(message.clone()), 0)
+                finish(state, retry_in, Some(message.clone()), 0)
             }
-            Outcome::Snooze(after) => finish(JobState::Available, Some(Utc::now() + *after), None, 1),
+            Outcome::Snooze(after) => finish(JobState::Available, Some(*after), None, 1),
             Outcome::Cancel(reason) => finish(
                 JobState::Cancelled,
                 None,

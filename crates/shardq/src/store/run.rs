@@ -49,8 +49,8 @@ pub struct Finish {
     pub attempt: i32,
     /// New state: `Available` (retry or snooze), `Discarded` or `Cancelled`.
     pub state: JobState,
-    /// Next run time for `available`.
-    pub run_at: Option<DateTime<Utc>>,
+    /// For `available`: how long from now (the shard's clock) until it runs again.
+    pub retry_in: Option<std::time::Duration>,
     /// Error text to append to the job's errors, with this attempt's number.
     pub error: Option<String>,
     /// Extra attempts granted (a snooze does not count as a failure).
@@ -129,14 +129,15 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
     let ids: Vec<i64> = finishes.iter().map(|f| f.id).collect();
     let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
     let states: Vec<&str> = finishes.iter().map(|f| f.state.as_str()).collect();
-    let run_ats: Vec<Option<DateTime<Utc>>> = finishes.iter().map(|f| f.run_at).collect();
+    let retry_in: Vec<Option<f64>> = finishes.iter().map(|f| f.retry_in.map(|d| d.as_secs_f64())).collect();
     let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
     let extra: Vec<i32> = finishes.iter().map(|f| f.extra_attempts).collect();
     sqlx::query_as(concat!(
         "WITH changed AS (
          UPDATE shardq.jobs j
             SET state = f.state,
-                run_at = COALESCE(f.run_at, j.run_at),
+                run_at = CASE WHEN f.retry_in IS NULL THEN j.run_at
+                              ELSE now() + make_interval(secs => f.retry_in) END,
                 finalized_at = CASE WHEN f.state = 'available' THEN NULL ELSE now() END,
                 unique_key = CASE WHEN f.state = ANY(j.unique_states) THEN j.unique_key END,
                 max_attempts = j.max_attempts + f.extra,
@@ -144,8 +145,8 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
                               ELSE j.errors || jsonb_build_array(jsonb_build_object(
                                        'attempt', j.attempt, 'at', now(), 'error', f.error)) END,
                 locked_by = NULL, lease_expires_at = NULL
-           FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::int[])
-                AS f(id, attempt, state, run_at, error, extra)
+           FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[], $6::int[])
+                AS f(id, attempt, state, retry_in, error, extra)
           WHERE j.id = f.id AND j.attempt = f.attempt AND j.state = 'running'
          RETURNING j.queue, j.state
          )",
@@ -154,7 +155,7 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
     .bind(ids)
     .bind(attempts)
     .bind(states)
-    .bind(run_ats)
+    .bind(retry_in)
     .bind(errors)
     .bind(extra)
     .fetch_one(pool)

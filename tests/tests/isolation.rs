@@ -105,3 +105,75 @@ async fn a_shard_that_went_down_holds_no_share_of_the_queue_slots() {
     .await;
     rt.shutdown(Duration::from_millis(200)).await;
 }
+
+/// `grab`: holds a connection of the application's pool on the job's shard
+/// for a while, as a busy handler does, and counts its runs.
+#[derive(Clone)]
+struct Grab {
+    router: Arc<shardq::Router>,
+    runs: Arc<std::sync::Mutex<std::collections::HashMap<i64, u32>>>,
+}
+
+impl Worker for Grab {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "grab";
+    async fn work(&self, ctx: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        *self.runs.lock().unwrap().entry(ctx.id.id).or_default() += 1;
+        let db = self
+            .router
+            .shard(&ctx.id.shard)
+            .map_err(|e| JobError::failed(e.to_string()))?;
+        let _held = db.pool.acquire().await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_holding_every_pool_connection_do_not_starve_lease_renewals() {
+    const LIMIT: usize = 4;
+    let f = shardq_tests::fleet().await;
+    // The application's pool on every shard has exactly as many connections
+    // as the node runs handlers.
+    let mut config = f.config.clone();
+    for s in &mut config.shards {
+        s.database.pool.max_connections = LIMIT as u32;
+    }
+    let router = Arc::new(shardq::Router::connect(&config).await.unwrap());
+    let a = Account::new("busy-handlers").unwrap();
+    let shard = f.router.shard_for(&a).await.unwrap().shard;
+    let jobs = (0..LIMIT).map(|_| (a.clone(), NewJob::from_json("grab", serde_json::json!({}))));
+    f.client.enqueue_many(jobs).await.unwrap();
+    let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let busy = Runtime::builder(router.clone())
+        .queue("default", LIMIT)
+        .register(Grab {
+            router: router.clone(),
+            runs: runs.clone(),
+        })
+        .options(shardq::RuntimeOptions {
+            lease: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_millis(250),
+            ..fast_options()
+        })
+        .start()
+        .unwrap();
+    // Another node, on its own pools, rescues whatever lease runs out.
+    let rescuer = Runtime::builder(f.router.clone())
+        .queue("elsewhere", 1)
+        .options(fast_options())
+        .start()
+        .unwrap();
+    wait_for("every job completed", WAIT, || async {
+        count_state(&f.router, &shard, "completed").await == LIMIT as i64
+    })
+    .await;
+    busy.shutdown(Duration::from_millis(100)).await;
+    rescuer.shutdown(Duration::from_millis(100)).await;
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), LIMIT);
+    assert!(
+        runs.values().all(|n| *n == 1),
+        "no lease expired under busy handlers: {runs:?}"
+    );
+}

@@ -45,6 +45,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardq_router::router::Database;
 use shardq_router::Router;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
@@ -149,7 +150,15 @@ impl RuntimeBuilder {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (finish_tx, finish_rx) = watch::channel(false);
         let (end_tx, end_rx) = watch::channel(false);
-        let databases = self.router.shards();
+        // The engine's own connections per shard, apart from the pools the
+        // application's handlers use through the router.
+        let engine_connections = node.options.engine_connections.unwrap_or(self.queues.len() as u32 + 4);
+        let databases: Vec<Database> = self
+            .router
+            .shards()
+            .iter()
+            .map(|db| engine_database(db, engine_connections))
+            .collect();
         // wakes[queue][shard]
         let wakes: BTreeMap<&String, Vec<Arc<Notify>>> = self
             .queues
@@ -392,6 +401,24 @@ impl Runtime {
 /// How long shutdown goes on after the grace period, at most: handing back
 /// the runs still going and flushing the last outcomes.
 const SHUTDOWN_AFTER_GRACE: Duration = Duration::from_millis(900);
+
+/// A pool of at most `max` connections to `db`'s database, opened lazily
+/// with the same connect options and acquire timeout as the router's pool:
+/// the engine's stages (producers, completer, heartbeat, upkeep) use it, so
+/// handlers that hold every connection of the router's pool cannot starve
+/// lease renewals or outcome writes.
+fn engine_database(db: &Database, max: u32) -> Database {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .min_connections(0)
+        .acquire_timeout(db.pool.options().get_acquire_timeout())
+        .connect_lazy_with(db.pool.connect_options().as_ref().clone());
+    Database {
+        name: db.name.clone(),
+        pool,
+        target: db.target.clone(),
+    }
+}
 
 /// Who hears what on `shard`'s LISTEN connection: job notifications wake the
 /// producer of the queue named in the payload, cancel notifications go to

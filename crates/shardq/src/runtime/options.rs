@@ -42,6 +42,12 @@ pub struct RuntimeOptions {
     /// stopped answering (frozen, or cut off without a reset) costs this
     /// long per try, and holds none of the node's slots meanwhile.
     pub shard_timeout: Duration,
+    /// Connections the engine opens per shard, apart from the router's pool
+    /// that handlers use (default: the number of queues + 4, i.e. one per
+    /// producer, the completer, the heartbeat, the notifier's LISTEN and one
+    /// shared by rescuer, pruner, cancel sweeper and sampler). A node's
+    /// budget per shard is this plus the shard's `pool.max_connections`.
+    pub engine_connections: Option<u32>,
 }
 
 impl Default for RuntimeOptions {
@@ -60,6 +66,7 @@ impl Default for RuntimeOptions {
             retain_discarded: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             shard_timeout: Duration::from_secs(10),
+            engine_connections: None,
         }
     }
 }
@@ -82,6 +89,9 @@ impl RuntimeOptions {
         }
         if self.prune_interval.is_zero() {
             return bad("prune_interval must be more than 0");
+        }
+        if self.engine_connections.is_some_and(|n| n < 2) {
+            return bad("engine_connections must be at least 2 (the LISTEN connection and one more)");
         }
         if self.shard_timeout.is_zero() {
             return bad("shard_timeout must be more than 0");

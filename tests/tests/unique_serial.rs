@@ -1,7 +1,9 @@
 //! Unique jobs and per-key serial order against real servers: concurrent
 //! duplicate enqueues insert one row, a finished unique job frees its key,
-//! periods bucket by run time; serial jobs never overlap and run in order
-//! across two nodes, and a failing job holds its key until it completes.
+//! periods bucket by run time, a retry by hand restores the key (or is
+//! refused while another job holds it), rescue and hand-back keep it;
+//! serial jobs never overlap and run in order across two nodes, and a
+//! failing job holds its key until it completes.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashMap;
@@ -154,6 +156,215 @@ async fn a_completed_incomplete_unique_job_frees_its_key_but_any_keeps_it() {
         "a completed job still holds an Any key"
     );
     rt.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Fails every run.
+struct AlwaysFails;
+impl Worker for AlwaysFails {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "always-fails";
+    async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        Err(JobError::failed("boom"))
+    }
+}
+
+fn keyed_failing(key: &str) -> NewJob {
+    NewJob::from_json("always-fails", serde_json::json!({}))
+        .max_attempts(1)
+        .unique(UniqueOpts::new().key(key))
+}
+
+#[tokio::test]
+async fn a_discarded_unique_job_retried_by_hand_gets_its_key_back() {
+    let f = fleet().await;
+    let a = account("unique-retry");
+    let first = f.client.enqueue_unique(&a, keyed_failing("k")).await.unwrap();
+    assert!(!first.duplicate);
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(AlwaysFails)
+        .options(fast())
+        .start()
+        .unwrap();
+    wait_for("the unique job was discarded", WAIT, || async {
+        state_of(&f, &first.id).await == "discarded"
+    })
+    .await;
+    // Stopped, so the retried job stays available while the duplicate is enqueued.
+    rt.shutdown(Duration::from_secs(5)).await;
+    let retried = f.client.retry(&first.id).await.unwrap();
+    assert_eq!(retried.state, "available");
+    let dup = f.client.enqueue_unique(&a, keyed_failing("k")).await.unwrap();
+    assert!(
+        dup.duplicate && dup.id == first.id,
+        "the retried job holds its key again: {dup:?}"
+    );
+    assert_eq!(rows_of_kind(&f, &a, "always-fails").await, 1, "no second job");
+}
+
+/// A unique job of key `key` that has not run (due in an hour), cancelled:
+/// its key is released.
+async fn cancelled_unique(f: &Fleet, a: &Account, key: &str) -> JobId {
+    let job = keyed_failing(key).delay(Duration::from_secs(3600));
+    let e = f.client.enqueue_unique(a, job).await.unwrap();
+    assert!(!e.duplicate, "{key} was free");
+    f.client.cancel(&e.id).await.unwrap();
+    e.id
+}
+
+#[tokio::test]
+async fn retrying_a_unique_job_whose_key_another_job_holds_is_refused_and_changes_nothing() {
+    let f = fleet().await;
+    let a = account("unique-retry-held");
+    let old = cancelled_unique(&f, &a, "k").await;
+    let holder = f.client.enqueue_unique(&a, keyed_failing("k")).await.unwrap();
+    assert!(!holder.duplicate, "the cancelled job released its key");
+    let before = f.client.job(&old).await.unwrap();
+
+    let err = f.client.retry(&old).await.unwrap_err();
+    assert!(
+        matches!(&err, shardq::Error::UniqueConflict { id, state, holder: h }
+            if id == &old && state == "cancelled" && h == &holder.id),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&old.to_string()) && msg.contains(&holder.id.to_string()) && msg.contains("unique key"),
+        "{msg}"
+    );
+    let after = f.client.job(&old).await.unwrap();
+    assert_eq!(
+        (
+            &after.state,
+            &after.errors,
+            after.max_attempts,
+            after.attempt,
+            after.run_at,
+            after.finalized_at
+        ),
+        (
+            &before.state,
+            &before.errors,
+            before.max_attempts,
+            before.attempt,
+            before.run_at,
+            before.finalized_at
+        ),
+        "a refused retry changes nothing"
+    );
+    let dup = f.client.enqueue_unique(&a, keyed_failing("k")).await.unwrap();
+    assert!(dup.duplicate && dup.id == holder.id, "the holder keeps the key");
+
+    // Once the holder lets go of the key, the retry goes through and takes it.
+    f.client.cancel(&holder.id).await.unwrap();
+    assert_eq!(f.client.retry(&old).await.unwrap().state, "available");
+    let dup = f.client.enqueue_unique(&a, keyed_failing("k")).await.unwrap();
+    assert!(dup.duplicate && dup.id == old, "the retried job holds the key");
+}
+
+#[tokio::test]
+async fn concurrent_retries_of_jobs_sharing_a_key_let_exactly_one_through() {
+    let f = fleet().await;
+    let a = account("unique-retry-race");
+    for round in 0..8 {
+        let key = format!("race-{round}");
+        let first = cancelled_unique(&f, &a, &key).await;
+        let second = cancelled_unique(&f, &a, &key).await;
+        let (r1, r2) = tokio::join!(f.client.retry(&first), f.client.retry(&second));
+        let (winner, loser, err) = match (r1, r2) {
+            (Ok(_), Err(e)) => (&first, &second, e),
+            (Err(e), Ok(_)) => (&second, &first, e),
+            other => panic!("exactly one retry of {key} goes through: {other:?}"),
+        };
+        assert!(
+            matches!(&err, shardq::Error::UniqueConflict { id, holder, .. } if id == loser && holder == winner),
+            "{err}"
+        );
+        assert_eq!(state_of(&f, loser).await, "cancelled");
+        let dup = f
+            .client
+            .enqueue_unique(&a, keyed_failing(&key).delay(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        assert!(dup.duplicate && &dup.id == winner, "{key}: the winner holds the key");
+    }
+}
+
+#[tokio::test]
+async fn rescue_hand_back_and_release_keep_the_key_of_a_job_they_make_available() {
+    let f = fleet().await;
+    let a = account("unique-rescue");
+    let pool = f.router.pool_for(&a).await.unwrap().pool.clone();
+    // Running on node n, attempt 1, lease expired.
+    let run = |id: i64| {
+        sqlx::query(
+            "UPDATE shardq.jobs SET state = 'running', attempt = 1, attempted_at = now(), locked_by = 'n',
+                    lease_expires_at = now() - interval '1 second'
+              WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&pool)
+    };
+    let holds_key = |key: &'static str, id: JobId| {
+        let f = &f;
+        let a = &a;
+        async move {
+            let dup = f
+                .client
+                .enqueue_unique(a, keyed_failing(key).max_attempts(5))
+                .await
+                .unwrap();
+            assert!(
+                dup.duplicate && dup.id == id,
+                "{key}: {id} still holds the key: {dup:?}"
+            );
+        }
+    };
+    let keyed = |key: &'static str, max_attempts: i32| {
+        let f = &f;
+        let a = &a;
+        async move {
+            let job = keyed_failing(key).max_attempts(max_attempts);
+            f.client.enqueue_unique(a, job).await.unwrap().id
+        }
+    };
+
+    let rescued = keyed("rescued", 5).await;
+    run(rescued.id).await.unwrap();
+    assert_eq!(shardq::store::job_rescue_expired(&pool, 100).await.unwrap(), 1);
+    assert_eq!(state_of(&f, &rescued).await, "available");
+    holds_key("rescued", rescued).await;
+
+    let given = keyed("given-back", 5).await;
+    run(given.id).await.unwrap();
+    assert_eq!(
+        shardq::store::job_give_back(&pool, &[given.id], &[1], "n")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(state_of(&f, &given).await, "available");
+    holds_key("given-back", given).await;
+
+    let released = keyed("released", 5).await;
+    run(released.id).await.unwrap();
+    assert_eq!(
+        shardq::store::job_release_unclaimed(&pool, &[released.id], &[1], "n")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(state_of(&f, &released).await, "available");
+    holds_key("released", released).await;
+
+    // Rescued with no attempts left: discarded, the key is released; a
+    // retry by hand takes it back.
+    let spent = keyed("spent", 1).await;
+    run(spent.id).await.unwrap();
+    assert_eq!(shardq::store::job_rescue_expired(&pool, 100).await.unwrap(), 1);
+    assert_eq!(state_of(&f, &spent).await, "discarded");
+    f.client.retry(&spent).await.unwrap();
+    holds_key("spent", spent).await;
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::job::{Enqueued, JobId, JobRecord, JobState, NewJob};
-use crate::store::{self, JobChange};
+use crate::store::{self, JobChange, RetryChange};
 
 /// Reason recorded in a job's errors when it is cancelled through the client.
 const CANCEL_REASON: &str = "cancelled on request";
@@ -252,23 +252,57 @@ impl Client {
     /// now, keeping its errors, with one more attempt allowed when it had
     /// none left (`max_attempts` becomes at least `attempt + 1`; a job that
     /// still had attempts keeps its `max_attempts`). Any other state is an
-    /// [`Error::JobState`] and nothing changes. Returns the job afterwards.
+    /// [`Error::JobState`] and nothing changes. Returns the job as the retry
+    /// left it (available), read in the same statement, before any node
+    /// could claim it.
+    ///
+    /// A unique job gets its unique key back, so while it is available or
+    /// running a duplicate enqueue returns it, as before it finished. If
+    /// another job holds that key by then (one enqueued after this job
+    /// released it), the retry is refused with [`Error::UniqueConflict`]
+    /// naming that job, and nothing changes: the database's unique index
+    /// decides, so a retry racing an enqueue or another retry of the same
+    /// key never leaves two jobs holding it.
     pub async fn retry(&self, id: &JobId) -> Result<JobRecord> {
         let db = self.router().shard(&id.shard)?;
-        let change = store::job_retry(&db.pool, id.id).await.map_err(|e| db.error(e))?;
+        let change = store::job_retry(&db.pool, &id.shard, id.id)
+            .await
+            .map_err(|e| db.error(e))?;
         match change {
-            JobChange::Changed { was } => {
+            RetryChange::Retried { was, job } => {
                 tracing::info!(job = %id, was = %was, "job retried by hand");
+                Ok(*job)
             }
-            JobChange::NotFound => return Err(Error::JobNotFound(id.to_string())),
-            JobChange::Refused { state } | JobChange::Unchanged { state } => {
+            RetryChange::NotFound => return Err(Error::JobNotFound(id.to_string())),
+            RetryChange::Refused { state } => {
                 return Err(Error::JobState {
                     id: id.to_string(),
                     state: state.to_string(),
                     message: "only discarded or cancelled jobs can be retried".into(),
                 })
             }
+            RetryChange::KeyHeld {
+                state,
+                holder: Some(holder),
+            } => {
+                return Err(Error::UniqueConflict {
+                    id: id.clone(),
+                    state: state.to_string(),
+                    holder: JobId {
+                        shard: id.shard.clone(),
+                        id: holder,
+                    },
+                })
+            }
+            RetryChange::KeyHeld { state, holder: None } => {
+                return Err(Error::JobState {
+                    id: id.to_string(),
+                    state: state.to_string(),
+                    message: "its unique key was taken on every try by jobs that finished before they could be read; \
+                              try again"
+                        .into(),
+                })
+            }
         }
-        self.job(id).await
     }
 }

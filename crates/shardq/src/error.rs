@@ -37,6 +37,22 @@ pub enum Error {
         /// Why the operation is refused.
         message: String,
     },
+    /// A manual retry of a unique job was refused because another job holds
+    /// its unique key now (enqueued after the job completed, was discarded
+    /// or cancelled and released the key): retrying would duplicate that
+    /// job. Nothing was changed. Retry again once the holder has left its
+    /// unique states, or let the holder do the work.
+    #[error(
+        "job {id} is {state} and cannot be retried: job {holder} now holds its unique key, and retrying would duplicate it"
+    )]
+    UniqueConflict {
+        /// The job whose retry was refused.
+        id: crate::job::JobId,
+        /// Its state (unchanged).
+        state: String,
+        /// The job holding the unique key.
+        holder: crate::job::JobId,
+    },
     /// The metrics recorder or the `/metrics` endpoint could not be set up.
     #[error("metrics: {0}")]
     Metrics(String),

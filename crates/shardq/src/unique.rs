@@ -20,10 +20,21 @@
 //! ([`UniqueStates`]); every statement that moves it to a state outside the
 //! set (completion, discard, cancellation, rescue to discarded) clears the
 //! key in the same UPDATE, so a new job with the same key can be enqueued
-//! from then on. A manual retry of a discarded or cancelled job does not
-//! restore a cleared key (another job may hold it by then). With
+//! from then on. Moves between unique states keep it: a retry after an
+//! error, a snooze, a rescue of an expired lease and a hand-back at shutdown
+//! all make a running job `available`, which every set contains. With
 //! [`UniqueStates::Any`] the key lives as long as the row, i.e. until the
 //! pruner deletes the finished job (`RuntimeOptions::retain_*`).
+//!
+//! Manual retry (`Client::retry`): the hash is also kept in `unique_hash`
+//! for the life of the row (shard migration V6), and a retry puts it back in
+//! `unique_key` in the same UPDATE that makes the job available, so the
+//! retried job is deduplicated against again. When another job holds the
+//! key by then, the unique index refuses that UPDATE and the retry fails
+//! with `Error::UniqueConflict` naming the holder, changing nothing (as
+//! River refuses it with a unique conflict): the retried job would
+//! otherwise duplicate the holder. Jobs whose key was cleared before V6 have
+//! no `unique_hash` and are retried without a key.
 
 use std::time::Duration;
 

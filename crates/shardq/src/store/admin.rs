@@ -87,7 +87,7 @@ pub async fn job_list_for_account(
 /// was cancelled; the payload is the job's row id.
 pub const CANCEL_CHANNEL: &str = "shardq_cancel";
 
-/// What a cancel or retry request found and did.
+/// What a cancel request found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobChange {
     /// No job has this id.
@@ -155,36 +155,129 @@ pub async fn job_cancel(pool: &PgPool, id: i64, reason: &str) -> sqlx::Result<Jo
     Ok(JobChange::Changed { was: state })
 }
 
+/// What a manual retry found and did.
+#[derive(Debug, Clone)]
+pub enum RetryChange {
+    /// No job has this id.
+    NotFound,
+    /// The job was made available; it was in this state before.
+    Retried {
+        /// The state before the retry (`discarded` or `cancelled`).
+        was: JobState,
+        /// The job as the retry left it (before any node claimed it).
+        job: Box<JobRecord>,
+    },
+    /// The job's state does not allow a retry; nothing was written.
+    Refused {
+        /// Its state.
+        state: JobState,
+    },
+    /// The job is unique and another job holds its key now, so restoring
+    /// the key would duplicate that job (`jobs_unique_idx` refused it);
+    /// nothing was written.
+    KeyHeld {
+        /// The retried job's state (unchanged).
+        state: JobState,
+        /// The row id of the job holding the key; `None` when on every try
+        /// the holder finished (and so released the key) before it could
+        /// be read.
+        holder: Option<i64>,
+    },
+}
+
+/// How many times a retry whose key was held, by a job that then finished
+/// before it could be read, is tried again.
+const RETRY_TRIES: usize = 5;
+
+/// The retry statement: `$1` id. Makes the job available now with at least
+/// one attempt left, and puts back the unique key it kept in `unique_hash`
+/// (when `available` is one of its unique states, as it is in every set);
+/// `jobs_unique_idx` raises a unique violation when another job holds that
+/// key, so the index decides even against a concurrent enqueue or retry.
+const JOB_RETRY_SQL: &str = "WITH retried AS (
+         UPDATE shardq.jobs
+            SET state = 'available', run_at = now(), finalized_at = NULL,
+                max_attempts = greatest(max_attempts, attempt + 1),
+                unique_key = CASE WHEN 'available' = ANY(unique_states)
+                                  THEN coalesce(unique_key, unique_hash) END
+          WHERE id = $1
+         RETURNING *),
+     notified AS (SELECT count(pg_notify('shardq_jobs', queue)) AS n FROM retried)
+     SELECT retried.* FROM retried, notified";
+
+/// Whether `e` is `jobs_unique_idx` refusing a key (SQLSTATE 23505).
+fn is_unique_key_taken(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("23505") && db.constraint() == Some("jobs_unique_idx")
+        }
+        _ => false,
+    }
+}
+
+/// One try of [`job_retry`]: the change, or `Err((state, hash))` when the
+/// key `hash` could not be restored because another job held it (the
+/// transaction was rolled back).
+async fn job_retry_once(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Result<RetryChange, (JobState, String)>> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, unique_hash FROM shardq.jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((state, hash)) = row else {
+        return Ok(Ok(RetryChange::NotFound));
+    };
+    let state = super::state_from_db(&state)?;
+    if !matches!(state, JobState::Discarded | JobState::Cancelled) {
+        return Ok(Ok(RetryChange::Refused { state }));
+    }
+    let retried: sqlx::Result<JobRow> = sqlx::query_as(JOB_RETRY_SQL).bind(id).fetch_one(&mut *tx).await;
+    match (retried, hash) {
+        (Ok(row), _) => {
+            tx.commit().await?;
+            Ok(Ok(RetryChange::Retried {
+                was: state,
+                job: Box::new(row.into_record(shard)?),
+            }))
+        }
+        (Err(e), Some(hash)) if is_unique_key_taken(&e) => {
+            tx.rollback().await?;
+            Ok(Err((state, hash)))
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
 /// Retries job `id` by hand: a discarded or cancelled job becomes available
 /// now, keeping its errors, with at least one attempt left
 /// (`max_attempts = greatest(max_attempts, attempt + 1)`); its queue is
 /// notified. Any other state is refused. Locks the row first, like
 /// [`job_cancel`].
-pub async fn job_retry(pool: &PgPool, id: i64) -> sqlx::Result<JobChange> {
-    let mut tx = pool.begin().await?;
-    let state: Option<String> = sqlx::query_scalar("SELECT state FROM shardq.jobs WHERE id = $1 FOR UPDATE")
+///
+/// A unique job gets its key back (completion, discard and cancellation
+/// clear `unique_key`; `unique_hash` keeps it), so it is deduplicated
+/// against again while available. When another job holds the key by then,
+/// the retry is refused ([`RetryChange::KeyHeld`], with the holder's id) and
+/// nothing is written: the retried job would otherwise duplicate it.
+pub async fn job_retry(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<RetryChange> {
+    let mut tries = 0;
+    loop {
+        let (state, hash) = match job_retry_once(pool, shard, id).await? {
+            Ok(change) => return Ok(change),
+            Err(taken) => taken,
+        };
+        tries += 1;
+        let holder: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM shardq.jobs WHERE unique_key = $1 AND unique_key IS NOT NULL AND id <> $2",
+        )
+        .bind(&hash)
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(pool)
         .await?;
-    let Some(state) = state else {
-        return Ok(JobChange::NotFound);
-    };
-    let state = super::state_from_db(&state)?;
-    if !matches!(state, JobState::Discarded | JobState::Cancelled) {
-        return Ok(JobChange::Refused { state });
+        // No holder: it finished (released the key) since; try again.
+        if holder.is_some() || tries >= RETRY_TRIES {
+            return Ok(RetryChange::KeyHeld { state, holder });
+        }
     }
-    sqlx::query(
-        "WITH retried AS (
-             UPDATE shardq.jobs
-                SET state = 'available', run_at = now(), finalized_at = NULL,
-                    max_attempts = greatest(max_attempts, attempt + 1)
-              WHERE id = $1
-             RETURNING queue)
-         SELECT pg_notify('shardq_jobs', queue) FROM retried",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(JobChange::Changed { was: state })
 }

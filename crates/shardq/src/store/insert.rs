@@ -60,10 +60,15 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
 /// The keyed insert: `$1`..`$7` as in the plain insert, `$8` the unique key
 /// text (hashed here to hex SHA-256, so any length fits the index; NULL: not
 /// unique), `$9` the unique states, `$10` the serial key. Inserts nothing
-/// when a job holds the same unique key.
+/// when a job holds the same unique key. The hash goes to both `unique_key`
+/// (enforced, cleared when the job leaves its unique states) and
+/// `unique_hash` (kept, so a manual retry can restore the key; shard
+/// migration V6).
 const JOB_INSERT_KEYED: &str = "INSERT INTO shardq.jobs
-            (account, queue, kind, args, priority, max_attempts, run_at, unique_key, unique_states, serial_key)
+            (account, queue, kind, args, priority, max_attempts, run_at,
+             unique_key, unique_hash, unique_states, serial_key)
      VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now()),
+             CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
              CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
              $9::text[], $10)
      ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING

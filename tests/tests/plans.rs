@@ -44,3 +44,91 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
         assert_indexed(name, &generic_plan(&mut conn, types, sql, args).await);
     }
 }
+
+/// Shared buffers (hit + read) touched by the part of the statement that
+/// finds and locks the rows (its InitPlan: `id = ANY(ARRAY(..))`), from
+/// `EXPLAIN (ANALYZE, BUFFERS)` of its generic plan, and the rows the
+/// statement returned. Runs it in a transaction that is rolled back.
+async fn buffers_and_rows(conn: &mut sqlx::PgConnection, types: &str, sql: &str, args: &str) -> (i64, i64) {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(&format!("PREPARE shardq_cost_probe({types}) AS {sql}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plan: serde_json::Value = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE shardq_cost_probe({args})"
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap()
+    .0;
+    sqlx::query("DEALLOCATE shardq_cost_probe")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    if std::env::var("SHOW_PLAN").is_ok() {
+        eprintln!("{plan:#}");
+    }
+    let top = &plan[0]["Plan"];
+    let find = top["Plans"]
+        .as_array()
+        .and_then(|p| p.iter().find(|n| n["Parent Relationship"] == "InitPlan"))
+        .expect("the statement finds its rows in an InitPlan");
+    let n = |node: &serde_json::Value, k: &str| node[k].as_i64().unwrap_or(0);
+    (
+        n(find, "Shared Hit Blocks") + n(find, "Shared Read Blocks"),
+        n(top, "Actual Rows"),
+    )
+}
+
+#[tokio::test]
+async fn claiming_due_jobs_does_not_walk_the_future_ones() {
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    let mut conn = db.pool.acquire().await.unwrap();
+    // 1k due jobs at priority 1.
+    sqlx::query(
+        "INSERT INTO shardq.jobs (account, queue, kind, args, priority, run_at)
+         SELECT 'a' || (i % 1000), 'default', 'noop', '{}', 1, now() - interval '1 minute'
+           FROM generate_series(1, 1000) AS i",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let types = "text, bigint, text, float8";
+    let args = "'default', 100, 'node', 30";
+    let (alone, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_AVAILABLE_SQL, args).await;
+    assert_eq!(rows, 100, "a full claim of due jobs");
+    // A retry storm: 500k jobs waiting for a backoff at the better priority.
+    sqlx::query(
+        "INSERT INTO shardq.jobs (account, queue, kind, args, priority, run_at)
+         SELECT 'a' || (i % 1000), 'default', 'noop', '{}', 0, now() + interval '1 hour'
+           FROM generate_series(1, 500000) AS i",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (behind_future, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_AVAILABLE_SQL, args).await;
+    assert_eq!(rows, 100, "a full claim of due jobs");
+    // Finding and locking 100 due rows reads their heap pages and a few
+    // index pages either way; walking 500k future index entries first
+    // would read thousands more.
+    assert!(
+        behind_future < alone * 3 / 2 + 20,
+        "the claim touched {alone} buffers alone and {behind_future} behind 500k future jobs"
+    );
+}

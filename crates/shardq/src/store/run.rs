@@ -73,19 +73,48 @@ pub struct Finish {
 /// sees the claim sees it `running`; either way the probe finds it and the
 /// later job is skipped. SKIP LOCKED skips only rows this fetch would lock
 /// (candidates), never the probed rows, which are read from the snapshot.
+///
+/// Future jobs (scheduled, or retrying after a backoff) stay `available` in
+/// `jobs_fetch_idx (queue, priority, run_at, id)`, which leads with
+/// priority, so a plain scan for due jobs in priority order would walk every
+/// future entry of a better priority first (a retry storm would make every
+/// claim cost the backlog). Instead the claim walks the queue's distinct
+/// priorities with a recursive skip scan (one index seek each) and, per
+/// priority, reads only the due range `run_at <= now()` of the index, up to
+/// the limit. Its cost grows with the priorities in use and the rows
+/// claimed, never with future jobs. Each priority locks at most `$2`
+/// candidates; those beyond the limit are released when the statement ends.
 pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
             SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
                 locked_by = $3, lease_expires_at = now() + make_interval(secs => $4)
           WHERE j.id = ANY(ARRAY(
-              SELECT id FROM shardq.jobs
-               WHERE state = 'available' AND queue = $1 AND run_at <= now()
-                 AND (serial_key IS NULL OR NOT EXISTS (
-                      SELECT 1 FROM shardq.jobs b
-                       WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
-                         AND b.state IN ('available', 'running')))
-               ORDER BY priority, run_at, id
-               LIMIT $2
-               FOR UPDATE SKIP LOCKED))
+              WITH RECURSIVE priorities AS (
+                  (SELECT priority FROM shardq.jobs
+                    WHERE state = 'available' AND queue = $1
+                    ORDER BY priority LIMIT 1)
+                  UNION ALL
+                  SELECT n.priority
+                    FROM priorities p
+                    CROSS JOIN LATERAL (
+                        SELECT priority FROM shardq.jobs
+                         WHERE state = 'available' AND queue = $1 AND priority > p.priority
+                         ORDER BY priority LIMIT 1) AS n
+              )
+              SELECT c.id
+                FROM priorities p
+                CROSS JOIN LATERAL (
+                    SELECT id, priority, run_at FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1 AND priority = p.priority
+                       AND run_at <= now()
+                       AND (serial_key IS NULL OR NOT EXISTS (
+                            SELECT 1 FROM shardq.jobs b
+                             WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                               AND b.state IN ('available', 'running')))
+                     ORDER BY run_at, id
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED) AS c
+               ORDER BY c.priority, c.run_at, c.id
+               LIMIT $2))
          RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at";
 
 /// Claims up to `limit` due jobs of a queue, in priority then run order,

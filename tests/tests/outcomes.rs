@@ -350,3 +350,35 @@ async fn a_claim_whose_reply_is_lost_runs_the_job_instead_of_discarding_it() {
         "ran once, on its one attempt"
     );
 }
+
+#[tokio::test]
+async fn a_delay_is_counted_on_the_shards_clock_from_the_insert() {
+    let f = fleet().await;
+    let a = Account::new("delayed").unwrap();
+    let delay = Duration::from_secs(90);
+    let one = f
+        .client
+        .enqueue(&a, NewJob::from_json("once", serde_json::json!({})).delay(delay))
+        .await
+        .unwrap();
+    let many = f
+        .client
+        .enqueue_many([(a.clone(), NewJob::from_json("once", serde_json::json!({})).delay(delay))])
+        .await
+        .unwrap();
+    let keyed = f
+        .client
+        .enqueue(
+            &a,
+            NewJob::from_json("once", serde_json::json!({}))
+                .serial_key("k")
+                .delay(delay),
+        )
+        .await
+        .unwrap();
+    for id in [&one, &many[0], &keyed] {
+        let job = f.client.job(id).await.unwrap();
+        // Both come from the insert's now(): exactly the delay apart.
+        assert_eq!((job.run_at - job.created_at).to_std().unwrap(), delay, "{id}");
+    }
+}

@@ -149,6 +149,8 @@ pub struct NewJob {
     pub(crate) priority: i16,
     pub(crate) max_attempts: i32,
     pub(crate) run_at: Option<DateTime<Utc>>,
+    /// Set by [`NewJob::delay`]: counted from the insert, on the shard's clock.
+    pub(crate) delay: Option<Duration>,
     /// Set by [`NewJob::unique`].
     pub(crate) unique: Option<UniqueOpts>,
     /// Set by [`NewJob::serial_key`].
@@ -183,6 +185,7 @@ impl NewJob {
             priority: 0,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             run_at: None,
+            delay: None,
             unique: None,
             serial_key: None,
         }
@@ -209,13 +212,33 @@ impl NewJob {
     /// Runs the job no earlier than `at`.
     pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
         self.run_at = Some(at);
+        self.delay = None;
         self
     }
 
-    /// Runs the job no earlier than `delay` from now.
+    /// Runs the job no earlier than `delay` after it is inserted, by the
+    /// shard's clock (`now() + delay` in the insert), so a client whose
+    /// clock is off does not shift it.
     pub fn delay(mut self, delay: Duration) -> Self {
-        self.run_at = chrono::Duration::from_std(delay).ok().map(|d| Utc::now() + d);
+        self.delay = Some(delay);
+        self.run_at = None;
         self
+    }
+
+    /// When the job is due as far as a unique period's bucket goes: its
+    /// `run_at`, or now plus its delay by this process's clock (the bucket
+    /// is chosen before the insert), or `None` for now.
+    pub(crate) fn bucket_time(&self) -> Option<DateTime<Utc>> {
+        self.run_at.or_else(|| {
+            self.delay
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| Utc::now() + d)
+        })
+    }
+
+    /// The delay in seconds, for the insert.
+    pub(crate) fn delay_secs(&self) -> Option<f64> {
+        self.delay.map(|d| d.as_secs_f64())
     }
 
     /// Makes the job unique (see [`crate::unique`]): while an equal job

@@ -10,7 +10,7 @@ use crate::job::NewJob;
 use crate::unique;
 
 const JOB_INSERT: &str = "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
-     VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now()))
+     VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($8, 0))))
      RETURNING id";
 
 /// Inserts one job on the connection (the caller's transaction, or a pool connection).
@@ -23,6 +23,7 @@ pub async fn job_insert(conn: &mut PgConnection, account: &str, job: &NewJob, ar
         .bind(job.priority)
         .bind(job.max_attempts)
         .bind(job.run_at)
+        .bind(job.delay_secs())
         .fetch_one(conn)
         .await
 }
@@ -36,11 +37,13 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
     let priorities: Vec<i16> = rows.iter().map(|r| r.1.priority).collect();
     let max_attempts: Vec<i32> = rows.iter().map(|r| r.1.max_attempts).collect();
     let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.1.run_at).collect();
+    let delays: Vec<Option<f64>> = rows.iter().map(|r| r.1.delay_secs()).collect();
     sqlx::query_scalar(
         "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
-         SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now())
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::int[], $7::timestamptz[])
-                WITH ORDINALITY AS t(a, q, k, g, p, m, r, n)
+         SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now() + make_interval(secs => COALESCE(d, 0)))
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::int[],
+                       $7::timestamptz[], $8::float8[])
+                WITH ORDINALITY AS t(a, q, k, g, p, m, r, d, n)
           ORDER BY n
          RETURNING id",
     )
@@ -51,13 +54,14 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
     .bind(priorities)
     .bind(max_attempts)
     .bind(run_ats)
+    .bind(delays)
     .fetch_all(conn)
     .await
 }
 
 // ---- unique jobs, serial keys, periodic jobs
 
-/// The keyed insert: `$1`..`$7` as in the plain insert, `$8` the unique key
+/// The keyed insert: `$1`..`$7` as in the plain insert (`$11` the delay), `$8` the unique key
 /// text (hashed here to hex SHA-256, so any length fits the index; NULL: not
 /// unique), `$9` the unique states, `$10` the serial key. Inserts nothing
 /// when a job holds the same unique key. The hash goes to both `unique_key`
@@ -67,7 +71,7 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
 const JOB_INSERT_KEYED: &str = "INSERT INTO shardq.jobs
             (account, queue, kind, args, priority, max_attempts, run_at,
              unique_key, unique_hash, unique_states, serial_key)
-     VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now()),
+     VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($11, 0))),
              CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
              CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
              $9::text[], $10)
@@ -104,6 +108,7 @@ async fn job_insert_keyed_once(
         .bind(keys.unique_text)
         .bind(keys.unique_states)
         .bind(keys.serial_key)
+        .bind(job.delay_secs())
         .fetch_optional(conn)
         .await
 }
@@ -140,7 +145,7 @@ pub async fn job_insert_keyed(
     let unique_text = job
         .unique
         .as_ref()
-        .map(|u| unique::key_text(&job.kind, &job.queue, account, u, args, job.run_at));
+        .map(|u| unique::key_text(&job.kind, &job.queue, account, u, args, job.bucket_time()));
     let serial = job.serial_key.as_ref().map(|k| unique::serial_text(account, k));
     let keys = JobKeys {
         unique_text: unique_text.as_deref(),

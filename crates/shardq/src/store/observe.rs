@@ -45,7 +45,7 @@ pub const QUEUE_NAMES_SQL: &str = "WITH RECURSIVE queues AS (
          )
          SELECT queue FROM queues";
 
-/// Running jobs per queue on a shard (through `jobs_lease_idx`, whose
+/// Running jobs per queue on a shard (through `jobs_running_idx`, whose
 /// predicate is `state = 'running'`).
 pub const QUEUE_RUNNING_SQL: &str = "SELECT queue, count(*) FROM shardq.jobs WHERE state = 'running' GROUP BY queue";
 

@@ -194,8 +194,11 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
 
 /// Extends the leases of this node's runs `(ids[i], attempts[i])` that are
 /// still running under its name; returns those it extended.
-pub async fn job_lease_renew(
-    pool: &PgPool,
+///
+/// The statement changes only `lease_expires_at`, which no index covers
+/// (shard migration V7), so renewals are HOT updates when the page has room.
+pub async fn job_lease_renew<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
     ids: &[i64],
     attempts: &[i32],
     node: &str,
@@ -211,7 +214,7 @@ pub async fn job_lease_renew(
     .bind(attempts)
     .bind(node)
     .bind(lease_secs)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
 }
 

@@ -92,6 +92,15 @@ pub enum Error {
         /// timeout hit.
         detail: Option<String>,
     },
+    /// A move of the account has fenced it off its old shard and did not
+    /// switch its placement in time: the write was not made; try again.
+    #[error("account {account} is being moved off shard {shard}; its writes wait for the switch and it did not come in time; try again")]
+    AccountMoving {
+        /// The account.
+        account: String,
+        /// The shard it is leaving.
+        shard: String,
+    },
     /// The `sslrootcert` file of a database cannot be used.
     #[error("sslrootcert {file}: {message}", file = file.display())]
     TlsRootCert {

@@ -5,7 +5,9 @@
 //! - [`config`]: `shards.toml`, parsed, `${VAR}`-expanded and validated.
 //! - [`account`]: the account id type and its rules.
 //! - [`ring`]: the consistent-hash ring that proposes a shard for a new account.
-//! - [`router`]: [`Router`], lazy pools per database, cached placements.
+//! - [`router`]: [`Router`], lazy pools per database, cached placements,
+//!   and [`router::AccountTx`], the fenced transaction for an account's writes.
+//! - `placement_watch`: evicts cached placements that changed in the master.
 //! - [`migrator`]: [`Migrator`], platform and application migrations on the
 //!   master and every shard, with a per-database report.
 //! - [`tls`]: what each `sslmode` means, for sqlx and the migrator's
@@ -29,6 +31,7 @@ pub mod account;
 pub mod config;
 pub mod error;
 pub mod migrator;
+mod placement_watch;
 pub mod privileges;
 pub mod ring;
 pub mod router;
@@ -39,4 +42,4 @@ pub use account::Account;
 pub use config::{Config, DatabaseConfig, PoolConfig, ShardConfig, Target};
 pub use error::{Error, Result};
 pub use migrator::{MigrationReport, Migrator};
-pub use router::{Placement, Router};
+pub use router::{AccountTx, Placement, Router};

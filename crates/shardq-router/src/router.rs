@@ -1,8 +1,11 @@
 //! [`Router`]: one lazy pool per database, and the account → shard mapping
-//! (ring proposes, the master's placement table decides, memory caches).
+//! (ring proposes, the master's placement table decides, memory caches,
+//! the placement watch evicts what moved). [`Router::begin`] opens the
+//! fenced transaction application writes go through.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -10,8 +13,13 @@ use sqlx::PgPool;
 use crate::account::Account;
 use crate::config::{Config, DatabaseConfig, PoolConfig};
 use crate::error::{Error, Result};
+use crate::placement_watch::{self, Cache};
 use crate::ring::Ring;
 use crate::store;
+
+/// How long a write waits for a move that has fenced its account off the
+/// old shard to switch the placement, before it fails.
+const MOVE_WAIT: Duration = Duration::from_secs(30);
 
 /// SQLSTATE of `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
@@ -112,8 +120,72 @@ pub struct Router {
     shards: Vec<Database>,
     /// Proposes shards for new accounts; built once from the weights.
     ring: Ring,
-    /// Placements seen so far; written on every first lookup of an account.
-    cache: RwLock<HashMap<Account, String>>,
+    /// Placements seen so far (shard, epoch): written on every first lookup
+    /// of an account, evicted by the placement watch when they change.
+    cache: Arc<Cache>,
+}
+
+/// A transaction on the shard an account lives on, opened by
+/// [`Router::begin`]: the shard was checked to still own the account after
+/// the transaction began, and a move of the account waits for this
+/// transaction to end and carries what it wrote. Derefs to the sqlx
+/// transaction; end it with [`AccountTx::commit`] (dropping it rolls back).
+pub struct AccountTx {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    shard: String,
+}
+
+impl AccountTx {
+    /// The shard this transaction runs on.
+    pub fn shard(&self) -> &str {
+        &self.shard
+    }
+
+    /// Commits the transaction.
+    pub async fn commit(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    /// Rolls the transaction back.
+    pub async fn rollback(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl std::ops::Deref for AccountTx {
+    type Target = sqlx::PgConnection;
+    fn deref(&self) -> &sqlx::PgConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for AccountTx {
+    fn deref_mut(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.tx
+    }
+}
+
+/// A shard's refusal of a write for an account fenced off it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    /// The account whose write was refused.
+    pub account: String,
+    /// The shard it moved to.
+    pub moved_to: String,
+}
+
+/// Whether `e` is a shard refusing a write of an account fenced off it
+/// (SQLSTATE `SQ001`: the account moved away), and which account.
+pub fn fenced(e: &sqlx::Error) -> Option<Fenced> {
+    let sqlx::Error::Database(db) = e else { return None };
+    if db.code().as_deref() != Some(store::FENCED_SQLSTATE) {
+        return None;
+    }
+    let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
+    Some(Fenced {
+        account: pg.detail().unwrap_or_default().to_string(),
+        moved_to: pg.hint().unwrap_or_default().to_string(),
+    })
 }
 
 impl Router {
@@ -130,10 +202,14 @@ impl Router {
                 .map(|s| Database::open(&s.name, &s.database))
                 .collect(),
             ring: Ring::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight))),
-            cache: RwLock::new(HashMap::new()),
+            cache: Arc::new(RwLock::new(HashMap::new())),
             config: config.clone(),
         };
         router.check_placements().await?;
+        tokio::spawn(placement_watch::run(
+            router.master.pool.clone(),
+            Arc::downgrade(&router.cache),
+        ));
         Ok(router)
     }
 
@@ -197,14 +273,16 @@ impl Router {
         }
         let master = &self.master;
         let placement = loop {
-            if let Some(shard) = store::placement_get(&master.pool, account.as_str())
+            if let Some((shard, epoch)) = store::placement_get_epoch(&master.pool, account.as_str())
                 .await
                 .map_err(|e| master.error(e))?
             {
-                break Placement {
+                self.shard(&shard)?;
+                self.remember(account, &shard, epoch);
+                return Ok(Placement {
                     shard,
                     placed_now: false,
-                };
+                });
             }
             let proposed = self
                 .ring
@@ -221,7 +299,7 @@ impl Router {
             }
         };
         self.shard(&placement.shard)?;
-        self.remember(account, &placement.shard);
+        self.remember(account, &placement.shard, 1);
         Ok(placement)
     }
 
@@ -237,25 +315,31 @@ impl Router {
     pub async fn place(&self, account: &Account, shard: &str) -> Result<Placement> {
         self.shard(shard)?;
         let master = &self.master;
-        let placement = loop {
-            if let Some(current) = store::placement_get(&master.pool, account.as_str())
+        let (placement, epoch) = loop {
+            if let Some((current, epoch)) = store::placement_get_epoch(&master.pool, account.as_str())
                 .await
                 .map_err(|e| master.error(e))?
             {
-                break Placement {
-                    shard: current,
-                    placed_now: false,
-                };
+                break (
+                    Placement {
+                        shard: current,
+                        placed_now: false,
+                    },
+                    epoch,
+                );
             }
             if let Some((current, placed_now)) =
                 store::placement_insert_if_absent(&master.pool, account.as_str(), shard)
                     .await
                     .map_err(|e| master.error(e))?
             {
-                break Placement {
-                    shard: current,
-                    placed_now,
-                };
+                break (
+                    Placement {
+                        shard: current,
+                        placed_now,
+                    },
+                    1,
+                );
             }
         };
         if placement.shard != shard {
@@ -265,8 +349,79 @@ impl Router {
                 requested: shard.to_string(),
             });
         }
-        self.remember(account, &placement.shard);
+        self.remember(account, &placement.shard, epoch);
         Ok(placement)
+    }
+
+    /// Opens a transaction on the shard `account` lives on, for the
+    /// application's writes: after `BEGIN` it checks that the shard has no
+    /// fence for the account (it did not move away). A move waits for
+    /// transactions that began before its fence and carries what they
+    /// wrote, so this transaction's writes follow the account wherever it
+    /// goes. When the account has moved (a stale cache, a lost
+    /// notification), the cache entry is dropped and the transaction is
+    /// opened on the new shard; while a move is switching it, this waits
+    /// (up to 30 s) for the switch.
+    ///
+    /// Fenced writes are those made in this transaction, and jobs enqueued
+    /// through `shardq::Client` (which refuses a moved account's insert in
+    /// the database itself). Writes through [`Router::pool_for`] are not
+    /// fenced: a writer with a stale placement can land them on the shard
+    /// the account left.
+    pub async fn begin(&self, account: &Account) -> Result<AccountTx> {
+        let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+        loop {
+            let db = self.pool_for(account).await?;
+            let mut tx = db.pool.begin().await.map_err(|e| db.error(e))?;
+            let fenced = store::fence_get(&mut tx, account.as_str())
+                .await
+                .map_err(|e| db.error(e))?;
+            match fenced {
+                None => {
+                    return Ok(AccountTx {
+                        tx,
+                        shard: db.name.clone(),
+                    })
+                }
+                Some(_) => {
+                    let from = db.name.clone();
+                    drop(tx);
+                    self.await_move(account, &from, deadline).await?;
+                }
+            }
+        }
+    }
+
+    /// After a shard refused `account`'s write because the account moved
+    /// off `from` (see [`fenced`]): drops the cached placement and waits
+    /// until the master places the account elsewhere (a move in its switch
+    /// has fenced the old shard before it flips the placement), up to
+    /// `deadline`. Then the write can be tried again on the new shard.
+    pub async fn await_move(&self, account: &Account, from: &str, deadline: tokio::time::Instant) -> Result<()> {
+        let mut wait = Duration::from_millis(5);
+        loop {
+            self.forget(account);
+            let placement = self.shard_for(account).await?;
+            if placement.shard != from {
+                tracing::debug!(account = %account, from, to = %placement.shard, "account moved; writing to its new shard");
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::AccountMoving {
+                    account: account.to_string(),
+                    shard: from.to_string(),
+                });
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Drops `account`'s cached placement: the next lookup asks the master.
+    pub fn forget(&self, account: &Account) {
+        if let Ok(mut c) = self.cache.write() {
+            c.remove(account);
+        }
     }
 
     /// Number of placed accounts per shard, from the master.
@@ -277,12 +432,15 @@ impl Router {
     }
 
     fn cached(&self, account: &Account) -> Option<String> {
-        self.cache.read().ok().and_then(|c| c.get(account).cloned())
+        self.cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(account).map(|(s, _)| s.clone()))
     }
 
-    fn remember(&self, account: &Account, shard: &str) {
+    fn remember(&self, account: &Account, shard: &str, epoch: i64) {
         if let Ok(mut c) = self.cache.write() {
-            c.insert(account.clone(), shard.to_string());
+            c.insert(account.clone(), (shard.to_string(), epoch));
         }
     }
 }

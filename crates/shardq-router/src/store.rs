@@ -12,6 +12,49 @@ pub(crate) async fn placement_get(master: &PgPool, account: &str) -> sqlx::Resul
         .await
 }
 
+/// The shard and epoch of an account's placement, if it has one.
+pub(crate) async fn placement_get_epoch(master: &PgPool, account: &str) -> sqlx::Result<Option<(String, i64)>> {
+    sqlx::query_as("SELECT shard, epoch FROM shardq.placements WHERE account = $1")
+        .bind(account)
+        .fetch_optional(master)
+        .await
+}
+
+/// Accounts whose placement moved after `since` (the master's clock; `None`:
+/// none yet), and the master's clock now, to pass as `since` next time.
+pub(crate) async fn placements_moved_since(
+    master: &PgPool,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> sqlx::Result<(Vec<String>, chrono::DateTime<chrono::Utc>)> {
+    let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()").fetch_one(master).await?;
+    let Some(since) = since else {
+        return Ok((Vec::new(), now));
+    };
+    let moved = sqlx::query_scalar(
+        "SELECT account FROM shardq.placements WHERE moved_at IS NOT NULL AND moved_at > $1 - interval '1 second'",
+    )
+    .bind(since)
+    .fetch_all(master)
+    .await?;
+    Ok((moved, now))
+}
+
+/// The notification channel of placement changes; the payload is the account.
+pub(crate) const PLACEMENTS_CHANNEL: &str = "shardq_placements";
+
+// ---- fences (shards) ----------------------------------------------------------------
+
+/// SQLSTATE a shard raises for a write of an account fenced off it.
+pub(crate) const FENCED_SQLSTATE: &str = "SQ001";
+
+/// Where `account` went, if it is fenced off this shard (it moved away).
+pub(crate) async fn fence_get(conn: &mut sqlx::PgConnection, account: &str) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar("SELECT moved_to FROM shardq.fences WHERE account = $1")
+        .bind(account)
+        .fetch_optional(conn)
+        .await
+}
+
 /// Inserts a placement unless the account already has one. Returns the
 /// account's shard and whether this call placed it; `None` when a concurrent
 /// insert committed after this statement's snapshot (look again).

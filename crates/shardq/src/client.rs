@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use shardq_router::router::fenced;
 use shardq_router::{Account, Router};
 use sqlx::PgConnection;
 use tracing::Instrument;
@@ -12,6 +13,10 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::job::{Enqueued, JobId, JobRecord, JobState, NewJob};
 use crate::store::{self, JobChange, RetryChange};
+
+/// How long an enqueue waits for a move that fenced its account off the old
+/// shard to switch the placement.
+const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reason recorded in a job's errors when it is cancelled through the client.
 const CANCEL_REASON: &str = "cancelled on request";
@@ -51,6 +56,9 @@ impl Client {
 
     /// Enqueues one job on the account's shard: one INSERT in its own
     /// transaction; the shard's trigger sends the queue's NOTIFY at commit.
+    /// A shard the account has moved off refuses the insert in the database
+    /// (its fence); the client then waits for the move's switch and inserts
+    /// on the new shard, so a stale placement never leaves a job behind.
     /// For a unique job ([`NewJob::unique`]) that duplicates an existing
     /// one, nothing is inserted and the existing job's id is returned; use
     /// [`Client::enqueue_unique`] to learn which happened.
@@ -61,16 +69,22 @@ impl Client {
         let args = job.validate()?;
         let span = tracing::debug_span!("enqueue", account = %account, queue = %job.queue, kind = %job.kind, shard = tracing::field::Empty);
         async {
-            let db = self.router.pool_for(account).await?;
-            tracing::Span::current().record("shard", db.name.as_str());
-            let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
-            let id = store::job_insert(&mut conn, account.as_str(), &job, &args)
-                .await
-                .map_err(|e| db.error(e))?;
-            Ok(JobId {
-                shard: db.name.clone(),
-                id,
-            })
+            let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+            loop {
+                let db = self.router.pool_for(account).await?;
+                tracing::Span::current().record("shard", db.name.as_str());
+                let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+                match store::job_insert(&mut conn, account.as_str(), &job, &args).await {
+                    Ok(id) => {
+                        return Ok(JobId {
+                            shard: db.name.clone(),
+                            id,
+                        })
+                    }
+                    Err(e) if fenced(&e).is_some() => self.router.await_move(account, &db.name, deadline).await?,
+                    Err(e) => return Err(db.error(e).into()),
+                }
+            }
         }
         .instrument(span)
         .await
@@ -85,27 +99,37 @@ impl Client {
         let args = job.validate()?;
         let span = tracing::debug_span!("enqueue", account = %account, queue = %job.queue, kind = %job.kind, shard = tracing::field::Empty);
         async {
-            let db = self.router.pool_for(account).await?;
-            tracing::Span::current().record("shard", db.name.as_str());
-            let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
-            let (id, inserted) = insert_keyed(&mut conn, account.as_str(), &job, &args)
-                .await
-                .map_err(|e| db.error(e))??;
-            Ok(Enqueued {
-                id: JobId {
-                    shard: db.name.clone(),
-                    id,
-                },
-                duplicate: !inserted,
-            })
+            let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+            loop {
+                let db = self.router.pool_for(account).await?;
+                tracing::Span::current().record("shard", db.name.as_str());
+                let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+                match insert_keyed(&mut conn, account.as_str(), &job, &args).await {
+                    Ok(inserted) => {
+                        let (id, inserted) = inserted?;
+                        return Ok(Enqueued {
+                            id: JobId {
+                                shard: db.name.clone(),
+                                id,
+                            },
+                            duplicate: !inserted,
+                        });
+                    }
+                    Err(e) if fenced(&e).is_some() => self.router.await_move(account, &db.name, deadline).await?,
+                    Err(e) => return Err(db.error(e).into()),
+                }
+            }
         }
         .instrument(span)
         .await
     }
 
     /// Enqueues one job inside the application's own transaction, which must
-    /// be open on the account's shard (`router.pool_for(account)`): the job
-    /// exists if and only if that transaction commits. A unique job that
+    /// be open on the account's shard (best: `router.begin(account)`, the
+    /// fenced transaction): the job exists if and only if that transaction
+    /// commits. A shard the account has moved off refuses the insert (the
+    /// error's SQLSTATE is `SQ001`); retry the whole transaction through
+    /// `router.begin`, which waits for the move and opens it on the new shard. A unique job that
     /// duplicates one this transaction can see returns that job's id (under
     /// REPEATABLE READ or SERIALIZABLE, a duplicate committed after the
     /// transaction's snapshot cannot be read and is an [`Error::Unique`]).
@@ -136,7 +160,9 @@ impl Client {
     /// Unique and serial jobs among them are inserted one statement each,
     /// in input order, after the shard's batch (on the same connection, each
     /// committed on its own); a unique job that duplicates an existing job,
-    /// or an earlier job of the same call, gets that job's id.
+    /// or an earlier job of the same call, gets that job's id. When a shard
+    /// refuses its batch because one of its accounts moved off it, that
+    /// shard's jobs are enqueued one by one, each on its account's new shard.
     #[tracing::instrument(level = "debug", name = "enqueue_many", skip_all, fields(jobs = tracing::field::Empty))]
     pub async fn enqueue_many(&self, jobs: impl IntoIterator<Item = (Account, NewJob)>) -> Result<Vec<JobId>> {
         let jobs: Vec<(Account, NewJob)> = jobs.into_iter().collect();
@@ -150,45 +176,50 @@ impl Client {
                 .or_default()
                 .push((i, account.as_str(), job, args));
         }
+        let jobs = &jobs;
         let writes = by_shard.into_iter().map(|(shard, rows)| async move {
             let db = self.router.shard(&shard)?;
+            let job_id = |id| JobId {
+                shard: shard.clone(),
+                id,
+            };
             let input: Vec<(&str, &NewJob, String)> = rows.iter().map(|r| (r.1, r.2, r.3.clone())).collect();
             let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
             let plain: Vec<(&str, &NewJob, String)> = input.iter().filter(|r| !r.1.is_keyed()).cloned().collect();
-            let mut plain_ids = if plain.is_empty() {
-                Vec::new()
+            let plain_ids = if plain.is_empty() {
+                Ok(Vec::new())
             } else {
-                store::job_insert_many(&mut conn, &plain)
-                    .await
-                    .map_err(|e| db.error(e))?
-            }
-            .into_iter();
-            let mut ids = Vec::with_capacity(input.len());
-            for (account, job, args) in &input {
+                store::job_insert_many(&mut conn, &plain).await
+            };
+            let mut plain_ids = match plain_ids {
+                Ok(ids) => ids.into_iter(),
+                // An account of the batch moved off this shard: nothing of
+                // the batch was written; each job goes on its own, rerouted.
+                Err(e) if fenced(&e).is_some() => {
+                    drop(conn);
+                    let mut out = Vec::with_capacity(rows.len());
+                    for (i, _, job, _) in &rows {
+                        out.push((*i, self.enqueue(&jobs[*i].0, (*job).clone()).await?));
+                    }
+                    return Ok(out);
+                }
+                Err(e) => return Err(db.error(e).into()),
+            };
+            let mut out = Vec::with_capacity(input.len());
+            for ((i, _, _, _), (account, job, args)) in rows.iter().zip(&input) {
                 if job.is_keyed() {
-                    let (id, _) = insert_keyed(&mut conn, account, job, args)
-                        .await
-                        .map_err(|e| db.error(e))??;
-                    ids.push(id);
-                } else {
-                    ids.extend(plain_ids.next());
+                    match insert_keyed(&mut conn, account, job, args).await {
+                        Ok(inserted) => out.push((*i, job_id(inserted?.0))),
+                        Err(e) if fenced(&e).is_some() => {
+                            out.push((*i, self.enqueue(&jobs[*i].0, (*job).clone()).await?))
+                        }
+                        Err(e) => return Err(db.error(e).into()),
+                    }
+                } else if let Some(id) = plain_ids.next() {
+                    out.push((*i, job_id(id)));
                 }
             }
-            Ok::<_, Error>(
-                rows.iter()
-                    .map(|r| r.0)
-                    .zip(ids)
-                    .map(|(i, id)| {
-                        (
-                            i,
-                            JobId {
-                                shard: shard.clone(),
-                                id,
-                            },
-                        )
-                    })
-                    .collect::<Vec<_>>(),
-            )
+            Ok::<_, Error>(out)
         });
         let mut out: Vec<Option<JobId>> = vec![None; jobs.len()];
         for written in futures::future::try_join_all(writes).await? {

@@ -53,6 +53,14 @@ pub enum Error {
         /// The job holding the unique key.
         holder: crate::job::JobId,
     },
+    /// A move of an account cannot be started or its next step failed.
+    #[error("move of account {account:?}: {message}")]
+    Move {
+        /// The account.
+        account: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The metrics recorder or the `/metrics` endpoint could not be set up.
     #[error("metrics: {0}")]
     Metrics(String),

@@ -12,6 +12,7 @@
 //!   file per stage (notifier, producer, wakeup, slots, executor, completer,
 //!   heartbeat, rescuer, cancel, retention, sampler, scheduler) over `node`,
 //!   the shared per-shard state.
+//! - [`moves`]: [`moves::Mover`], moving an account to another shard online.
 //! - [`observe`]: metrics, health, fleet status and the `/metrics` endpoint.
 //! - `store`: every SQL statement of this crate, split by caller (private;
 //!   the `testing` feature exposes it to plan tests).
@@ -30,6 +31,7 @@
 pub mod client;
 pub mod error;
 pub mod job;
+pub mod moves;
 pub mod observe;
 pub mod periodic;
 pub mod runtime;

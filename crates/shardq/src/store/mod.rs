@@ -10,6 +10,7 @@
 //! - `observe`: depths, running and finished counts, schema version (sampler,
 //!   health, status).
 //! - `periodic`: records of periodic occurrences.
+//! - `moves`: move records in the master; fence, copy and clean-up on shards.
 //!
 //! Fencing: a running job is identified by `(id, attempt)`; every statement
 //! that ends or extends a run matches both plus `state = 'running'`, so a late
@@ -55,6 +56,7 @@ macro_rules! written_and_notified {
 mod admin;
 mod insert;
 mod maintain;
+mod moves;
 mod observe;
 mod periodic;
 mod run;
@@ -62,6 +64,7 @@ mod run;
 pub use admin::*;
 pub use insert::*;
 pub use maintain::*;
+pub use moves::*;
 pub use observe::*;
 pub use periodic::*;
 pub use run::*;

@@ -74,6 +74,10 @@ pub struct Finish {
 /// later job is skipped. SKIP LOCKED skips only rows this fetch would lock
 /// (candidates), never the probed rows, which are read from the snapshot.
 ///
+/// Fences: the jobs of an account fenced off this shard (it is moving or
+/// has moved away) are never claimed here; one seek in the tiny
+/// `shardq.fences` per candidate.
+///
 /// Future jobs (scheduled, or retrying after a backoff) stay `available` in
 /// `jobs_fetch_idx (queue, priority, run_at, id)`, which leads with
 /// priority, so a plain scan for due jobs in priority order would walk every
@@ -106,6 +110,7 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
                     SELECT id, priority, run_at FROM shardq.jobs
                      WHERE state = 'available' AND queue = $1 AND priority = p.priority
                        AND run_at <= now()
+                       AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)
                        AND (serial_key IS NULL OR NOT EXISTS (
                             SELECT 1 FROM shardq.jobs b
                              WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id

@@ -1,0 +1,85 @@
+//! The placement watch: one task per [`Router`](crate::Router) that drops
+//! cached placements the moment they change in the master, so every router
+//! learns of a move within about a second.
+//!
+//! It LISTENs on `shardq_placements` (the master's trigger notifies every
+//! change of an account's shard or epoch) and, because notifications are
+//! lost across reconnects, also asks the master every second which
+//! placements moved since it last looked. Spawned by `Router::connect`; it
+//! ends when the router is dropped.
+
+use std::collections::HashMap;
+use std::sync::{RwLock, Weak};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+
+use crate::account::Account;
+use crate::store;
+
+/// The router's placement cache: account → (shard, epoch).
+pub(crate) type Cache = RwLock<HashMap<Account, (String, i64)>>;
+
+/// How often the master is asked what moved, whatever the notifications say.
+pub(crate) const POLL: Duration = Duration::from_secs(1);
+
+/// Watches the master's placements and evicts changed ones from `cache`
+/// until the cache is dropped.
+pub(crate) async fn run(master: PgPool, cache: Weak<Cache>) {
+    let mut since = None;
+    let mut listener: Option<PgListener> = None;
+    loop {
+        if cache.strong_count() == 0 {
+            return;
+        }
+        if listener.is_none() {
+            listener = listen(&master).await;
+        }
+        // Wait for a notification or the poll, whichever comes first.
+        let notified = match listener.as_mut() {
+            Some(l) => match tokio::time::timeout(POLL, l.try_recv()).await {
+                Ok(Ok(Some(n))) => Some(n.payload().to_string()),
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    listener = None;
+                    None
+                }
+                Err(_) => None,
+            },
+            None => {
+                tokio::time::sleep(POLL).await;
+                None
+            }
+        };
+        let Some(cache) = cache.upgrade() else { return };
+        if let Some(account) = notified {
+            evict(&cache, [account]);
+            continue;
+        }
+        match store::placements_moved_since(&master, since).await {
+            Ok((moved, now)) => {
+                evict(&cache, moved);
+                since = Some(now);
+            }
+            Err(e) => tracing::debug!(error = %e, "placement poll failed; retrying"),
+        }
+    }
+}
+
+async fn listen(master: &PgPool) -> Option<PgListener> {
+    let mut l = PgListener::connect_with(master).await.ok()?;
+    l.listen(store::PLACEMENTS_CHANNEL).await.ok()?;
+    Some(l)
+}
+
+fn evict(cache: &Cache, accounts: impl IntoIterator<Item = String>) {
+    if let Ok(mut c) = cache.write() {
+        for a in accounts {
+            if let Ok(account) = Account::new(a) {
+                if c.remove(&account).is_some() {
+                    tracing::debug!(account = %account, "placement changed; cache entry dropped");
+                }
+            }
+        }
+    }
+}

@@ -4,14 +4,6 @@ use sqlx::PgPool;
 
 // ---- placements (master) ---------------------------------------------------------
 
-/// The shard an account is placed on, if any.
-pub(crate) async fn placement_get(master: &PgPool, account: &str) -> sqlx::Result<Option<String>> {
-    sqlx::query_scalar("SELECT shard FROM shardq.placements WHERE account = $1")
-        .bind(account)
-        .fetch_optional(master)
-        .await
-}
-
 /// The shard and epoch of an account's placement, if it has one.
 pub(crate) async fn placement_get_epoch(master: &PgPool, account: &str) -> sqlx::Result<Option<(String, i64)>> {
     sqlx::query_as("SELECT shard, epoch FROM shardq.placements WHERE account = $1")

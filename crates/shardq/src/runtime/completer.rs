@@ -156,10 +156,36 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
             tracing::error!(shard = %shard.db.name, id, error = %shard.db.error(e), "the shard refused this job's outcome; its lease will expire and the job be rescued");
         }
     }
+    release_serial_keys(shard, batch).await;
     let now = Utc::now();
     for d in batch {
         let latency = (now - d.run_at).to_std().unwrap_or_default();
         d.metrics.job_finished(&d.outcome, d.attempt >= d.max_attempts, latency);
+    }
+}
+
+/// Releases the serial keys the batch's keyed runs held (their rows may have
+/// been cancelled meanwhile, which the fenced writes above leave alone) and
+/// wakes the producers waiting on the keys' next jobs. Retried like the
+/// writes while the shard is unreachable; left to lease expiry otherwise.
+async fn release_serial_keys(shard: &ShardWork, batch: &[Done]) {
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = batch.iter().filter(|d| d.keyed).map(|d| (d.id, d.attempt)).unzip();
+    if ids.is_empty() {
+        return;
+    }
+    let mut wait = Duration::from_millis(50);
+    for _ in 0..8 {
+        match store::job_serial_release(&shard.db.pool, &ids, &attempts).await {
+            Ok(_) => return,
+            Err(e) if store::error_is_transient(&e) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "releasing serial keys failed; they are released when the leases expire");
+                return;
+            }
+        }
     }
 }
 

@@ -55,6 +55,7 @@ pub(crate) async fn execute(
         id: job.id,
         attempt: job.attempt,
         max_attempts: job.max_attempts,
+        keyed: job.keyed,
         outcome,
         run_at: job.run_at,
         metrics,

@@ -57,6 +57,8 @@ pub(crate) struct Done {
     pub attempt: i32,
     /// Attempts allowed: a failure on the last one discards the job.
     pub max_attempts: i32,
+    /// Whether the run holds a serial key, released once the outcome is written.
+    pub keyed: bool,
     /// How the run ended.
     pub outcome: Outcome,
     /// When the job was due (total latency counts from here).

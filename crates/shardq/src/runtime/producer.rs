@@ -44,6 +44,8 @@ impl Producer {
         // When the queue's earliest scheduled job is due, read after the last
         // short fetch (see `wakeup`).
         let mut due: Option<Instant> = None;
+        // Whether the last short claim left jobs that were already due.
+        let mut left_due = false;
         loop {
             let poll = opts.poll_interval.mul_f64(rand::rng().random_range(0.9..1.1));
             let sleep = wakeup::sleep_for(poll, due, Instant::now());
@@ -72,8 +74,22 @@ impl Producer {
                         error_wait = Duration::from_millis(100);
                         if got < want {
                             due = wakeup::next_due(&self.shard, &self.queue, opts.shard_timeout).await;
+                            // Due jobs a claim leaves are held by another
+                            // claim in flight or blocked behind their serial
+                            // key. Look once more shortly; if that claims
+                            // nothing either, wait for a notification (a
+                            // key's release sends one) or the poll instead
+                            // of re-reading the blocked chain every 10 ms.
+                            let due_now = due.is_some_and(|at| at <= Instant::now());
+                            if due_now && left_due && got == 0 {
+                                due = None;
+                            }
+                            left_due = due_now;
                             break;
                         }
+                    }
+                    Err(e) if store::claim_lost_serial_race(&e) => {
+                        tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key this claim picked; claiming again");
                     }
                     Err(e) => {
                         // A shard that cannot be fetched from gives up its

@@ -1,6 +1,7 @@
 //! The rescuer: per shard, every `rescue_interval` (jittered), returns jobs
 //! whose lease expired (their node died or was cut off) to the queue, or
-//! discards them when they had no attempt left. Any node rescues any node's
+//! discards them when they had no attempt left, and frees serial keys still
+//! held by runs whose lease expired. Any node rescues any node's
 //! jobs on the shards it works. Spawned by the composer.
 
 use std::sync::Arc;
@@ -37,6 +38,15 @@ pub(crate) async fn run(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch:
                     tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "rescue failed");
                     break;
                 }
+            }
+        }
+        match store::job_serial_release_expired(&shard.db.pool, BATCH).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(shard = %shard.db.name, released = n, "released serial keys of runs whose lease expired")
+            }
+            Err(e) => {
+                tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "releasing expired serial keys failed")
             }
         }
     }

@@ -134,7 +134,11 @@ pub async fn job_cancel(pool: &PgPool, id: i64, reason: &str) -> sqlx::Result<Jo
     }
     sqlx::query(
         "UPDATE shardq.jobs
-            SET state = 'cancelled', finalized_at = now(), locked_by = NULL, lease_expires_at = NULL,
+            SET state = 'cancelled', finalized_at = now(),
+                -- A run that holds its serial key keeps its node and lease
+                -- (renewed by that node) until the node reports it ended.
+                locked_by = CASE WHEN serial_held THEN locked_by END,
+                lease_expires_at = CASE WHEN serial_held THEN lease_expires_at END,
                 unique_key = CASE WHEN 'cancelled' = ANY(unique_states) THEN unique_key END,
                 errors = errors || jsonb_build_array(jsonb_build_object(
                     'attempt', attempt, 'at', now(), 'error', $2::text))

@@ -18,7 +18,7 @@ pub const JOB_RESCUE_EXPIRED_SQL: &str = concat!(
                 errors = j.errors || jsonb_build_array(jsonb_build_object(
                     'attempt', j.attempt, 'at', now(),
                     'error', 'lease expired: node ' || coalesce(j.locked_by, '?') || ' stopped renewing it (crashed or cut off); rescued')),
-                locked_by = NULL, lease_expires_at = NULL
+                locked_by = NULL, lease_expires_at = NULL, serial_held = false
           WHERE j.id = ANY(ARRAY(
               SELECT id FROM shardq.jobs
                WHERE state = 'running' AND lease_expires_at < now()
@@ -39,6 +39,28 @@ pub async fn job_rescue_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> 
         .fetch_one(pool)
         .await
         .map(|(written, _notified): (i64, i64)| written as u64)
+}
+
+/// Releases serial keys still held by runs that ended without their node
+/// saying so (a cancelled job's node died, or its handler ran on past its
+/// lease): `$1` limit. Their queues are notified.
+pub async fn job_serial_release_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> {
+    sqlx::query_as(concat!(
+        "WITH changed AS (
+         UPDATE shardq.jobs j SET serial_held = false, lease_expires_at = NULL
+          WHERE j.id = ANY(ARRAY(
+              SELECT id FROM shardq.jobs
+               WHERE serial_held AND state <> 'running' AND lease_expires_at < now()
+               LIMIT $1
+               FOR UPDATE SKIP LOCKED))
+         RETURNING j.queue, 'available'::text AS state
+         )",
+        written_and_notified!()
+    ))
+    .bind(limit)
+    .fetch_one(pool)
+    .await
+    .map(|(written, _notified): (i64, i64)| written as u64)
 }
 
 /// A final state whose jobs are pruned after a retention period.

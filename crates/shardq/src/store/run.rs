@@ -26,6 +26,8 @@ pub struct FetchedJob {
     pub max_attempts: i32,
     /// When the job became due.
     pub run_at: DateTime<Utc>,
+    /// Whether it has a serial key (which its run holds until it ends).
+    pub keyed: bool,
 }
 
 /// What a producer asks for.
@@ -64,8 +66,14 @@ pub struct Finish {
 ///
 /// Serial keys: a job with a `serial_key` is claimed only when no earlier
 /// job (lower id) of the same key is `available` or `running` (one seek in
-/// `jobs_serial_idx`; jobs without a key skip the probe, as `OR` evaluates
-/// its left side first). Why two concurrent fetches cannot both claim jobs
+/// `jobs_serial_idx`) and no run of the key still holds it (one seek in
+/// `jobs_serial_held_idx`; a run holds its key from its claim until it has
+/// ended on its node: a cancelled job whose handler goes on still holds
+/// it). Jobs without a key skip both probes, as `OR` evaluates its left
+/// side first. The unique index on held keys is the rule itself: a claim
+/// racing another for a key the probes could not yet see held (an older
+/// job that became visible late, or was retried by hand) fails instead of
+/// running two at once, and the producer claims again. Why two concurrent fetches cannot both claim jobs
 /// of one key: the earlier job leaves `available`/`running` only when it is
 /// final, and a final state is written only after the job was claimed and
 /// ran, in a later transaction than its claim. A fetch whose snapshot
@@ -90,7 +98,8 @@ pub struct Finish {
 /// candidates; those beyond the limit are released when the statement ends.
 pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
             SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
-                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4)
+                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
+                serial_held = j.serial_key IS NOT NULL
           WHERE j.id = ANY(ARRAY(
               WITH RECURSIVE priorities AS (
                   (SELECT priority FROM shardq.jobs
@@ -111,16 +120,28 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
                      WHERE state = 'available' AND queue = $1 AND priority = p.priority
                        AND run_at <= now()
                        AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)
-                       AND (serial_key IS NULL OR NOT EXISTS (
-                            SELECT 1 FROM shardq.jobs b
-                             WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
-                               AND b.state IN ('available', 'running')))
+                       AND (serial_key IS NULL OR (
+                            NOT EXISTS (
+                                SELECT 1 FROM shardq.jobs b
+                                 WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                                   AND b.state IN ('available', 'running'))
+                            AND NOT EXISTS (
+                                SELECT 1 FROM shardq.jobs h
+                                 WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
                      ORDER BY run_at, id
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED) AS c
                ORDER BY c.priority, c.run_at, c.id
                LIMIT $2))
-         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at";
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
+                   j.serial_key IS NOT NULL AS keyed";
+
+/// Whether a claim failed because a concurrent claim took a serial key it
+/// picked a job of (`jobs_serial_held_idx`): nothing was claimed; claim again.
+pub(crate) fn claim_lost_serial_race(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23505") && db.constraint() == Some("jobs_serial_held_idx"))
+}
 
 /// Claims up to `limit` due jobs of a queue, in priority then run order,
 /// skipping rows other nodes hold, and leases them to `node`.
@@ -141,6 +162,7 @@ pub async fn job_fetch_available<'c>(
 /// check its generic plan.
 pub const JOB_COMPLETE_MANY_SQL: &str = "UPDATE shardq.jobs j
             SET state = 'completed', finalized_at = now(), locked_by = NULL, lease_expires_at = NULL,
+                serial_held = false,
                 unique_key = CASE WHEN 'completed' = ANY(j.unique_states) THEN j.unique_key END
            FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
           WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'";
@@ -178,7 +200,7 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
                 errors = CASE WHEN f.error IS NULL THEN j.errors
                               ELSE j.errors || jsonb_build_array(jsonb_build_object(
                                        'attempt', j.attempt, 'at', now(), 'error', f.error)) END,
-                locked_by = NULL, lease_expires_at = NULL
+                locked_by = NULL, lease_expires_at = NULL, serial_held = false
            FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[], $6::int[])
                 AS f(id, attempt, state, retry_in, error, extra)
           WHERE j.id = f.id AND j.attempt = f.attempt AND j.state = 'running'
@@ -212,7 +234,8 @@ pub async fn job_lease_renew<'c>(
     sqlx::query_as(
         "UPDATE shardq.jobs j SET lease_expires_at = now() + make_interval(secs => $4)
            FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
-          WHERE j.id = r.id AND j.attempt = r.attempt AND j.state = 'running' AND j.locked_by = $3
+          WHERE j.id = r.id AND j.attempt = r.attempt AND j.locked_by = $3
+            AND (j.state = 'running' OR j.serial_held)
          RETURNING j.id, j.attempt",
     )
     .bind(ids)
@@ -221,6 +244,29 @@ pub async fn job_lease_renew<'c>(
     .bind(lease_secs)
     .fetch_all(conn)
     .await
+}
+
+/// Releases the serial keys the runs `(ids[i], attempts[i])` held, once
+/// they ended on this node (a run whose row was cancelled meanwhile still
+/// holds its key until here), and notifies the queues of every given job,
+/// so a producer waiting on the key's next job wakes.
+pub async fn job_serial_release(pool: &PgPool, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
+    sqlx::query_as(
+        "WITH released AS (
+             UPDATE shardq.jobs j SET serial_held = false
+               FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+              WHERE j.id = r.id AND j.attempt = r.attempt AND j.serial_held
+             RETURNING j.id
+         )
+         SELECT (SELECT count(*) FROM released),
+                (SELECT count(pg_notify('shardq_jobs', q.queue))
+                   FROM (SELECT DISTINCT queue FROM shardq.jobs WHERE id = ANY($1)) AS q)",
+    )
+    .bind(ids)
+    .bind(attempts)
+    .fetch_one(pool)
+    .await
+    .map(|(released, _notified): (i64, i64)| released as u64)
 }
 
 /// The runs `(id, attempt)` of this node on the shard, as the shard sees them.
@@ -238,7 +284,7 @@ pub async fn job_release_unclaimed(pool: &PgPool, ids: &[i64], attempts: &[i32],
         "WITH changed AS (
          UPDATE shardq.jobs j
             SET state = 'available', attempt = j.attempt - 1, run_at = now(),
-                locked_by = NULL, lease_expires_at = NULL
+                locked_by = NULL, lease_expires_at = NULL, serial_held = false
            FROM unnest($1::bigint[], $2::int[]) AS o(id, attempt)
           WHERE j.id = o.id AND j.attempt = o.attempt
             AND j.state = 'running' AND j.locked_by = $3
@@ -262,7 +308,7 @@ pub async fn job_give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &
         "WITH changed AS (
          UPDATE shardq.jobs j
             SET state = 'available', run_at = now(), max_attempts = j.max_attempts + 1,
-                locked_by = NULL, lease_expires_at = NULL
+                locked_by = NULL, lease_expires_at = NULL, serial_held = false
            FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
           WHERE j.id = g.id AND j.attempt = g.attempt
             AND j.state = 'running' AND j.locked_by = $3

@@ -29,9 +29,9 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
     for (name, types, sql, args) in [
         (
             "fetch",
-            "text, bigint, text, float8",
+            "text, bigint, text, float8, float8",
             JOB_FETCH_AVAILABLE_SQL,
-            "'default', 64, 'node', 30",
+            "'default', 64, 'node', 30, 300",
         ),
         (
             "complete",
@@ -105,8 +105,8 @@ async fn claiming_due_jobs_does_not_walk_the_future_ones() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    let types = "text, bigint, text, float8";
-    let args = "'default', 100, 'node', 30";
+    let types = "text, bigint, text, float8, float8";
+    let args = "'default', 100, 'node', 30, 300";
     let (alone, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_AVAILABLE_SQL, args).await;
     assert_eq!(rows, 100, "a full claim of due jobs");
     // A retry storm: 500k jobs waiting for a backoff at the better priority.
@@ -150,6 +150,7 @@ async fn lease_renewals_are_hot_updates() {
         limit: 200,
         node: "node",
         lease_secs: 30.0,
+        aging_secs: None,
     };
     let claimed = job_fetch_available(&db.pool, &params).await.unwrap();
     assert_eq!(claimed.len(), 200);

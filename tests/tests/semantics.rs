@@ -1110,3 +1110,54 @@ async fn a_chained_fan_out_processes_every_row_once_chunk_by_chunk() {
             .unwrap();
     assert_eq!((rows, once), (25_000, 25_000), "every row processed exactly once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_past_the_priority_aging_is_claimed_ahead_of_better_priorities() {
+    let f = fleet().await;
+    let a = account("aging");
+    // One low-priority job that has waited ten minutes, behind twenty of
+    // the best priority that are due now.
+    let old = f
+        .client
+        .enqueue(
+            &a,
+            NewJob::from_json("count", serde_json::json!({ "old": true }))
+                .priority(4)
+                .run_at(chrono::Utc::now() - chrono::Duration::minutes(10)),
+        )
+        .await
+        .unwrap();
+    for i in 0..20 {
+        f.client
+            .enqueue(
+                &a,
+                NewJob::from_json("count", serde_json::json!({ "i": i })).priority(0),
+            )
+            .await
+            .unwrap();
+    }
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 1)
+        .register(Counting::default())
+        .options(RuntimeOptions {
+            max_batch: 1,
+            priority_aging: Some(Duration::from_secs(60)),
+            ..fast_options()
+        })
+        .start()
+        .unwrap();
+    wait_for("the first claim ran", WAIT, || async {
+        f.client.jobs_of(&a, Some("completed"), 30).await.unwrap().len() >= 1
+    })
+    .await;
+    rt.shutdown(Duration::from_secs(1)).await;
+    let first = f
+        .client
+        .jobs_of(&a, Some("completed"), 30)
+        .await
+        .unwrap()
+        .into_iter()
+        .min_by_key(|j| j.attempted_at)
+        .unwrap();
+    assert_eq!(first.id, old, "the aged priority-4 job went first");
+}

@@ -567,12 +567,12 @@ async fn the_fetch_plan_probes_serial_keys_through_their_index() {
         .await
         .unwrap();
     sqlx::query(&format!(
-        "PREPARE serial_fetch(text, bigint, text, float8) AS {JOB_FETCH_AVAILABLE_SQL}"
+        "PREPARE serial_fetch(text, bigint, text, float8, float8) AS {JOB_FETCH_AVAILABLE_SQL}"
     ))
     .execute(&mut *tx)
     .await
     .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE serial_fetch('default', 1000, 'node', 30)")
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE serial_fetch('default', 1000, 'node', 30, 300)")
         .fetch_all(&mut *tx)
         .await
         .unwrap();
@@ -583,7 +583,7 @@ async fn the_fetch_plan_probes_serial_keys_through_their_index() {
     );
     assert!(!plan.contains("Seq Scan"), "no sequential scan:\n{plan}");
     // Only the head of each key is claimable: 10k keyed heads plus 10k unkeyed.
-    let claimed: Vec<i64> = sqlx::query_scalar("EXECUTE serial_fetch('default', 100000, 'node', 30)")
+    let claimed: Vec<i64> = sqlx::query_scalar("EXECUTE serial_fetch('default', 100000, 'node', 30, 300)")
         .fetch_all(&mut *tx)
         .await
         .unwrap();

@@ -48,6 +48,11 @@ pub struct RuntimeOptions {
     /// shared by rescuer, pruner, cancel sweeper and sampler). A node's
     /// budget per shard is this plus the shard's `pool.max_connections`.
     pub engine_connections: Option<u32>,
+    /// Priority aging: a job due for longer than this is claimed ahead of
+    /// younger jobs of any priority, oldest first, so a steady stream of
+    /// higher-priority jobs cannot starve lower ones (default 5 min; `None`:
+    /// strict priority order).
+    pub priority_aging: Option<Duration>,
 }
 
 impl Default for RuntimeOptions {
@@ -67,6 +72,7 @@ impl Default for RuntimeOptions {
             prune_interval: Duration::from_secs(60),
             shard_timeout: Duration::from_secs(10),
             engine_connections: None,
+            priority_aging: Some(Duration::from_secs(300)),
         }
     }
 }

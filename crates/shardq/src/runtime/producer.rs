@@ -134,6 +134,7 @@ impl Producer {
             limit: want as i64,
             node: &self.node.id,
             lease_secs: opts.lease.as_secs_f64(),
+            aging_secs: opts.priority_aging.map(|d| d.as_secs_f64()),
         };
         // Until its jobs are recorded, the orphan check leaves this node's
         // unheld running rows alone: they may be this claim's.

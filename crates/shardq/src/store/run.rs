@@ -40,6 +40,9 @@ pub struct FetchParams<'a> {
     pub node: &'a str,
     /// Lease length in seconds.
     pub lease_secs: f64,
+    /// Priority aging in seconds: a job due longer than this is claimed
+    /// ahead of any priority; `None`: strict priority order.
+    pub aging_secs: Option<f64>,
 }
 
 /// How one run ended, for the batched write.
@@ -60,7 +63,7 @@ pub struct Finish {
 }
 
 /// The fetch statement: `$1` queue, `$2` limit, `$3` node id, `$4` lease
-/// seconds. Public so tests can check its generic plan: `id = ANY(ARRAY(..))`
+/// seconds, `$5` priority aging in seconds (NULL: off). Public so tests can check its generic plan: `id = ANY(ARRAY(..))`
 /// keeps it an index scan even when the server switches to a generic plan
 /// (a CTE joined on id can become a hash join over a sequential scan).
 ///
@@ -81,6 +84,12 @@ pub struct Finish {
 /// sees the claim sees it `running`; either way the probe finds it and the
 /// later job is skipped. SKIP LOCKED skips only rows this fetch would lock
 /// (candidates), never the probed rows, which are read from the snapshot.
+///
+/// Priority aging (`$5` seconds, NULL: off): a job due for longer than that
+/// is claimed ahead of younger jobs of any priority, oldest first, so lower
+/// priorities make progress under sustained higher-priority load. Each
+/// priority's due range is read oldest first already, so the aged jobs are
+/// among the rows read and aging costs nothing more.
 ///
 /// Fences: the jobs of an account fenced off this shard (it is moving or
 /// has moved away) are never claimed here; one seek in the tiny
@@ -131,7 +140,9 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
                      ORDER BY run_at, id
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED) AS c
-               ORDER BY c.priority, c.run_at, c.id
+                CROSS JOIN LATERAL (
+                    SELECT COALESCE(c.run_at <= now() - make_interval(secs => $5), false) AS aged) AS a
+               ORDER BY a.aged DESC, CASE WHEN a.aged THEN c.run_at END, c.priority, c.run_at, c.id
                LIMIT $2))
          RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
                    j.serial_key IS NOT NULL AS keyed";
@@ -154,6 +165,7 @@ pub async fn job_fetch_available<'c>(
         .bind(p.limit)
         .bind(p.node)
         .bind(p.lease_secs)
+        .bind(p.aging_secs)
         .fetch_all(conn)
         .await
 }

@@ -1147,7 +1147,7 @@ async fn a_job_waiting_past_the_priority_aging_is_claimed_ahead_of_better_priori
         .start()
         .unwrap();
     wait_for("the first claim ran", WAIT, || async {
-        f.client.jobs_of(&a, Some("completed"), 30).await.unwrap().len() >= 1
+        !f.client.jobs_of(&a, Some("completed"), 30).await.unwrap().is_empty()
     })
     .await;
     rt.shutdown(Duration::from_secs(1)).await;

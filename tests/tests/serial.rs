@@ -20,11 +20,14 @@ struct Args {
     fail: bool,
 }
 
+/// A run's start and, once it ended, its end.
+type Run = (Instant, Option<Instant>);
+
 /// Records each run's start and end; a run waits until the test releases
 /// its name (ignoring cancellation), or fails at once when told to.
 #[derive(Clone, Default)]
 struct Held {
-    runs: Arc<Mutex<BTreeMap<String, Vec<(Instant, Option<Instant>)>>>>,
+    runs: Arc<Mutex<BTreeMap<String, Vec<Run>>>>,
     released: Arc<Mutex<BTreeSet<String>>>,
     changed: Arc<tokio::sync::Notify>,
 }

@@ -304,36 +304,30 @@ impl Client {
                 tracing::info!(job = %id, was = %was, "job retried by hand");
                 Ok(*job)
             }
-            RetryChange::NotFound => return Err(Error::JobNotFound(id.to_string())),
-            RetryChange::Refused { state } => {
-                return Err(Error::JobState {
-                    id: id.to_string(),
-                    state: state.to_string(),
-                    message: "only discarded or cancelled jobs can be retried".into(),
-                })
-            }
+            RetryChange::NotFound => Err(Error::JobNotFound(id.to_string())),
+            RetryChange::Refused { state } => Err(Error::JobState {
+                id: id.to_string(),
+                state: state.to_string(),
+                message: "only discarded or cancelled jobs can be retried".into(),
+            }),
             RetryChange::KeyHeld {
                 state,
                 holder: Some(holder),
-            } => {
-                return Err(Error::UniqueConflict {
-                    id: id.clone(),
-                    state: state.to_string(),
-                    holder: JobId {
-                        shard: id.shard.clone(),
-                        id: holder,
-                    },
-                })
-            }
-            RetryChange::KeyHeld { state, holder: None } => {
-                return Err(Error::JobState {
-                    id: id.to_string(),
-                    state: state.to_string(),
-                    message: "its unique key was taken on every try by jobs that finished before they could be read; \
+            } => Err(Error::UniqueConflict {
+                id: id.clone(),
+                state: state.to_string(),
+                holder: JobId {
+                    shard: id.shard.clone(),
+                    id: holder,
+                },
+            }),
+            RetryChange::KeyHeld { state, holder: None } => Err(Error::JobState {
+                id: id.to_string(),
+                state: state.to_string(),
+                message: "its unique key was taken on every try by jobs that finished before they could be read; \
                               try again"
-                        .into(),
-                })
-            }
+                    .into(),
+            }),
         }
     }
 }

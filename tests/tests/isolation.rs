@@ -37,13 +37,22 @@ impl Worker for Hold {
     }
 }
 
-async fn stop_server(bed: &Arc<TestBed>, name: &str) {
+/// What happens to the sick shard's server.
+#[derive(Clone, Copy)]
+enum Fault {
+    Stop,
+    Freeze,
+}
+
+async fn fault(bed: &Arc<TestBed>, name: &str, fault: Fault) {
     let (bed, name) = (bed.clone(), name.to_string());
     tokio::task::spawn_blocking(move || {
-        bed.server(&name)
-            .map_err(|e| e.to_string())?
-            .stop()
-            .map_err(|e| e.to_string())
+        let server = bed.server(&name).map_err(|e| e.to_string())?;
+        match fault {
+            Fault::Stop => server.stop(),
+            Fault::Freeze => server.freeze(),
+        }
+        .map_err(|e| e.to_string())
     })
     .await
     .unwrap()
@@ -60,6 +69,15 @@ async fn work_on(f: &shardq_tests::Fleet, shard: &str, kind: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_that_went_down_holds_no_share_of_the_queue_slots() {
+    sick_shard_holds_no_share(Fault::Stop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_stopped_answering_does_not_keep_slots_from_the_others() {
+    sick_shard_holds_no_share(Fault::Freeze).await;
+}
+
+async fn sick_shard_holds_no_share(kind: Fault) {
     const LIMIT: usize = 6;
     let bed = private_bed(3).await;
     let f = fleet_on(&bed).await;
@@ -91,7 +109,7 @@ async fn a_shard_that_went_down_holds_no_share_of_the_queue_slots() {
         n > 0
     })
     .await;
-    stop_server(&bed, sick).await;
+    fault(&bed, sick, kind).await;
     let running_on_healthy = || async {
         let mut n = 0;
         for h in healthy {

@@ -122,6 +122,7 @@ impl Producer {
         if !self.slots.has_free(index) {
             return Ok(None);
         }
+        self.slots.waiting_on_shard(index);
         let mut conn = tokio::time::timeout(opts.shard_timeout, self.shard.db.pool.acquire())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;

@@ -28,6 +28,9 @@ pub(crate) struct QueueSlots {
 struct SlotState {
     running: Vec<usize>,
     hungry: Vec<bool>,
+    /// Set when a shard's fetch failed, cleared by its next successful
+    /// claim: a failing shard finding no slot is not hungry.
+    failing: Vec<bool>,
 }
 
 impl QueueSlots {
@@ -39,6 +42,7 @@ impl QueueSlots {
             state: Mutex::new(SlotState {
                 running: vec![0; n],
                 hungry: vec![false; n],
+                failing: vec![false; n],
             }),
             wakers,
         }
@@ -50,7 +54,7 @@ impl QueueSlots {
         let Ok(mut s) = self.state.lock() else { return 0 };
         let got = self.allowed(&s, shard).min(max);
         s.running[shard] += got;
-        if got == 0 {
+        if got == 0 && !s.failing[shard] {
             s.hungry[shard] = true;
         }
         got
@@ -61,7 +65,7 @@ impl QueueSlots {
     pub(crate) fn has_free(&self, shard: usize) -> bool {
         let Ok(mut s) = self.state.lock() else { return false };
         let free = self.allowed(&s, shard) > 0;
-        if !free {
+        if !free && !s.failing[shard] {
             s.hungry[shard] = true;
         }
         free
@@ -114,6 +118,7 @@ impl QueueSlots {
     pub(crate) fn set_hungry(&self, shard: usize, hungry: bool) {
         if let Ok(mut s) = self.state.lock() {
             s.hungry[shard] = hungry;
+            s.failing[shard] = false;
         }
     }
 
@@ -123,6 +128,7 @@ impl QueueSlots {
     /// slots it leaves.
     pub(crate) fn set_failing(&self, shard: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.failing[shard] = true;
         let was_hungry = std::mem::replace(&mut s.hungry[shard], false);
         if !was_hungry {
             return;
@@ -131,6 +137,16 @@ impl QueueSlots {
             if *hungry && i != shard {
                 w.notify_one();
             }
+        }
+    }
+
+    /// `shard` is about to wait on its database for a connection, holding
+    /// no slot: while it waits it does not count as hungry (a shard that
+    /// does not answer must not cap the others at a share), and the
+    /// reservation after the wait marks it hungry again if it finds none.
+    pub(crate) fn waiting_on_shard(&self, shard: usize) {
+        if let Ok(mut s) = self.state.lock() {
+            s.hungry[shard] = false;
         }
     }
 
@@ -209,6 +225,20 @@ mod tests {
         assert_eq!(s.reserve(1, 6), 1, "shard 1 may grow to half the limit");
         assert_eq!(s.reserve(2, 6), 1);
         assert_eq!(s.running(0), 0);
+    }
+
+    #[test]
+    fn a_shard_that_keeps_failing_is_never_counted_hungry() {
+        let s = slots(6, 3);
+        s.set_failing(0);
+        assert_eq!(s.reserve(1, 6), 6);
+        assert!(!s.has_free(0), "no slot free");
+        s.release(1, 6);
+        // Shard 0 is not hungry: shard 1 may take every slot again.
+        assert_eq!(s.reserve(1, 6), 6);
+        s.set_hungry(0, false); // shard 0 answered again
+        s.release(1, 6);
+        assert!(s.has_free(0));
     }
 
     #[test]

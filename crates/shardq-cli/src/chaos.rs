@@ -9,6 +9,12 @@
 //! second, so recovery is quick to watch). An enqueue that returns an error
 //! is counted as rejected: the caller knows it failed; only acknowledged
 //! jobs count as enqueued.
+//!
+//! The scenarios that take shard_1's server out for the middle third of the
+//! load (`crash-shard`, `outage`, `frozen`) also report the node's
+//! throughput on the other, healthy shards during the fault next to their
+//! throughput before it (from a short warm-up to the fault): one sick shard
+//! must never slow the healthy ones.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,23 +33,28 @@ use sqlx::{Connection, PgConnection, PgPool};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 8] = [
     "kill-worker",
     "crash-shard",
     "master-down",
     "terminate",
     "pool-pressure",
     "idle-xmin",
+    "outage",
+    "frozen",
 ];
+
+/// The shard (and test-bed server) the single-shard faults hit.
+const SICK: &str = "shard_1";
 
 /// Arguments of `chaos`.
 #[derive(clap::Args)]
 pub struct ChaosArgs {
-    /// Scenarios to run (comma-separated): kill-worker, crash-shard, master-down, terminate, pool-pressure, idle-xmin.
+    /// Scenarios to run (comma-separated): kill-worker, crash-shard, master-down, terminate, pool-pressure, idle-xmin, outage, frozen.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "kill-worker,crash-shard,master-down,terminate,pool-pressure,idle-xmin"
+        default_value = "kill-worker,crash-shard,master-down,terminate,pool-pressure,idle-xmin,outage,frozen"
     )]
     scenarios: Vec<String>,
     /// Seconds of load (and fault) per scenario.
@@ -67,6 +78,57 @@ struct Outcome {
     lost: u64,
     started_more_than_once: u64,
     recovery_ms: Option<u128>,
+    /// Completions per second on the healthy shards before the fault
+    /// (scenarios that take one shard out).
+    healthy_before_per_s: Option<f64>,
+    /// Completions per second on the healthy shards during the fault.
+    healthy_during_per_s: Option<f64>,
+    /// `healthy_during_per_s / healthy_before_per_s`.
+    healthy_ratio: Option<f64>,
+}
+
+/// The healthy shards' throughput around a fault that takes one shard out.
+struct Healthy {
+    /// Completions per second from the end of the warm-up to the fault.
+    before_per_s: f64,
+    /// Completions per second while the fault lasted.
+    during_per_s: f64,
+}
+
+/// Jobs the node completed so far on every shard but [`SICK`].
+fn healthy_completed(node: &Runtime) -> u64 {
+    node.counts()
+        .iter()
+        .filter(|s| s.shard != SICK)
+        .map(|s| s.completed)
+        .sum()
+}
+
+/// Takes [`SICK`]'s server out with `down` for the middle third of
+/// `seconds` and brings it back with `up`; measures the healthy shards'
+/// completions in the first third (after a warm-up) and during the fault.
+async fn sick_shard(
+    bed: &Arc<TestBed>,
+    node: &Runtime,
+    seconds: u64,
+    down: fn(&shardq_testbed::Server) -> shardq_testbed::Result<()>,
+    up: fn(&shardq_testbed::Server) -> shardq_testbed::Result<()>,
+) -> anyhow::Result<Healthy> {
+    let third = Duration::from_secs(seconds) / 3;
+    let warm = (third / 3).min(Duration::from_secs(2));
+    tokio::time::sleep(warm).await;
+    let (t0, c0) = (Instant::now(), healthy_completed(node));
+    tokio::time::sleep(third - warm).await;
+    let (t1, c1) = (Instant::now(), healthy_completed(node));
+    on_server(bed, SICK, down).await?;
+    tokio::time::sleep_until((t1 + third).into()).await;
+    let (t2, c2) = (Instant::now(), healthy_completed(node));
+    on_server(bed, SICK, up).await?;
+    let per_s = |n: u64, from: Instant, to: Instant| n as f64 / (to - from).as_secs_f64().max(1e-3);
+    Ok(Healthy {
+        before_per_s: per_s(c1 - c0, t0, t1),
+        during_per_s: per_s(c2 - c1, t1, t2),
+    })
 }
 
 /// A migrated fleet on the bed, and what measures it.
@@ -215,10 +277,18 @@ async fn on_server(
     tokio::task::spawn_blocking(move || bed.server(&name).and_then(op).map_err(anyhow::Error::from)).await?
 }
 
-/// Runs the fault of `scenario` for `seconds` while the load runs.
-async fn fault(scenario: &str, bed: &Arc<TestBed>, stage: &Stage, seconds: u64) -> anyhow::Result<()> {
+/// Runs the fault of `scenario` for `seconds` while the load runs; returns
+/// the healthy shards' throughput for the faults that take one shard out.
+async fn fault(
+    scenario: &str,
+    bed: &Arc<TestBed>,
+    stage: &Stage,
+    node: &Runtime,
+    seconds: u64,
+) -> anyhow::Result<Option<Healthy>> {
     let third = Duration::from_secs(seconds) / 3;
     let until = Instant::now() + Duration::from_secs(seconds);
+    let mut healthy = None;
     match scenario {
         "kill-worker" => {
             let dir = tempfile::tempdir()?;
@@ -232,10 +302,16 @@ async fn fault(scenario: &str, bed: &Arc<TestBed>, stage: &Stage, seconds: u64) 
             }
         }
         "crash-shard" => {
-            tokio::time::sleep(third).await;
-            on_server(bed, "shard_1", shardq_testbed::Server::kill).await?;
-            tokio::time::sleep(third).await;
-            on_server(bed, "shard_1", shardq_testbed::Server::start).await?;
+            let (down, up) = (shardq_testbed::Server::kill, shardq_testbed::Server::start);
+            healthy = Some(sick_shard(bed, node, seconds, down, up).await?);
+        }
+        "outage" => {
+            let (down, up) = (shardq_testbed::Server::stop, shardq_testbed::Server::start);
+            healthy = Some(sick_shard(bed, node, seconds, down, up).await?);
+        }
+        "frozen" => {
+            let (down, up) = (shardq_testbed::Server::freeze, shardq_testbed::Server::thaw);
+            healthy = Some(sick_shard(bed, node, seconds, down, up).await?);
         }
         "master-down" => {
             tokio::time::sleep(third).await;
@@ -275,7 +351,7 @@ async fn fault(scenario: &str, bed: &Arc<TestBed>, stage: &Stage, seconds: u64) 
     }
     let left = until.saturating_duration_since(Instant::now());
     tokio::time::sleep(left).await;
-    Ok(())
+    Ok(healthy)
 }
 
 /// One scenario from start to recovery.
@@ -293,7 +369,7 @@ async fn scenario(name: &str, bed: &Arc<TestBed>, args: &ChaosArgs) -> anyhow::R
         .options(options)
         .start()?;
     let load = Load::start(Client::new(stage.router.clone()), accounts, args.rate);
-    fault(name, bed, &stage, args.seconds).await?;
+    let healthy = fault(name, bed, &stage, &node, args.seconds).await?;
     let (acked, rejected) = load.stop().await;
     let fault_end = Instant::now();
     let enqueued: u64 = acked.values().map(|v| v.len() as u64).sum();
@@ -325,6 +401,12 @@ async fn scenario(name: &str, bed: &Arc<TestBed>, args: &ChaosArgs) -> anyhow::R
         lost: enqueued - finished,
         started_more_than_once: again,
         recovery_ms: recovery,
+        healthy_before_per_s: healthy.as_ref().map(|h| h.before_per_s),
+        healthy_during_per_s: healthy.as_ref().map(|h| h.during_per_s),
+        healthy_ratio: healthy
+            .as_ref()
+            .filter(|h| h.before_per_s > 0.0)
+            .map(|h| h.during_per_s / h.before_per_s),
     })
 }
 
@@ -350,16 +432,25 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcomes)?);
     } else {
-        println!("| scenario | enqueued | rejected | finished | lost | started more than once | recovered after |");
-        println!("|---|---|---|---|---|---|---|");
+        println!(
+            "| scenario | enqueued | rejected | finished | lost | started more than once | recovered after | healthy shards, jobs/s before → during fault |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
         for o in &outcomes {
             let recovery = o
                 .recovery_ms
                 .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
                 .unwrap_or_else(|| "not within 180 s".into());
+            let healthy = match (o.healthy_before_per_s, o.healthy_during_per_s) {
+                (Some(before), Some(during)) => {
+                    let ratio = o.healthy_ratio.map(|r| format!(" ({r:.2})")).unwrap_or_default();
+                    format!("{before:.0} → {during:.0}{ratio}")
+                }
+                _ => String::new(),
+            };
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                o.scenario, o.enqueued, o.rejected, o.finished, o.lost, o.started_more_than_once, recovery
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                o.scenario, o.enqueued, o.rejected, o.finished, o.lost, o.started_more_than_once, recovery, healthy
             );
         }
     }

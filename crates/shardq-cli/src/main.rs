@@ -49,7 +49,7 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Run the whole path on the local test bed and print a per-shard table.
     Demo(demo::DemoArgs),
-    /// Measure throughput, pickup latency, shard scaling and notification isolation.
+    /// Measure throughput, pickup latency, shard scaling, notification isolation and sick-shard isolation.
     Bench(bench::BenchArgs),
     /// Run fault scenarios under load and report enqueued, finished, lost and recovery time.
     Chaos(chaos::ChaosArgs),

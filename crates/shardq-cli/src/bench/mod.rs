@@ -1,13 +1,16 @@
-//! `shardq bench`: throughput, pickup latency, shard scaling and notification
-//! isolation, on test-bed servers the command starts itself (free ports,
-//! torn down after). Speed is measured here, never in tests.
+//! `shardq bench`: throughput, pickup latency, shard scaling, notification
+//! isolation and throughput with a sick shard, on test-bed servers the
+//! command starts itself (free ports, torn down after). Speed is measured
+//! here, never in tests.
 //!
 //! Layout: this file parses the arguments, starts the servers, runs the
 //! scenarios and prints; `drain` (drain, SQL floor, shards), `latency`
-//! (pickup latency, notification isolation) hold the scenarios.
+//! (pickup latency, notification isolation) and `outage` (a shard stopped
+//! or frozen, shutdown with a frozen shard) hold the scenarios.
 
 mod drain;
 mod latency;
+mod outage;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,11 +22,18 @@ use shardq_testbed::{FleetDb, TestBed};
 
 use crate::{kinds, store};
 
+/// Every scenario, in the order they run.
+const SCENARIOS: [&str; 6] = ["drain", "floor", "latency", "shards", "isolation", "outage"];
+
 /// Arguments of `bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run (comma-separated): drain, floor, latency, shards, isolation.
-    #[arg(long, default_value = "drain,floor,latency,shards,isolation", value_delimiter = ',')]
+    /// Scenarios to run (comma-separated): drain, floor, latency, shards, isolation, outage.
+    #[arg(
+        long,
+        default_value = "drain,floor,latency,shards,isolation,outage",
+        value_delimiter = ','
+    )]
     scenarios: Vec<String>,
     /// Jobs preloaded for the drain and floor scenarios.
     #[arg(long, default_value_t = 200_000)]
@@ -37,7 +47,8 @@ pub struct BenchArgs {
     /// Steady enqueue rate of the latency scenario, jobs/s.
     #[arg(long, default_value_t = 1000)]
     rate: u32,
-    /// Seconds of steady load in the latency and isolation scenarios.
+    /// Seconds of steady load in the latency and isolation scenarios; also
+    /// the measured window of each outage phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Print JSON instead of tables.
@@ -175,12 +186,19 @@ impl BenchFleet {
 
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    for s in &args.scenarios {
+        anyhow::ensure!(
+            SCENARIOS.contains(&s.as_str()),
+            "unknown scenario {s:?}; known: {}",
+            SCENARIOS.join(", ")
+        );
+    }
     let mut results = Results {
         machine: Machine::read(),
         figures: Vec::new(),
     };
     eprintln!("starting test-bed servers (master + 4 shards)...");
-    let bed = tokio::task::spawn_blocking(|| TestBed::start(4).map_err(anyhow::Error::from)).await??;
+    let bed = Arc::new(tokio::task::spawn_blocking(|| TestBed::start(4).map_err(anyhow::Error::from)).await??);
     let probe = sqlx::PgPool::connect(&bed.master().url("postgres")).await?;
     results.machine.postgres = store::server_version(&probe).await?;
     probe.close().await;
@@ -196,6 +214,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("isolation") {
         latency::isolation(&bed, &args, &mut results).await?;
+    }
+    if want("outage") {
+        outage::outage(&bed, &args, &mut results).await?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);

@@ -189,27 +189,31 @@ async fn place_pins_a_new_account_and_refuses_to_move_it() {
 }
 
 #[tokio::test]
-async fn placements_on_a_shard_missing_from_the_config_stop_connect() {
+async fn placements_on_a_shard_missing_from_the_config_fail_only_those_accounts() {
     let f = fleet().await;
     let pinned = Account::new("lives-on-3").unwrap();
     f.router.place(&pinned, "shard_3").await.unwrap();
-    place_all(&f.router, 0..50).await;
+    let elsewhere = Account::new("lives-on-1").unwrap();
+    f.router.place(&elsewhere, "shard_1").await.unwrap();
 
     let mut without_3 = f.config.clone();
     without_3.shards.retain(|s| s.name != "shard_3");
-    match Router::connect(&without_3).await {
-        Err(e @ Error::PlacementsOnUnknownShards { .. }) => {
-            let Error::PlacementsOnUnknownShards { shards } = &e else {
-                unreachable!()
-            };
-            assert_eq!(shards, "shard_3");
-            assert!(e.to_string().contains("shard_3"), "{e}");
-        }
-        Err(e) => panic!("expected PlacementsOnUnknownShards, got {e:?}"),
-        Ok(_) => panic!("connected although shard_3 holds placements"),
+    // The operator's check still names the missing shard...
+    let router = Router::connect(&without_3).await.expect("a router starts anyway");
+    match router.check_placements().await {
+        Err(e @ Error::PlacementsOnUnknownShards { .. }) => assert!(e.to_string().contains("shard_3"), "{e}"),
+        other => panic!("expected PlacementsOnUnknownShards, got {other:?}"),
     }
-    // The full configuration still connects.
-    Router::connect(&f.config).await.unwrap();
+    // ...routing fails for the accounts placed there, naming account and shard...
+    match router.shard_for(&pinned).await {
+        Err(e @ Error::AccountOnUnknownShard { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("lives-on-3") && text.contains("shard_3"), "{text}");
+        }
+        other => panic!("expected AccountOnUnknownShard, got {other:?}"),
+    }
+    // ...and every other account routes as usual.
+    assert_eq!(router.shard_for(&elsewhere).await.unwrap().shard, "shard_1");
 }
 
 #[tokio::test]

@@ -53,6 +53,16 @@ pub enum Error {
         /// The configured names, comma-separated.
         known: String,
     },
+    /// An account is placed on a shard the configuration does not define.
+    #[error("account {account} is placed on shard {shard}, which the configuration does not define (configured: {known}); add the shard back or move the account")]
+    AccountOnUnknownShard {
+        /// The account.
+        account: String,
+        /// The shard its placement names.
+        shard: String,
+        /// The configured names, comma-separated.
+        known: String,
+    },
     /// The placement directory names shards that shards.toml no longer has.
     #[error(
         "the master's placement table names shards missing from the configuration: {shards}; \

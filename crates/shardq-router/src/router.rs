@@ -191,8 +191,9 @@ pub fn fenced(e: &sqlx::Error) -> Option<Fenced> {
 impl Router {
     /// Builds one lazy pool per database (a shard that is down does not stop
     /// start-up; only calls that need it fail) and, when the master is
-    /// reachable and migrated, checks that no placement names a shard missing
-    /// from the configuration.
+    /// reachable and migrated, warns when placements name a shard missing
+    /// from the configuration: routing those accounts fails
+    /// ([`Error::AccountOnUnknownShard`]); the others route as usual.
     pub async fn connect(config: &Config) -> Result<Router> {
         let router = Router {
             master: Database::open("master", &config.master),
@@ -205,7 +206,12 @@ impl Router {
             cache: Arc::new(RwLock::new(HashMap::new())),
             config: config.clone(),
         };
-        router.check_placements().await?;
+        // Accounts placed on a shard this configuration lacks fail their
+        // own routing (naming the account and the shard); every other
+        // account routes as usual.
+        if let Err(e) = router.check_placements().await {
+            tracing::warn!(error = %e, "some accounts cannot be routed until their shard is configured");
+        }
         tokio::spawn(placement_watch::run(
             router.master.pool.clone(),
             Arc::downgrade(&router.cache),
@@ -277,7 +283,13 @@ impl Router {
                 .await
                 .map_err(|e| master.error(e))?
             {
-                self.shard(&shard)?;
+                if self.shard(&shard).is_err() {
+                    return Err(Error::AccountOnUnknownShard {
+                        account: account.to_string(),
+                        shard,
+                        known: self.config.shard_names().join(", "),
+                    });
+                }
                 self.remember(account, &shard, epoch);
                 return Ok(Placement {
                     shard,

@@ -19,13 +19,20 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The configuration file is not valid TOML or has unknown or mistyped keys.
-    #[error("{file}: {source}")]
+    /// The configuration file is not valid TOML or has unknown or mistyped
+    /// keys. The message shows no value of the file (toml's own error text
+    /// quotes the offending line, which may hold a password).
+    #[error(
+        "{file}: {}{message}",
+        .position.map(|(line, column)| format!("line {line}, column {column}: ")).unwrap_or_default()
+    )]
     ConfigSyntax {
         /// The file that was parsed.
         file: PathBuf,
-        /// The parser's error, with line and column.
-        source: Box<toml::de::Error>,
+        /// Line and column (from 1) of the error, when the parser knows them.
+        position: Option<(usize, usize)>,
+        /// What is wrong, e.g. "unknown field `pasword`, expected one of ...".
+        message: String,
     },
     /// A field of the configuration has a bad value.
     #[error("{file}: {field}: {message}")]
@@ -111,10 +118,13 @@ pub enum Error {
         /// The shard it is leaving.
         shard: String,
     },
-    /// The `sslrootcert` file of a database cannot be used.
-    #[error("sslrootcert {file}: {message}", file = file.display())]
-    TlsRootCert {
-        /// The file named by `sslrootcert`.
+    /// A TLS file of a database (`sslrootcert`, `sslcert`, `sslkey`) cannot
+    /// be used.
+    #[error("{setting} {file}: {message}", file = file.display())]
+    TlsFile {
+        /// Which setting names it: `sslrootcert`, `sslcert` or `sslkey`.
+        setting: &'static str,
+        /// The file.
         file: PathBuf,
         /// What is wrong with it.
         message: String,

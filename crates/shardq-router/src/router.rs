@@ -225,7 +225,10 @@ impl Router {
     /// start-up does not depend on it (accounts whose placement is cached
     /// keep working; routing a new one fails with the connection error).
     pub async fn check_placements(&self) -> Result<()> {
-        let unknown = match store::placement_unknown_shards(&self.master.pool, &self.config.shard_names()).await {
+        let unknown = match store::placement_unknown_shards(&self.master.pool, &self.config.shard_names())
+            .await
+            .map_err(crate::tls::classify)
+        {
             Ok(unknown) => unknown,
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_TABLE) => return Ok(()),
             Err(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_))) => {
@@ -313,6 +316,16 @@ impl Router {
         self.shard(&placement.shard)?;
         self.remember(account, &placement.shard, 1);
         Ok(placement)
+    }
+
+    /// The shard and epoch of `account`'s placement, read from the master;
+    /// `None` when the account has never been placed. Read-only: it never
+    /// places the account and neither reads nor fills the cache (for
+    /// inspection, e.g. `shardq route`; writers use [`Router::shard_for`]).
+    pub async fn placement(&self, account: &Account) -> Result<Option<(String, i64)>> {
+        store::placement_get_epoch(&self.master.pool, account.as_str())
+            .await
+            .map_err(|e| self.master.error(e))
     }
 
     /// The pool of the shard `account` lives on (placing it first if new).

@@ -200,6 +200,54 @@ pub async fn ensure_database(server: &Server, db: &str) -> Result<bool> {
     Ok(!exists)
 }
 
+/// Creates role `role` (LOGIN) on `server` unless it exists, and sets its
+/// password (SCRAM-SHA-256), or removes it when `password` is `None`. Roles
+/// belong to a server, not a database: call it on every server a test
+/// connects to as that role. Pair it with
+/// [`Server::require_client_auth`] to make the server ask for the password.
+pub async fn ensure_role(server: &Server, role: &str, password: Option<&str>) -> Result<()> {
+    if role.is_empty()
+        || !role
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(Error::InvalidRole { role: role.to_owned() });
+    }
+    let admin = server.url("postgres");
+    // The statements carry the password: errors name the action, not the SQL.
+    let sql_error = |action: &str, source| Error::Sql {
+        server: server.name().to_owned(),
+        action: action.to_owned(),
+        url: admin.clone(),
+        source,
+    };
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .map_err(|e| sql_error("connect", e))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(role)
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| sql_error("look up roles", e))?;
+    if !exists {
+        conn.execute(format!(r#"CREATE ROLE "{role}" LOGIN"#).as_str())
+            .await
+            .map_err(|e| sql_error(&format!("CREATE ROLE {role}"), e))?;
+    }
+    let password = match password {
+        Some(p) => format!("'{}'", p.replace('\'', "''")),
+        None => "NULL".to_owned(),
+    };
+    conn.execute("SET password_encryption = 'scram-sha-256'")
+        .await
+        .map_err(|e| sql_error("SET password_encryption", e))?;
+    conn.execute(format!(r#"ALTER ROLE "{role}" LOGIN PASSWORD {password}"#).as_str())
+        .await
+        .map_err(|e| sql_error(&format!("set the password of role {role}"), e))?;
+    conn.close().await.map_err(|e| sql_error("close", e))?;
+    Ok(())
+}
+
 /// Creates the fresh database `db` on `server` (names are unique per bed).
 async fn create_database(server: &Server, db: &str) -> Result<FleetDb> {
     ensure_database(server, db).await?;

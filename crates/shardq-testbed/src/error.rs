@@ -113,6 +113,15 @@ pub enum Error {
         known: String,
     },
 
+    /// A role name the test bed cannot put in pg_hba.conf or SQL unquoted
+    /// ([`Server::require_client_auth`](crate::Server::require_client_auth),
+    /// [`ensure_role`](crate::bed::ensure_role)).
+    #[error("role {role:?} is not a simple identifier (lowercase letters, digits and _)")]
+    InvalidRole {
+        /// The name given.
+        role: String,
+    },
+
     /// A server's processes could not be frozen or thawed
     /// ([`Server::freeze`](crate::Server::freeze), [`Server::thaw`](crate::Server::thaw)).
     #[error("server {server}: cannot {action} it: {reason}")]

@@ -13,7 +13,10 @@
 //! - [`bed`]: a master plus N shards in a temp dir ([`TestBed`]) and fresh
 //!   databases on all of them ([`Fleet`]).
 //! - [`tls`]: test certificates ([`TestCa`]) for servers with `ssl = on`
-//!   ([`Server::enable_tls`], [`TestBed::enable_tls`]).
+//!   ([`Server::enable_tls`], [`TestBed::enable_tls`]) and for clients
+//!   ([`ClientCert`]); [`Server::require_client_auth`] and
+//!   [`bed::ensure_role`] make a role need a password (SCRAM) and/or a
+//!   client certificate.
 //! - `exit_guard`: the child process that stops a bed's servers and removes
 //!   its directory when this process exits, even when killed (thawing
 //!   frozen servers first).
@@ -45,5 +48,5 @@ pub mod tls;
 pub use bed::{Fleet, FleetDb, TestBed};
 pub use error::{Error, Result};
 pub use pg_bin::{PgBin, PG_BIN_ENV};
-pub use server::Server;
-pub use tls::{TestCa, TlsFiles};
+pub use server::{ClientAuth, Server};
+pub use tls::{ClientCert, ClientFiles, TestCa, TlsFiles};

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::pg_bin::PgBin;
 use crate::server_user::ServerUser;
-use crate::tls::{write_private, TestCa, TlsFiles};
+use crate::tls::{write_private, ServerCert, TestCa, TlsFiles};
 
 /// How long `pg_ctl -w` may wait for a start or stop, in seconds.
 const PG_CTL_TIMEOUT_SECS: &str = "60";
@@ -25,6 +25,45 @@ const PG_CTL_TIMEOUT_SECS: &str = "60";
 const ACCEPT_DEADLINE: Duration = Duration::from_secs(30);
 /// The line `enable_tls_with` adds to postgresql.conf before its settings.
 const TLS_CONF_MARKER: &str = "# shardq-testbed: TLS";
+/// The lines around the rules `require_client_auth` puts first in pg_hba.conf.
+const HBA_BEGIN: &str = "# shardq-testbed: client auth (begin)";
+/// See [`HBA_BEGIN`].
+const HBA_END: &str = "# shardq-testbed: client auth (end)";
+
+/// How a role must authenticate to a server, over TCP from 127.0.0.1; see
+/// [`Server::require_client_auth`]. Roles without a rule stay on `trust`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A password, with SCRAM (`host ... scram-sha-256`), with or without
+    /// TLS.
+    Password,
+    /// A client certificate whose common name is the role, from the CA the
+    /// server trusts, over TLS only (`hostssl ... cert
+    /// clientcert=verify-full`); plain connections are rejected.
+    Certificate,
+    /// Both: TLS with a client certificate naming the role, and a password
+    /// (`hostssl ... scram-sha-256 clientcert=verify-full`); plain
+    /// connections are rejected.
+    PasswordAndCertificate,
+}
+
+impl ClientAuth {
+    /// The pg_hba.conf lines for `user` (a quoted role name).
+    fn hba_lines(self, user: &str) -> Vec<String> {
+        let reject = format!("host all {user} 127.0.0.1/32 reject");
+        match self {
+            ClientAuth::Password => vec![format!("host all {user} 127.0.0.1/32 scram-sha-256")],
+            ClientAuth::Certificate => vec![
+                format!("hostssl all {user} 127.0.0.1/32 cert clientcert=verify-full"),
+                reject,
+            ],
+            ClientAuth::PasswordAndCertificate => vec![
+                format!("hostssl all {user} 127.0.0.1/32 scram-sha-256 clientcert=verify-full"),
+                reject,
+            ],
+        }
+    }
+}
 /// Interval between readiness probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(25);
 /// How many log lines a start error shows.
@@ -206,11 +245,29 @@ impl Server {
     /// can read) into the data directory, sets `ssl = on` in
     /// `postgresql.conf` and restarts the server if it runs. Plain
     /// connections are still accepted, so clients choose with `sslmode`.
+    ///
+    /// `ca` is also the server's `ssl_ca_file`: client certificates it
+    /// issued ([`TestCa::issue_client`]) are verified, and roles can be made
+    /// to need one with [`Server::require_client_auth`].
     pub fn enable_tls_with(&self, ca: &TestCa) -> Result<()> {
-        let issued = ca.issue_server()?;
-        for (file, contents) in [("server.crt", &issued.cert_pem), ("server.key", &issued.key_pem)] {
+        self.enable_tls_with_cert(ca, &ca.issue_server()?)
+    }
+
+    /// [`Server::enable_tls_with`], with a server certificate from `ca` for
+    /// `names` only (e.g. a host name clients do not connect by, so that
+    /// `verify-full` fails where `verify-ca` passes).
+    pub fn enable_tls_for(&self, ca: &TestCa, names: &[&str]) -> Result<()> {
+        self.enable_tls_with_cert(ca, &ca.issue_server_for(names)?)
+    }
+
+    fn enable_tls_with_cert(&self, ca: &TestCa, issued: &ServerCert) -> Result<()> {
+        for (file, contents, mode) in [
+            ("server.crt", &issued.cert_pem, 0o600),
+            ("server.key", &issued.key_pem, 0o600),
+            ("root.crt", &ca.cert_pem().to_owned(), 0o644),
+        ] {
             let path = self.data_dir.join(file);
-            write_private(&path, contents, 0o600)?;
+            write_private(&path, contents, mode)?;
             self.user.chown(&path)?;
         }
         let conf = self.data_dir.join("postgresql.conf");
@@ -222,10 +279,53 @@ impl Server {
                 .map_err(|e| Error::io("open for append", &conf, e))?;
             writeln!(
                 file,
-                "\n{TLS_CONF_MARKER}\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+                "\n{TLS_CONF_MARKER}\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+                 ssl_ca_file = 'root.crt'"
             )
             .map_err(|e| Error::io("append to", &conf, e))?;
         }
+        if self.is_running()? {
+            self.restart()?;
+        }
+        Ok(())
+    }
+
+    /// Makes each `(role, how)` of `rules` authenticate as [`ClientAuth`]
+    /// says (TCP from 127.0.0.1), replacing the rules an earlier call set,
+    /// and restarts the server if it runs (a restart, not a reload, so the
+    /// rules are in force when this returns). The roles are created
+    /// separately ([`ensure_role`](crate::bed::ensure_role)); other roles,
+    /// `postgres` among them, stay on `trust`. Role names must be simple
+    /// identifiers (lowercase letters, digits, `_`).
+    pub fn require_client_auth(&self, rules: &[(&str, ClientAuth)]) -> Result<()> {
+        let mut block = vec![HBA_BEGIN.to_owned()];
+        for (user, auth) in rules {
+            if user.is_empty()
+                || !user
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(Error::InvalidRole {
+                    role: (*user).to_owned(),
+                });
+            }
+            block.extend(auth.hba_lines(&format!("\"{user}\"")));
+        }
+        block.push(HBA_END.to_owned());
+        let hba = self.data_dir.join("pg_hba.conf");
+        let text = fs::read_to_string(&hba).map_err(|e| Error::io("read", &hba, e))?;
+        // Drop an earlier block; the new one goes first (the first matching line wins).
+        let rest = match (text.find(HBA_BEGIN), text.find(HBA_END)) {
+            (Some(begin), Some(end)) if begin < end => {
+                format!(
+                    "{}{}",
+                    &text[..begin],
+                    text[end + HBA_END.len()..].trim_start_matches('\n')
+                )
+            }
+            _ => text,
+        };
+        fs::write(&hba, format!("{}\n{rest}", block.join("\n"))).map_err(|e| Error::io("write", &hba, e))?;
         if self.is_running()? {
             self.restart()?;
         }

@@ -1,32 +1,38 @@
 //! `shards.toml`: the topology (one master, one or more shards), parsed,
-//! expanded (`${VAR}`, `${VAR:-default}`) and validated.
+//! expanded (`${VAR}`, `${VAR:-default}`, `$${` for a literal `${`) and
+//! validated, with the libpq environment variables of [`PG_ENV`] filling
+//! in what a database leaves unset.
 //!
-//! Every error names the file, the field and what is wrong; nothing gets a
+//! Every error names the file, the field and what is wrong, and never shows
+//! a value that may be a secret (a TOML error says where, not what the line
+//! holds; an expansion error says at which character); nothing gets a
 //! silent default except the documented ones (port 5432, user `postgres`,
-//! dbname `shardq`, weight 1, the pool defaults of [`PoolConfig`]).
+//! dbname `shardq`, sslmode `prefer`, weight 1, the pool defaults of
+//! [`PoolConfig`]).
 //!
 //! Callers load a [`Config`] with [`Config::load`] (or [`Config::parse`],
 //! [`Config::from_urls`]) and hand it to the router and the migrator, which
 //! read the [`Target`] of each database.
 //!
-//! Layout of this folder (dependencies point down; nothing here uses the
-//! `tls` module, which uses this one):
+//! Layout of this folder (dependencies point down; the `tls` module uses
+//! this one, and `target.rs` calls back into it only for the relay socket
+//! of sqlx's verified connections):
 //! - `mod.rs`: [`Config`], [`ShardConfig`], [`DatabaseConfig`],
 //!   [`PoolConfig`], [`AppMigrations`] and the topology rules: `Check`
-//!   turns the raw file into these types with field-located errors.
-//! - `raw.rs`: the `Raw*` serde structs (unknown keys rejected) and the
-//!   `${VAR}` / `${VAR:-default}` expansion.
+//!   turns the raw file into these types with field-located errors, and
+//!   reads the environment variables of [`PG_ENV`].
+//! - `raw.rs`: the `Raw*` serde structs (unknown keys rejected), the
+//!   `${VAR}` / `${VAR:-default}` / `$${` expansion, and TOML errors
+//!   without values.
 //! - `target.rs`: [`Target`], the address of one database, and the sqlx and
 //!   tokio-postgres connect options built from it.
-//! - `ssl_mode.rs`: [`SslMode`] and its parsing (re-exported as `tls::SslMode`).
+//! - `ssl_mode.rs`: [`SslMode`], [`SslRootCert`] and [`ServerCheck`], the
+//!   one meaning of `sslmode`/`sslrootcert` (re-exported by `tls`).
 //! - `tests.rs`: the unit tests of parsing and validation.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
-
-use sqlx::postgres::PgSslMode;
 
 use crate::error::{Error, Result};
 
@@ -37,8 +43,27 @@ mod target;
 mod tests;
 
 use raw::{RawConfig, RawDatabase, RawPool};
-pub use ssl_mode::SslMode;
+pub use ssl_mode::{ServerCheck, SslMode, SslRootCert, SSL_MODES};
 pub use target::Target;
+
+/// The libpq environment variables read, in one place (`Check::database`),
+/// for every database that leaves the setting unset, so that both drivers
+/// get the same value: the router's (sqlx) and the migrator's
+/// (tokio-postgres). They fill in, in this order: `password`, `sslmode`,
+/// `sslrootcert`, `sslcert`, `sslkey`, and libpq's `options` (server
+/// settings sent at connect, [`Target::options`]). An empty value counts as
+/// unset. Nothing else of libpq's environment is read: not `PGHOST`,
+/// `PGPORT`, `PGUSER`, `PGDATABASE` (each database has its own, with the
+/// documented defaults), `PGAPPNAME`, `PGPASSFILE`/`~/.pgpass`,
+/// `PGSERVICE`, nor the default files under `~/.postgresql/`.
+pub const PG_ENV: [&str; 6] = [
+    "PGPASSWORD",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGOPTIONS",
+];
 
 /// The default configuration file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "shards.toml";
@@ -165,13 +190,19 @@ impl Check<'_> {
         }
     }
 
-    /// Expands `${VAR}` and `${VAR:-default}` in a field's value.
-    fn expand(&self, field: &str, value: &str) -> Result<String> {
-        raw::expand(value, self.env).map_err(|message| self.err(field, message))
+    /// Expands `${VAR}`, `${VAR:-default}` and `$${` in a field's value;
+    /// `url` percent-encodes what it puts in (see `raw::expand`).
+    fn expand(&self, field: &str, value: &str, url: bool) -> Result<String> {
+        raw::expand(value, self.env, url).map_err(|message| self.err(field, message))
     }
 
     fn opt(&self, field: &str, value: &Option<String>) -> Result<Option<String>> {
-        value.as_deref().map(|v| self.expand(field, v)).transpose()
+        value.as_deref().map(|v| self.expand(field, v, false)).transpose()
+    }
+
+    /// A variable of [`PG_ENV`]; empty counts as unset.
+    fn pg_env(&self, name: &str) -> Option<String> {
+        (self.env)(name).filter(|v| !v.is_empty())
     }
 
     fn database(&self, at: &str, raw: &RawDatabase) -> Result<DatabaseConfig> {
@@ -182,11 +213,17 @@ impl Check<'_> {
             user: "postgres".into(),
             password: None,
             dbname: "shardq".into(),
-            sslmode: "prefer".into(),
+            sslmode: SslMode::Prefer,
             sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            options: None,
         };
-        if let Some(url) = self.opt(&f("url"), &raw.url)? {
-            self.apply_url(&f("url"), &url, &mut t)?;
+        // The sslmode as written, and where (for the error if it is bad).
+        let mut sslmode: Option<(String, &'static str)> = None;
+        if let Some(url) = raw.url.as_deref() {
+            let url = self.expand(&f("url"), url, true)?;
+            self.apply_url(&f("url"), &url, &mut t, &mut sslmode)?;
         }
         if let Some(h) = self.opt(&f("host"), &raw.host)? {
             t.host = h;
@@ -207,19 +244,61 @@ impl Check<'_> {
             t.dbname = d;
         }
         if let Some(s) = self.opt(&f("sslmode"), &raw.sslmode)? {
-            t.sslmode = s;
+            sslmode = Some((s, ""));
         }
         if let Some(c) = self.opt(&f("sslrootcert"), &raw.sslrootcert)? {
-            t.sslrootcert = Some(PathBuf::from(c));
+            t.sslrootcert = Some(SslRootCert::parse(&c));
         }
-        if PgSslMode::from_str(&t.sslmode).is_err() {
-            return Err(self.err(
-                &f("sslmode"),
-                format!(
-                    "{:?} is not one of disable, allow, prefer, require, verify-ca, verify-full",
-                    t.sslmode
-                ),
-            ));
+        if let Some(c) = self.opt(&f("sslcert"), &raw.sslcert)? {
+            t.sslcert = Some(PathBuf::from(c));
+        }
+        if let Some(k) = self.opt(&f("sslkey"), &raw.sslkey)? {
+            t.sslkey = Some(PathBuf::from(k));
+        }
+        // The environment, for what the file leaves unset (see PG_ENV).
+        if t.password.is_none() {
+            t.password = self.pg_env("PGPASSWORD");
+        }
+        if sslmode.is_none() {
+            sslmode = self.pg_env("PGSSLMODE").map(|s| (s, " (from PGSSLMODE)"));
+        }
+        if t.sslrootcert.is_none() {
+            t.sslrootcert = self.pg_env("PGSSLROOTCERT").map(|c| SslRootCert::parse(&c));
+        }
+        if t.sslcert.is_none() {
+            t.sslcert = self.pg_env("PGSSLCERT").map(PathBuf::from);
+        }
+        if t.sslkey.is_none() {
+            t.sslkey = self.pg_env("PGSSLKEY").map(PathBuf::from);
+        }
+        t.options = self.pg_env("PGOPTIONS");
+        t.sslmode = match sslmode {
+            Some((s, from)) => SslMode::parse(&s).ok_or_else(|| {
+                self.err(
+                    &f("sslmode"),
+                    format!("{s:?}{from} is not one of {SSL_MODES} (spelt as libpq spells them, in lower case)"),
+                )
+            })?,
+            // As in libpq, the system roots make verify-full the default.
+            None if t.sslrootcert == Some(SslRootCert::System) => SslMode::VerifyFull,
+            None => SslMode::Prefer,
+        };
+        if let Err(message) = t.server_check() {
+            let field = if t.sslrootcert.is_none() {
+                "sslrootcert"
+            } else {
+                "sslmode"
+            };
+            return Err(self.err(&f(field), message));
+        }
+        match (&t.sslcert, &t.sslkey) {
+            (Some(_), None) => {
+                return Err(self.err(&f("sslkey"), "is not set, but sslcert is: set both (or neither)"));
+            }
+            (None, Some(_)) => {
+                return Err(self.err(&f("sslcert"), "is not set, but sslkey is: set both (or neither)"));
+            }
+            _ => {}
         }
         for (name, value) in [("host", &t.host), ("user", &t.user), ("dbname", &t.dbname)] {
             if value.is_empty() {
@@ -232,7 +311,13 @@ impl Check<'_> {
         })
     }
 
-    fn apply_url(&self, field: &str, url: &str, t: &mut Target) -> Result<()> {
+    fn apply_url(
+        &self,
+        field: &str,
+        url: &str,
+        t: &mut Target,
+        sslmode: &mut Option<(String, &'static str)>,
+    ) -> Result<()> {
         // Never echo the URL itself: it may hold a password.
         let u = url::Url::parse(url).map_err(|e| self.err(field, format!("not a valid URL: {e}")))?;
         if u.scheme() != "postgres" && u.scheme() != "postgresql" {
@@ -250,7 +335,9 @@ impl Check<'_> {
                 .unwrap_or_default()
         };
         if let Some(h) = u.host_str().filter(|h| !h.is_empty()) {
-            t.host = h.trim_start_matches('[').trim_end_matches(']').to_string();
+            // A postgres:// host is kept percent-encoded by the URL parser
+            // (e.g. a `${HOST}` put in encoded).
+            t.host = decode(h.trim_start_matches('[').trim_end_matches(']'));
         }
         if let Some(p) = u.port() {
             t.port = p;
@@ -267,12 +354,16 @@ impl Check<'_> {
         }
         for (k, v) in u.query_pairs() {
             match &*k {
-                "sslmode" => t.sslmode = v.into_owned(),
-                "sslrootcert" => t.sslrootcert = Some(PathBuf::from(v.into_owned())),
+                "sslmode" => *sslmode = Some((v.into_owned(), " (in url)")),
+                "sslrootcert" => t.sslrootcert = Some(SslRootCert::parse(&v)),
+                "sslcert" => t.sslcert = Some(PathBuf::from(v.into_owned())),
+                "sslkey" => t.sslkey = Some(PathBuf::from(v.into_owned())),
                 other => {
                     return Err(self.err(
                         field,
-                        format!("unsupported URL parameter {other:?} (supported: sslmode, sslrootcert)"),
+                        format!(
+                            "unsupported URL parameter {other:?} (supported: sslmode, sslrootcert, sslcert, sslkey)"
+                        ),
                     ))
                 }
             }
@@ -377,11 +468,21 @@ impl Config {
 
     /// Parses and validates configuration text. `file` is used in error
     /// messages and to resolve relative migration folders; `env` looks up
-    /// `${VAR}` references.
+    /// `${VAR}` references and the variables of [`PG_ENV`].
+    ///
+    /// Pass the process environment (as [`Config::load`] does) unless you
+    /// know why not: sqlx, the router's driver, also reads `PGPASSWORD`,
+    /// `PGSSLCERT` and `PGSSLKEY` from the process for a database the
+    /// configuration gives none, so another `env` can make the router and
+    /// the migrator authenticate differently.
     pub fn parse(text: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::ConfigSyntax {
-            file: file.to_path_buf(),
-            source: Box::new(e),
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (position, message) = raw::syntax_error(text, &e);
+            Error::ConfigSyntax {
+                file: file.to_path_buf(),
+                position,
+                message,
+            }
         })?;
         let check = Check { file, env };
         let master = check.database("master", &raw.master)?;
@@ -462,7 +563,9 @@ impl Config {
     }
 
     /// Builds a configuration from database URLs (tests, benchmarks, embedding
-    /// apps that keep their topology elsewhere). Shards get weight 1.
+    /// apps that keep their topology elsewhere). Shards get weight 1; the
+    /// process environment fills in what the URLs leave unset, as for
+    /// [`Config::load`] (see [`PG_ENV`]).
     pub fn from_urls(master: &str, shards: &[(&str, &str)]) -> Result<Config> {
         let mut text = format!("[master]\nurl = {}\n", toml_string(master));
         for (name, url) in shards {
@@ -472,7 +575,7 @@ impl Config {
                 toml_string(url)
             ));
         }
-        Self::parse(&text, Path::new(INLINE), &|_| None)
+        Self::parse(&text, Path::new(INLINE), &|name| std::env::var(name).ok())
     }
 
     /// The shard named `name`.

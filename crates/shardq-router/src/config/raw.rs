@@ -1,5 +1,7 @@
 //! `shards.toml` as written: the `Raw*` serde structs (unknown keys are
-//! rejected) and the `${VAR}` / `${VAR:-default}` expansion of field values.
+//! rejected), the `${VAR}` / `${VAR:-default}` / `$${` expansion of field
+//! values, and [`syntax_error`], which turns a TOML error into a message
+//! that shows no value of the file.
 //!
 //! Only `mod.rs` uses this: `Config::parse` deserializes a [`RawConfig`] and
 //! its `Check` expands and validates each field into the public types.
@@ -49,6 +51,8 @@ pub(super) struct RawDatabase {
     pub(super) dbname: Option<String>,
     pub(super) sslmode: Option<String>,
     pub(super) sslrootcert: Option<String>,
+    pub(super) sslcert: Option<String>,
+    pub(super) sslkey: Option<String>,
     #[serde(default)]
     pub(super) pool: RawPool,
 }
@@ -68,36 +72,116 @@ pub(super) struct RawPool {
 }
 
 /// Expands `${VAR}` and `${VAR:-default}` in `value`, looking variables up
-/// with `env`. The error is the message alone; the caller adds the file
-/// and the field.
-pub(super) fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+/// with `env`; `$${` is a literal `${`. With `encode` (the `url` field),
+/// each value put in (from the environment or the default) is
+/// percent-encoded, so it stays data inside the part of the URL where it
+/// stands: a password with `/`, `@` or `?` cannot change the host, port or
+/// database. A value that is one reference and nothing else (`url =
+/// "${DATABASE_URL}"`) is a whole URL and is put in as it is.
+///
+/// The error is the message alone; the caller adds the file and the field.
+/// It never quotes the value (it may be a password): it says where in it
+/// (the character position) and, for an unset variable, its name.
+pub(super) fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>, encode: bool) -> Result<String, String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
+    while let Some(dollar) = rest.find('$') {
+        out.push_str(&rest[..dollar]);
+        let at = &rest[dollar..];
+        // Characters before this `$`, counted from 1, for messages.
+        let position = value[..value.len() - at.len()].chars().count() + 1;
+        if let Some(after) = at.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+            continue;
+        }
+        let Some(after) = at.strip_prefix("${") else {
+            out.push('$');
+            rest = &at[1..];
+            continue;
+        };
         let end = after
             .find('}')
-            .ok_or_else(|| format!("unterminated `${{` in {value:?}"))?;
+            .ok_or_else(|| format!("unterminated `${{` at character {position} (write `$${{` for a literal `${{`)"))?;
         let inner = &after[..end];
         let (name, default) = match inner.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
             None => (inner, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("`${{{inner}}}` is not a valid variable reference"));
+            return Err(format!(
+                "the `${{...}}` at character {position} is not a variable reference (a name of letters, \
+                 digits and `_`, then optionally `:-default`); write `$${{` for a literal `${{`"
+            ));
         }
-        match (env(name), default) {
-            (Some(v), _) => out.push_str(&v),
-            (None, Some(d)) => out.push_str(d),
+        let found = match (env(name), default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => d.to_string(),
             (None, None) => {
                 return Err(format!(
                     "environment variable {name} is not set and `${{{name}}}` has no default (write `${{{name}:-value}}` to give one)"
                 ))
             }
-        }
+        };
         rest = &after[end + 1..];
+        let whole = position == 1 && rest.is_empty();
+        if encode && !whole {
+            percent_encode(&found, &mut out);
+        } else {
+            out.push_str(&found);
+        }
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Appends `value` to `out` with every byte but the URL-unreserved ones
+/// (`A-Z a-z 0-9 - . _ ~`) written as `%XX`.
+fn percent_encode(value: &str, out: &mut String) {
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+}
+
+/// Where a TOML error is (line and column, from 1, when known) and what it
+/// says, with no value of the file in it: toml's own text quotes the
+/// offending line, and serde quotes the value of a mistyped field
+/// (`invalid type: integer `12345`, expected a string`); either may be a
+/// password. Key names (`unknown field `pasword``) are kept.
+pub(super) fn syntax_error(text: &str, error: &toml::de::Error) -> (Option<(usize, usize)>, String) {
+    let position = error.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        (line, column)
+    });
+    let message = error.message();
+    let message = match ["invalid type: ", "invalid value: "]
+        .iter()
+        .find(|prefix| message.starts_with(*prefix))
+    {
+        Some(prefix) => {
+            let (found, expected) = message.split_once(", expected").unwrap_or((message, ""));
+            // "integer `12345`" or "string \"s3cret\"": keep the kind only.
+            let kind = found
+                .get(prefix.len()..)
+                .unwrap_or("")
+                .split(['`', '"'])
+                .next()
+                .unwrap_or("")
+                .trim_end();
+            let expected = if expected.is_empty() {
+                String::new()
+            } else {
+                format!(", expected{expected}")
+            };
+            format!("{prefix}{kind}{expected} (the value is not shown)")
+        }
+        None => message.to_string(),
+    };
+    (position, message.replace('\n', "; "))
 }

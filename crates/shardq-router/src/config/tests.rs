@@ -1,7 +1,8 @@
 //! Unit tests of `shards.toml` parsing and validation, through
 //! [`Config::parse`] and [`Config::from_urls`]: the rules of `mod.rs`, the
-//! expansion of `raw.rs` and the password-free printing of `target.rs`.
-//! Postgres is not needed.
+//! expansion of `raw.rs`, the TLS settings of `ssl_mode.rs`, the libpq
+//! environment, and the password-free printing of `target.rs` and of every
+//! error. Postgres is not needed.
 
 use super::*;
 
@@ -255,7 +256,7 @@ fn url_parts_are_parsed_and_decoded() {
     assert_eq!(t.user, "u");
     assert_eq!(t.password.as_deref(), Some("p@ss"));
     assert_eq!(t.dbname, "app");
-    assert_eq!(t.sslmode, "require");
+    assert_eq!(t.sslmode, SslMode::Require);
     // postgresql:// is accepted too, and missing parts keep their defaults.
     let t = parse("[master]\nurl = \"postgresql://db.example\"\n[[shards]]\nname = \"s\"\n")
         .unwrap()
@@ -292,7 +293,7 @@ fn structured_fields_override_url_parts() {
     assert_eq!(t.user, "v");
     assert_eq!(t.password.as_deref(), Some("pw2"));
     assert_eq!(t.dbname, "app2");
-    assert_eq!(t.sslmode, "disable");
+    assert_eq!(t.sslmode, SslMode::Disable);
 }
 
 #[test]
@@ -449,4 +450,297 @@ fn from_urls_builds_an_inline_config() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("<inline>") && err.contains("shards[0].name"), "{err}");
+}
+
+/// One shard on port 5441 with `fields` added.
+fn one_shard(fields: &str) -> String {
+    with_shards(&format!("[[shards]]\nname = \"shard_1\"\nport = 5441\n{fields}"))
+}
+
+#[test]
+fn sslmode_is_libpq_s_exact_spelling_wherever_it_comes_from() {
+    // Upper case used to pass validation (sqlx lower-cases) while the
+    // migrator fell back to prefer: now it is refused, naming the field.
+    rejected(
+        &one_shard("sslmode = \"VERIFY-FULL\"\nsslrootcert = \"ca.pem\"\n"),
+        &["shards[0].sslmode", "\"VERIFY-FULL\"", "lower case", "verify-full"],
+    );
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\nurl = \"postgres://h:5441/db?sslmode=Require\"\n"),
+        &["shards[0].sslmode", "\"Require\" (in url)"],
+    );
+    let env = |n: &str| (n == "PGSSLMODE").then(|| "Verify-CA".to_string());
+    rejected_with(
+        &one_shard(""),
+        &env,
+        &["master.sslmode", "\"Verify-CA\" (from PGSSLMODE)"],
+    );
+    for mode in ["disable", "allow", "prefer", "require"] {
+        let c = parse(&one_shard(&format!("sslmode = \"{mode}\"\n"))).unwrap();
+        assert_eq!(c.shards[0].database.target.sslmode.as_str(), mode);
+    }
+}
+
+#[test]
+fn sslrootcert_follows_libpq() {
+    let target = |fields: &str| parse(&one_shard(fields)).unwrap().shards[0].database.target.clone();
+    // system makes verify-full the default ...
+    let t = target("sslrootcert = \"system\"\n");
+    assert_eq!(
+        (t.sslmode, t.sslrootcert.clone()),
+        (SslMode::VerifyFull, Some(SslRootCert::System))
+    );
+    assert_eq!(t.server_check(), Ok(ServerCheck::ChainAndHost(&SslRootCert::System)));
+    // ... and goes with nothing weaker.
+    for weaker in ["disable", "prefer", "require", "verify-ca"] {
+        rejected(
+            &one_shard(&format!("sslmode = \"{weaker}\"\nsslrootcert = \"system\"\n")),
+            &["shards[0].sslmode", "sslrootcert=system", "verify-full", weaker],
+        );
+    }
+    // A file is the only root trusted; require with one verifies the chain.
+    let ca = SslRootCert::File("ca.pem".into());
+    assert_eq!(
+        target("sslmode = \"require\"\nsslrootcert = \"ca.pem\"\n").server_check(),
+        Ok(ServerCheck::Chain(&ca))
+    );
+    assert_eq!(
+        target("sslmode = \"verify-ca\"\nsslrootcert = \"ca.pem\"\n").server_check(),
+        Ok(ServerCheck::Chain(&ca))
+    );
+    assert_eq!(
+        target("sslmode = \"require\"\n").server_check(),
+        Ok(ServerCheck::Unverified)
+    );
+    // Verifying without a root is an error, not the web roots.
+    for mode in ["verify-ca", "verify-full"] {
+        rejected(
+            &one_shard(&format!("sslmode = \"{mode}\"\n")),
+            &["shards[0].sslrootcert", "needs sslrootcert", mode],
+        );
+    }
+    // URL parameters mean the same.
+    let t = parse(&with_shards(
+        "[[shards]]\nname = \"shard_1\"\nurl = \"postgres://h:5441/db?sslrootcert=system&sslcert=c.pem&sslkey=k.pem\"\n",
+    ))
+    .unwrap()
+    .shards[0]
+        .database
+        .target
+        .clone();
+    assert_eq!(t.sslmode, SslMode::VerifyFull);
+    assert_eq!(t.client_cert(), Some((Path::new("c.pem"), Path::new("k.pem"))));
+}
+
+#[test]
+fn a_client_certificate_needs_its_key_and_the_key_its_certificate() {
+    rejected(&one_shard("sslcert = \"c.pem\"\n"), &["shards[0].sslkey", "set both"]);
+    rejected(&one_shard("sslkey = \"k.pem\"\n"), &["shards[0].sslcert", "set both"]);
+    let c = parse(&one_shard("sslcert = \"c.pem\"\nsslkey = \"k.pem\"\n")).unwrap();
+    let t = &c.shards[0].database.target;
+    assert_eq!(t.client_cert(), Some((Path::new("c.pem"), Path::new("k.pem"))));
+    assert!(t.relayed(), "sqlx must present it through the relay");
+    assert!(
+        !c.master.target.relayed(),
+        "prefer without certificates stays with sqlx's own TLS"
+    );
+}
+
+#[test]
+fn the_libpq_environment_fills_in_what_a_database_leaves_unset() {
+    let env = |n: &str| {
+        Some(
+            match n {
+                "PGPASSWORD" => "env-pw",
+                "PGSSLMODE" => "verify-ca",
+                "PGSSLROOTCERT" => "/env/ca.pem",
+                "PGSSLCERT" => "/env/client.crt",
+                "PGSSLKEY" => "/env/client.key",
+                "PGOPTIONS" => "-c search_path=app",
+                "PGHOST" | "PGPORT" | "PGUSER" | "PGDATABASE" => "ignored",
+                _ => return None,
+            }
+            .to_string(),
+        )
+    };
+    let text = "[master]\nport = 5440\n\
+                [[shards]]\nname = \"shard_1\"\nport = 5441\npassword = \"file-pw\"\nsslmode = \"verify-full\"\n\
+                sslrootcert = \"/file/ca.pem\"\nsslcert = \"/file/c.crt\"\nsslkey = \"/file/c.key\"\n\
+                [[shards]]\nname = \"shard_2\"\nurl = \"postgres://u:url-pw@h:5442/db?sslmode=require\"\n";
+    let c = parse_with(text, &env).unwrap();
+    let m = &c.master.target;
+    assert_eq!(m.password.as_deref(), Some("env-pw"));
+    assert_eq!(m.sslmode, SslMode::VerifyCa);
+    assert_eq!(m.sslrootcert, Some(SslRootCert::File("/env/ca.pem".into())));
+    assert_eq!(
+        m.client_cert(),
+        Some((Path::new("/env/client.crt"), Path::new("/env/client.key")))
+    );
+    assert_eq!(m.options.as_deref(), Some("-c search_path=app"));
+    // Not read: each database has its own address.
+    assert_eq!(
+        (m.host.as_str(), m.port, m.user.as_str(), m.dbname.as_str()),
+        ("127.0.0.1", 5440, "postgres", "shardq")
+    );
+    // What the file says wins.
+    let s1 = &c.shards[0].database.target;
+    assert_eq!(s1.password.as_deref(), Some("file-pw"));
+    assert_eq!(s1.sslmode, SslMode::VerifyFull);
+    assert_eq!(s1.sslrootcert, Some(SslRootCert::File("/file/ca.pem".into())));
+    assert_eq!(
+        s1.client_cert(),
+        Some((Path::new("/file/c.crt"), Path::new("/file/c.key")))
+    );
+    let s2 = &c.shards[1].database.target;
+    assert_eq!((s2.password.as_deref(), s2.sslmode), (Some("url-pw"), SslMode::Require));
+    // The options reach both drivers.
+    let tp = m.tokio_postgres_config();
+    assert_eq!(tp.get_options(), Some("-c search_path=app"));
+    assert_eq!(tp.get_password(), Some(&b"env-pw"[..]));
+    // Empty counts as unset.
+    let empty = |n: &str| n.starts_with("PG").then(String::new);
+    let c = parse_with(&one_shard(""), &empty).unwrap();
+    assert_eq!(
+        (c.master.target.password.as_deref(), c.master.target.sslmode),
+        (None, SslMode::Prefer)
+    );
+}
+
+#[test]
+fn toml_errors_never_show_a_value_of_the_file() {
+    let secret = "s3cret-Hunter2";
+    let cases = [
+        // A misspelt key: toml's own text quoted the whole line.
+        (
+            format!("pasword = \"{secret}\"\n"),
+            vec!["unknown field", "pasword", "line 4"],
+        ),
+        // A wrong type: serde's message quoted the value.
+        (
+            "password = 123456789\n".to_string(),
+            vec!["invalid type: integer, expected a string", "line "],
+        ),
+        (
+            format!("weight = \"{secret}\"\n"),
+            vec!["invalid type: string, expected i64"],
+        ),
+        // A bad escape, an unterminated string, trailing junk.
+        (
+            format!("password = \"{secret}\\q\"\n"),
+            vec!["invalid escape sequence", "line 7, column "],
+        ),
+        (format!("password = \"{secret}\n"), vec!["invalid basic string"]),
+        (format!("password = \"{secret}\" {secret}\n"), vec!["expected newline"]),
+        (format!("password = {secret}\n"), vec!["invalid string"]),
+        (format!("password = [\"{secret}\"]\n"), vec!["invalid type: sequence"]),
+    ];
+    for (line, needles) in cases {
+        let text = with_shards(&format!("[[shards]]\nname = \"shard_1\"\nport = 5441\n{line}"));
+        let err = parse(&text).unwrap_err();
+        let (shown, debug) = (err.to_string(), format!("{err:?}"));
+        assert!(matches!(err, Error::ConfigSyntax { .. }), "{shown}");
+        for n in needles.iter().chain(&[FILE]) {
+            assert!(shown.contains(n), "{line:?}: error does not mention {n:?}: {shown}");
+        }
+        for s in [&shown, &debug] {
+            assert!(
+                !s.contains(secret) && !s.contains("123456789"),
+                "{line:?}: secret shown: {s}"
+            );
+        }
+    }
+}
+
+#[test]
+fn expansion_errors_never_echo_the_value() {
+    let secret = "pa55-Hunter2";
+    for (value, needles) in [
+        (
+            format!("{secret}${{oops"),
+            vec!["unterminated `${`", "character 13", "$${"],
+        ),
+        (
+            format!("{secret}${{not a name}}"),
+            vec!["not a variable reference", "character 13"],
+        ),
+        (
+            format!("${{}}{secret}"),
+            vec!["not a variable reference", "character 1"],
+        ),
+    ] {
+        let err = rejected(
+            &one_shard(&format!("password = {}\n", toml_string(&value))),
+            &["shards[0].password"],
+        );
+        assert!(!err.contains(secret), "{err}");
+        for n in needles {
+            assert!(err.contains(n), "error does not mention {n:?}: {err}");
+        }
+    }
+    // Also inside a url.
+    let err = rejected(
+        &with_shards(&format!(
+            "[[shards]]\nname = \"shard_1\"\nurl = \"postgres://u:{secret}${{x@h/db\"\n"
+        )),
+        &["shards[0].url", "unterminated"],
+    );
+    assert!(!err.contains(secret), "{err}");
+}
+
+#[test]
+fn a_literal_dollar_brace_is_written_twice() {
+    let env = |n: &str| (n == "X").then(|| "x".to_string());
+    let c = parse_with(&one_shard("password = \"a$${X}b$c$$d${X}\"\n"), &env).unwrap();
+    assert_eq!(c.shards[0].database.target.password.as_deref(), Some("a${X}b$c$$dx"));
+}
+
+#[test]
+fn values_put_into_a_url_cannot_change_its_host_port_or_database() {
+    let nasty = "p/w@evil.example:1/other?sslmode=disable#";
+    let env = |n: &str| match n {
+        "PW" => Some(nasty.to_string()),
+        "HOST" => Some("db.internal".to_string()),
+        "USER" => Some("a@b".to_string()),
+        "URL" => Some("postgres://whole:pw@whole.example:6000/w?sslmode=require".to_string()),
+        _ => None,
+    };
+    let text = "[master]\nurl = \"postgres://${USER}:${PW}@${HOST}:5440/app?sslmode=verify-full&sslrootcert=${CA:-/ca dir/ca.pem}\"\n\
+                [[shards]]\nname = \"shard_1\"\nurl = \"${URL}\"\n";
+    let c = parse_with(text, &env).unwrap();
+    let m = &c.master.target;
+    assert_eq!(
+        (m.host.as_str(), m.port, m.dbname.as_str()),
+        ("db.internal", 5440, "app")
+    );
+    assert_eq!((m.user.as_str(), m.password.as_deref()), ("a@b", Some(nasty)));
+    assert_eq!(m.sslmode, SslMode::VerifyFull);
+    assert_eq!(m.sslrootcert, Some(SslRootCert::File("/ca dir/ca.pem".into())));
+    // A reference that is the whole url is a whole URL.
+    let s = &c.shards[0].database.target;
+    assert_eq!(
+        (s.host.as_str(), s.port, s.dbname.as_str(), s.sslmode),
+        ("whole.example", 6000, "w", SslMode::Require)
+    );
+}
+
+#[test]
+fn connect_options_of_a_verifying_target_go_through_the_relay() {
+    let c = parse(&with_shards(
+        "[[shards]]\nname = \"shard_1\"\nport = 5441\nsslmode = \"verify-full\"\nsslrootcert = \"/x/ca.pem\"\n",
+    ))
+    .unwrap();
+    let t = &c.shards[0].database.target;
+    assert!(t.relayed());
+    let o = t.connect_options();
+    assert_eq!(o.get_host(), "127.0.0.1");
+    assert_eq!(o.get_port(), 5441);
+    let socket = o.get_socket().expect("a relay socket");
+    assert!(socket.join(".s.PGSQL.5441").exists(), "{}", socket.display());
+    // The same settings share a relay; user, password and dbname do not matter.
+    let mut other = t.clone();
+    other.dbname = "another".into();
+    other.password = Some("pw".into());
+    assert_eq!(other.connect_options().get_socket(), Some(socket));
+    assert!(!c.master.target.relayed());
+    assert_eq!(c.master.target.connect_options().get_socket(), None);
 }

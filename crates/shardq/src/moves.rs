@@ -28,20 +28,13 @@ use shardq_router::{Account, Router};
 use crate::error::{Error, Result};
 use crate::store::{self, MoveRow};
 
-/// An application table whose rows belong to accounts: the mover carries an
-/// account's rows of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccountTable {
-    /// The table, `schema.name` or `name` (in `public`).
-    pub table: String,
-    /// Its column holding the account id.
-    pub column: String,
-}
+pub use shardq_router::AccountTable;
 
 /// How a [`Mover`] works.
 #[derive(Debug, Clone)]
 pub struct MoveOptions {
-    /// The application's account-scoped tables (default none: jobs only).
+    /// The application's account-scoped tables (default none: jobs only;
+    /// [`MoveOptions::for_config`] takes those of `[[accounts.tables]]`).
     pub tables: Vec<AccountTable>,
     /// Longest wait for transactions that began before the fence (default 30 s).
     pub writers_wait: Duration,
@@ -55,6 +48,16 @@ impl Default for MoveOptions {
             tables: Vec::new(),
             writers_wait: Duration::from_secs(30),
             running_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+impl MoveOptions {
+    /// The defaults, with the account-scoped tables `config` declares.
+    pub fn for_config(config: &shardq_router::Config) -> MoveOptions {
+        MoveOptions {
+            tables: config.account_tables.clone(),
+            ..MoveOptions::default()
         }
     }
 }

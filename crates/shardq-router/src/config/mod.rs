@@ -86,6 +86,20 @@ pub struct Config {
     pub shards: Vec<ShardConfig>,
     /// The application's own migration folders, if any.
     pub migrations: AppMigrations,
+    /// The application's account-scoped tables (`[[accounts.tables]]`): a
+    /// move of an account carries its rows of each.
+    pub account_tables: Vec<AccountTable>,
+}
+
+/// An application table whose rows belong to accounts: `[[accounts.tables]]`
+/// with `table` (`name` or `schema.name`) and `column` (the column holding
+/// the account id; default `account`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountTable {
+    /// The table, `schema.name` or `name` (in `public`).
+    pub table: String,
+    /// Its column holding the account id.
+    pub column: String,
 }
 
 /// One shard: a stable name, a weight and a database.
@@ -554,11 +568,37 @@ impl Config {
             master: folder("migrations.master", &raw.migrations.master)?,
             shard: folder("migrations.shard", &raw.migrations.shard)?,
         };
+        let mut account_tables: Vec<AccountTable> = Vec::new();
+        for (i, t) in raw.accounts.tables.iter().enumerate() {
+            let at = format!("accounts.tables[{i}]");
+            let table = check.expand(&format!("{at}.table"), &t.table, false)?;
+            if !table.split('.').all(is_simple_identifier) || table.split('.').count() > 2 {
+                return Err(check.err(
+                    &format!("{at}.table"),
+                    format!("{table:?} is not a table name (`name` or `schema.name`, simple identifiers)"),
+                ));
+            }
+            let column = match &t.column {
+                Some(c) => check.expand(&format!("{at}.column"), c, false)?,
+                None => "account".to_string(),
+            };
+            if !is_simple_identifier(&column) {
+                return Err(check.err(
+                    &format!("{at}.column"),
+                    format!("{column:?} is not a simple identifier"),
+                ));
+            }
+            if account_tables.iter().any(|a| a.table == table) {
+                return Err(check.err(&format!("{at}.table"), format!("{table} is declared twice")));
+            }
+            account_tables.push(AccountTable { table, column });
+        }
         Ok(Config {
             file: file.to_path_buf(),
             master,
             shards,
             migrations,
+            account_tables,
         })
     }
 

@@ -19,6 +19,24 @@ pub(super) struct RawConfig {
     pub(super) shards: Vec<RawShard>,
     #[serde(default)]
     pub(super) migrations: RawMigrations,
+    #[serde(default)]
+    pub(super) accounts: RawAccounts,
+}
+
+/// `[accounts]`: what belongs to an account besides its jobs.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccounts {
+    #[serde(default)]
+    pub(super) tables: Vec<RawAccountTable>,
+}
+
+/// `[[accounts.tables]]`: an account-scoped application table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccountTable {
+    pub(super) table: String,
+    pub(super) column: Option<String>,
 }
 
 /// `[migrations]`: the application's migration folders.

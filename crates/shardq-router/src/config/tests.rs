@@ -744,3 +744,37 @@ fn connect_options_of_a_verifying_target_go_through_the_relay() {
     assert!(!c.master.target.relayed());
     assert_eq!(c.master.target.connect_options().get_socket(), None);
 }
+
+#[test]
+fn account_tables_are_declared_with_a_default_column_and_checked() {
+    let base = "[master]\nurl = \"postgres://h/m\"\n[[shards]]\nname = \"s1\"\nurl = \"postgres://h/s1\"\n";
+    let env = |_: &str| None;
+    let ok = format!(
+        "{base}[accounts]\ntables = [{{ table = \"documents\" }}, {{ table = \"app.users\", column = \"tenant\" }}]\n"
+    );
+    let c = Config::parse(&ok, Path::new("shards.toml"), &env).unwrap();
+    assert_eq!(
+        c.account_tables,
+        vec![
+            AccountTable {
+                table: "documents".into(),
+                column: "account".into()
+            },
+            AccountTable {
+                table: "app.users".into(),
+                column: "tenant".into()
+            },
+        ]
+    );
+    for (bad, field) in [
+        ("[{ table = \"a;drop\" }]", "accounts.tables[0].table"),
+        ("[{ table = \"t\", column = \"x y\" }]", "accounts.tables[0].column"),
+        ("[{ table = \"t\" }, { table = \"t\" }]", "accounts.tables[1].table"),
+    ] {
+        let text = format!("{base}[accounts]\ntables = {bad}\n");
+        let err = Config::parse(&text, Path::new("shards.toml"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("shards.toml") && err.contains(field), "{err}");
+    }
+}

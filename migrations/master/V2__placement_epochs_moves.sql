@@ -30,7 +30,7 @@ CREATE TABLE shardq.moves (
     -- makes it epoch + 1.
     epoch       bigint NOT NULL,
     step        text NOT NULL DEFAULT 'started'
-                CHECK (step IN ('started', 'fenced', 'copied', 'switched', 'done', 'aborted')),
+                CHECK (step IN ('started', 'paused', 'fenced', 'copied', 'switched', 'done', 'aborted')),
     error       text,
     started_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now(),

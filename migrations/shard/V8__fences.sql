@@ -1,14 +1,17 @@
--- Fences: accounts that have moved off this shard. A writer with a stale
+-- Fences: accounts moving or moved off this shard. A writer with a stale
 -- placement (an old cache, a lost notification, the master down) must never
--- write an account's rows here once it has left.
+-- write an account's rows here once it has left. A fence first only stops
+-- the account's jobs from being claimed here (fenced_at NULL: the move waits
+-- for its running jobs, whose handlers may still write), then refuses its
+-- writes too.
 CREATE TABLE shardq.fences (
     account   text PRIMARY KEY,
-    -- Where the account went, and the placement epoch it left at.
+    -- Where the account goes, and the placement epoch it leaves at.
     moved_to  text NOT NULL,
     epoch     bigint NOT NULL,
-    -- Transactions that began before this are waited for by the move and
-    -- carried with the account; later ones are refused.
-    fenced_at timestamptz NOT NULL DEFAULT now()
+    -- From when its writes are refused: transactions that began earlier are
+    -- waited for by the move and carried with the account. NULL: not yet.
+    fenced_at timestamptz
 );
 
 -- Moves whose copy committed here (so a resumed move does not copy twice).
@@ -27,7 +30,7 @@ DECLARE
 BEGIN
     SELECT f.account, f.moved_to INTO moved
       FROM new_jobs n JOIN shardq.fences f ON f.account = n.account
-     WHERE transaction_timestamp() >= f.fenced_at
+     WHERE f.fenced_at IS NOT NULL AND transaction_timestamp() >= f.fenced_at
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'account % has moved to shard %', moved.account, moved.moved_to
@@ -49,7 +52,7 @@ DECLARE
 BEGIN
     EXECUTE format(
         'SELECT f.account, f.moved_to FROM new_rows n JOIN shardq.fences f ON f.account = n.%I
-          WHERE transaction_timestamp() >= f.fenced_at LIMIT 1', TG_ARGV[0])
+          WHERE f.fenced_at IS NOT NULL AND transaction_timestamp() >= f.fenced_at LIMIT 1', TG_ARGV[0])
        INTO moved;
     IF moved.account IS NOT NULL THEN
         RAISE EXCEPTION 'account % has moved to shard %', moved.account, moved.moved_to

@@ -229,7 +229,7 @@ async fn jobs_enqueued_during_a_move_land_once_on_the_new_shard() {
 async fn a_mover_stopped_after_any_step_is_resumed_to_one_copy() {
     let f = fleet().await;
     create_docs(&f).await;
-    for stop_after in 0..4 {
+    for stop_after in 0..5 {
         let (a, from, to) = an_account_with_data(&f, &format!("mover-4-{stop_after}")).await;
         let before = jobs_on(&f, &from, &a).await;
         let mover = Mover::new(f.router.clone(), docs_table());
@@ -254,7 +254,7 @@ async fn a_mover_stopped_after_any_step_is_resumed_to_one_copy() {
 async fn a_move_aborted_before_its_copy_leaves_the_account_where_it_was() {
     let f = fleet().await;
     create_docs(&f).await;
-    for steps in 0..2 {
+    for steps in 0..3 {
         let (a, from, to) = an_account_with_data(&f, &format!("mover-5-{steps}")).await;
         let mover = Mover::new(f.router.clone(), docs_table());
         let mut m = mover.start(&a, &to).await.unwrap();
@@ -277,7 +277,10 @@ async fn a_move_aborted_before_its_copy_leaves_the_account_where_it_was() {
     let (a, _, to) = an_account_with_data(&f, "mover-5-late").await;
     let mover = Mover::new(f.router.clone(), docs_table());
     let m = mover.start(&a, &to).await.unwrap();
-    let m = mover.step(&mover.step(&m).await.unwrap()).await.unwrap();
+    let m = mover
+        .step(&mover.step(&mover.step(&m).await.unwrap()).await.unwrap())
+        .await
+        .unwrap();
     assert_eq!(m.step, Step::Copied);
     let err = mover.abort(m.id).await.unwrap_err().to_string();
     assert!(err.contains("resumed"), "{err}");
@@ -322,15 +325,15 @@ async fn a_running_job_finishes_on_the_old_shard_before_the_switch() {
     let mover = Mover::new(f.router.clone(), docs_table());
     let watcher = mover.clone();
     let moving = tokio::spawn(async move { mover.move_account(&a, &to).await });
-    // The move fences the account, then waits for the running job, which
-    // cannot end before the gate opens.
-    wait_for("the move is fenced", WAIT, || async {
+    // The move pauses the account's claims, then waits for the running job,
+    // which cannot end before the gate opens.
+    wait_for("the move is paused", WAIT, || async {
         watcher
             .list(0)
             .await
             .unwrap()
             .iter()
-            .any(|m| m.account == "mover-6" && m.step == Step::Fenced)
+            .any(|m| m.account == "mover-6" && m.step == Step::Paused)
     })
     .await;
     assert!(!moving.is_finished(), "the move waits for the running job");

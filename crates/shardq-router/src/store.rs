@@ -39,9 +39,10 @@ pub(crate) const PLACEMENTS_CHANNEL: &str = "shardq_placements";
 /// SQLSTATE a shard raises for a write of an account fenced off it.
 pub(crate) const FENCED_SQLSTATE: &str = "SQ001";
 
-/// Where `account` went, if it is fenced off this shard (it moved away).
+/// Where `account` goes, if this shard refuses its writes (it moved away, or
+/// a move is switching it).
 pub(crate) async fn fence_get(conn: &mut sqlx::PgConnection, account: &str) -> sqlx::Result<Option<String>> {
-    sqlx::query_scalar("SELECT moved_to FROM shardq.fences WHERE account = $1")
+    sqlx::query_scalar("SELECT moved_to FROM shardq.fences WHERE account = $1 AND fenced_at IS NOT NULL")
         .bind(account)
         .fetch_optional(conn)
         .await

@@ -8,12 +8,14 @@
 //! | step done  | what it did |
 //! |------------|-------------|
 //! | `started`  | recorded the move, the account's epoch and both shards |
-//! | `fenced`   | put a fence for the account on the old shard: from now on its jobs are not claimed there and inserts of its jobs by transactions that begin later are refused (and retried by writers on the new shard once the switch is made) |
-//! | `copied`   | waited for the transactions that began before the fence and for the account's running jobs to end, then copied the account's rows of every account-scoped table and all of its jobs (history too; order, priority, run time, attempts, errors, unique and serial keys kept; new ids) and its periodic records to the new shard, in one transaction marked with the move's id |
+//! | `paused`   | put a fence for the account on the old shard that stops its jobs from being claimed there; its writes still land (handlers of its running jobs may be writing) |
+//! | `fenced`   | waited for the account's running jobs to end, then fenced its writes: inserts of its jobs by transactions that begin later are refused, and `Router::begin` waits for the switch (the pause) |
+//! | `copied`   | waited for every transaction that began before the write fence committed, then copied the account's rows of every account-scoped table (in declared order, parents first) and all of its jobs (history too; order, priority, run time, attempts, errors, unique and serial keys kept; new ids) and its periodic records to the new shard, in one transaction marked with the move's id |
 //! | `switched` | placed the account on the new shard with epoch + 1 (one master transaction with the step) |
 //! | `done`     | deleted the account's rows from the old shard; the fence stays |
 //!
 //! Between `fenced` and `switched` the account's writes wait (the pause);
+//! between `paused` and `copied` its jobs wait;
 //! its jobs run on the new shard as soon as they are copied. Job ids change
 //! with the shard: a `JobId` read before the move names the old copy.
 //! Writes the old shard refuses are those of `Router::begin` transactions
@@ -67,7 +69,9 @@ impl MoveOptions {
 pub enum Step {
     /// Recorded; nothing changed yet.
     Started,
-    /// The old shard refuses the account's new writes and claims.
+    /// The old shard no longer claims the account's jobs.
+    Paused,
+    /// The old shard refuses the account's new writes too.
     Fenced,
     /// The new shard holds the account's rows and jobs.
     Copied,
@@ -82,6 +86,7 @@ pub enum Step {
 impl Step {
     fn parse(s: &str) -> Step {
         match s {
+            "paused" => Step::Paused,
             "fenced" => Step::Fenced,
             "copied" => Step::Copied,
             "switched" => Step::Switched,
@@ -95,6 +100,7 @@ impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Started => "started",
+            Step::Paused => "paused",
             Step::Fenced => "fenced",
             Step::Copied => "copied",
             Step::Switched => "switched",
@@ -259,10 +265,51 @@ impl Mover {
         let target = self.router.shard(&m.to)?;
         let (done, next) = match m.step {
             Step::Started => {
-                store::fence_insert(&source.pool, &m.account, &m.to, m.epoch + 1)
+                store::fence_pause(&source.pool, &m.account, &m.to, m.epoch + 1)
                     .await
                     .map_err(|e| source.error(e))?;
-                (Step::Started, Step::Fenced)
+                (Step::Started, Step::Paused)
+            }
+            Step::Paused => {
+                // Claims in flight when the pause committed have ended once
+                // every transaction older than now has.
+                let cutoff = store::shard_now(&source.pool).await.map_err(|e| source.error(e))?;
+                let quiet = wait_until(self.options.writers_wait, || async {
+                    store::writers_before(&source.pool, cutoff)
+                        .await
+                        .map(|n| n == 0)
+                        .map_err(|e| source.error(e).into())
+                })
+                .await?;
+                if !quiet {
+                    return Err(Error::Move {
+                        account: m.account.clone(),
+                        message: format!(
+                            "transactions that began before the pause on shard {} are still open",
+                            m.from
+                        ),
+                    });
+                }
+                // The account's running jobs end next: their handlers may
+                // write the account's rows (through `Router::begin`), which
+                // the write fence would make wait for this very move.
+                let done = wait_until(self.options.running_wait, || async {
+                    store::jobs_running_of_account(&source.pool, &m.account)
+                        .await
+                        .map(|n| n == 0)
+                        .map_err(|e| source.error(e).into())
+                })
+                .await?;
+                if !done {
+                    return Err(Error::Move {
+                        account: m.account.clone(),
+                        message: format!("jobs of the account are still running on shard {}", m.from),
+                    });
+                }
+                store::fence_writes(&source.pool, &m.account, &m.to, m.epoch + 1)
+                    .await
+                    .map_err(|e| source.error(e))?;
+                (Step::Paused, Step::Fenced)
             }
             Step::Fenced => {
                 self.copy(m).await?;
@@ -294,12 +341,12 @@ impl Mover {
     }
 
     /// Gives up move `id` while the account's rows have not been copied
-    /// (step `started` or `fenced`): lifts the fence; the account stays
-    /// where it was. Later steps cannot be undone: resume instead.
+    /// (step `started`, `paused` or `fenced`): lifts the fence; the account
+    /// stays where it was. Later steps cannot be undone: resume instead.
     pub async fn abort(&self, id: i64) -> Result<Move> {
         let m = self.get(id).await?;
         match m.step {
-            Step::Started | Step::Fenced => {}
+            Step::Started | Step::Paused | Step::Fenced => {}
             Step::Aborted => return Ok(m),
             step => {
                 return Err(Error::Move {
@@ -344,10 +391,9 @@ impl Mover {
             .collect())
     }
 
-    /// The copy: waits for the writers that began before the fence and for
-    /// the account's running jobs, then writes the account's rows and jobs
-    /// on the new shard in one transaction (skipped when a previous try
-    /// committed it).
+    /// The copy: waits for the writers that began before the write fence,
+    /// then writes the account's rows and jobs on the new shard in one
+    /// transaction (skipped when a previous try committed it).
     async fn copy(&self, m: &Move) -> Result<()> {
         let source = self.router.shard(&m.from)?;
         let target = self.router.shard(&m.to)?;
@@ -361,8 +407,12 @@ impl Mover {
             account: m.account.clone(),
             message,
         };
+        // Every transaction the write fence did not refuse began before
+        // this moment (read after the fence committed; a resumed move reads
+        // a later one, which waits for more, never less).
+        let cutoff = store::shard_now(&source.pool).await.map_err(|e| source.error(e))?;
         wait_until(self.options.writers_wait, || async {
-            store::writers_before_fence(&source.pool, &m.account)
+            store::writers_before(&source.pool, cutoff)
                 .await
                 .map(|n| n == 0)
                 .map_err(|e| source.error(e).into())
@@ -375,15 +425,17 @@ impl Mover {
                 m.from
             ))
         })?;
-        wait_until(self.options.running_wait, || async {
-            store::jobs_running_of_account(&source.pool, &m.account)
-                .await
-                .map(|n| n == 0)
-                .map_err(|e| source.error(e).into())
-        })
-        .await?
-        .then_some(())
-        .ok_or_else(|| bad(format!("jobs of the account are still running on shard {}", m.from)))?;
+        // Jobs claimed before the pause have ended (step `paused`) and none
+        // is claimed since; a running one here would be copied mid-run.
+        let running = store::jobs_running_of_account(&source.pool, &m.account)
+            .await
+            .map_err(|e| source.error(e))?;
+        if running > 0 {
+            return Err(bad(format!(
+                "{running} jobs of the account are running on shard {} after the pause",
+                m.from
+            )));
+        }
         // Read under row locks held until the copy has committed, so nothing
         // changes the old rows in between.
         let mut read = source.pool.begin().await.map_err(|e| source.error(e))?;

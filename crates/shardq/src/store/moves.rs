@@ -19,7 +19,7 @@ pub struct MoveRow {
     pub to_shard: String,
     /// The placement epoch when the move started (the switch makes it + 1).
     pub epoch: i64,
-    /// The last step done: started, fenced, copied, switched, done, aborted.
+    /// The last step done: started, paused, fenced, copied, switched, done, aborted.
     pub step: String,
     /// Why the last try of the next step failed, if it did.
     pub error: Option<String>,
@@ -126,13 +126,29 @@ pub async fn move_switch(master: &PgPool, m: &MoveRow) -> sqlx::Result<bool> {
 
 // ---- the shard the account leaves
 
-/// Fences `account` off this shard (it goes to `to` at `epoch`): inserts
-/// of its jobs by transactions that begin from now on are refused, and its
-/// jobs are no longer claimed here. Keeps an existing fence as it is.
-pub async fn fence_insert(shard: &PgPool, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
+/// Stops `account`'s jobs from being claimed on this shard (it goes to `to`
+/// at `epoch`); its writes are still taken. Keeps an existing fence as it is.
+pub async fn fence_pause(shard: &PgPool, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO shardq.fences (account, moved_to, epoch) VALUES ($1, $2, $3)
          ON CONFLICT (account) DO NOTHING",
+    )
+    .bind(account)
+    .bind(to)
+    .bind(epoch)
+    .execute(shard)
+    .await
+    .map(drop)
+}
+
+/// Fences `account`'s writes off this shard: inserts of its jobs (and of
+/// rows of tables with the fence trigger) by transactions that begin from
+/// now on are refused, and `Router::begin` goes elsewhere. Keeps the first
+/// time it was fenced.
+pub async fn fence_writes(shard: &PgPool, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE shardq.fences SET fenced_at = now()
+          WHERE account = $1 AND moved_to = $2 AND epoch = $3 AND fenced_at IS NULL",
     )
     .bind(account)
     .bind(to)
@@ -153,16 +169,22 @@ pub async fn fence_delete(shard: &PgPool, account: &str, to: &str, epoch: i64) -
         .map(drop)
 }
 
-/// Transactions on this shard's database that began before `account`'s
-/// fence and are still open (other than this session's): their writes must
-/// be waited for, so the move carries them.
-pub async fn writers_before_fence(shard: &PgPool, account: &str) -> sqlx::Result<i64> {
+/// This shard's clock now: read after the write fence committed, it is a
+/// time before which every transaction the fence did not refuse began.
+pub async fn shard_now(shard: &PgPool) -> sqlx::Result<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT now()").fetch_one(shard).await
+}
+
+/// Transactions on this shard's database that began before `cutoff` and are
+/// still open (other than this session's): their writes must be waited for,
+/// so the move carries them.
+pub async fn writers_before(shard: &PgPool, cutoff: DateTime<Utc>) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity a, shardq.fences f
-          WHERE f.account = $1 AND a.datname = current_database() AND a.pid <> pg_backend_pid()
-            AND a.xact_start IS NOT NULL AND a.xact_start < f.fenced_at",
+        "SELECT count(*) FROM pg_stat_activity a
+          WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+            AND a.xact_start IS NOT NULL AND a.xact_start < $1",
     )
-    .bind(account)
+    .bind(cutoff)
     .fetch_one(shard)
     .await
 }
@@ -233,12 +255,16 @@ pub async fn periodic_runs_of_jobs(tx: &mut PgConnection, ids: &[i64]) -> sqlx::
     Ok(rows.map(|r| r.0).unwrap_or_else(|| serde_json::json!([])))
 }
 
-/// Deletes the account's rows of `table` and its jobs on the shard it left
-/// (the fence stays). Returns the rows deleted.
+/// Deletes the account's rows of `tables` (in reverse order, so children go
+/// before the parents declared first; deferrable constraints are checked
+/// at commit) and its jobs on the shard it left (the fence stays). Returns
+/// the rows deleted.
 pub async fn account_delete(shard: &PgPool, tables: &[(String, String)], account: &str) -> sqlx::Result<u64> {
     let mut tx = shard.begin().await?;
+    sqlx::query("SET CONSTRAINTS ALL DEFERRED").execute(&mut *tx).await?;
     let mut n = 0;
-    for (table, column) in tables {
+    // Children before parents: the tables are declared parents first.
+    for (table, column) in tables.iter().rev() {
         let (schema, name) = split_table(table);
         n += sqlx::query(&format!(
             "DELETE FROM {} WHERE {} = $1",
@@ -280,10 +306,12 @@ pub async fn account_insert(
     tables: &[(String, String, serde_json::Value)],
     jobs: &serde_json::Value,
 ) -> sqlx::Result<Vec<(i64, i64)>> {
+    sqlx::query("SET CONSTRAINTS ALL DEFERRED").execute(&mut *tx).await?;
     sqlx::query("DELETE FROM shardq.fences WHERE account = $1")
         .bind(account)
         .execute(&mut *tx)
         .await?;
+    // Parents before children: the tables are declared parents first.
     for (table, _, rows) in tables {
         let (schema, name) = split_table(table);
         let t = qualified(schema, name);

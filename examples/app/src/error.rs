@@ -54,9 +54,13 @@ pub enum ApiError {
     /// The request conflicts with existing data (409).
     #[error("{0}")]
     Conflict(String),
+    /// The account is being moved to another shard and its write waited
+    /// for the move longer than allowed (503): nothing was written; try again.
+    #[error("{0}")]
+    Unavailable(String),
     /// Something failed on our side (500).
     #[error("internal error: {0}")]
-    Internal(Box<dyn std::error::Error + Send + Sync>),
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl ApiError {
@@ -74,6 +78,7 @@ impl ApiError {
             ApiError::Invalid { status, .. } => *status,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,13 +86,19 @@ impl ApiError {
 
 impl From<shardq_router::Error> for ApiError {
     fn from(e: shardq_router::Error) -> ApiError {
-        ApiError::Internal(Box::new(e))
+        match e {
+            e @ shardq_router::Error::AccountMoving { .. } => ApiError::Unavailable(e.to_string()),
+            e => ApiError::Internal(Box::new(e)),
+        }
     }
 }
 
 impl From<shardq::Error> for ApiError {
     fn from(e: shardq::Error) -> ApiError {
-        ApiError::Internal(Box::new(e))
+        match e {
+            shardq::Error::Router(e) => e.into(),
+            e => ApiError::Internal(Box::new(e)),
+        }
     }
 }
 

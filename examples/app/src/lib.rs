@@ -17,9 +17,13 @@
 //! - [`jobs`]: the handlers, one module per job kind: document processing
 //!   and its follow-up, the unique provisioning job per account, the
 //!   periodic per-shard cleanup.
+//! - [`fenced`]: how every write runs, in a fenced transaction from
+//!   `router.begin(&account)` that follows the account when it moves
+//!   (retried once when a move's fence refused it mid-way).
 //! - [`directory`]: which accounts exist (the master's `accounts` table,
 //!   cached), and the account ids the API accepts.
-//! - [`store`]: every SQL statement of the application.
+//! - [`store`]: every SQL statement of the application, and
+//!   [`store::account_tables`], the account-scoped tables a move carries.
 //! - [`error`]: [`Error`] (start-up, serving) and [`ApiError`] (what a
 //!   failed request answers).
 //! - `main.rs`: the binary: load `shards.toml`, check the schema, connect,
@@ -41,6 +45,7 @@
 pub mod api;
 pub mod directory;
 pub mod error;
+pub mod fenced;
 pub mod jobs;
 pub mod service;
 pub mod store;

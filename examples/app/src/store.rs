@@ -8,8 +8,32 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use shardq::moves::AccountTable;
 use sqlx::PgExecutor;
 use uuid::Uuid;
+
+/// The application's account-scoped tables on the shards, each with its
+/// account column: what a move of an account carries besides its jobs
+/// (`MoveOptions::tables`; on the command line, `shardq accounts move
+/// --table users:account --table documents:account`). Every per-account
+/// table of `migrations/shard` belongs here; a table left out would stay
+/// behind on the old shard when its account moves.
+///
+/// A move keeps the rows' keys, so they must be unique across shards: every
+/// primary key starts with the account, and the ids are UUIDs, never a
+/// per-shard sequence (which would collide on the new shard). The mover
+/// copies and deletes the tables in this order, users first, so the
+/// documents' reference to their author is checked at commit (shard
+/// migration `V2`).
+pub fn account_tables() -> Vec<AccountTable> {
+    ["users", "documents"]
+        .into_iter()
+        .map(|table| AccountTable {
+            table: table.into(),
+            column: "account".into(),
+        })
+        .collect()
+}
 
 /// A row of the master's account directory.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]

@@ -1,20 +1,25 @@
 //! The example service end to end, against the real test bed: migrate the
 //! platform and the example's own migrations, run the service in-process on
 //! a free port, drive it over HTTP, and check every row and job in the
-//! databases themselves.
+//! databases themselves; then move one account to another shard while the
+//! service keeps serving it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use shardq::{Backoff, Config, Router, RuntimeOptions};
+use shardq::moves::{MoveOptions, Mover, Step};
+use shardq::{Account, Backoff, Config, Router, RuntimeOptions};
+use shardq_example_app::fenced::{is_fenced, retry_fenced};
 use shardq_example_app::jobs::process_document::{analyse, SUMMARY_WORDS};
 use shardq_example_app::jobs::{CleanupOptions, QueueLimits};
 use shardq_example_app::service::check_schema;
-use shardq_example_app::{App, AppOptions};
+use shardq_example_app::store::account_tables;
+use shardq_example_app::{ApiError, App, AppOptions};
 use shardq_router::Migrator;
 use shardq_testbed::TestBed;
 use uuid::Uuid;
@@ -30,6 +35,16 @@ const JOBS_PER_ACCOUNT: usize = 7;
 
 /// How long any awaited condition may take.
 const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Documents acknowledged before the test starts moving their account.
+const WRITES_BEFORE_MOVE: usize = 3;
+/// Documents written once the move is done, before the writer stops.
+const WRITES_AFTER_MOVE: usize = 3;
+
+/// Where the test's move is: not started, running, done.
+const BEFORE_MOVE: u8 = 0;
+const MOVING: u8 = 1;
+const MOVED: u8 = 2;
 
 /// Polls `check` every 20 ms until it returns true; panics naming `what`
 /// after [`DEADLINE`]. For waiting on conditions, never on time.
@@ -48,16 +63,21 @@ where
     }
 }
 
-/// Fresh databases on the shared bed, migrated with the platform's and the
-/// example's migrations (the folders its `shards.toml` declares).
-async fn migrated_fleet() -> Config {
+/// Fresh, empty databases on the shared bed.
+async fn fresh_fleet() -> Config {
     let bed = tokio::task::spawn_blocking(TestBed::shared)
         .await
         .expect("join")
         .expect("shared test bed");
     let dbs = bed.fresh_fleet().await.expect("fresh databases");
     let shards: Vec<(&str, &str)> = dbs.shards.iter().map(|s| (s.name.as_str(), s.url.as_str())).collect();
-    let mut config = Config::from_urls(&dbs.master.url, &shards).expect("config");
+    Config::from_urls(&dbs.master.url, &shards).expect("config")
+}
+
+/// Fresh databases on the shared bed, migrated with the platform's and the
+/// example's migrations (the folders its `shards.toml` declares).
+async fn migrated_fleet() -> Config {
+    let mut config = fresh_fleet().await;
     let declared =
         Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/shards.toml")).expect("the example's shards.toml");
     for folder in [&declared.migrations.master, &declared.migrations.shard] {
@@ -102,6 +122,7 @@ fn test_options() -> AppOptions {
 }
 
 /// The service's HTTP API.
+#[derive(Clone)]
 struct Api {
     http: reqwest::Client,
     base: String,
@@ -163,6 +184,130 @@ async fn job_row(router: &Router, job: &str) -> (String, String, Value) {
         .unwrap_or_else(|| panic!("job {job} is not on its shard"))
 }
 
+/// Checks on every shard that the example declares all of its
+/// account-scoped tables ([`account_tables`]: every table of `public` with an
+/// account column) and that their keys stay unique when a move copies an
+/// account's rows to another shard: every unique index (the primary key
+/// too) starts with the account column, and no column takes its values from
+/// a per-shard sequence.
+async fn assert_account_tables_move_safely(router: &Router) {
+    let declared: BTreeSet<String> = account_tables().into_iter().map(|t| t.table).collect();
+    for db in router.shards() {
+        let with_account: BTreeSet<String> = sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.columns
+              WHERE table_schema = 'public' AND column_name = 'account'",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .expect("tables")
+        .into_iter()
+        .collect();
+        assert_eq!(declared, with_account, "account-scoped tables on {}", db.name);
+        for t in account_tables() {
+            let unique: Vec<(String, Option<String>)> = sqlx::query_as(
+                "SELECT i.indexrelid::regclass::text, a.attname::text
+                   FROM pg_index i
+                   LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                  WHERE i.indrelid = to_regclass($1) AND i.indisunique",
+            )
+            .bind(&t.table)
+            .fetch_all(&db.pool)
+            .await
+            .expect("unique indexes");
+            assert!(!unique.is_empty(), "{} has no primary key on {}", t.table, db.name);
+            for (index, first) in unique {
+                assert_eq!(
+                    first.as_deref(),
+                    Some(t.column.as_str()),
+                    "unique index {index} of {} on {} does not start with {}",
+                    t.table,
+                    db.name,
+                    t.column
+                );
+            }
+            let sequenced: Vec<String> = sqlx::query_scalar(
+                "SELECT column_name::text FROM information_schema.columns
+                  WHERE table_schema = 'public' AND table_name = $1
+                    AND (column_default LIKE 'nextval(%' OR is_identity = 'YES')",
+            )
+            .bind(&t.table)
+            .fetch_all(&db.pool)
+            .await
+            .expect("columns");
+            assert!(
+                sequenced.is_empty(),
+                "{}.{sequenced:?} on {} come from a per-shard sequence",
+                t.table,
+                db.name
+            );
+        }
+    }
+}
+
+/// A document the API acknowledged while the test moved its account.
+struct Acked {
+    id: Uuid,
+    body: String,
+    /// The shard the answer named.
+    shard: String,
+    /// Its `process_document` job, `SHARD:ID`, as answered.
+    job: String,
+    /// Where the move was when the request was sent, and when it was answered.
+    sent: u8,
+    answered: u8,
+}
+
+/// Writes documents by `author` for `account` one after the other, each of
+/// which must be answered 201, and sends each acknowledged one on `acked`;
+/// stops after [`WRITES_AFTER_MOVE`] documents sent once `phase` is
+/// [`MOVED`].
+async fn keep_writing(
+    api: Api,
+    account: String,
+    author: Uuid,
+    phase: Arc<AtomicU8>,
+    acked: tokio::sync::mpsc::UnboundedSender<Acked>,
+) {
+    let mut after_move = 0;
+    for i in 0u32.. {
+        let body = format!("written while {account} may be moving, number {i}");
+        let sent = phase.load(Ordering::SeqCst);
+        let (status, created) = api
+            .post(
+                &format!("/accounts/{account}/documents"),
+                json!({"author": author, "title": format!("moving {i}"), "body": body}),
+            )
+            .await;
+        let answered = phase.load(Ordering::SeqCst);
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "document {i} of {account} (move phase {sent} when sent, {answered} when answered): {created}"
+        );
+        let id = created["document"]["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("document id");
+        let ack = Acked {
+            id,
+            body,
+            shard: created["shard"].as_str().expect("shard").to_string(),
+            job: created["job"].as_str().expect("job").to_string(),
+            sent,
+            answered,
+        };
+        if acked.send(ack).is_err() {
+            return; // the test is gone
+        }
+        if sent == MOVED {
+            after_move += 1;
+            if after_move == WRITES_AFTER_MOVE {
+                return;
+            }
+        }
+    }
+}
+
 /// What the test wrote for one account.
 struct Written {
     shard: String,
@@ -189,6 +334,8 @@ async fn the_service_keeps_each_accounts_rows_and_jobs_on_its_shard() {
             db.name
         );
     }
+
+    assert_account_tables_move_safely(&router).await;
 
     let app = App::start(router.clone(), test_options()).expect("start the service");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -519,6 +666,210 @@ async fn the_service_keeps_each_accounts_rows_and_jobs_on_its_shard() {
         .await;
     }
 
+    // Moving an account while the service keeps serving it: a writer keeps
+    // POSTing its documents before, during and after the move, and every
+    // one of them must be acknowledged.
+    let account = ACCOUNTS[1];
+    let (from, user) = (written[account].shard.clone(), written[account].user);
+    let to = router
+        .shards()
+        .iter()
+        .map(|db| db.name.clone())
+        .find(|name| *name != from)
+        .expect("another shard");
+    let phase = Arc::new(AtomicU8::new(BEFORE_MOVE));
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(keep_writing(
+        api.clone(),
+        account.to_string(),
+        user,
+        phase.clone(),
+        acked_tx,
+    ));
+    let mut acked: Vec<Acked> = Vec::new();
+    while acked.len() < WRITES_BEFORE_MOVE {
+        let ack = tokio::time::timeout(DEADLINE, acked_rx.recv())
+            .await
+            .expect("documents acknowledged before the move")
+            .expect("the writer stopped early");
+        acked.push(ack);
+    }
+    let mover = Mover::new(
+        router.clone(),
+        MoveOptions {
+            tables: account_tables(),
+            ..MoveOptions::default()
+        },
+    );
+    phase.store(MOVING, Ordering::SeqCst);
+    let moved = tokio::time::timeout(
+        DEADLINE,
+        mover.move_account(&Account::new(account).expect("account id"), &to),
+    )
+    .await
+    .expect("the move ends within the deadline")
+    .unwrap_or_else(|e| {
+        panic!(
+            "moving {account} from {from} to {to}: {}",
+            shardq::error::ErrorChain(&e)
+        )
+    });
+    phase.store(MOVED, Ordering::SeqCst);
+    assert_eq!(
+        (moved.step, moved.from.as_str(), moved.to.as_str()),
+        (Step::Done, from.as_str(), to.as_str())
+    );
+    tokio::time::timeout(DEADLINE, writer)
+        .await
+        .expect("the writer ends within the deadline")
+        .expect("every write during the move is acknowledged");
+    while let Ok(ack) = acked_rx.try_recv() {
+        acked.push(ack);
+    }
+    let overlapping = acked
+        .iter()
+        .filter(|a| a.sent <= MOVING && a.answered >= MOVING)
+        .count();
+    assert!(overlapping > 0, "no write was in flight during the move");
+    for ack in acked.iter().filter(|a| a.sent == MOVED) {
+        assert_eq!(ack.shard, to, "a document written after the move");
+        assert!(ack.job.starts_with(&format!("{to}:")), "{} on {to}", ack.job);
+        let (job_account, kind, args) = job_row(&router, &ack.job).await;
+        assert_eq!((job_account.as_str(), kind.as_str()), (account, "process_document"));
+        assert_eq!(args["document"].as_str(), Some(ack.id.to_string().as_str()));
+    }
+    eprintln!(
+        "moved {account} from {from} to {to}: {} documents acknowledged, {overlapping} of them in flight during the move",
+        acked.len()
+    );
+
+    // Every acknowledged document exists exactly once, on the new shard only;
+    // so do the account's earlier rows, and all of its jobs.
+    let ids: Vec<Uuid> = acked.iter().map(|a| a.id).collect();
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        ids.len(),
+        "document ids repeat"
+    );
+    let documents = 4 + ids.len() as i64;
+    let jobs = (JOBS_PER_ACCOUNT + 2 * ids.len()) as i64; // each: processing and its follow-up
+    for db in router.shards() {
+        let here = db.name == to;
+        let found: i64 = sqlx::query_scalar("SELECT count(*) FROM documents WHERE account = $1 AND id = ANY($2)")
+            .bind(account)
+            .bind(&ids)
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+        assert_eq!(
+            found,
+            if here { ids.len() as i64 } else { 0 },
+            "acknowledged documents of {account} on {}",
+            db.name
+        );
+        let expected = |n: i64| if here { n } else { 0 };
+        assert_eq!(count_rows(&router, &db.name, "users", account).await, expected(1));
+        assert_eq!(
+            count_rows(&router, &db.name, "documents", account).await,
+            expected(documents),
+            "{account}'s documents on {}",
+            db.name
+        );
+        if !here {
+            assert_eq!(
+                count_rows(&router, &db.name, "shardq.jobs", account).await,
+                0,
+                "{account}'s jobs left on {}",
+                db.name
+            );
+        }
+    }
+    let placed: String = sqlx::query_scalar("SELECT shard FROM shardq.placements WHERE account = $1")
+        .bind(account)
+        .fetch_one(&master.pool)
+        .await
+        .expect("placement");
+    assert_eq!(placed, to);
+
+    // The processing of every document written before, during and after
+    // the move completes on the new shard, with its follow-up.
+    let target = router.shard(&to).expect("shard");
+    wait_for(&format!("{jobs} completed jobs of {account} on {to}"), || async {
+        let (all, completed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE state = 'completed') FROM shardq.jobs WHERE account = $1",
+        )
+        .bind(account)
+        .fetch_one(&target.pool)
+        .await
+        .expect("count");
+        assert!(all <= jobs, "{all} jobs of {account} on {to}, expected {jobs}");
+        completed == jobs
+    })
+    .await;
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM shardq.jobs WHERE account = $1 AND jsonb_array_length(errors) > 0")
+            .bind(account)
+            .fetch_one(&target.pool)
+            .await
+            .expect("count");
+    assert_eq!(failed, 0, "jobs of {account} failed an attempt on {to}");
+    let id_texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    let processing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shardq.jobs
+          WHERE account = $1 AND kind = 'process_document' AND args ->> 'document' = ANY($2)",
+    )
+    .bind(account)
+    .bind(&id_texts)
+    .fetch_one(&target.pool)
+    .await
+    .expect("count");
+    assert_eq!(
+        processing,
+        ids.len() as i64,
+        "one processing job per acknowledged document"
+    );
+    for db in router.shards().iter().filter(|db| db.name != to) {
+        assert_eq!(count_rows(&router, &db.name, "shardq.jobs", account).await, 0);
+    }
+
+    // The API serves the account from its new shard: the account, every
+    // document (processed), its user's count, its jobs.
+    let (status, shown) = api.get(&format!("/accounts/{account}")).await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!(shown["shard"].as_str(), Some(to.as_str()));
+    let bodies = written[account]
+        .documents
+        .iter()
+        .map(|(id, body)| (*id, body.as_str()))
+        .chain(acked.iter().map(|a| (a.id, a.body.as_str())));
+    for (id, body) in bodies {
+        let (status, shown) = api.get(&format!("/accounts/{account}/documents/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{shown}");
+        assert_eq!(shown["shard"].as_str(), Some(to.as_str()), "{shown}");
+        let (words, summary) = analyse(body);
+        assert_eq!(shown["document"]["status"], "processed", "{shown}");
+        assert_eq!(shown["document"]["word_count"], words, "{shown}");
+        assert_eq!(shown["document"]["summary"].as_str(), Some(summary.as_str()), "{shown}");
+    }
+    let (status, list) = api.get(&format!("/accounts/{account}/documents?limit=500")).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list.as_array().map(Vec::len), Some(documents as usize));
+    let (status, shown) = api.get(&format!("/accounts/{account}/users/{user}")).await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!(shown["shard"].as_str(), Some(to.as_str()));
+    assert_eq!(shown["user"]["documents_processed"], 2 + ids.len(), "{shown}");
+    let (status, listed) = api.get(&format!("/accounts/{account}/jobs?limit=500")).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let listed = listed.as_array().expect("jobs");
+    assert!(!listed.is_empty());
+    for job in listed {
+        assert_eq!(job["state"], "completed", "{job}");
+        assert!(
+            job["id"].as_str().is_some_and(|id| id.starts_with(&format!("{to}:"))),
+            "{job}"
+        );
+    }
+
     // One signal stops the server and the worker node together.
     stop.send(()).expect("the service is running");
     tokio::time::timeout(DEADLINE, server)
@@ -537,4 +888,65 @@ async fn the_service_keeps_each_accounts_rows_and_jobs_on_its_shard() {
             .expect("count");
         assert_eq!(running, 0, "jobs left running on {} after shutdown", db.name);
     }
+}
+
+/// A shard's refusal of a moved account's write (SQLSTATE `SQ001`) is
+/// recognised in every error the example's writes return it in, and
+/// `retry_fenced` runs such a write exactly once more (other errors: never).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_is_recognised_and_retried_once() {
+    let router = Router::connect(&fresh_fleet().await).await.expect("router");
+    let db = &router.shards()[0];
+    // What a shard's fence raises (the trigger's own statement).
+    let refused = || async {
+        let e = sqlx::query(
+            "DO $$ BEGIN RAISE EXCEPTION 'account acme has moved to shard shard_2'
+                 USING ERRCODE = 'SQ001', DETAIL = 'acme', HINT = 'shard_2'; END $$",
+        )
+        .execute(&db.pool)
+        .await
+        .expect_err("the statement raises");
+        db.error(e)
+    };
+    let failed = || async {
+        db.error(
+            sqlx::query("SELECT 1 / 0")
+                .execute(&db.pool)
+                .await
+                .expect_err("division by zero"),
+        )
+    };
+
+    assert!(is_fenced(&refused().await), "a router error");
+    assert!(is_fenced(&shardq::Error::from(refused().await)), "a shardq error");
+    assert!(is_fenced(&ApiError::from(refused().await)), "an API error");
+    assert!(is_fenced(&ApiError::from(shardq::Error::from(refused().await))));
+    assert!(!is_fenced(&ApiError::from(failed().await)));
+
+    let calls = AtomicUsize::new(0);
+    let refused_twice: Result<(), ApiError> = retry_fenced(|| async {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Err(refused().await.into())
+    })
+    .await;
+    assert!(refused_twice.is_err_and(|e| is_fenced(&e)));
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 2, "a refused write runs twice");
+
+    let second_try: Result<&str, ApiError> = retry_fenced(|| async {
+        match calls.fetch_add(1, Ordering::SeqCst) {
+            0 => Err(refused().await.into()),
+            _ => Ok("written"),
+        }
+    })
+    .await;
+    assert_eq!(second_try.expect("the retry succeeds"), "written");
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 2);
+
+    let other: Result<(), ApiError> = retry_fenced(|| async {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Err(failed().await.into())
+    })
+    .await;
+    assert!(other.is_err_and(|e| !is_fenced(&e)));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "other errors are not retried");
 }

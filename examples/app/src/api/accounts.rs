@@ -60,7 +60,9 @@ pub struct Created {
 /// shard are two databases, so there is no transaction across them: the
 /// directory row is written first, then the account is placed and its
 /// unique provisioning job enqueued. A call that fails in between is
-/// completed by repeating it.
+/// completed by repeating it. The enqueue writes nothing else, so it needs
+/// no transaction of ours: `Client::enqueue_unique` is fenced on its own
+/// (during a move it waits for the switch and inserts on the new shard).
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Json(body): Json<CreateAccount>,

@@ -1,17 +1,20 @@
 //! An account's documents, on its shard. Creating one writes the row and
-//! enqueues its `process_document` job in one transaction.
+//! enqueues its `process_document` job in one fenced transaction
+//! ([`crate::fenced`]); reads go through `router.pool_for`.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use shardq::Account;
 use uuid::Uuid;
 
 use crate::api::extract::{Json, Path, Query};
 use crate::api::{limit, required, AppState};
 use crate::directory::parse_account;
 use crate::error::ApiError;
+use crate::fenced::retry_fenced;
 use crate::jobs::process_document;
 use crate::store::{self, DocumentRow, NewDocument};
 
@@ -58,8 +61,9 @@ pub struct ListQuery {
     pub limit: Option<i64>,
 }
 
-/// Adds a document and enqueues its processing, in one transaction on the
-/// account's shard: the job exists if and only if the row does.
+/// Adds a document and enqueues its processing, in one fenced transaction
+/// on the account's shard: the job exists if and only if the row does, and
+/// both follow the account if it moves meanwhile.
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Path(account): Path<String>,
@@ -74,10 +78,22 @@ pub async fn create(
         )));
     }
     state.directory.require(&state.router, &account).await?;
+    let new = NewDocument {
+        account: account.as_str(),
+        author: body.author,
+        title,
+        body: &body.body,
+    };
+    let created = retry_fenced(|| insert(&state, &account, &new)).await?;
+    Ok((StatusCode::CREATED, axum::Json(created)))
+}
 
-    let db = state.router.pool_for(&account).await?;
-    let mut tx = db.pool.begin().await.map_err(|e| db.error(e))?;
-    if let Some(author) = body.author {
+/// [`create`]'s transaction: checks the author, writes the row and enqueues
+/// its job, and commits.
+async fn insert(state: &AppState, account: &Account, new: &NewDocument<'_>) -> Result<CreatedDocument, ApiError> {
+    let mut tx = state.router.begin(account).await?;
+    let db = state.router.shard(tx.shard())?;
+    if let Some(author) = new.author {
         if !store::user_exists_locked(&mut *tx, account.as_str(), author)
             .await
             .map_err(|e| db.error(e))?
@@ -85,27 +101,17 @@ pub async fn create(
             return Err(ApiError::NotFound(format!("account {account} has no user {author}")));
         }
     }
-    let new = NewDocument {
-        account: account.as_str(),
-        author: body.author,
-        title,
-        body: &body.body,
-    };
-    let document = store::document_insert(&mut *tx, &new).await.map_err(|e| db.error(e))?;
+    let document = store::document_insert(&mut *tx, new).await.map_err(|e| db.error(e))?;
     let job = state
         .client
-        .enqueue_in(&mut tx, &account, process_document::job(document.id)?)
+        .enqueue_in(&mut tx, account, process_document::job(document.id)?)
         .await?;
     tx.commit().await.map_err(|e| db.error(e))?;
-
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(CreatedDocument {
-            shard: db.name.clone(),
-            document,
-            job: job.to_string(),
-        }),
-    ))
+    Ok(CreatedDocument {
+        shard: db.name.clone(),
+        document,
+        job: job.to_string(),
+    })
 }
 
 /// `GET /accounts/{account}/documents/{id}`.
@@ -150,13 +156,20 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let account = parse_account(&account)?;
     state.directory.require(&state.router, &account).await?;
-    let db = state.router.pool_for(&account).await?;
-    if store::document_mark_deleted(&db.pool, account.as_str(), id)
-        .await
-        .map_err(|e| db.error(e))?
-    {
+    if retry_fenced(|| mark_deleted(&state, &account, id)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("account {account} has no document {id}")))
     }
+}
+
+/// [`delete`]'s transaction: false when there is no such document.
+async fn mark_deleted(state: &AppState, account: &Account, id: Uuid) -> Result<bool, ApiError> {
+    let mut tx = state.router.begin(account).await?;
+    let db = state.router.shard(tx.shard())?;
+    let deleted = store::document_mark_deleted(&mut *tx, account.as_str(), id)
+        .await
+        .map_err(|e| db.error(e))?;
+    tx.commit().await.map_err(|e| db.error(e))?;
+    Ok(deleted)
 }

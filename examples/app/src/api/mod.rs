@@ -1,7 +1,8 @@
 //! The HTTP API (axum). Every per-account route checks the account
-//! directory, then works on the account's shard through
-//! `router.pool_for(&account)`; writes that need a job insert their rows and
-//! enqueue the job in one transaction there.
+//! directory, then works on the account's shard: writes in one fenced
+//! transaction from `router.begin(&account)` (their jobs enqueued inside
+//! it, see [`crate::fenced`]), so they follow the account when it moves;
+//! reads through `router.pool_for(&account)`.
 //!
 //! | route | handler |
 //! |---|---|

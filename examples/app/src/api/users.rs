@@ -1,16 +1,19 @@
-//! An account's users, on its shard.
+//! An account's users, on its shard: written in a fenced transaction
+//! ([`crate::fenced`]), read through `router.pool_for`.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use shardq::Account;
 use uuid::Uuid;
 
 use crate::api::extract::{Json, Path};
 use crate::api::{required, AppState};
 use crate::directory::parse_account;
 use crate::error::ApiError;
+use crate::fenced::retry_fenced;
 use crate::store::{self, UserRow};
 
 /// Longest email address or name, in bytes.
@@ -49,18 +52,23 @@ pub async fn create(
     }
     let name = required("name", &body.name, MAX_FIELD_BYTES)?;
     state.directory.require(&state.router, &account).await?;
-    let db = state.router.pool_for(&account).await?;
-    let user = store::user_insert(&db.pool, account.as_str(), email, name)
+    let user = retry_fenced(|| insert(&state, &account, email, name)).await?;
+    Ok((StatusCode::CREATED, axum::Json(user)))
+}
+
+/// [`create`]'s transaction, fenced ([`crate::fenced`]).
+async fn insert(state: &AppState, account: &Account, email: &str, name: &str) -> Result<UserView, ApiError> {
+    let mut tx = state.router.begin(account).await?;
+    let db = state.router.shard(tx.shard())?;
+    let user = store::user_insert(&mut *tx, account.as_str(), email, name)
         .await
         .map_err(|e| db.error(e))?
         .ok_or_else(|| ApiError::Conflict(format!("account {account} already has a user with email {email:?}")))?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(UserView {
-            shard: db.name.clone(),
-            user,
-        }),
-    ))
+    tx.commit().await.map_err(|e| db.error(e))?;
+    Ok(UserView {
+        shard: db.name.clone(),
+        user,
+    })
 }
 
 /// `GET /accounts/{account}/users/{id}`.

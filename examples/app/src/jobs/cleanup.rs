@@ -49,7 +49,11 @@ impl Worker for PurgeDeletedDocuments {
     const KIND: &'static str = "purge_deleted_documents";
 
     async fn work(&self, ctx: JobContext, _args: PurgeArgs) -> Result<(), JobError> {
-        // A per-shard job works the shard it was enqueued on.
+        // A per-shard job works the shard it was enqueued on, for every
+        // account there, so it cannot write through `router.begin(&account)`.
+        // It only removes rows deleted long ago, which is harmless on either
+        // copy of an account that is moving (the copy locks the rows it reads,
+        // and this skips locked rows).
         let db = self.router.shard(&ctx.id.shard)?;
         let mut removed = 0;
         loop {

@@ -1,7 +1,7 @@
 //! The application's job handlers, run by the worker node in the same
 //! binary as the HTTP API. Each does real work on the account's tables, in a
-//! transaction on the account's shard, and is safe to run twice (delivery is
-//! at least once):
+//! fenced transaction on the account's shard ([`crate::fenced`]), and is
+//! safe to run twice (delivery is at least once):
 //!
 //! - [`process_document`]: counts a document's words, writes a summary, and
 //!   enqueues the follow-up [`user_stats`] job in the same transaction.

@@ -1,8 +1,8 @@
 //! `process_document`: the work a new document needs, done once.
 //!
-//! In one transaction on the account's shard: lock the document, count its
-//! words, keep its first words as a summary, mark it processed, and enqueue
-//! the author's statistics refresh. The follow-up exists if and only if the
+//! In one fenced transaction on the account's shard ([`crate::fenced`]):
+//! lock the document, count its words, keep its first words as a summary,
+//! mark it processed, and enqueue the author's statistics refresh. The follow-up exists if and only if the
 //! processing committed. A rerun (the node died after the commit) finds the
 //! document processed and does nothing.
 
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use shardq::{Account, Client, JobContext, JobError, NewJob, Worker};
 use uuid::Uuid;
 
+use crate::fenced::{begin_in_job, job_write};
 use crate::jobs::{user_stats, QUEUE_DOCUMENTS};
 use crate::store::{self, Processed};
 
@@ -51,9 +52,17 @@ impl Worker for ProcessDocument {
 
     async fn work(&self, ctx: JobContext, args: ProcessDocumentArgs) -> Result<(), JobError> {
         let account = Account::new(ctx.account.as_str())?;
-        let db = self.client.router().pool_for(&account).await?;
-        let mut tx = db.pool.begin().await.map_err(|e| db.error(e))?;
-        let Some(doc) = store::document_lock(&mut *tx, account.as_str(), args.document)
+        job_write(|| self.process(&account, args.document)).await
+    }
+}
+
+impl ProcessDocument {
+    /// The job's transaction, fenced ([`crate::fenced`]).
+    async fn process(&self, account: &Account, document: Uuid) -> shardq::Result<()> {
+        let router = self.client.router();
+        let mut tx = begin_in_job(router, account).await?;
+        let db = router.shard(tx.shard())?;
+        let Some(doc) = store::document_lock(&mut *tx, account.as_str(), document)
             .await
             .map_err(|e| db.error(e))?
         else {
@@ -72,7 +81,7 @@ impl Worker for ProcessDocument {
             .map_err(|e| db.error(e))?;
         if let Some(author) = doc.author {
             self.client
-                .enqueue_in(&mut tx, &account, user_stats::job(author)?)
+                .enqueue_in(&mut tx, account, user_stats::job(author)?)
                 .await?;
         }
         tx.commit().await.map_err(|e| db.error(e))?;

@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 use shardq::{Account, Client, JobContext, JobError, NewJob, UniqueOpts, UniqueStates, Worker};
 
+use crate::fenced::{begin_in_job, job_write};
 use crate::jobs::{process_document, QUEUE_ACCOUNTS};
 use crate::store;
 
@@ -45,18 +46,23 @@ impl Worker for ProvisionAccount {
 
     async fn work(&self, ctx: JobContext, args: ProvisionArgs) -> Result<(), JobError> {
         let account = Account::new(ctx.account.as_str())?;
-        let db = self.client.router().pool_for(&account).await?;
-        let mut tx = db.pool.begin().await.map_err(|e| db.error(e))?;
-        let body = format!(
-            "Welcome to {}. Documents you write here are processed in the background.",
-            args.name
-        );
+        job_write(|| self.provision(&account, &args.name)).await
+    }
+}
+
+impl ProvisionAccount {
+    /// The job's transaction, fenced ([`crate::fenced`]).
+    async fn provision(&self, account: &Account, name: &str) -> shardq::Result<()> {
+        let router = self.client.router();
+        let mut tx = begin_in_job(router, account).await?;
+        let db = router.shard(tx.shard())?;
+        let body = format!("Welcome to {name}. Documents you write here are processed in the background.");
         let inserted = store::document_insert_welcome(&mut *tx, account.as_str(), WELCOME_TITLE, &body)
             .await
             .map_err(|e| db.error(e))?;
         if let Some(doc) = inserted {
             self.client
-                .enqueue_in(&mut tx, &account, process_document::job(doc.id)?)
+                .enqueue_in(&mut tx, account, process_document::job(doc.id)?)
                 .await?;
         }
         tx.commit().await.map_err(|e| db.error(e))?;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use shardq::{Account, Client, JobContext, JobError, NewJob, Worker};
 use uuid::Uuid;
 
+use crate::fenced::{begin_in_job, job_write};
 use crate::jobs::QUEUE_ACCOUNTS;
 use crate::store;
 
@@ -37,15 +38,23 @@ impl Worker for RefreshUserStats {
 
     async fn work(&self, ctx: JobContext, args: RefreshUserStatsArgs) -> Result<(), JobError> {
         let account = Account::new(ctx.account.as_str())?;
-        let db = self.client.router().pool_for(&account).await?;
-        let mut tx = db.pool.begin().await.map_err(|e| db.error(e))?;
-        if !store::user_lock(&mut *tx, account.as_str(), args.user)
+        job_write(|| self.refresh(&account, args.user)).await
+    }
+}
+
+impl RefreshUserStats {
+    /// The job's transaction, fenced ([`crate::fenced`]).
+    async fn refresh(&self, account: &Account, user: Uuid) -> shardq::Result<()> {
+        let router = self.client.router();
+        let mut tx = begin_in_job(router, account).await?;
+        let db = router.shard(tx.shard())?;
+        if !store::user_lock(&mut *tx, account.as_str(), user)
             .await
             .map_err(|e| db.error(e))?
         {
             return Ok(()); // the user is gone
         }
-        store::user_recount_processed(&mut *tx, account.as_str(), args.user)
+        store::user_recount_processed(&mut *tx, account.as_str(), user)
             .await
             .map_err(|e| db.error(e))?;
         tx.commit().await.map_err(|e| db.error(e))?;

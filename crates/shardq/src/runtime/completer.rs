@@ -132,7 +132,10 @@ impl Row {
 /// the shard refuses for good is left to its lease: it expires, and the
 /// rescuer records the lost attempt.
 async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
-    let rows: Vec<Row> = batch.iter().filter_map(|d| Row::of(d, backoff)).collect();
+    let mut rows: Vec<Row> = batch.iter().filter_map(|d| Row::of(d, backoff)).collect();
+    // In id order, as the heartbeat renews: two statements locking the same
+    // jobs lock them in the same order and never deadlock.
+    rows.sort_unstable_by_key(Row::id);
     let mut pending: Vec<&[Row]> = vec![&rows];
     let mut wait = Duration::from_millis(50);
     while let Some(part) = pending.pop() {
@@ -169,7 +172,9 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
 /// wakes the producers waiting on the keys' next jobs. Retried like the
 /// writes while the shard is unreachable; left to lease expiry otherwise.
 async fn release_serial_keys(shard: &ShardWork, batch: &[Done]) {
-    let (ids, attempts): (Vec<i64>, Vec<i32>) = batch.iter().filter(|d| d.keyed).map(|d| (d.id, d.attempt)).unzip();
+    let mut keyed: Vec<(i64, i32)> = batch.iter().filter(|d| d.keyed).map(|d| (d.id, d.attempt)).collect();
+    keyed.sort_unstable();
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = keyed.into_iter().unzip();
     if ids.is_empty() {
         return;
     }

@@ -183,9 +183,16 @@ impl Leases {
         self.released.notify_waiters();
     }
 
-    /// Ids and attempts of every held run.
+    /// Ids and attempts of every held run, in id order (statements that
+    /// lock many jobs lock them in id order, so two never deadlock).
     pub(crate) fn held(&self) -> (Vec<i64>, Vec<i32>) {
-        self.held.lock().map(|l| l.keys().copied().unzip()).unwrap_or_default()
+        let mut keys: Vec<(i64, i32)> = self
+            .held
+            .lock()
+            .map(|l| l.keys().copied().collect())
+            .unwrap_or_default();
+        keys.sort_unstable();
+        keys.into_iter().unzip()
     }
 
     /// Number of held runs.
@@ -287,6 +294,8 @@ impl Leases {
         for key in &running {
             held.remove(key);
         }
+        let mut running = running;
+        running.sort_unstable();
         running.into_iter().unzip()
     }
 

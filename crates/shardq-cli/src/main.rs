@@ -1,6 +1,7 @@
 //! The `shardq` command. One module per command; this file only parses
 //! arguments and dispatches.
 
+mod accounts;
 mod bench;
 mod chaos;
 mod demo;
@@ -8,6 +9,7 @@ mod enqueue;
 mod jobs;
 mod kinds;
 mod migrate;
+mod moves;
 mod route;
 mod status;
 mod store;
@@ -37,8 +39,12 @@ enum Command {
     Testbed(testbed::TestbedArgs),
     /// Run migrations on the master and every shard (or show the version matrix).
     Migrate(migrate::MigrateArgs),
-    /// Print the shard an account lives on (placing it if new).
+    /// Print the shard an account lives on (an account not placed stays so; `--pin` places).
     Route(route::RouteArgs),
+    /// Move accounts between shards, list them, show one, pin a new one to a shard.
+    Accounts(accounts::AccountsArgs),
+    /// Moves in progress and recent ones; resume or abort one.
+    Moves(moves::MovesArgs),
     /// Enqueue jobs for an account.
     Enqueue(enqueue::EnqueueArgs),
     /// Inspect jobs.
@@ -49,7 +55,7 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Run the whole path on the local test bed and print a per-shard table.
     Demo(demo::DemoArgs),
-    /// Measure throughput, pickup latency, shard scaling, notification isolation and sick-shard isolation.
+    /// Measure throughput, pickup latency, shard scaling, notification isolation, sick-shard isolation and storage.
     Bench(bench::BenchArgs),
     /// Run fault scenarios under load and report enqueued, finished, lost and recovery time.
     Chaos(chaos::ChaosArgs),
@@ -86,6 +92,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Testbed(args) => testbed::run(&config()?, args).await,
         Command::Migrate(args) => migrate::run(&config()?, args).await,
         Command::Route(args) => route::run(&config()?, args).await,
+        Command::Accounts(args) => accounts::run(&config()?, args).await,
+        Command::Moves(args) => moves::run(&config()?, args).await,
         Command::Enqueue(args) => enqueue::run(&config()?, args).await,
         Command::Jobs(args) => jobs::run(&config()?, args).await,
         Command::Status(args) => status::run(&config()?, args).await,

@@ -1,7 +1,8 @@
-//! `shardq route ACCOUNT`.
+//! `shardq route ACCOUNT`: where an account lives, without placing it.
 
 use std::process::ExitCode;
 
+use shardq_router::ring::Ring;
 use shardq_router::{Account, Config, Router};
 
 /// Arguments of `route`.
@@ -9,23 +10,39 @@ use shardq_router::{Account, Config, Router};
 pub struct RouteArgs {
     /// The account id.
     account: String,
-    /// Pin a new account to this shard instead of letting the ring choose.
+    /// Place a new account on this shard (as `accounts pin`) instead of only
+    /// looking it up.
     #[arg(long)]
     pin: Option<String>,
 }
 
-/// Prints the account's shard, and whether it was just placed.
+/// Prints the account's shard. An account that is not placed stays so: the
+/// shard the ring would propose for it is printed, marked as not placed.
+/// Only `--pin` places.
 pub async fn run(config: &Config, args: RouteArgs) -> anyhow::Result<ExitCode> {
     let router = Router::connect(config).await?;
     let account = Account::new(args.account)?;
-    let placement = match args.pin {
-        Some(shard) => router.place(&account, &shard).await?,
-        None => router.shard_for(&account).await?,
-    };
-    if placement.placed_now {
-        println!("{} (placed now)", placement.shard);
-    } else {
-        println!("{}", placement.shard);
+    if let Some(shard) = args.pin {
+        let placement = router.place(&account, &shard).await?;
+        if placement.placed_now {
+            println!("{} (placed now)", placement.shard);
+        } else {
+            println!("{}", placement.shard);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    match router.placement(&account).await? {
+        Some((shard, _epoch)) => println!("{shard}"),
+        None => {
+            // The router's own ring: the same shards and weights.
+            let ring = Ring::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
+            match ring.propose(account.as_str()) {
+                Some(shard) => println!(
+                    "{shard} (not placed: the ring's proposal; its first job or `shardq accounts pin {account} --to SHARD` places it)"
+                ),
+                None => println!("none (not placed, and no shard accepts new accounts: every weight is 0)"),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

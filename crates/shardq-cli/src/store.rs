@@ -1,5 +1,6 @@
-//! Every SQL statement of the `shardq` command (the benchmark's bare-SQL
-//! floor and its probes); the platform's own SQL lives in the library crates.
+//! Every SQL statement of the `shardq` command (the master and shard reads
+//! of `accounts`, the benchmark's bare-SQL floor and its probes); the
+//! platform's own SQL lives in the library crates.
 
 use sqlx::PgPool;
 
@@ -82,4 +83,140 @@ pub async fn chaos_finished_of(pool: &PgPool, ids: &[i64]) -> sqlx::Result<(i64,
     .bind(ids)
     .fetch_one(pool)
     .await
+}
+
+// ---- accounts (master and shards) ----------------------------------------------
+
+/// One placement row of the master, as `accounts list` shows it.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct PlacementRow {
+    /// The account.
+    pub account: String,
+    /// Its shard.
+    pub shard: String,
+    /// Its placement epoch (1, and one more per move).
+    pub epoch: i64,
+    /// When it was first placed.
+    pub placed_at: chrono::DateTime<chrono::Utc>,
+    /// When it last moved, if it did.
+    pub moved_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Placements in account order after `after` (exclusive), at most `limit`,
+/// only those on `shard` when given.
+pub async fn placements_page(
+    master: &PgPool,
+    shard: Option<&str>,
+    after: Option<&str>,
+    limit: i64,
+) -> sqlx::Result<Vec<PlacementRow>> {
+    sqlx::query_as(
+        "SELECT account, shard, epoch, placed_at, moved_at FROM shardq.placements
+          WHERE ($1::text IS NULL OR shard = $1) AND ($2::text IS NULL OR account > $2)
+          ORDER BY account LIMIT $3",
+    )
+    .bind(shard)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(master)
+    .await
+}
+
+/// One account's placement row, if it has one.
+pub async fn placement_of(master: &PgPool, account: &str) -> sqlx::Result<Option<PlacementRow>> {
+    sqlx::query_as("SELECT account, shard, epoch, placed_at, moved_at FROM shardq.placements WHERE account = $1")
+        .bind(account)
+        .fetch_optional(master)
+        .await
+}
+
+/// An account's jobs on a shard by state (`available` split into due and
+/// `scheduled`), and the bytes their rows take, through the account index.
+pub async fn account_job_counts(shard: &PgPool, account: &str) -> sqlx::Result<(Vec<(String, i64)>, i64)> {
+    let mut tx = shard.begin().await?;
+    let counts = sqlx::query_as(
+        "SELECT CASE WHEN state = 'available' AND run_at > now() THEN 'scheduled' ELSE state END AS s, count(*)
+           FROM shardq.jobs WHERE account = $1 GROUP BY s ORDER BY s",
+    )
+    .bind(account)
+    .fetch_all(&mut *tx)
+    .await?;
+    let bytes: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(pg_column_size(j.*)), 0)::bigint FROM shardq.jobs j WHERE account = $1",
+    )
+    .bind(account)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((counts, bytes))
+}
+
+// ---- storage (the benchmark's storage scenario) ---------------------------------
+
+/// Other client backends connected to this database (the storage scenario
+/// waits for none, so every backend has flushed its statistics).
+pub async fn storage_other_backends(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// The jobs table's statistics and sizes.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct JobsTableStats {
+    /// Heap (main fork) bytes.
+    pub heap_bytes: i64,
+    /// `pg_table_size`: heap, TOAST, free space and visibility maps.
+    pub table_bytes: i64,
+    /// Every index together.
+    pub indexes_bytes: i64,
+    /// Live row versions (estimate).
+    pub n_live_tup: i64,
+    /// Dead row versions not yet vacuumed (estimate).
+    pub n_dead_tup: i64,
+    /// Rows inserted.
+    pub n_tup_ins: i64,
+    /// Rows updated, HOT updates included.
+    pub n_tup_upd: i64,
+    /// HOT updates (no index entry written).
+    pub n_tup_hot_upd: i64,
+    /// Vacuums by autovacuum.
+    pub autovacuum_count: i64,
+}
+
+/// Sizes and counters of `shardq.jobs` from `pg_stat_user_tables`.
+pub async fn storage_jobs_table(pool: &PgPool) -> sqlx::Result<JobsTableStats> {
+    sqlx::query_as(
+        "SELECT pg_relation_size(relid) AS heap_bytes, pg_table_size(relid) AS table_bytes,
+                pg_indexes_size(relid) AS indexes_bytes, n_live_tup, n_dead_tup, n_tup_ins, n_tup_upd,
+                n_tup_hot_upd, autovacuum_count
+           FROM pg_stat_user_tables WHERE schemaname = 'shardq' AND relname = 'jobs'",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Each index of `shardq.jobs` and its size in bytes, by name.
+pub async fn storage_jobs_indexes(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT indexrelname::text, pg_relation_size(indexrelid) FROM pg_stat_user_indexes
+          WHERE schemaname = 'shardq' AND relname = 'jobs' ORDER BY indexrelname",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Whether a vacuum (autovacuum's or another's) of `shardq.jobs` is running.
+pub async fn storage_vacuum_running(pool: &PgPool) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum WHERE relid = 'shardq.jobs'::regclass)")
+        .fetch_one(pool)
+        .await
+}
+
+/// `VACUUM shardq.jobs` (waits for a vacuum already running on it).
+pub async fn storage_vacuum(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("VACUUM shardq.jobs").execute(pool).await.map(|_| ())
 }

@@ -69,13 +69,17 @@ pub(super) async fn drain_and_floor(
     floor_it: bool,
 ) -> anyhow::Result<()> {
     if drain_it {
-        eprintln!("drain: preloading {} jobs on one shard...", args.jobs);
+        eprintln!("drain: preloading {} jobs on one shard...", args.drain_jobs());
         let dbs = bed.fresh_fleet().await?;
         let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
-        let enqueue = preload(&fleet, args.jobs, &accounts_on(1000)).await?;
+        let enqueue = preload(&fleet, args.drain_jobs(), &accounts_on(1000)).await?;
         results.add_target("drain", "enqueue (batched)", enqueue, "jobs/s", 100_000.0, true);
-        eprintln!("drain: working {} jobs with {} slots...", args.jobs, args.concurrency);
-        let (rate, _) = drain(&fleet, args.jobs, args.concurrency).await?;
+        eprintln!(
+            "drain: working {} jobs with {} slots...",
+            args.drain_jobs(),
+            args.concurrency
+        );
+        let (rate, _) = drain(&fleet, args.drain_jobs(), args.concurrency).await?;
         results.add_target("drain", "drain, one shard", rate, "jobs/s", 20_000.0, true);
     }
     if floor_it {
@@ -83,7 +87,7 @@ pub(super) async fn drain_and_floor(
         let dbs = bed.fresh_fleet().await?;
         let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
         let pool = fleet.router.shards()[0].pool.clone();
-        let mut left = args.jobs as i64;
+        let mut left = args.drain_jobs() as i64;
         while left > 0 {
             let n = left.min(CHUNK as i64);
             store::floor_insert(&pool, n).await?;

@@ -1,16 +1,18 @@
 //! `shardq bench`: throughput, pickup latency, shard scaling, notification
-//! isolation and throughput with a sick shard, on test-bed servers the
-//! command starts itself (free ports, torn down after). Speed is measured
-//! here, never in tests.
+//! isolation, throughput with a sick shard and the jobs table's storage
+//! after many jobs, on test-bed servers the command starts itself (free
+//! ports, torn down after). Speed is measured here, never in tests.
 //!
 //! Layout: this file parses the arguments, starts the servers, runs the
 //! scenarios and prints; `drain` (drain, SQL floor, shards), `latency`
-//! (pickup latency, notification isolation) and `outage` (a shard stopped
-//! or frozen, shutdown with a frozen shard) hold the scenarios.
+//! (pickup latency, notification isolation), `outage` (a shard stopped
+//! or frozen, shutdown with a frozen shard) and `storage` (table and index
+//! sizes, dead rows, HOT updates) hold the scenarios.
 
 mod drain;
 mod latency;
 mod outage;
+mod storage;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,21 +25,24 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 6] = ["drain", "floor", "latency", "shards", "isolation", "outage"];
+const SCENARIOS: [&str; 7] = ["drain", "floor", "latency", "shards", "isolation", "outage", "storage"];
+/// Jobs of the drain and floor scenarios when `--jobs` is not given.
+const DEFAULT_DRAIN_JOBS: usize = 200_000;
 
 /// Arguments of `bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run (comma-separated): drain, floor, latency, shards, isolation, outage.
+    /// Scenarios to run (comma-separated): drain, floor, latency, shards, isolation, outage, storage.
     #[arg(
         long,
-        default_value = "drain,floor,latency,shards,isolation,outage",
+        default_value = "drain,floor,latency,shards,isolation,outage,storage",
         value_delimiter = ','
     )]
     scenarios: Vec<String>,
-    /// Jobs preloaded for the drain and floor scenarios.
-    #[arg(long, default_value_t = 200_000)]
-    jobs: usize,
+    /// Jobs preloaded for the drain and floor scenarios (default 200,000)
+    /// and run through the table by the storage scenario (default 1,000,000).
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Jobs per shard-count step of the shards scenario.
     #[arg(long, default_value_t = 100_000)]
     shard_jobs: usize,
@@ -54,6 +59,13 @@ pub struct BenchArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+}
+
+impl BenchArgs {
+    /// Jobs of the drain and floor scenarios.
+    fn drain_jobs(&self) -> usize {
+        self.jobs.unwrap_or(DEFAULT_DRAIN_JOBS)
+    }
 }
 
 /// One measured figure, with its target when it has one.
@@ -109,7 +121,7 @@ impl Results {
 }
 
 fn fmt_value(v: f64) -> String {
-    if v >= 100.0 {
+    if v >= 100.0 || (v.fract() == 0.0 && v.abs() < 1e15) {
         format!("{:.0}", v)
     } else if v >= 1.0 {
         format!("{:.2}", v)
@@ -217,6 +229,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("outage") {
         outage::outage(&bed, &args, &mut results).await?;
+    }
+    if want("storage") {
+        storage::storage(&bed, &args, &mut results).await?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);

@@ -1,0 +1,224 @@
+//! `shardq accounts move|list|show|pin`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use serde::Serialize;
+use shardq::moves::{Mover, Step};
+use shardq_router::{Account, Config, Router};
+
+use crate::moves::{self, MoveArgs};
+use crate::store::{self, PlacementRow};
+
+/// Arguments of `accounts`.
+#[derive(clap::Args)]
+pub struct AccountsArgs {
+    #[command(subcommand)]
+    command: AccountsCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum AccountsCommand {
+    /// Move an account to another shard, online, and run the move to its end
+    /// with a line per step (`shardq moves resume ID` finishes a move whose
+    /// mover was stopped).
+    Move {
+        /// The account.
+        account: String,
+        /// The shard it goes to.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        options: MoveArgs,
+    },
+    /// Placed accounts with their shard and epoch, from the master, in
+    /// account order.
+    List {
+        /// Only accounts on this shard.
+        #[arg(long)]
+        shard: Option<String>,
+        /// Most accounts to list.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        limit: i64,
+        /// List the accounts after this one (the last one of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One account: its shard and epoch, its jobs by state on that shard,
+    /// and a move in progress if there is one.
+    Show {
+        /// The account.
+        account: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Place a new account on a chosen shard (e.g. a dedicated shard for a
+    /// large customer). An account already placed elsewhere is refused:
+    /// `accounts move` it instead.
+    Pin {
+        /// The account.
+        account: String,
+        /// The shard to place it on.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+/// What `accounts show` prints.
+#[derive(Serialize)]
+struct Shown {
+    #[serde(flatten)]
+    placement: PlacementRow,
+    /// Jobs of the account on its shard, by state.
+    jobs: serde_json::Map<String, serde_json::Value>,
+    /// Bytes of the account's job rows on its shard.
+    job_bytes: i64,
+    /// A move of the account in progress.
+    moving: Option<shardq::moves::Move>,
+}
+
+/// Runs an `accounts` subcommand.
+pub async fn run(config: &Config, args: AccountsArgs) -> anyhow::Result<ExitCode> {
+    let router = Arc::new(Router::connect(config).await?);
+    match args.command {
+        AccountsCommand::Move { account, to, options } => {
+            let account = Account::new(account)?;
+            router.shard(&to)?;
+            // Mover::start routes the account; refuse first, so that a
+            // mistyped account is an error and not a new placement.
+            if router.placement(&account).await?.is_none() {
+                anyhow::bail!(
+                    "account {account} is not placed (the master has no placement for it), so there is \
+                     nothing to move; `shardq accounts pin {account} --to {to}` places a new account"
+                );
+            }
+            let options = options.options(config)?;
+            let mover = Mover::new(router, options.clone());
+            let m = mover.start(&account, &to).await?;
+            println!("{}", moves::heading(&m, &options.tables));
+            moves::run_to_end(&mover, &options, m).await
+        }
+        AccountsCommand::List {
+            shard,
+            limit,
+            after,
+            json,
+        } => {
+            if let Some(s) = &shard {
+                router.shard(s)?;
+            }
+            let master = router.master();
+            let rows = store::placements_page(&master.pool, shard.as_deref(), after.as_deref(), limit)
+                .await
+                .map_err(|e| master.error(e))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if rows.is_empty() {
+                println!("no accounts");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<32} {:<12} {:>5}  {:<20}  moved",
+                "account", "shard", "epoch", "placed"
+            );
+            for r in &rows {
+                println!(
+                    "{:<32} {:<12} {:>5}  {:<20}  {}",
+                    r.account,
+                    r.shard,
+                    r.epoch,
+                    r.placed_at.format("%Y-%m-%d %H:%M:%S"),
+                    r.moved_at
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_default()
+                );
+            }
+            if rows.len() as i64 == limit {
+                if let Some(last) = rows.last() {
+                    println!("(more may follow: --after {})", last.account);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AccountsCommand::Show { account, json } => {
+            let account = Account::new(account)?;
+            let master = router.master();
+            let placement = store::placement_of(&master.pool, account.as_str())
+                .await
+                .map_err(|e| master.error(e))?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("account {account} is not placed (the master has no placement for it)")
+                })?;
+            let db = router.shard(&placement.shard)?;
+            let (counts, job_bytes) = store::account_job_counts(&db.pool, account.as_str())
+                .await
+                .map_err(|e| db.error(e))?;
+            let moving = Mover::new(router.clone(), Default::default())
+                .list(0)
+                .await?
+                .into_iter()
+                .find(|m| m.account == account.as_str() && !matches!(m.step, Step::Done | Step::Aborted));
+            let shown = Shown {
+                placement,
+                jobs: counts
+                    .into_iter()
+                    .map(|(state, n)| (state, serde_json::Value::from(n)))
+                    .collect(),
+                job_bytes,
+                moving,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&shown)?);
+            } else {
+                print_shown(&shown);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AccountsCommand::Pin { account, to } => {
+            let account = Account::new(account)?;
+            let placement = router.place(&account, &to).await?;
+            if placement.placed_now {
+                println!("{account}: placed on {}", placement.shard);
+            } else {
+                println!("{account}: already on {}", placement.shard);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_shown(s: &Shown) {
+    let p = &s.placement;
+    println!("account:  {}", p.account);
+    println!("shard:    {}", p.shard);
+    println!("epoch:    {}", p.epoch);
+    println!("placed:   {}", p.placed_at.to_rfc3339());
+    if let Some(t) = p.moved_at {
+        println!("moved:    {}", t.to_rfc3339());
+    }
+    if s.jobs.is_empty() {
+        println!("jobs:     none");
+    } else {
+        let parts: Vec<String> = s.jobs.iter().map(|(state, n)| format!("{state} {n}")).collect();
+        println!("jobs:     {}", parts.join(", "));
+    }
+    println!("job rows: {} bytes", s.job_bytes);
+    if let Some(m) = &s.moving {
+        println!(
+            "moving:   move {} to {}, at step {}{}",
+            m.id,
+            m.to,
+            m.step,
+            m.error
+                .as_deref()
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        );
+    }
+}

@@ -14,8 +14,9 @@ use uuid::Uuid;
 
 /// The application's account-scoped tables on the shards, each with its
 /// account column: what a move of an account carries besides its jobs
-/// (`MoveOptions::tables`; on the command line, `shardq accounts move
-/// --table users:account --table documents:account`). Every per-account
+/// (`MoveOptions::tables`; for `shardq accounts move`, the `[accounts]`
+/// tables of the example's `shards.toml`, which a test keeps equal to this
+/// list). Every per-account
 /// table of `migrations/shard` belongs here; a table left out would stay
 /// behind on the old shard when its account moves.
 ///

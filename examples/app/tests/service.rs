@@ -84,6 +84,11 @@ async fn migrated_fleet() -> Config {
         let folder = folder.as_ref().expect("shards.toml declares both migration folders");
         assert!(folder.is_dir(), "{} is not a folder", folder.display());
     }
+    assert_eq!(
+        declared.account_tables,
+        account_tables(),
+        "shards.toml declares the tables store::account_tables() lists"
+    );
     config.migrations = declared.migrations;
     let before = check_schema(&config)
         .await

@@ -1,8 +1,6 @@
-//! The migrator against real servers: platform and application migrations
-//! on the master and every shard, status, divergence, failures per database.
-#![allow(clippy::unwrap_used)]
 //! The migrator against real Postgres servers: every test takes fresh
 //! databases on the shared test bed (the shard-down test starts its own).
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 

@@ -114,8 +114,8 @@ pub enum Error {
     },
 
     /// A role name the test bed cannot put in pg_hba.conf or SQL unquoted
-    /// ([`Server::require_client_auth`](crate::Server::require_client_auth),
-    /// [`ensure_role`](crate::bed::ensure_role)).
+    /// (`Server::require_client_auth`,
+    /// `bed::ensure_role`).
     #[error("role {role:?} is not a simple identifier (lowercase letters, digits and _)")]
     InvalidRole {
         /// The name given.
@@ -123,7 +123,7 @@ pub enum Error {
     },
 
     /// A server's processes could not be frozen or thawed
-    /// ([`Server::freeze`](crate::Server::freeze), [`Server::thaw`](crate::Server::thaw)).
+    /// (`Server::freeze`, `Server::thaw`).
     #[error("server {server}: cannot {action} it: {reason}")]
     Freeze {
         /// The server name.

@@ -294,7 +294,7 @@ impl Server {
     /// says (TCP from 127.0.0.1), replacing the rules an earlier call set,
     /// and restarts the server if it runs (a restart, not a reload, so the
     /// rules are in force when this returns). The roles are created
-    /// separately ([`ensure_role`](crate::bed::ensure_role)); other roles,
+    /// separately (`bed::ensure_role`); other roles,
     /// `postgres` among them, stay on `trust`. Role names must be simple
     /// identifiers (lowercase letters, digits, `_`).
     pub fn require_client_auth(&self, rules: &[(&str, ClientAuth)]) -> Result<()> {

@@ -19,11 +19,8 @@ pub enum Error {
         message: String,
     },
     /// A job id in text form (`SHARD:ID`) could not be parsed.
-    #[error("invalid job id {text:?}: expected SHARD:ID, e.g. shard_1:42")]
-    InvalidJobId {
-        /// The text given.
-        text: String,
-    },
+    #[error(transparent)]
+    InvalidJobId(#[from] crate::job_id::InvalidJobId),
     /// No job has this id.
     #[error("job {0} not found")]
     JobNotFound(String),
@@ -47,11 +44,11 @@ pub enum Error {
     )]
     UniqueConflict {
         /// The job whose retry was refused.
-        id: crate::job::JobId,
+        id: crate::job_id::JobId,
         /// Its state (unchanged).
         state: String,
         /// The job holding the unique key.
-        holder: crate::job::JobId,
+        holder: crate::job_id::JobId,
     },
     /// A move of an account cannot be started or its next step failed.
     #[error("move of account {account:?}: {message}")]

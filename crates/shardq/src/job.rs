@@ -23,36 +23,7 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 20;
 /// Longest serial (ordering) key, in bytes.
 pub const MAX_SERIAL_KEY_BYTES: usize = 255;
 
-/// A job's identity: the shard it lives on and its row id there.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct JobId {
-    /// The shard's name.
-    pub shard: String,
-    /// The row id in that shard's jobs table.
-    pub id: i64,
-}
-
-impl std::fmt::Display for JobId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.shard, self.id)
-    }
-}
-
-impl std::str::FromStr for JobId {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<JobId> {
-        let bad = || Error::InvalidJobId { text: s.to_string() };
-        let (shard, id) = s.rsplit_once(':').ok_or_else(bad)?;
-        let id = id.parse::<i64>().map_err(|_| bad())?;
-        if shard.is_empty() || id <= 0 {
-            return Err(bad());
-        }
-        Ok(JobId {
-            shard: shard.to_string(),
-            id,
-        })
-    }
-}
+pub use crate::job_id::{InvalidJobId, JobId};
 
 /// Where a job is in its life. Stored as text in the `state` column; the
 /// store maps it at the boundary, nothing else sees the text.

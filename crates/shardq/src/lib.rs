@@ -2,7 +2,8 @@
 //! is worked by its own producers, woken by its own LISTEN connection.
 //!
 //! Layout (the public API at the top, the node's stages under `runtime/`):
-//! - [`job`]: [`NewJob`], [`JobId`] (`SHARD:ID`), [`JobState`], [`JobRecord`], [`Enqueued`].
+//! - [`job`]: [`NewJob`], [`JobId`] (`SHARD:ID`; its own file `job_id` at the bottom, since the
+//!   error enum names job ids), [`JobState`], [`JobRecord`], [`Enqueued`].
 //! - [`client`]: [`Client`]: enqueue (one INSERT, or one per shard for a
 //!   batch; or inside the application's transaction), look jobs up, cancel, retry.
 //! - [`worker`]: the [`Worker`] trait handlers implement, [`JobContext`], [`JobError`].
@@ -31,6 +32,7 @@
 pub mod client;
 pub mod error;
 pub mod job;
+mod job_id;
 pub mod moves;
 pub mod observe;
 pub mod periodic;

@@ -5,7 +5,7 @@
 //! follows the account when it moves to another shard; a write through
 //! `router.pool_for` would not (see the README's "Moving accounts").
 //!
-//! The one exception is the per-shard cleanup ([`crate::jobs::cleanup`]):
+//! The one exception is the per-shard cleanup (`jobs::cleanup`):
 //! it works a shard, for every account on it, and only removes documents
 //! deleted long ago, which is harmless on either copy of a moving account.
 

@@ -292,34 +292,27 @@ pub async fn job_running_of_node(pool: &PgPool, node: &str) -> sqlx::Result<Vec<
 /// Makes claims of this node that it never received available again, with
 /// the attempt given back (it never ran); their queues are notified.
 pub async fn job_release_unclaimed(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
-    sqlx::query_as(concat!(
-        "WITH changed AS (
-         UPDATE shardq.jobs j
-            SET state = 'available', attempt = j.attempt - 1, run_at = now(),
-                locked_by = NULL, lease_expires_at = NULL, serial_held = false
-           FROM unnest($1::bigint[], $2::int[]) AS o(id, attempt)
-          WHERE j.id = o.id AND j.attempt = o.attempt
-            AND j.state = 'running' AND j.locked_by = $3
-         RETURNING j.queue, j.state
-         )",
-        written_and_notified!()
-    ))
-    .bind(ids)
-    .bind(attempts)
-    .bind(node)
-    .fetch_one(pool)
-    .await
-    .map(|(written, _notified): (i64, i64)| written as u64)
+    give_back(pool, ids, attempts, node, false).await
 }
 
 /// Hands running jobs of this node back (shutdown): available now, and the
 /// interrupted attempt does not count against `max_attempts`; their queues
 /// are notified, so another node takes them at once.
 pub async fn job_give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
+    give_back(pool, ids, attempts, node, true).await
+}
+
+/// Makes this node's runs `(ids[i], attempts[i])` available now without
+/// counting their attempt: an attempt that `ran` stays recorded and one more
+/// is allowed (`max_attempts + 1`); one that never ran is taken back
+/// (`attempt - 1`). Their queues are notified.
+async fn give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str, ran: bool) -> sqlx::Result<u64> {
     sqlx::query_as(concat!(
         "WITH changed AS (
          UPDATE shardq.jobs j
-            SET state = 'available', run_at = now(), max_attempts = j.max_attempts + 1,
+            SET state = 'available', run_at = now(),
+                attempt = j.attempt - CASE WHEN $4 THEN 0 ELSE 1 END,
+                max_attempts = j.max_attempts + CASE WHEN $4 THEN 1 ELSE 0 END,
                 locked_by = NULL, lease_expires_at = NULL, serial_held = false
            FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
           WHERE j.id = g.id AND j.attempt = g.attempt
@@ -331,6 +324,7 @@ pub async fn job_give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &
     .bind(ids)
     .bind(attempts)
     .bind(node)
+    .bind(ran)
     .fetch_one(pool)
     .await
     .map(|(written, _notified): (i64, i64)| written as u64)

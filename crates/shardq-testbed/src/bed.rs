@@ -61,6 +61,13 @@ impl TestBed {
     /// Starts a master and `shards` shard servers ("shard_1".."shard_N"),
     /// concurrently. Blocks for a few seconds (initdb is slow).
     pub fn start(shards: usize) -> Result<TestBed> {
+        TestBed::start_with(shards, false)
+    }
+
+    /// [`TestBed::start`], with every server durable or not (see
+    /// [`Server::durable`]): benchmarks measure durable servers, as users
+    /// deploy them.
+    pub fn start_with(shards: usize, durable: bool) -> Result<TestBed> {
         let bin = PgBin::find()?;
         let user = ServerUser::resolve()?;
         let temp = tempfile::Builder::new()
@@ -79,7 +86,7 @@ impl TestBed {
             let handles: Vec<_> = names
                 .iter()
                 .zip(&data_dirs)
-                .map(|(name, data_dir)| scope.spawn(|| start_on_free_port(&bin, &user, name, data_dir)))
+                .map(|(name, data_dir)| scope.spawn(|| start_on_free_port(&bin, &user, name, data_dir, durable)))
                 .collect();
             handles
                 .into_iter()
@@ -259,7 +266,7 @@ async fn create_database(server: &Server, db: &str) -> Result<FleetDb> {
 
 /// Inits and starts one server, picking another free port if the chosen one
 /// was taken between picking and binding.
-fn start_on_free_port(bin: &PgBin, user: &ServerUser, name: &str, data_dir: &Path) -> Result<Server> {
+fn start_on_free_port(bin: &PgBin, user: &ServerUser, name: &str, data_dir: &Path, durable: bool) -> Result<Server> {
     let mut attempt = 1;
     loop {
         let server = Server::with(
@@ -268,7 +275,8 @@ fn start_on_free_port(bin: &PgBin, user: &ServerUser, name: &str, data_dir: &Pat
             name.to_owned(),
             free_port()?,
             data_dir.to_path_buf(),
-        );
+        )
+        .durable(durable);
         server.init()?;
         match server.start() {
             Err(Error::Start { log_tail, .. }) if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") => {

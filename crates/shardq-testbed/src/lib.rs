@@ -8,6 +8,8 @@
 //!   root, since PostgreSQL refuses to run as root).
 //! - [`server`]: one server ([`Server`]): init, start, stop, kill, freeze,
 //!   probe.
+//! - `process_tree`: a server's postmaster and the processes below it,
+//!   from `/proc`, and the CPU time they used ([`Server::cpu_time`]).
 //! - `freeze`: SIGSTOP / SIGCONT to a server's postmaster and its children,
 //!   found through `/proc` ([`Server::freeze`], [`Server::thaw`]).
 //! - [`bed`]: a master plus N shards in a temp dir ([`TestBed`]) and fresh
@@ -41,6 +43,7 @@ pub mod error;
 mod exit_guard;
 mod freeze;
 pub mod pg_bin;
+mod process_tree;
 pub mod server;
 mod server_user;
 pub mod tls;

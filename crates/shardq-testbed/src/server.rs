@@ -82,6 +82,9 @@ pub struct Server {
     bin: PgBin,
     /// Who runs its commands.
     user: ServerUser,
+    /// Whether it syncs to disk (`fsync` and `full_page_writes` on), as
+    /// production servers do; off unless made [`Server::durable`].
+    durable: bool,
 }
 
 impl Server {
@@ -107,7 +110,21 @@ impl Server {
             data_dir,
             bin,
             user,
+            durable: false,
         }
+    }
+
+    /// The same server, started durable (`fsync` and `full_page_writes`
+    /// on) or not (both off, the default: faster, and safe against a crash
+    /// of the server process, only not of the operating system).
+    pub fn durable(mut self, on: bool) -> Server {
+        self.durable = on;
+        self
+    }
+
+    /// Whether the server syncs to disk; see [`Server::durable`].
+    pub fn is_durable(&self) -> bool {
+        self.durable
     }
 
     /// The server's name ("master", "shard_1", ...).
@@ -172,12 +189,14 @@ impl Server {
             return self.wait_accepting();
         }
         let dir = self.data_dir.display().to_string().replace('\'', r"'\''");
-        // fsync and full_page_writes are off for speed: they only guard
-        // against an operating-system crash. synchronous_commit stays on, so
-        // a commit that returned survives `kill()` (a server process crash).
+        // Unless durable, fsync and full_page_writes are off for speed: they
+        // only guard against an operating-system crash. synchronous_commit
+        // stays on, so a commit that returned survives `kill()` (a server
+        // process crash).
+        let sync = if self.durable { "on" } else { "off" };
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k '{dir}' -c fsync=off \
-             -c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB",
+            "-p {} -c listen_addresses=127.0.0.1 -k '{dir}' -c fsync={sync} \
+             -c full_page_writes={sync} -c synchronous_commit=on -c max_connections=300 -c shared_buffers=128MB",
             self.port
         );
         let mut cmd = self.command(self.bin.pg_ctl());
@@ -220,6 +239,13 @@ impl Server {
     /// Linux only (it reads `/proc`).
     pub fn freeze(&self) -> Result<()> {
         crate::freeze::freeze(&self.name, &self.data_dir)
+    }
+
+    /// CPU time (user + system) the server's processes used since it
+    /// started: the postmaster, its running children and every backend
+    /// that has exited. Zero when it is not running. Linux only.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        crate::process_tree::cpu_time(&self.data_dir)
     }
 
     /// Undoes [`Server::freeze`]: SIGCONT to every process below the

@@ -406,13 +406,20 @@ const SHUTDOWN_AFTER_GRACE: Duration = Duration::from_millis(900);
 /// with the same connect options and acquire timeout as the router's pool:
 /// the engine's stages (producers, completer, heartbeat, upkeep) use it, so
 /// handlers that hold every connection of the router's pool cannot starve
-/// lease renewals or outcome writes.
+/// lease renewals or outcome writes. Its sessions carry
+/// `store::ENGINE_SESSION_SETTINGS` (JIT off).
 fn engine_database(db: &Database, max: u32) -> Database {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(max)
         .min_connections(0)
         .acquire_timeout(db.pool.options().get_acquire_timeout())
-        .connect_lazy_with(db.pool.connect_options().as_ref().clone());
+        .connect_lazy_with(
+            db.pool
+                .connect_options()
+                .as_ref()
+                .clone()
+                .options(store::ENGINE_SESSION_SETTINGS),
+        );
     Database {
         name: db.name.clone(),
         pool,

@@ -512,6 +512,18 @@ async fn bad_jobs_are_rejected_before_anything_is_written() {
         0,
         "nothing was inserted"
     );
+    let new = account(12);
+    let good = NewJob::from_json("count", serde_json::json!({}));
+    let bad = NewJob::from_json("count", serde_json::json!({})).queue("");
+    f.client
+        .enqueue_many([(new.clone(), good), (new.clone(), bad)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        f.router.placement(&new).await.unwrap(),
+        None,
+        "an invalid batch places none of its accounts"
+    );
     // Quotes, semicolons, unicode and SQL fragments are data.
     let q = "q'; DROP TABLE shardq.jobs; --ü";
     let odd = Account::new("O'Brien; DELETE FROM x; -- 日本").unwrap();
@@ -524,5 +536,38 @@ async fn bad_jobs_are_rejected_before_anything_is_written() {
     assert_eq!(
         (j.account.as_str(), j.queue.as_str(), j.args["s"].as_str()),
         (odd.as_str(), q, Some(q))
+    );
+}
+
+#[tokio::test]
+async fn a_batch_lands_every_job_on_its_accounts_placement_cached_or_not() {
+    let f = fleet().await;
+    let accounts: Vec<Account> = (0..300).map(|i| Account::new(format!("batch-{i}")).unwrap()).collect();
+    // 0..100 placed by another router (not in this one's cache), 100..200
+    // in this router's cache, 200..300 new.
+    let other = shardq_router::Router::connect(&f.config).await.unwrap();
+    for a in &accounts[..100] {
+        other.shard_for(a).await.unwrap();
+    }
+    for a in &accounts[100..200] {
+        f.router.shard_for(a).await.unwrap();
+    }
+    let jobs = accounts
+        .iter()
+        .flat_map(|a| (0..2).map(move |_| (a.clone(), NewJob::from_json("count", serde_json::json!({})))));
+    let ids = f.client.enqueue_many(jobs).await.unwrap();
+    assert_eq!(ids.len(), 600);
+    let fresh = shardq_router::Router::connect(&f.config).await.unwrap();
+    let mut shards_used = std::collections::BTreeSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let a = &accounts[i / 2];
+        let (placed, _) = fresh.placement(a).await.unwrap().expect("every account is placed");
+        assert_eq!(id.shard, placed, "job {id} of account {a} is on its placement's shard");
+        assert_eq!(f.client.job(id).await.unwrap().account.as_str(), a.as_str());
+        shards_used.insert(placed);
+    }
+    assert!(
+        shards_used.len() > 1,
+        "300 accounts spread over the ring: {shards_used:?}"
     );
 }

@@ -318,6 +318,79 @@ impl Router {
         Ok(placement)
     }
 
+    /// The shard of each of `accounts`, in order, placing new ones: what
+    /// [`Router::shard_for`] gives one by one, with one round trip to the
+    /// master for every account the cache does not know, and one more to
+    /// place the new ones (a batch enqueue of a thousand new accounts does
+    /// not wait for a thousand placements).
+    pub async fn shards_for(&self, accounts: &[&Account]) -> Result<Vec<String>> {
+        let mut known: HashMap<&str, String> = HashMap::new();
+        let mut missing: Vec<&str> = Vec::new();
+        for account in accounts {
+            match self.cached(account) {
+                Some(shard) => {
+                    known.insert(account.as_str(), shard);
+                }
+                None => missing.push(account.as_str()),
+            }
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let master = &self.master;
+        while !missing.is_empty() {
+            let found = store::placements_get_many(&master.pool, &missing)
+                .await
+                .map_err(|e| master.error(e))?;
+            for (account, shard, epoch) in found {
+                if self.shard(&shard).is_err() {
+                    return Err(Error::AccountOnUnknownShard {
+                        account,
+                        shard,
+                        known: self.config.shard_names().join(", "),
+                    });
+                }
+                if let Some(name) = missing.iter().find(|a| **a == account) {
+                    if let Ok(a) = Account::new(account.as_str()) {
+                        self.remember(&a, &shard, epoch);
+                    }
+                    known.insert(name, shard);
+                }
+            }
+            missing.retain(|a| !known.contains_key(a));
+            if missing.is_empty() {
+                break;
+            }
+            let mut shards = Vec::with_capacity(missing.len());
+            for account in &missing {
+                let shard = self
+                    .ring
+                    .propose(account)
+                    .ok_or_else(|| Error::NoShardAcceptsAccounts {
+                        account: account.to_string(),
+                    })?;
+                self.shard(shard)?;
+                shards.push(shard);
+            }
+            let placed = store::placements_insert_many(&master.pool, &missing, &shards)
+                .await
+                .map_err(|e| master.error(e))?;
+            for (account, shard) in missing.iter().zip(&shards) {
+                if placed.iter().any(|p| p == account) {
+                    if let Ok(a) = Account::new(*account) {
+                        self.remember(&a, shard, 1);
+                    }
+                    known.insert(account, shard.to_string());
+                }
+            }
+            // Accounts someone else placed meanwhile are read again.
+            missing.retain(|a| !known.contains_key(a));
+        }
+        Ok(accounts
+            .iter()
+            .map(|a| known.get(a.as_str()).cloned().unwrap_or_default())
+            .collect())
+    }
+
     /// The shard and epoch of `account`'s placement, read from the master;
     /// `None` when the account has never been placed. Read-only: it never
     /// places the account and neither reads nor fills the cache (for

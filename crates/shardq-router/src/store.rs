@@ -12,6 +12,40 @@ pub(crate) async fn placement_get_epoch(master: &PgPool, account: &str) -> sqlx:
         .await
 }
 
+/// The shard and epoch of each of `accounts` that is placed, in one round trip.
+pub(crate) async fn placements_get_many(
+    master: &PgPool,
+    accounts: &[&str],
+) -> sqlx::Result<Vec<(String, String, i64)>> {
+    sqlx::query_as("SELECT account, shard, epoch FROM shardq.placements WHERE account = ANY($1)")
+        .bind(accounts)
+        .fetch_all(master)
+        .await
+}
+
+/// Places each of `accounts[i]` on `shards[i]` unless it is already placed,
+/// in one statement; returns the accounts this call placed.
+pub(crate) async fn placements_insert_many(
+    master: &PgPool,
+    accounts: &[&str],
+    shards: &[&str],
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "WITH reg AS (
+             INSERT INTO shardq.shards (name) SELECT DISTINCT s FROM unnest($2::text[]) AS t(s)
+             ON CONFLICT (name) DO NOTHING
+         )
+         INSERT INTO shardq.placements (account, shard)
+         SELECT a, s FROM unnest($1::text[], $2::text[]) AS t(a, s)
+         ON CONFLICT (account) DO NOTHING
+         RETURNING account",
+    )
+    .bind(accounts)
+    .bind(shards)
+    .fetch_all(master)
+    .await
+}
+
 /// Accounts whose placement moved after `since` (the master's clock; `None`:
 /// none yet), and the master's clock now, to pass as `since` next time.
 pub(crate) async fn placements_moved_since(

@@ -153,9 +153,11 @@ impl Client {
         })
     }
 
-    /// Enqueues many jobs of one or many accounts: one INSERT per shard
-    /// involved (shards written concurrently). Ids come back in input order.
-    /// Nothing is written when any job is invalid.
+    /// Enqueues many jobs of one or many accounts: one round trip to the
+    /// master for the accounts the router has not cached (placing new ones
+    /// in one more), then one INSERT per shard involved (shards written
+    /// concurrently). Ids come back in input order. Nothing is written, and
+    /// no account placed, when any job is invalid.
     ///
     /// Unique and serial jobs among them are inserted one statement each,
     /// in input order, after the shard's batch (on the same connection, each
@@ -168,9 +170,13 @@ impl Client {
         let jobs: Vec<(Account, NewJob)> = jobs.into_iter().collect();
         tracing::Span::current().record("jobs", jobs.len());
         let mut by_shard: BTreeMap<String, Vec<(usize, &str, &NewJob, String)>> = BTreeMap::new();
-        for (i, (account, job)) in jobs.iter().enumerate() {
-            let args = job.validate()?;
-            let shard = self.router.shard_for(account).await?.shard;
+        let args = jobs
+            .iter()
+            .map(|(_, job)| job.validate())
+            .collect::<Result<Vec<String>>>()?;
+        let accounts: Vec<&Account> = jobs.iter().map(|(account, _)| account).collect();
+        let shards = self.router.shards_for(&accounts).await?;
+        for (i, (((account, job), shard), args)) in jobs.iter().zip(shards).zip(args).enumerate() {
             by_shard
                 .entry(shard)
                 .or_default()

@@ -4,26 +4,45 @@
 
 use sqlx::PgPool;
 
-/// Inserts `n` no-op jobs in one statement (the floor's enqueue).
-pub async fn floor_insert(pool: &PgPool, n: i64) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO shardq.jobs (account, queue, kind, args)
-         SELECT 'floor', 'default', 'noop', '{}' FROM generate_series(1, $1)",
+/// Creates the floor's own table: the columns a job's lifecycle touches,
+/// its primary key and one partial index on what the claim reads.
+pub async fn floor_create(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::raw_sql(
+        "CREATE TABLE floor_jobs (
+             id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             queue        text NOT NULL DEFAULT 'default',
+             state        text NOT NULL DEFAULT 'available',
+             priority     smallint NOT NULL DEFAULT 0,
+             run_at       timestamptz NOT NULL DEFAULT now(),
+             attempt      int NOT NULL DEFAULT 0,
+             attempted_at timestamptz,
+             finalized_at timestamptz,
+             args         jsonb NOT NULL DEFAULT '{}');
+         CREATE INDEX floor_jobs_available ON floor_jobs (queue, priority, run_at, id)
+          WHERE state = 'available';",
     )
-    .bind(n)
     .execute(pool)
     .await
     .map(|_| ())
 }
 
-/// Claims up to `n` jobs with SKIP LOCKED and marks them running.
+/// Fills the floor's table with `n` jobs in one statement.
+pub async fn floor_fill(pool: &PgPool, n: i64) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO floor_jobs (args) SELECT '{}' FROM generate_series(1, $1)")
+        .bind(n)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// Claims up to `n` of the floor's jobs with SKIP LOCKED and marks them running.
 pub async fn floor_claim(pool: &PgPool, n: i64) -> sqlx::Result<Vec<i64>> {
     sqlx::query_scalar(
         "WITH picked AS (
-             SELECT id FROM shardq.jobs
+             SELECT id FROM floor_jobs
               WHERE state = 'available' AND queue = 'default' AND run_at <= now()
               ORDER BY priority, run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         UPDATE shardq.jobs j SET state = 'running', attempt = j.attempt + 1, attempted_at = now()
+         UPDATE floor_jobs j SET state = 'running', attempt = j.attempt + 1, attempted_at = now()
            FROM picked WHERE j.id = picked.id RETURNING j.id",
     )
     .bind(n)
@@ -31,13 +50,36 @@ pub async fn floor_claim(pool: &PgPool, n: i64) -> sqlx::Result<Vec<i64>> {
     .await
 }
 
-/// Completes claimed jobs in one statement.
+/// Completes claimed floor jobs in one statement.
 pub async fn floor_complete(pool: &PgPool, ids: &[i64]) -> sqlx::Result<()> {
-    sqlx::query("UPDATE shardq.jobs SET state = 'completed', finalized_at = now() WHERE id = ANY($1)")
+    sqlx::query("UPDATE floor_jobs SET state = 'completed', finalized_at = now() WHERE id = ANY($1)")
         .bind(ids)
         .execute(pool)
         .await
         .map(|_| ())
+}
+
+/// The enqueue floor: `accounts.len()` no-op jobs into shardq's jobs table
+/// in one `UNNEST` insert.
+pub async fn floor_enqueue(pool: &PgPool, accounts: &[&str]) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO shardq.jobs (account, queue, kind, args)
+         SELECT a, 'default', 'noop', '{}' FROM unnest($1::text[]) AS t(a)",
+    )
+    .bind(accounts)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// The server's durability settings: `fsync`, `synchronous_commit`, `full_page_writes`.
+pub async fn durability(pool: &PgPool) -> sqlx::Result<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT current_setting('fsync'), current_setting('synchronous_commit'),
+                current_setting('full_page_writes')",
+    )
+    .fetch_one(pool)
+    .await
 }
 
 /// Client backends connected to the server right now (all databases).

@@ -3,25 +3,32 @@
 
 use std::time::{Duration, Instant};
 
+use nix::sys::resource::{getrusage, UsageWho};
 use shardq::{Account, NewJob, RuntimeOptions};
-use shardq_testbed::TestBed;
+use shardq_testbed::{Server, TestBed};
 
 use super::{BenchArgs, BenchFleet, Results};
 use crate::store;
 
-/// Enqueue batch size.
+/// Rows per statement when filling tables directly.
 const CHUNK: usize = 10_000;
+/// Jobs per `enqueue_many` call, and rows per `UNNEST` insert of the enqueue floor.
+const ENQUEUE_BATCH: usize = 1_000;
+/// Rows the floor claims per statement.
+const FLOOR_BATCH: i64 = 100;
+/// Concurrent claim-and-complete loops of the floor.
+const FLOOR_LOOPS: usize = 2;
 
 /// Enqueues `n` no-op jobs spread over `accounts` in batches; returns jobs/s.
-async fn preload(fleet: &BenchFleet, n: usize, accounts: &[Account]) -> anyhow::Result<f64> {
+async fn preload(fleet: &BenchFleet, n: usize, accounts: &[Account], batch: usize) -> anyhow::Result<f64> {
     let job = NewJob::from_json("noop", serde_json::json!({}));
     let started = Instant::now();
     let mut left = n;
     let mut i = 0;
     while left > 0 {
-        let take = left.min(CHUNK);
-        let batch = (0..take).map(|k| (accounts[(i + k) % accounts.len()].clone(), job.clone()));
-        fleet.client.enqueue_many(batch).await?;
+        let take = left.min(batch);
+        let jobs = (0..take).map(|k| (accounts[(i + k) % accounts.len()].clone(), job.clone()));
+        fleet.client.enqueue_many(jobs).await?;
         left -= take;
         i += take;
     }
@@ -60,7 +67,8 @@ fn accounts_on(n: usize) -> Vec<Account> {
     (0..n).filter_map(|i| Account::new(format!("bench-{i}")).ok()).collect()
 }
 
-/// Scenario 1 (drain) and 2 (SQL floor) on one shard.
+/// Scenario 1 (drain) and 2 (SQL floor) on one shard's server, with the
+/// CPU each used per 1,000 jobs.
 pub(super) async fn drain_and_floor(
     bed: &TestBed,
     args: &BenchArgs,
@@ -68,39 +76,71 @@ pub(super) async fn drain_and_floor(
     drain_it: bool,
     floor_it: bool,
 ) -> anyhow::Result<()> {
+    let n = args.drain_jobs();
+    let server = &bed.shards()[0];
+    let accounts = accounts_on(1000);
     if drain_it {
-        eprintln!("drain: preloading {} jobs on one shard...", args.drain_jobs());
+        eprintln!("drain: enqueueing {n} jobs on one shard, {ENQUEUE_BATCH} per call...");
         let dbs = bed.fresh_fleet().await?;
         let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
-        let enqueue = preload(&fleet, args.drain_jobs(), &accounts_on(1000)).await?;
-        results.add_target("drain", "enqueue (batched)", enqueue, "jobs/s", 100_000.0, true);
-        eprintln!(
-            "drain: working {} jobs with {} slots...",
-            args.drain_jobs(),
-            args.concurrency
-        );
-        let (rate, _) = drain(&fleet, args.drain_jobs(), args.concurrency).await?;
-        results.add_target("drain", "drain, one shard", rate, "jobs/s", 20_000.0, true);
+        let enqueue = preload(&fleet, n, &accounts, ENQUEUE_BATCH).await?;
+        results.add("drain", "enqueue (enqueue_many, 1,000 per call)", enqueue, "jobs/s");
+        eprintln!("drain: working {n} jobs with {} slots...", args.concurrency);
+        let cpu = CpuClock::start(server)?;
+        let (rate, _) = drain(&fleet, n, args.concurrency).await?;
+        let (server_ms, node_ms) = cpu.per_thousand(server, n)?;
+        results.add("drain", "drain, one shard", rate, "jobs/s");
+        results.add("drain", "server CPU per 1,000 jobs", server_ms, "ms");
+        results.add("drain", "node CPU per 1,000 jobs", node_ms, "ms");
     }
     if floor_it {
-        eprintln!("floor: the same lifecycle in bare SQL...");
+        eprintln!("floor: {n} jobs enqueued by UNNEST inserts of {ENQUEUE_BATCH} rows...");
         let dbs = bed.fresh_fleet().await?;
         let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
         let pool = fleet.router.shards()[0].pool.clone();
-        let mut left = args.drain_jobs() as i64;
-        while left > 0 {
-            let n = left.min(CHUNK as i64);
-            store::floor_insert(&pool, n).await?;
-            left -= n;
-        }
-        let batch = args.concurrency as i64;
+        let names: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
+        let rows: Vec<&str> = names.iter().cycle().take(ENQUEUE_BATCH).copied().collect();
         let started = Instant::now();
-        let loops = (0..2).map(|_| {
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(ENQUEUE_BATCH);
+            store::floor_enqueue(&pool, &rows[..take]).await?;
+            left -= take;
+        }
+        let enqueue_floor = n as f64 / started.elapsed().as_secs_f64();
+        results.add(
+            "floor",
+            "enqueue, one UNNEST insert per 1,000 rows",
+            enqueue_floor,
+            "jobs/s",
+        );
+        if let Some(enqueue) = results.value("drain", "enqueue (enqueue_many, 1,000 per call)") {
+            results.add_target(
+                "floor",
+                "shardq enqueue / floor",
+                enqueue / enqueue_floor,
+                "",
+                1.0,
+                true,
+            );
+        }
+
+        eprintln!("floor: the bare lifecycle on its own table...");
+        store::floor_create(&pool).await?;
+        let mut left = n as i64;
+        while left > 0 {
+            let take = left.min(CHUNK as i64);
+            store::floor_fill(&pool, take).await?;
+            left -= take;
+        }
+        let cpu = CpuClock::start(server)?;
+        let started = Instant::now();
+        let loops = (0..FLOOR_LOOPS).map(|_| {
             let pool = pool.clone();
             tokio::spawn(async move {
                 let mut done = 0u64;
                 loop {
-                    let ids = store::floor_claim(&pool, batch).await?;
+                    let ids = store::floor_claim(&pool, FLOOR_BATCH).await?;
                     if ids.is_empty() {
                         return Ok::<u64, sqlx::Error>(done);
                     }
@@ -114,12 +154,51 @@ pub(super) async fn drain_and_floor(
             total += l??;
         }
         let floor = total as f64 / started.elapsed().as_secs_f64();
-        results.add("floor", &format!("bare SQL, batch {batch}, 2 loops"), floor, "jobs/s");
+        let (server_ms, node_ms) = cpu.per_thousand(server, total as usize)?;
+        results.add(
+            "floor",
+            &format!("bare lifecycle, claim {FLOOR_BATCH}, {FLOOR_LOOPS} loops"),
+            floor,
+            "jobs/s",
+        );
+        results.add("floor", "server CPU per 1,000 jobs", server_ms, "ms");
+        results.add("floor", "client CPU per 1,000 jobs", node_ms, "ms");
         if let Some(drain) = results.value("drain", "drain, one shard") {
-            results.add_target("floor", "shardq drain / floor", drain / floor, "", 0.6, true);
+            results.add_target("floor", "shardq drain / floor", drain / floor, "", 0.9, true);
         }
     }
     Ok(())
+}
+
+/// CPU time of one server and of this process, from a starting point.
+struct CpuClock {
+    server: Duration,
+    node: Duration,
+}
+
+impl CpuClock {
+    fn start(server: &Server) -> anyhow::Result<CpuClock> {
+        Ok(CpuClock {
+            server: server.cpu_time()?,
+            node: own_cpu_time()?,
+        })
+    }
+
+    /// Milliseconds of server and of node CPU used since the start, per 1,000 of `jobs`.
+    fn per_thousand(&self, server: &Server, jobs: usize) -> anyhow::Result<(f64, f64)> {
+        let per = |d: Duration| d.as_secs_f64() * 1000.0 / (jobs.max(1) as f64 / 1000.0);
+        Ok((
+            per(server.cpu_time()?.saturating_sub(self.server)),
+            per(own_cpu_time()?.saturating_sub(self.node)),
+        ))
+    }
+}
+
+/// CPU time (user + system) this process used so far.
+fn own_cpu_time() -> anyhow::Result<Duration> {
+    let usage = getrusage(UsageWho::RUSAGE_SELF)?;
+    let time = |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    Ok(time(usage.user_time()) + time(usage.system_time()))
 }
 
 /// Scenario 4: drain with 1, 2 and 4 shards on separate servers.
@@ -134,7 +213,7 @@ pub(super) async fn shards(bed: &TestBed, args: &BenchArgs, results: &mut Result
             .map(|(name, db)| (name.as_str(), db))
             .collect();
         let fleet = BenchFleet::new(&dbs.master, &shards, 20).await?;
-        preload(&fleet, args.shard_jobs, &accounts_on(1000)).await?;
+        preload(&fleet, args.shard_jobs, &accounts_on(1000), CHUNK).await?;
         let (rate, peak) = drain(&fleet, args.shard_jobs, args.concurrency).await?;
         results.add("shards", &format!("drain, {n} shard(s)"), rate, "jobs/s");
         results.add(

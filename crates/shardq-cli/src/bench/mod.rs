@@ -1,7 +1,11 @@
 //! `shardq bench`: throughput, pickup latency, shard scaling, notification
 //! isolation, throughput with a sick shard and the jobs table's storage
 //! after many jobs, on test-bed servers the command starts itself (free
-//! ports, torn down after). Speed is measured here, never in tests.
+//! ports, torn down after), durable (fsync, synchronous_commit and
+//! full_page_writes on) unless `--fast`. Speed is measured here, never in
+//! tests; throughput is reported next to a floor measured in the same run
+//! (the bare lifecycle in SQL on its own minimal table), with the CPU both
+//! used per 1,000 jobs.
 //!
 //! Layout: this file parses the arguments, starts the servers, runs the
 //! scenarios and prints; `drain` (drain, SQL floor, shards), `latency`
@@ -56,6 +60,10 @@ pub struct BenchArgs {
     /// the measured window of each outage phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Run the servers with fsync and full_page_writes off (faster, not
+    /// what production runs); by default they are durable.
+    #[arg(long)]
+    fast: bool,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -137,6 +145,8 @@ struct Machine {
     cores: usize,
     memory_gib: f64,
     postgres: String,
+    /// The servers' `fsync`, `synchronous_commit` and `full_page_writes`.
+    durability: String,
 }
 
 impl Machine {
@@ -160,6 +170,7 @@ impl Machine {
             cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             memory_gib: (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
             postgres: String::new(),
+            durability: String::new(),
         }
     }
 }
@@ -209,10 +220,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         machine: Machine::read(),
         figures: Vec::new(),
     };
-    eprintln!("starting test-bed servers (master + 4 shards)...");
-    let bed = Arc::new(tokio::task::spawn_blocking(|| TestBed::start(4).map_err(anyhow::Error::from)).await??);
-    let probe = sqlx::PgPool::connect(&bed.master().url("postgres")).await?;
+    let durable = !args.fast;
+    eprintln!(
+        "starting test-bed servers (master + 4 shards, {})...",
+        if durable {
+            "durable"
+        } else {
+            "fast: fsync and full_page_writes off"
+        }
+    );
+    let bed = Arc::new(
+        tokio::task::spawn_blocking(move || TestBed::start_with(4, durable).map_err(anyhow::Error::from)).await??,
+    );
+    let probe = sqlx::PgPool::connect(&bed.shards()[0].url("postgres")).await?;
     results.machine.postgres = store::server_version(&probe).await?;
+    let (fsync, sync_commit, fpw) = store::durability(&probe).await?;
+    results.machine.durability = format!("fsync={fsync}, synchronous_commit={sync_commit}, full_page_writes={fpw}");
     probe.close().await;
     let want = |s: &str| args.scenarios.iter().any(|x| x == s);
     if want("drain") || want("floor") {
@@ -248,6 +271,7 @@ fn print_table(r: &Results) {
         "machine: {} cores, {} GiB, {}; PostgreSQL {}",
         m.cores, m.memory_gib, m.cpu, m.postgres
     );
+    println!("servers: {}", m.durability);
     println!();
     println!("| scenario | metric | value | target |");
     println!("|---|---|---|---|");

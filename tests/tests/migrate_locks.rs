@@ -2,16 +2,17 @@
 //! transaction gives up within its lock timeout (so writes do not queue
 //! behind it), is retried, and is reported with the lock it waited for;
 //! a shard whose advisory lock is held elsewhere neither holds up the other
-//! shards nor outlives its deadline. Every test takes fresh databases on the
-//! shared test bed.
+//! shards nor outlives its deadline, and neither does a frozen server; a
+//! statement timeout reaches the migrator's session. The frozen test starts
+//! its own bed; the others take fresh databases on the shared one.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::time::Duration;
 
 use shardq_router::migrator::{MigrationReport, Stage};
 use shardq_router::{Config, Migrator};
-use shardq_testbed::{Fleet, TestBed};
-use shardq_tests::wait_for;
+use shardq_testbed::{Fleet, Server, TestBed};
+use shardq_tests::{private_bed, wait_for};
 use sqlx::{Connection, PgConnection};
 use tempfile::TempDir;
 
@@ -38,6 +39,10 @@ impl Case {
             .await
             .unwrap()
             .unwrap();
+        Case::on(bed, files).await
+    }
+
+    async fn on(bed: &TestBed, files: &[(&str, &str)]) -> Case {
         let fleet = bed.fresh_fleet().await.unwrap();
         let shards: Vec<(&str, &str)> = fleet.shards.iter().map(|s| (s.name.as_str(), s.url.as_str())).collect();
         let mut config = Config::from_urls(&fleet.master.url, &shards).unwrap();
@@ -229,5 +234,56 @@ async fn locked_shard_does_not_hold_up_the_others_and_fails_at_its_deadline() {
     assert!(!table_exists(&case.url("shard_1"), "gadgets").await);
     for name in ["shard_2", "shard_3"] {
         assert!(table_exists(&case.url(name), "gadgets").await, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn frozen_shard_is_reported_timed_out_while_the_others_migrate() {
+    let bed = private_bed(2).await;
+    let case = Case::on(&bed, &[WIDGETS]).await;
+    let on_server = |op: fn(&Server) -> shardq_testbed::Result<()>| {
+        let bed = bed.clone();
+        tokio::task::spawn_blocking(move || bed.server("shard_2").and_then(op).map_err(|e| e.to_string()))
+    };
+    // SIGSTOP: its socket accepts connections and nothing ever answers.
+    on_server(Server::freeze).await.unwrap().unwrap();
+    let report = Migrator::new(&case.config)
+        .deadline(Some(Duration::from_secs(2)))
+        .run()
+        .await
+        .unwrap();
+    on_server(Server::thaw).await.unwrap().unwrap();
+
+    assert_eq!(failures(&report), ["shard_2"], "{report}");
+    let frozen = report.database("shard_2").unwrap();
+    assert!(frozen.timed_out, "{report}");
+    assert_eq!(frozen.error.as_ref().unwrap().stage, Stage::TimedOut, "{report}");
+    assert!(report.database("master").unwrap().error.is_none());
+    assert!(table_exists(&case.url("shard_1"), "widgets").await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statement_timeout_reaches_the_migrator_session_and_fails_only_that_migration() {
+    let case = Case::new(&[WIDGETS]).await;
+    case.write(
+        "V2__slow.sql",
+        "-- shardq:no-transaction\nSELECT pg_sleep(30);\nCREATE TABLE after_sleep (id int);",
+    );
+    let report = Migrator::new(&case.config)
+        .statement_timeout(Some(Duration::from_millis(200)))
+        .lock_retries(0)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(failures(&report), ["shard_1", "shard_2", "shard_3"], "{report}");
+    for shard in &case.fleet.shards {
+        let db = report.database(&shard.name).unwrap();
+        let error = db.error.as_ref().unwrap();
+        assert_eq!(error.sqlstate.as_deref(), Some("57014"), "{report}");
+        assert_eq!(error.migration.as_ref().unwrap().to_string(), "V2__slow");
+        assert_eq!(db.retries, 0, "a statement timeout is not retried");
+        assert_eq!(db.application.as_ref().unwrap().version_after, Some(1));
+        assert!(table_exists(&shard.url, "widgets").await);
+        assert!(!table_exists(&shard.url, "after_sleep").await);
     }
 }

@@ -163,10 +163,7 @@ impl Look<'_> {
 
 /// The failure after the last try hit the lock timeout.
 fn gave_up(last: Failure, settings: &Settings, tries: u32, waited: Option<&MigrationLockWait>) -> Failure {
-    let what = waited.map_or_else(
-        || "a lock (it was gone before it could be seen)".to_string(),
-        describe_wait,
-    );
+    let what = waited.map_or_else(|| "a lock (which one could not be seen)".to_string(), describe_wait);
     let mut failure = Failure::new(
         Stage::LockTimeout,
         last.history,

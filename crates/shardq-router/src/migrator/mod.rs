@@ -119,7 +119,9 @@ pub struct Migrator {
 
 impl Migrator {
     /// A migrator for the whole fleet of `config`: master and all shards, to
-    /// the latest version, [`DEFAULT_PARALLEL`] shards at a time.
+    /// the latest version, [`DEFAULT_PARALLEL`] shards at a time, with a
+    /// [`DEFAULT_LOCK_TIMEOUT`] lock timeout, [`DEFAULT_LOCK_RETRIES`]
+    /// retries and a [`DEFAULT_DEADLINE`] per database, no canary.
     pub fn new(config: &Config) -> Migrator {
         Migrator {
             config: config.clone(),

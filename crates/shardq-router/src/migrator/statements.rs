@@ -33,7 +33,8 @@ pub(crate) fn split(sql: &str) -> Vec<String> {
             b'/' if bytes.get(i + 1) == Some(&b'*') => skip_block_comment(bytes, i),
             b'\'' => skip_quoted(bytes, i, b'\'', escapes_backslash(bytes, i)),
             b'"' => skip_quoted(bytes, i, b'"', false),
-            b'$' => skip_dollar(sql, i),
+            // A `$` inside an identifier (`a$b`) opens nothing.
+            b'$' if i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_') => skip_dollar(sql, i),
             b';' => {
                 push(&mut out, &sql[start..i]);
                 start = i + 1;
@@ -172,7 +173,7 @@ mod tests {
                    CREATE INDEX CONCURRENTLY a_idx ON t (\"we;ird\") WHERE note <> 'x;''y';\n\
                    /* a ; /* nested ; */ block */\n\
                    CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $body$ SELECT 1; $body$;\n\
-                   SELECT E'it\\'s;', $1;\n\
+                   SELECT E'it\\'s;', $1, a$b FROM t$;\n\
                    -- trailing comment only";
         let parts = split(sql);
         assert_eq!(parts.len(), 4, "{parts:#?}");
@@ -180,7 +181,7 @@ mod tests {
         assert!(parts[1].starts_with("-- a; comment\nCREATE INDEX CONCURRENTLY a_idx"));
         assert!(parts[1].ends_with("'x;''y'"));
         assert!(parts[2].ends_with("AS $body$ SELECT 1; $body$"));
-        assert_eq!(parts[3], "SELECT E'it\\'s;', $1");
+        assert_eq!(parts[3], "SELECT E'it\\'s;', $1, a$b FROM t$");
     }
 
     #[test]

@@ -214,7 +214,7 @@ fn outside_pool(router: &Router, shard: &str) -> PgPool {
     let target = &router.config().shard(shard).unwrap().database.target;
     PgPoolOptions::new()
         .max_connections(2)
-        .connect_lazy_with(target.connect_options().application_name("faults-test"))
+        .connect_lazy_with(target.connect_options().into_inner().application_name("faults-test"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

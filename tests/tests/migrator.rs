@@ -392,3 +392,257 @@ async fn target_stops_the_application_history_at_that_version() {
     let status = Migrator::new(&case.config).status().await.unwrap();
     assert_eq!(status.lagging(), ["shard_1", "shard_2", "shard_3"], "{status}");
 }
+
+/// Whether `index` exists on the database at `url` and is valid.
+async fn index_valid(url: &str, index: &str) -> Option<bool> {
+    sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)")
+        .bind(index)
+        .fetch_optional(&mut connect(url).await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_transaction_file_builds_an_index_concurrently_and_a_rerun_replaces_an_invalid_leftover() {
+    let notes = ("V1__notes.sql", "CREATE TABLE notes (k int);");
+    let unique = (
+        "V2__notes_k_key.sql",
+        "-- shardq:no-transaction\n\
+         -- A rerun after a failure drops the INVALID index that failure leaves.\n\
+         DROP INDEX CONCURRENTLY IF EXISTS notes_k_key;\n\
+         CREATE UNIQUE INDEX CONCURRENTLY notes_k_key ON notes (k);\n",
+    );
+    let case = Case::new(shared(), &[notes]).await;
+    assert!(!case.run().await.failed());
+    // Only shard_2 holds duplicates, so building the unique index fails there.
+    exec(case.shard_url("shard_2"), "INSERT INTO notes VALUES (1), (1)").await;
+    case.write(unique.0, unique.1);
+
+    let report = case.run().await;
+    assert_eq!(
+        report.failures().map(|d| d.database.as_str()).collect::<Vec<_>>(),
+        ["shard_2"],
+        "{report}"
+    );
+    let error = report.database("shard_2").unwrap().error.as_ref().unwrap();
+    assert_eq!(
+        (error.stage, error.sqlstate.as_deref()),
+        (Stage::Migrate, Some("23505"))
+    );
+    assert_eq!(error.migration.as_ref().unwrap().to_string(), "V2__notes_k_key");
+    assert!(
+        error.message.contains("1 of its 2 statements ran")
+            && error
+                .message
+                .contains("INVALID indexes in this database now: notes_k_key"),
+        "{}",
+        error.message
+    );
+    assert_eq!(index_valid(case.shard_url("shard_2"), "notes_k_key").await, Some(false));
+    assert_eq!(
+        history_rows(case.shard_url("shard_2"), "shardq_app_history").await,
+        (1, 1),
+        "a failed no-transaction file is not recorded"
+    );
+    for name in ["shard_1", "shard_3"] {
+        assert_eq!(
+            index_valid(case.shard_url(name), "notes_k_key").await,
+            Some(true),
+            "{name}"
+        );
+    }
+
+    exec(case.shard_url("shard_2"), "DELETE FROM notes").await;
+    let rerun = case.run().await;
+    assert!(!rerun.failed(), "{rerun}");
+    assert_eq!(rerun.applied_count(), 1, "{rerun}");
+    assert_eq!(index_valid(case.shard_url("shard_2"), "notes_k_key").await, Some(true));
+
+    // The same statement in an ordinary (transactional) file is refused by
+    // Postgres: the marker is what makes it possible.
+    case.write(
+        "V3__notes_k_idx.sql",
+        "CREATE INDEX CONCURRENTLY notes_k_idx ON notes (k);",
+    );
+    let refused = case.run().await;
+    let error = refused.database("shard_1").unwrap().error.as_ref().unwrap();
+    assert_eq!(error.sqlstate.as_deref(), Some("25001"), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_canary_leaves_the_other_shards_untouched() {
+    let conflict = ("V2__specials.sql", "CREATE TABLE specials (id int PRIMARY KEY);");
+    let case = Case::new(shared(), &[WIDGETS, conflict]).await;
+    exec(case.shard_url("shard_2"), "CREATE TABLE specials (legacy text)").await;
+
+    let report = Migrator::new(&case.config).canary("shard_2").run().await.unwrap();
+    assert!(report.failed());
+    let names: Vec<&str> = report.databases.iter().map(|d| d.database.as_str()).collect();
+    assert_eq!(names, ["master", "shard_2"], "{report}");
+    assert_eq!(report.untouched, ["shard_1", "shard_3"]);
+    assert!(report.database("master").unwrap().error.is_none());
+    for name in ["shard_1", "shard_3"] {
+        assert!(
+            !table_exists(case.shard_url(name), "shardq_schema_history").await,
+            "{name}"
+        );
+    }
+    let text = report.to_string();
+    assert!(
+        text.contains("canary shard_2 failed: these shards were not touched: shard_1, shard_3"),
+        "{text}"
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["untouched"], serde_json::json!(["shard_1", "shard_3"]));
+
+    // A canary that passes comes right after the master; then the rest run.
+    let report = Migrator::new(&case.config).canary("shard_3").run().await.unwrap();
+    let names: Vec<&str> = report.databases.iter().map(|d| d.database.as_str()).collect();
+    assert_eq!(names, ["master", "shard_3", "shard_1", "shard_2"], "{report}");
+    assert_eq!(
+        report.failures().map(|d| d.database.as_str()).collect::<Vec<_>>(),
+        ["shard_2"]
+    );
+    assert!(report.untouched.is_empty());
+    assert!(table_exists(case.shard_url("shard_1"), "specials").await);
+
+    let unknown = Migrator::new(&case.config).canary("nope").run().await;
+    assert!(unknown.unwrap_err().to_string().contains("unknown shard \"nope\""));
+    let unselected = Migrator::new(&case.config)
+        .only_shards(["shard_1"])
+        .canary("shard_3")
+        .run()
+        .await;
+    assert!(unselected
+        .unwrap_err()
+        .to_string()
+        .contains("canary shard \"shard_3\" is not among the selected shards"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_migrated_by_a_newer_release_is_ahead_of_this_binary_and_left_alone() {
+    let case = Case::new(shared(), &[WIDGETS]).await;
+    assert!(!case.run().await.failed());
+    let (_, shard_latest) = platform_files("shard");
+    // A newer release applied platform V99 on shard_2.
+    exec(
+        case.shard_url("shard_2"),
+        "INSERT INTO shardq_schema_history VALUES (99, 'from_a_newer_release', '2030-01-01T00:00:00Z', '1')",
+    )
+    .await;
+    case.write(GADGETS.0, GADGETS.1);
+
+    let status = Migrator::new(&case.config).status().await.unwrap();
+    assert!(!status.has_errors(), "{status}");
+    assert_eq!(status.ahead(), ["shard_2"], "{status}");
+    assert_eq!(status.database("shard_2").unwrap().state, State::Ahead);
+    let text = status.to_string();
+    assert!(
+        text.contains(&format!(
+            "shard_2 platform history ahead of this binary (applied V99, this binary knows up to V{shard_latest})"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("DIVERGED"), "{text}");
+
+    let report = case.run().await;
+    assert!(!report.failed(), "{report}");
+    let db = report.database("shard_2").unwrap();
+    assert_eq!(db.ahead.len(), 1, "{report}");
+    assert_eq!(
+        (db.ahead[0].history, db.ahead[0].applied, db.ahead[0].known),
+        (History::Platform, 99, Some(shard_latest))
+    );
+    assert_eq!(db.applied_count(), 0);
+    assert!(
+        !table_exists(case.shard_url("shard_2"), "gadgets").await,
+        "its pending application migration is not run either"
+    );
+    for name in ["shard_1", "shard_3"] {
+        assert!(table_exists(case.shard_url(name), "gadgets").await, "{name}");
+    }
+    assert!(report.to_string().contains("ahead of this binary"), "{report}");
+
+    // A newer application release applied V7 on shard_3 (after V1 and V2,
+    // which this binary has too).
+    exec(
+        case.shard_url("shard_3"),
+        "INSERT INTO shardq_app_history VALUES (7, 'newer_app', '2030-01-01T00:00:00Z', '1')",
+    )
+    .await;
+    let report = case.run().await;
+    assert!(!report.failed(), "{report}");
+    let ahead = &report.database("shard_3").unwrap().ahead;
+    assert_eq!(ahead.len(), 1, "{report}");
+    assert_eq!(ahead[0].unknown[0].to_string(), "V7__newer_app");
+    let text = report.to_string();
+    assert!(
+        text.contains("application history ahead of this binary (applied V7, this binary knows up to V2)"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hand_edited_history_rows_are_that_databases_divergence_never_a_panic() {
+    let case = Case::new(shared(), &[WIDGETS]).await;
+    assert!(!case.run().await.failed());
+    // shard_1: a checksum that is not even a number; shard_2: a renamed
+    // platform migration; shard_3: only a garbled applied_on (which shardq
+    // does not need), so it still migrates.
+    exec(
+        case.shard_url("shard_1"),
+        "UPDATE shardq_app_history SET checksum = 'edited by hand' WHERE version = 1",
+    )
+    .await;
+    exec(
+        case.shard_url("shard_2"),
+        "UPDATE shardq_schema_history SET name = 'renamed_by_hand' WHERE version = 1",
+    )
+    .await;
+    exec(
+        case.shard_url("shard_3"),
+        "UPDATE shardq_app_history SET applied_on = 'yesterday, roughly' WHERE version = 1",
+    )
+    .await;
+    case.write(GADGETS.0, GADGETS.1);
+
+    let report = case.run().await;
+    assert_eq!(
+        report.failures().map(|d| d.database.as_str()).collect::<Vec<_>>(),
+        ["shard_1", "shard_2"],
+        "{report}"
+    );
+    let edited = report.database("shard_1").unwrap().error.as_ref().unwrap();
+    assert_eq!(edited.stage, Stage::Diverged);
+    assert_eq!(edited.divergences[0].migration.to_string(), "V1__widgets");
+    assert_eq!(edited.divergences[0].reason, DivergenceReason::ChecksumChanged);
+    let renamed = report.database("shard_2").unwrap().error.as_ref().unwrap();
+    assert_eq!(renamed.stage, Stage::Diverged);
+    assert_eq!(renamed.divergences[0].history, History::Platform);
+    assert_eq!(renamed.divergences[0].migration.to_string(), "V1__renamed_by_hand");
+    assert!(renamed.message.contains("V1__renamed_by_hand"), "{}", renamed.message);
+    for name in ["shard_1", "shard_2"] {
+        assert!(!table_exists(case.shard_url(name), "gadgets").await, "{name}");
+    }
+    assert!(table_exists(case.shard_url("shard_3"), "gadgets").await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_checked_out_again_with_crlf_line_endings_is_not_an_edit() {
+    let case = Case::new(
+        shared(),
+        &[("V1__widgets.sql", "CREATE TABLE widgets (\n  id int PRIMARY KEY\n);\n")],
+    )
+    .await;
+    assert!(!case.run().await.failed());
+    case.write(
+        "V1__widgets.sql",
+        "CREATE TABLE widgets (\r\n  id int PRIMARY KEY\r\n);\r\n",
+    );
+    case.write(GADGETS.0, GADGETS.1);
+    let status = Migrator::new(&case.config).status().await.unwrap();
+    assert!(status.diverged().is_empty(), "{status}");
+    let report = case.run().await;
+    assert!(!report.failed(), "{report}");
+    assert!(table_exists(case.shard_url("shard_1"), "gadgets").await);
+}

@@ -377,7 +377,7 @@ async fn a_frozen_shard_delays_only_itself_is_retried_after_its_timeout_and_does
     let shard = f.config.shards.iter().find(|s| s.name == frozen).unwrap();
     let watch = PgPoolOptions::new()
         .max_connections(1)
-        .connect_with(shard.database.target.connect_options())
+        .connect_with(shard.database.target.connect_options().into_inner())
         .await
         .unwrap();
     freeze(&mut lock).await;

@@ -8,10 +8,11 @@
 //! is returned as an error.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use shardq_router::migrator::{Migrator, DEFAULT_PARALLEL};
+use shardq_router::migrator::{Migrator, DEFAULT_LOCK_RETRIES, DEFAULT_PARALLEL};
 use shardq_router::Config;
 
 /// Arguments of `shardq migrate`.
@@ -40,6 +41,29 @@ pub struct MigrateArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// How long one migration statement may wait for a lock (Postgres
+    /// `lock_timeout`) before it is rolled back and tried again; while it
+    /// waits, writes to that table queue behind it. `0s` turns it off.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: Duration,
+    /// How many times a migration rolled back by the lock timeout is tried
+    /// again (after 1 s, 2 s, 4 s, ... at most 30 s) before its database
+    /// is reported failed.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LOCK_RETRIES)]
+    pub lock_retries: u32,
+    /// Postgres `statement_timeout` of the migrator's sessions (default: the
+    /// server's setting).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub statement_timeout: Option<Duration>,
+    /// Time allowed to each database, from connecting to its last migration
+    /// (and for reading it, with `status`); past it the database is reported
+    /// timed out and the others go on. `0s`: no deadline.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration, global = true)]
+    pub deadline: Duration,
+    /// Migrate the master and then this shard first; if either fails, no
+    /// other shard is touched.
+    #[arg(long, value_name = "SHARD")]
+    pub canary: Option<String>,
 }
 
 /// Subcommands of `shardq migrate`.
@@ -55,8 +79,8 @@ pub async fn run(config: &Config, args: MigrateArgs) -> anyhow::Result<ExitCode>
     let migrator = migrator(config, &args);
     match args.command {
         Some(MigrateCommand::Status) => {
-            if args.target.is_some() || args.dry_run {
-                bail!("--target and --dry-run apply to `shardq migrate`, not to `shardq migrate status`");
+            if args.target.is_some() || args.dry_run || args.canary.is_some() {
+                bail!("--target, --dry-run and --canary apply to `shardq migrate`, not to `shardq migrate status`");
             }
             let report = migrator.status().await.context("migrate status")?;
             print(&report, args.json)?;
@@ -71,9 +95,18 @@ pub async fn run(config: &Config, args: MigrateArgs) -> anyhow::Result<ExitCode>
 }
 
 fn migrator(config: &Config, args: &MigrateArgs) -> Migrator {
-    let mut m = Migrator::new(config).parallel(args.parallel).dry_run(args.dry_run);
+    let mut m = Migrator::new(config)
+        .parallel(args.parallel)
+        .dry_run(args.dry_run)
+        .lock_timeout(args.lock_timeout)
+        .lock_retries(args.lock_retries)
+        .statement_timeout(args.statement_timeout)
+        .deadline(Some(args.deadline).filter(|d| !d.is_zero()));
     if let Some(v) = args.target {
         m = m.target(v);
+    }
+    if let Some(shard) = &args.canary {
+        m = m.canary(shard.clone());
     }
     if !args.shards.is_empty() {
         m = m.only_shards(args.shards.iter().cloned()).master(args.master);
@@ -142,6 +175,36 @@ mod tests {
         assert!(a.command.is_none());
         let d = parse(&[]).expect("parses");
         assert_eq!(d.parallel, DEFAULT_PARALLEL);
+        assert_eq!(d.lock_timeout, shardq_router::migrator::DEFAULT_LOCK_TIMEOUT);
+        assert_eq!(d.deadline, shardq_router::migrator::DEFAULT_DEADLINE);
+        assert_eq!(
+            (d.lock_retries, d.statement_timeout, d.canary),
+            (DEFAULT_LOCK_RETRIES, None, None)
+        );
+    }
+
+    #[test]
+    fn safety_flags_parse() {
+        let a = parse(&[
+            "--lock-timeout",
+            "750ms",
+            "--lock-retries",
+            "0",
+            "--statement-timeout",
+            "10m",
+            "--deadline",
+            "5m",
+            "--canary",
+            "shard_2",
+        ])
+        .expect("parses");
+        assert_eq!(a.lock_timeout, Duration::from_millis(750));
+        assert_eq!(a.lock_retries, 0);
+        assert_eq!(a.statement_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(a.deadline, Duration::from_secs(300));
+        assert_eq!(a.canary.as_deref(), Some("shard_2"));
+        let bad = parse(&["--lock-timeout", "soon"]).map(drop).unwrap_err().to_string();
+        assert!(bad.contains("--lock-timeout"), "{bad}");
     }
 
     #[test]

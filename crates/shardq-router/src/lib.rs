@@ -39,7 +39,7 @@ mod store;
 pub mod tls;
 
 pub use account::Account;
-pub use config::{AccountTable, Config, DatabaseConfig, PoolConfig, ShardConfig, Target};
+pub use config::{AccountTable, Config, ConnectOptions, DatabaseConfig, PoolConfig, ShardConfig, Target};
 pub use error::{Error, Result};
 pub use migrator::{MigrationReport, Migrator};
 pub use router::{AccountTx, Placement, Router};

@@ -49,7 +49,7 @@ impl Database {
     /// session settings of [`session_settings`] (see [`PoolConfig`] for what
     /// bounds time).
     fn open(name: &str, db: &DatabaseConfig) -> Database {
-        let mut connect = db.target.connect_options();
+        let mut connect = db.target.connect_options().into_inner();
         let settings = session_settings(&db.pool);
         if !settings.is_empty() {
             connect = connect.options(settings);

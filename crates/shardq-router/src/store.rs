@@ -154,16 +154,17 @@ pub(crate) struct MigrationHistoryRow {
     pub checksum: String,
 }
 
-/// Waits for the migration advisory lock of this database (session level:
-/// held across refinery's transactions until [`migration_unlock`]).
-pub(crate) async fn migration_lock(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+/// Takes the migration advisory lock of this database if it is free
+/// (session level: held across the migrations' transactions until
+/// [`migration_unlock`]); `false` when another session holds it. Never waits.
+pub(crate) async fn migration_try_lock(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
     client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await
-        .map(drop)
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?
+        .try_get(0)
 }
 
-/// Releases the migration advisory lock taken by [`migration_lock`].
+/// Releases the migration advisory lock taken by [`migration_try_lock`].
 pub(crate) async fn migration_unlock(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
     client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
@@ -198,5 +199,121 @@ pub(crate) async fn migration_history(
                 checksum: r.try_get::<_, Option<String>>(2)?.unwrap_or_default(),
             })
         })
+        .collect()
+}
+
+/// Sets the migrator session's `lock_timeout` (milliseconds, 0: none) and
+/// `statement_timeout` (milliseconds; `None`: back to the server's setting
+/// for this role and database). Applied again before every migration file,
+/// so a `SET` inside one file does not leak into the next.
+pub(crate) async fn migration_session_timeouts(
+    client: &tokio_postgres::Client,
+    lock_timeout_ms: u64,
+    statement_timeout_ms: Option<u64>,
+) -> Result<(), tokio_postgres::Error> {
+    let lock = lock_timeout_ms.to_string();
+    let statement = statement_timeout_ms.map(|ms| ms.to_string());
+    client
+        .execute(
+            "SELECT set_config('lock_timeout', $1, false), \
+                    set_config('statement_timeout', \
+                        coalesce($2, (SELECT reset_val FROM pg_settings WHERE name = 'statement_timeout')), false)",
+            &[&lock, &statement],
+        )
+        .await
+        .map(drop)
+}
+
+/// The server process id of this session (what `pg_locks` calls it).
+pub(crate) async fn migration_backend_pid(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    client.query_one("SELECT pg_backend_pid()", &[]).await?.try_get(0)
+}
+
+/// Creates a history table if it does not exist, in refinery's layout (so
+/// releases that still run refinery read it as their own).
+pub(crate) async fn migration_history_create(
+    client: &impl tokio_postgres::GenericClient,
+    table: &'static str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (version int4 PRIMARY KEY, name varchar(255), \
+             applied_on varchar(255), checksum varchar(255))"
+        ))
+        .await
+}
+
+/// Records an applied migration in a history table, as refinery does:
+/// `applied_on` in RFC 3339, the checksum as a decimal u64.
+pub(crate) async fn migration_record(
+    client: &impl tokio_postgres::GenericClient,
+    table: &'static str,
+    version: i32,
+    name: &str,
+    checksum: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let applied_on = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    client
+        .execute(
+            &format!("INSERT INTO {table} (version, name, applied_on, checksum) VALUES ($1, $2, $3, $4)"),
+            &[&version, &name, &applied_on, &checksum],
+        )
+        .await
+        .map(drop)
+}
+
+/// What the session `pid` is waiting for, if it waits for a lock: the lock
+/// (mode and object) and the sessions holding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MigrationLockWait {
+    /// The lock mode requested, e.g. `AccessExclusiveLock`.
+    pub mode: String,
+    /// The object: `relation shardq.jobs`, `transactionid`, `virtualxid`, ...
+    pub object: String,
+    /// The blocking sessions, each as `pid 123 (idle in transaction, since
+    /// 2026-01-01 10:00:00+00)`.
+    pub holders: Vec<String>,
+}
+
+/// The lock `pid` waits for right now, if any (read from another session).
+pub(crate) async fn migration_lock_wait(
+    observer: &tokio_postgres::Client,
+    pid: i32,
+) -> Result<Option<MigrationLockWait>, tokio_postgres::Error> {
+    let Some(row) = observer
+        .query_opt(
+            "SELECT l.mode, \
+                    CASE WHEN l.relation IS NOT NULL THEN 'relation ' || l.relation::regclass::text \
+                         ELSE l.locktype END, \
+                    ARRAY(SELECT format('pid %s (%s, since %s)', a.pid, coalesce(a.state, '?'), \
+                                        coalesce(date_trunc('second', a.xact_start)::text, '?')) \
+                          FROM pg_stat_activity a WHERE a.pid = ANY (pg_blocking_pids($1)) ORDER BY a.pid) \
+             FROM pg_locks l WHERE l.pid = $1 AND NOT l.granted LIMIT 1",
+            &[&pid],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(MigrationLockWait {
+        mode: row.try_get(0)?,
+        object: row.try_get(1)?,
+        holders: row.try_get(2)?,
+    }))
+}
+
+/// The indexes of this database that are INVALID (what an interrupted
+/// `CREATE INDEX CONCURRENTLY` leaves behind).
+pub(crate) async fn migration_invalid_indexes(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    client
+        .query(
+            "SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
         .collect()
 }

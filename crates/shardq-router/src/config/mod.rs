@@ -44,7 +44,7 @@ mod tests;
 
 use raw::{RawConfig, RawDatabase, RawPool};
 pub use ssl_mode::{ServerCheck, SslMode, SslRootCert, SSL_MODES};
-pub use target::Target;
+pub use target::{ConnectOptions, Target};
 
 /// The libpq environment variables read, in one place (`Check::database`),
 /// for every database that leaves the setting unset, so that both drivers

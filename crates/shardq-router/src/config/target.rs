@@ -7,7 +7,8 @@
 //! (sqlx), the migrator [`Target::tokio_postgres_config`] together with
 //! `tls::tokio_postgres_connector`. What the server's certificate must pass
 //! is [`Target::server_check`], for both. `Display` and `Debug` never show
-//! the password.
+//! the password, nor does the `Debug` of [`ConnectOptions`] (sqlx's own
+//! `Debug` of its options prints it) or of the tokio-postgres config.
 //!
 //! sqlx cannot be told which roots to trust (it always adds the public web
 //! roots) nor be given a rustls configuration, so a target whose
@@ -54,6 +55,47 @@ pub struct Target {
     /// Server settings sent at connect, libpq's `options` (from
     /// `PGOPTIONS`), e.g. `-c search_path=app`.
     pub options: Option<String>,
+}
+
+/// The sqlx connect options of a [`Target`], from [`Target::connect_options`].
+///
+/// They hold the password, and sqlx's `Debug` of `PgConnectOptions` prints
+/// it; this wrapper's `Debug` shows only the address. Read them through
+/// `Deref`; [`ConnectOptions::into_inner`] hands them to sqlx.
+#[derive(Clone)]
+pub struct ConnectOptions {
+    /// What sqlx connects with.
+    options: PgConnectOptions,
+    /// The target's address without the password, for `Debug`.
+    address: String,
+}
+
+impl ConnectOptions {
+    /// The options themselves, to pass to sqlx (or to change with sqlx's
+    /// builder methods). Their `Debug` prints the password: never log them.
+    pub fn into_inner(self) -> PgConnectOptions {
+        self.options
+    }
+}
+
+impl std::ops::Deref for ConnectOptions {
+    type Target = PgConnectOptions;
+
+    fn deref(&self) -> &PgConnectOptions {
+        &self.options
+    }
+}
+
+impl From<ConnectOptions> for PgConnectOptions {
+    fn from(o: ConnectOptions) -> PgConnectOptions {
+        o.options
+    }
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConnectOptions({})", self.address)
+    }
 }
 
 impl std::fmt::Debug for Target {
@@ -103,12 +145,20 @@ impl Target {
 
     /// Connect options for sqlx (the router, the job engine).
     ///
-    /// They hold the password (sqlx authenticates with it), and sqlx's own
-    /// `Debug` of them prints it: never log them. A target that verifies the
-    /// server's certificate or presents a client certificate gets options
-    /// that connect to the `tls` relay's local socket; the relay connects to
-    /// `host:port` with the same TLS client as the migrator.
-    pub fn connect_options(&self) -> PgConnectOptions {
+    /// They hold the password (sqlx authenticates with it); the wrapper's
+    /// `Debug` does not print it, sqlx's `Debug` of the inner options does.
+    /// A target that verifies the server's certificate or presents a client
+    /// certificate gets options that connect to the `tls` relay's local
+    /// socket; the relay connects to `host:port` with the same TLS client as
+    /// the migrator.
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            options: self.sqlx_options(),
+            address: self.to_string(),
+        }
+    }
+
+    fn sqlx_options(&self) -> PgConnectOptions {
         let mut o = self
             .sqlx_base()
             .host(&self.host)
@@ -187,5 +237,46 @@ impl Target {
             }
         }
         norm(&self.host) == norm(&other.host) && self.port == other.port && self.dbname == other.dbname
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_debug_or_display_of_a_target_or_its_connect_settings_prints_the_password() {
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port: 5440,
+            user: "app".into(),
+            password: Some("hunter2".into()),
+            dbname: "shardq".into(),
+            sslmode: SslMode::Disable,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            options: None,
+        };
+        let options = target.connect_options();
+        assert!(
+            format!("{:?}", options.clone().into_inner()).contains("hunter2"),
+            "sqlx's own Debug prints it, which is why the wrapper exists"
+        );
+        for shown in [
+            target.to_string(),
+            format!("{target:?}"),
+            format!("{target:#?}"),
+            format!("{options:?}"),
+            format!("{options:#?}"),
+            format!("{:?}", target.tokio_postgres_config()),
+        ] {
+            assert!(!shown.contains("hunter2"), "password printed: {shown}");
+        }
+        assert_eq!(
+            format!("{options:?}"),
+            "ConnectOptions(postgres://app@127.0.0.1:5440/shardq)"
+        );
+        assert_eq!(options.get_port(), 5440, "the options are readable through Deref");
     }
 }

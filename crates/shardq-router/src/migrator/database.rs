@@ -1,13 +1,18 @@
-//! The work on one database: connect, lock, compare, run refinery, report.
+//! The work on one database: connect, lock, compare both histories with
+//! the files, apply what is pending, report; all of it within the
+//! database's deadline.
 
 use std::time::Instant;
 
-use refinery::Runner;
-use tokio_postgres::Client;
+use refinery::Migration;
+use tokio_postgres::CancelToken;
 
+use super::apply::{apply, Tries};
 use super::failure::{Failure, Stage};
-use super::plan::{plan, MigrationId};
+use super::plan::{plan, MigrationId, Plan};
 use super::report::{DatabaseReport, HistoryReport};
+use super::session::{self, Session};
+use super::settings::Settings;
 use super::sources::{History, Role, RoleSources};
 use super::status::{DatabaseStatus, HistoryStatus};
 use crate::config::Target;
@@ -24,35 +29,61 @@ pub(crate) struct Db {
     pub target: Target,
 }
 
-/// What a run does on each database.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RunOptions {
-    /// Stop the application history at this version.
-    pub app_target: Option<u32>,
-    /// Only compare; run nothing and take no lock.
-    pub dry_run: bool,
-}
-
 /// Both histories, platform first.
 const HISTORIES: [History; 2] = [History::Platform, History::Application];
 
+/// Where the work on one database stands, read when its deadline passes.
+#[derive(Default)]
+struct Progress {
+    /// Lock-timeout counts so far.
+    tries: Tries,
+    /// Cancels the statement running on the session, once connected.
+    cancel: Option<CancelToken>,
+    /// What is being done, for the timeout message.
+    doing: String,
+    /// The history being worked on.
+    history: Option<History>,
+    /// The migration being applied.
+    migration: Option<MigrationId>,
+}
+
 /// Migrates one database. Never fails: a failure is inside the report.
-pub(crate) async fn migrate(db: &Db, sources: &RoleSources, opts: RunOptions) -> DatabaseReport {
+pub(crate) async fn migrate(db: &Db, sources: &RoleSources, settings: Settings) -> DatabaseReport {
     let started = Instant::now();
-    let mut report = DatabaseReport {
-        database: db.name.clone(),
-        role: db.role,
-        target: db.target.to_string(),
-        platform: None,
-        application: None,
-        duration: Default::default(),
-        error: None,
+    let mut report = DatabaseReport::new(&db.name, db.role, db.target.to_string());
+    let mut progress = Progress::default();
+    let work = migrate_locked(db, sources, &settings, &mut report, &mut progress);
+    let result = match settings.deadline {
+        None => work.await,
+        Some(limit) => match tokio::time::timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                report.timed_out = true;
+                if let Some(token) = progress.cancel.take() {
+                    tokio::spawn(session::cancel(db.target.clone(), token));
+                }
+                let mut failure = Failure::new(
+                    Stage::TimedOut,
+                    progress.history,
+                    format!(
+                        "the database's deadline ({}) passed while {}; that work was cancelled",
+                        humantime::format_duration(limit),
+                        progress.doing
+                    ),
+                );
+                failure.migration = progress.migration.take();
+                Err(failure)
+            }
+        },
     };
-    report.error = migrate_locked(db, sources, opts, &mut report).await.err();
+    report.retries = progress.tries.retries;
+    report.lock_timeouts = progress.tries.lock_timeouts;
+    report.error = result.err();
     report.duration = started.elapsed();
-    match &report.error {
-        None => tracing::info!(database = %db.name, applied = report.applied_count(), "migrated"),
-        Some(e) => tracing::warn!(database = %db.name, error = %e, "migration failed"),
+    match (&report.error, report.ahead.is_empty()) {
+        (Some(e), _) => tracing::warn!(database = %db.name, error = %e, "migration failed"),
+        (None, false) => tracing::warn!(database = %db.name, "database is ahead of this binary; left alone"),
+        (None, true) => tracing::info!(database = %db.name, applied = report.applied_count(), "migrated"),
     }
     report
 }
@@ -61,107 +92,119 @@ pub(crate) async fn migrate(db: &Db, sources: &RoleSources, opts: RunOptions) ->
 async fn migrate_locked(
     db: &Db,
     sources: &RoleSources,
-    opts: RunOptions,
+    settings: &Settings,
     report: &mut DatabaseReport,
+    progress: &mut Progress,
 ) -> Result<(), Failure> {
-    let mut client = connect(&db.target).await?;
-    if !opts.dry_run {
-        store::migration_lock(&client)
-            .await
-            .map_err(|e| Failure::from_error(Stage::Lock, None, &e))?;
+    progress.doing = "connecting".into();
+    let mut session = Session::open(&db.target).await?;
+    progress.cancel = Some(session.cancel_token());
+    session
+        .set_timeouts(settings)
+        .await
+        .map_err(|e| Failure::from_error(Stage::Connect, None, &e))?;
+    if settings.dry_run {
+        return run_histories(&mut session, sources, settings, report, progress).await;
     }
-    let mut result = Ok(());
-    for history in HISTORIES {
-        let Some(files) = sources.files(history) else { continue };
-        let target = if history == History::Application {
-            opts.app_target
-        } else {
-            None
-        };
-        let slot = match history {
-            History::Platform => &mut report.platform,
-            History::Application => &mut report.application,
-        };
-        result = migrate_history(&mut client, history, files, target, opts.dry_run, slot).await;
-        if result.is_err() {
-            break; // the application schema builds on the platform's
-        }
-    }
-    if !opts.dry_run {
-        // Closing the connection releases the lock too; a failed unlock only
-        // means the connection is already gone.
-        if let Err(e) = store::migration_unlock(&client).await {
-            tracing::debug!(database = %db.name, error = %e, "migration unlock failed");
-        }
-    }
+    progress.doing = "waiting for the migration advisory lock (another migrator holds it)".into();
+    session.lock().await?;
+    let result = run_histories(&mut session, sources, settings, report, progress).await;
+    session.unlock().await;
     result
 }
 
-/// Reads one history, refuses if it diverged, and runs (or, dry, lists)
-/// what is pending. Fills `slot` with what happened, also on failure.
-async fn migrate_history(
-    client: &mut Client,
-    history: History,
-    files: &[refinery::Migration],
-    target: Option<u32>,
-    dry_run: bool,
-    slot: &mut Option<HistoryReport>,
+/// Reads and compares both histories first; runs nothing when one diverged
+/// or is ahead of this binary; else applies (or, dry, lists) what is pending.
+async fn run_histories(
+    session: &mut Session,
+    sources: &RoleSources,
+    settings: &Settings,
+    report: &mut DatabaseReport,
+    progress: &mut Progress,
 ) -> Result<(), Failure> {
-    let applied = store::migration_history(client, history.table())
-        .await
-        .map_err(|e| Failure::from_error(Stage::ReadHistory, Some(history), &e))?;
-    let plan = plan(history, &applied, files, target);
-    let report = slot.insert(HistoryReport {
-        history,
-        version_before: plan.current,
-        applied: Vec::new(),
-        version_after: plan.current,
-    });
-    if !plan.divergences.is_empty() {
-        return Err(Failure::diverged(history, plan.divergences));
+    progress.doing = "reading the migration histories".into();
+    let mut plans: Vec<(History, &[Migration], Plan)> = Vec::new();
+    for history in HISTORIES {
+        let Some(files) = sources.files(history) else { continue };
+        let target = (history == History::Application)
+            .then_some(settings.app_target)
+            .flatten();
+        let applied = store::migration_history(&session.client, history.table())
+            .await
+            .map_err(|e| Failure::from_error(Stage::ReadHistory, Some(history), &e))?;
+        let plan = plan(history, &applied, files, target);
+        *report.slot(history) = Some(HistoryReport {
+            history,
+            version_before: plan.current,
+            applied: Vec::new(),
+            version_after: plan.current,
+        });
+        plans.push((history, files, plan));
     }
-    if dry_run || plan.pending.is_empty() {
-        record(report, plan.pending);
-        return Ok(());
+    if let Some((history, _, plan)) = plans.iter().find(|(_, _, p)| !p.divergences.is_empty()) {
+        return Err(Failure::diverged(*history, plan.divergences.clone()));
     }
-    let mut runner = Runner::new(files)
-        .set_target(target.map_or(refinery::Target::Latest, refinery::Target::Version))
-        .set_abort_divergent(true)
-        .set_abort_missing(true);
-    runner.set_migration_table_name(history.table());
-    match runner.run_async(client).await {
-        Ok(done) => {
-            record(report, done.applied_migrations().iter().map(MigrationId::of).collect());
-            Ok(())
+    report.ahead = plans.iter().filter_map(|(_, _, p)| p.ahead.clone()).collect();
+    if !report.ahead.is_empty() {
+        return Ok(()); // a newer release migrated it: leave it alone
+    }
+    for (history, files, plan) in plans {
+        if settings.dry_run {
+            for id in plan.pending {
+                record(report.slot(history), id);
+            }
+            continue;
         }
-        Err(e) => {
-            let done: Vec<MigrationId> = e
-                .report()
-                .map(|r| r.applied_migrations().iter().map(MigrationId::of).collect())
-                .unwrap_or_default();
-            let mut failure = Failure::from_error(Stage::Migrate, Some(history), &e);
-            failure.migration = plan.pending.get(done.len()).cloned();
-            record(report, done);
-            Err(failure)
+        if plan.pending.is_empty() {
+            continue;
         }
+        progress.history = Some(history);
+        store::migration_history_create(&session.client, history.table())
+            .await
+            .map_err(|e| Failure::from_error(Stage::Migrate, Some(history), &e))?;
+        for id in plan.pending {
+            let Some(file) = files.iter().find(|f| f.version() == id.version) else {
+                continue;
+            };
+            progress.doing = format!("applying {history} migration {id}");
+            progress.migration = Some(id.clone());
+            apply(session, history, file, settings, &mut progress.tries).await?;
+            record(report.slot(history), id);
+        }
+    }
+    Ok(())
+}
+
+/// Notes one applied (or, dry, pending) migration in its history's report.
+fn record(slot: &mut Option<HistoryReport>, id: MigrationId) {
+    if let Some(report) = slot {
+        report.version_after = Some(report.version_after.map_or(id.version, |v| v.max(id.version)));
+        report.applied.push(id);
     }
 }
 
-fn record(report: &mut HistoryReport, applied: Vec<MigrationId>) {
-    if let Some(last) = applied.last() {
-        report.version_after = Some(report.version_before.map_or(last.version, |v| v.max(last.version)));
-    }
-    report.applied = applied;
-}
-
-/// Reads both histories of one database and compares them with the files.
-pub(crate) async fn status(db: &Db, sources: &RoleSources) -> DatabaseStatus {
-    let histories = read_status(db, sources).await;
+/// Reads both histories of one database and compares them with the files,
+/// within the deadline.
+pub(crate) async fn status(db: &Db, sources: &RoleSources, settings: Settings) -> DatabaseStatus {
+    let read = read_status(db, sources);
+    let histories = match settings.deadline {
+        None => read.await,
+        Some(limit) => tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+            Err(Failure::new(
+                Stage::TimedOut,
+                None,
+                format!(
+                    "the database's deadline ({}) passed while reading its histories",
+                    humantime::format_duration(limit)
+                ),
+            ))
+        }),
+    };
     DatabaseStatus::new(db.name.clone(), db.role, db.target.to_string(), histories)
 }
 
 async fn read_status(db: &Db, sources: &RoleSources) -> Result<(HistoryStatus, Option<HistoryStatus>), Failure> {
-    let client = connect(&db.target).await?;
+    let client = session::connect(&db.target).await?;
     let platform = history_status(&client, History::Platform, &sources.platform).await?;
     let application = match &sources.application {
         Some(files) => Some(history_status(&client, History::Application, files).await?),
@@ -171,9 +214,9 @@ async fn read_status(db: &Db, sources: &RoleSources) -> Result<(HistoryStatus, O
 }
 
 async fn history_status(
-    client: &Client,
+    client: &tokio_postgres::Client,
     history: History,
-    files: &[refinery::Migration],
+    files: &[Migration],
 ) -> Result<HistoryStatus, Failure> {
     let applied = store::migration_history(client, history.table())
         .await
@@ -185,27 +228,6 @@ async fn history_status(
         latest: plan.latest,
         pending: plan.pending,
         divergences: plan.divergences,
+        ahead: plan.ahead,
     })
-}
-
-/// Opens one connection for the migrator; its driver task runs until the
-/// client is dropped.
-/// TLS as `target.sslmode` says (see [`crate::tls`]).
-async fn connect(target: &Target) -> Result<Client, Failure> {
-    let failed = |e: &(dyn std::error::Error + 'static)| Failure::from_error(Stage::Connect, None, e);
-    // With sslmode disable the config never asks for TLS, so the connector
-    // goes unused.
-    let tls = crate::tls::tokio_postgres_connector(target).map_err(|e| failed(&e))?;
-    let (client, connection) = target
-        .tokio_postgres_config()
-        .connect(tls)
-        .await
-        .map_err(|e| failed(&e))?;
-    let address = target.to_string();
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%address, error = %e, "migration connection ended with an error");
-        }
-    });
-    Ok(client)
 }

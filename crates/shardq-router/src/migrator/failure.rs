@@ -21,6 +21,15 @@ pub enum Stage {
     Diverged,
     /// Running a migration.
     Migrate,
+    /// A migration waited for a lock longer than the lock timeout at every
+    /// try; it was rolled back each time.
+    LockTimeout,
+    /// The database's deadline passed before its work was done; the
+    /// statement running then was cancelled.
+    TimedOut,
+    /// The migrator itself failed on this database (a bug); the other
+    /// databases are not affected.
+    Panicked,
 }
 
 impl std::fmt::Display for Stage {
@@ -31,6 +40,9 @@ impl std::fmt::Display for Stage {
             Stage::ReadHistory => "cannot read the migration history",
             Stage::Diverged => "history diverged from the migration files",
             Stage::Migrate => "migration failed",
+            Stage::LockTimeout => "lock timeout",
+            Stage::TimedOut => "deadline passed",
+            Stage::Panicked => "internal error",
         })
     }
 }
@@ -68,6 +80,23 @@ impl Failure {
         }
     }
 
+    /// A failure described by the migrator itself (no Postgres error).
+    pub(crate) fn new(stage: Stage, history: Option<History>, message: String) -> Failure {
+        Failure {
+            stage,
+            history,
+            migration: None,
+            sqlstate: None,
+            message,
+            divergences: Vec::new(),
+        }
+    }
+
+    /// Whether Postgres cancelled the statement for its lock timeout.
+    pub(crate) fn is_lock_timeout(&self) -> bool {
+        self.sqlstate.as_deref() == Some(LOCK_NOT_AVAILABLE)
+    }
+
     /// A refusal to run a diverged history.
     pub(crate) fn diverged(history: History, divergences: Vec<Divergence>) -> Failure {
         let message = divergences
@@ -97,6 +126,9 @@ impl std::fmt::Display for Failure {
         write!(f, ": {}", self.message)
     }
 }
+
+/// SQLSTATE 55P03, `lock_not_available`: what a lock timeout raises.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// The SQLSTATE and full text of an error: the Postgres fields when a
 /// `tokio_postgres::Error` carrying a server error is in the chain, else

@@ -5,55 +5,89 @@
 //! - `sources`: the platform's migrations (embedded from `migrations/master`
 //!   and `migrations/shard`) and the application's (folders named in
 //!   shards.toml, read at run time).
-//! - `plan`: applied history compared with the files: pending migrations or
-//!   [`Divergence`]s.
-//! - `database`: the work on one database (connect, advisory lock, refinery).
+//! - `statements`: how a file runs (one transaction, or statement by
+//!   statement after the `-- shardq:no-transaction` marker) and which
+//!   line-ending forms of it count as the same file.
+//! - `plan`: applied history compared with the files: pending migrations,
+//!   [`Divergence`]s, or [`Ahead`] of this binary.
+//! - `settings`: lock timeout, retries, backoff, statement timeout, deadline.
+//! - `session`: the connection to one database (timeouts, the advisory lock
+//!   taken without waiting on the server, the lock observer, cancel).
+//! - `apply`: one migration file, retried on lock timeouts.
+//! - `database`: the work on one database within its deadline.
 //! - `report`, `status`: the [`MigrationReport`] and [`StatusReport`] types.
 //! - `failure`: [`Failure`], with the full Postgres error text.
 //!
 //! Rules:
-//! - Two histories per database, in separate refinery tables:
+//! - Two histories per database, in separate tables in refinery's layout:
 //!   `shardq_schema_history` (platform) and `shardq_app_history`
-//!   (application). The platform history runs first.
-//! - The master runs first, then the shards concurrently, at most
-//!   [`Migrator::parallel`] at a time, each on its own connection under
-//!   `pg_advisory_lock`, so concurrent migrators never double-apply: the
-//!   second waits and then finds nothing to do.
-//! - A failing database never stops the others; it is reported with its
-//!   error. A diverged database (an applied migration edited, renamed or
-//!   deleted, or an older file never applied) is refused, never repaired.
-//! - Each migration runs in its own transaction; re-running after a fix
-//!   converges.
+//!   (application). Both are read and compared before anything runs; the
+//!   platform history runs first.
+//! - The master runs first; then the canary shard, if one is named; then
+//!   the shards concurrently, at most [`Migrator::parallel`] at a time, each
+//!   in its own task, so a stuck database holds one slot and nothing else.
+//!   Each database has a deadline; past it, it is reported timed out.
+//! - Every session sets `lock_timeout`: a migration that cannot get its lock
+//!   in time is rolled back and tried again after a pause, a bounded number
+//!   of times, so it never keeps ordinary writes queued for longer than that.
+//! - The advisory lock is polled with `pg_try_advisory_lock`, so concurrent
+//!   migrators never double-apply: the second waits (up to its deadline)
+//!   and then finds nothing to do.
+//! - A failing database never stops the others (unless it is the master or
+//!   the canary of a canary run); it is reported with its error. A diverged
+//!   database (an applied migration edited, renamed or deleted, or an older
+//!   file never applied) is refused, never repaired; one ahead of this
+//!   binary is left alone.
+//! - Each migration runs in its own transaction with its history row, unless
+//!   marked no-transaction; re-running after a fix converges.
 //!
 //! ```no_run
 //! # async fn demo() -> shardq_router::Result<()> {
+//! use std::time::Duration;
 //! use shardq_router::{Config, Migrator};
 //! let config = Config::load("shards.toml")?;
-//! let report = Migrator::new(&config).parallel(8).run().await?;
+//! let report = Migrator::new(&config)
+//!     .parallel(8)
+//!     .lock_timeout(Duration::from_secs(2))
+//!     .canary("shard_1")
+//!     .run()
+//!     .await?;
 //! println!("{report}");
 //! if report.failed() { std::process::exit(1) }
 //! # Ok(()) }
 //! ```
 
+mod apply;
 mod database;
 mod failure;
 mod plan;
 mod report;
+mod session;
+mod settings;
 mod sources;
+mod statements;
 mod status;
 mod table;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use database::{Db, RunOptions};
-use sources::Sources;
+use database::Db;
+use settings::Settings;
+use sources::{RoleSources, Sources};
 
 pub use failure::{Failure, Stage};
-pub use plan::{Divergence, DivergenceReason, MigrationId};
+pub use plan::{Ahead, Divergence, DivergenceReason, MigrationId};
 pub use report::{DatabaseReport, HistoryReport, MigrationReport};
+pub use settings::{
+    DEFAULT_DEADLINE, DEFAULT_LOCK_RETRIES, DEFAULT_LOCK_TIMEOUT, DEFAULT_RETRY_BACKOFF, MAX_RETRY_BACKOFF,
+};
 pub use sources::{History, Role};
+pub use statements::NO_TRANSACTION_MARKER;
 pub use status::{DatabaseStatus, HistoryStatus, State, StatusReport};
 
 /// Default number of shards migrated at the same time.
@@ -77,11 +111,17 @@ pub struct Migrator {
     master: Option<bool>,
     /// Report what would run without running it.
     dry_run: bool,
+    /// Timeouts, retries and deadline of every database.
+    settings: Settings,
+    /// The shard migrated (after the master) before all others.
+    canary: Option<String>,
 }
 
 impl Migrator {
     /// A migrator for the whole fleet of `config`: master and all shards, to
-    /// the latest version, [`DEFAULT_PARALLEL`] shards at a time.
+    /// the latest version, [`DEFAULT_PARALLEL`] shards at a time, with a
+    /// [`DEFAULT_LOCK_TIMEOUT`] lock timeout, [`DEFAULT_LOCK_RETRIES`]
+    /// retries and a [`DEFAULT_DEADLINE`] per database, no canary.
     pub fn new(config: &Config) -> Migrator {
         Migrator {
             config: config.clone(),
@@ -90,7 +130,60 @@ impl Migrator {
             only_shards: None,
             master: None,
             dry_run: false,
+            settings: Settings::default(),
+            canary: None,
         }
+    }
+
+    /// The `lock_timeout` of every migrator session (default
+    /// [`DEFAULT_LOCK_TIMEOUT`]): a statement that waits longer for a lock
+    /// is cancelled, its migration rolled back and tried again. Zero turns
+    /// the timeout off (a migration may then wait, and hold up the writes
+    /// queued behind it, for as long as the lock is held).
+    pub fn lock_timeout(mut self, timeout: Duration) -> Migrator {
+        self.settings.lock_timeout = timeout;
+        self
+    }
+
+    /// How many times a migration cancelled by the lock timeout is tried
+    /// again before its database is reported failed (default
+    /// [`DEFAULT_LOCK_RETRIES`]; 0: never).
+    pub fn lock_retries(mut self, retries: u32) -> Migrator {
+        self.settings.lock_retries = retries;
+        self
+    }
+
+    /// The pause before the first retry (default [`DEFAULT_RETRY_BACKOFF`]);
+    /// it doubles at each retry, up to [`MAX_RETRY_BACKOFF`].
+    pub fn retry_backoff(mut self, pause: Duration) -> Migrator {
+        self.settings.retry_backoff = pause;
+        self
+    }
+
+    /// The `statement_timeout` of every migrator session (default `None`:
+    /// the server's setting). A statement cancelled by it fails its
+    /// migration (no retry).
+    pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Migrator {
+        self.settings.statement_timeout = timeout;
+        self
+    }
+
+    /// The deadline of each database, from connecting to its last migration
+    /// (default [`DEFAULT_DEADLINE`]; `None`: none). A database not done by
+    /// then is reported timed out (its running statement is cancelled and
+    /// rolled back); the others go on.
+    pub fn deadline(mut self, deadline: Option<Duration>) -> Migrator {
+        self.settings.deadline = deadline;
+        self
+    }
+
+    /// Migrates the master (when selected) and then `shard` alone before
+    /// any other shard; if either fails, the other shards are not touched
+    /// and the report lists them in [`MigrationReport::untouched`]. The
+    /// shard must be configured and selected.
+    pub fn canary(mut self, shard: impl Into<String>) -> Migrator {
+        self.canary = Some(shard.into());
+        self
     }
 
     /// Migrates at most `n` shards at the same time (0 is taken as 1).
@@ -133,55 +226,90 @@ impl Migrator {
         self
     }
 
-    /// Migrates the master (when selected), then the selected shards
-    /// concurrently. A database that fails (unreachable, failing migration,
-    /// diverged history) is reported inside the [`MigrationReport`]; `Err`
-    /// only for problems that stop the whole run before it starts: an
-    /// unreadable or invalid application migration folder, an unknown shard
-    /// name, a target without application migrations.
+    /// Migrates the master (when selected), then the canary (if set), then
+    /// the selected shards concurrently. A database that fails
+    /// (unreachable, failing migration, lock timeout, deadline, diverged
+    /// history) is reported inside the [`MigrationReport`]; `Err` only for
+    /// problems that stop the whole run before it starts: an unreadable or
+    /// invalid application migration folder, an unknown shard name or
+    /// canary, a target without application migrations.
     pub async fn run(&self) -> Result<MigrationReport> {
-        let sources = Sources::load(&self.config)?;
+        let sources = Arc::new(Sources::load(&self.config)?);
         if self.target.is_some() && self.selected_roles_have_no_app_migrations() {
             return Err(Error::Migrations(
                 "a target version applies to application migrations, and none are configured ([migrations] in shards.toml)".into(),
             ));
         }
-        let (master, shards) = self.selection()?;
-        let opts = RunOptions {
+        let (master, mut shards) = self.selection()?;
+        let canary = self.canary_of(&mut shards)?;
+        let settings = Settings {
             app_target: self.target,
             dry_run: self.dry_run,
+            ..self.settings
         };
-        let mut databases = Vec::with_capacity(shards.len() + 1);
-        if let Some(m) = &master {
-            databases.push(database::migrate(m, sources.for_role(m.role), opts).await);
+        let mut databases = Vec::with_capacity(shards.len() + 2);
+        for db in master.into_iter().chain(canary) {
+            databases.push(spawn_migrate(db, sources.clone(), settings).await);
         }
-        let shard_reports: Vec<_> = stream::iter(&shards)
-            .map(|db| database::migrate(db, sources.for_role(db.role), opts))
-            .buffered(self.parallel)
-            .collect()
-            .await;
-        databases.extend(shard_reports);
+        let mut untouched = Vec::new();
+        if self.canary.is_some() && databases.iter().any(|d| d.error.is_some()) {
+            untouched = shards.into_iter().map(|s| s.name).collect();
+        } else {
+            let mut done: Vec<(usize, DatabaseReport)> = stream::iter(shards.into_iter().enumerate())
+                .map(|(i, db)| {
+                    let sources = sources.clone();
+                    async move { (i, spawn_migrate(db, sources, settings).await) }
+                })
+                .buffer_unordered(self.parallel)
+                .collect()
+                .await;
+            done.sort_by_key(|(i, _)| *i);
+            databases.extend(done.into_iter().map(|(_, d)| d));
+        }
         Ok(MigrationReport {
             dry_run: self.dry_run,
             target: self.target,
             databases,
+            canary: self.canary.clone(),
+            untouched,
         })
     }
 
     /// Reads every selected database's histories and compares them with the
-    /// files: applied and latest versions, pending migrations, divergences.
-    /// Changes nothing. An unreachable database is reported inside the
+    /// files: applied and latest versions, pending migrations, divergences,
+    /// histories ahead of this binary. Changes nothing. An unreachable
+    /// database (or one past its deadline) is reported inside the
     /// [`StatusReport`]; `Err` only for bad migration folders or unknown shards.
     pub async fn status(&self) -> Result<StatusReport> {
         let sources = Sources::load(&self.config)?;
         let (master, shards) = self.selection()?;
         let all: Vec<Db> = master.into_iter().chain(shards).collect();
-        let databases = stream::iter(&all)
-            .map(|db| database::status(db, sources.for_role(db.role)))
-            .buffered(self.parallel)
+        let settings = self.settings;
+        let mut databases: Vec<(usize, DatabaseStatus)> = stream::iter(all.iter().enumerate())
+            .map(|(i, db)| {
+                let sources = &sources;
+                async move { (i, database::status(db, sources.for_role(db.role), settings).await) }
+            })
+            .buffer_unordered(self.parallel)
             .collect()
             .await;
-        Ok(StatusReport { databases })
+        databases.sort_by_key(|(i, _)| *i);
+        Ok(StatusReport {
+            databases: databases.into_iter().map(|(_, d)| d).collect(),
+        })
+    }
+
+    /// Takes the canary out of `shards`; an error when it is not a
+    /// configured shard or not among the selected ones.
+    fn canary_of(&self, shards: &mut Vec<Db>) -> Result<Option<Db>> {
+        let Some(name) = &self.canary else { return Ok(None) };
+        self.config.shard(name)?;
+        let Some(i) = shards.iter().position(|s| &s.name == name) else {
+            return Err(Error::Migrations(format!(
+                "canary shard {name:?} is not among the selected shards"
+            )));
+        };
+        Ok(Some(shards.remove(i)))
     }
 
     /// The master (if selected) and the selected shards in config order.
@@ -226,5 +354,30 @@ impl Migrator {
         let master_has = self.includes_master() && m.master.is_some();
         let shards_have = self.config.shards.iter().any(|s| self.selects_shard(&s.name)) && m.shard.is_some();
         !(master_has || shards_have)
+    }
+}
+
+/// Migrates one database in its own task, so that a panic there becomes
+/// that database's error and the run goes on.
+async fn spawn_migrate(db: Db, sources: Arc<Sources>, settings: Settings) -> DatabaseReport {
+    let (name, role, target) = (db.name.clone(), db.role, db.target.to_string());
+    let task = tokio::spawn(async move {
+        let files: &RoleSources = sources.for_role(db.role);
+        database::migrate(&db, files, settings).await
+    });
+    match task.await {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::error!(database = %name, error = %e, "the migrator failed on this database");
+            let message = match e.try_into_panic() {
+                Ok(panic) => panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the migration task panicked".into()),
+                Err(e) => e.to_string(),
+            };
+            DatabaseReport::panicked(&name, role, target, format!("the migration task failed: {message}"))
+        }
     }
 }

@@ -5,6 +5,7 @@ use refinery::Migration;
 use serde::Serialize;
 
 use super::sources::History;
+use super::statements::equivalent_checksums;
 use crate::store::MigrationHistoryRow;
 
 /// A migration named the way its file is: `V{version}__{name}`.
@@ -96,6 +97,34 @@ impl std::fmt::Display for Divergence {
     }
 }
 
+/// A history that holds versions above every file of this binary: a newer
+/// release migrated the database. It is left alone, not reported divergent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ahead {
+    /// Which history.
+    pub history: History,
+    /// The highest version applied to the database.
+    pub applied: u32,
+    /// The highest version this binary has a file for (`None`: no file).
+    pub known: Option<u32>,
+    /// The applied migrations this binary has no file for, in order.
+    pub unknown: Vec<MigrationId>,
+}
+
+impl std::fmt::Display for Ahead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} history ahead of this binary (applied V{}, ",
+            self.history, self.applied
+        )?;
+        match self.known {
+            Some(k) => write!(f, "this binary knows up to V{k})"),
+            None => write!(f, "this binary has no migration files for it)"),
+        }
+    }
+}
+
 /// The comparison of one history of one database with its files.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
@@ -107,11 +136,17 @@ pub(crate) struct Plan {
     pub pending: Vec<MigrationId>,
     /// Mismatches; when not empty nothing may run.
     pub divergences: Vec<Divergence>,
+    /// Set when the database holds versions above every file; nothing may
+    /// run then either.
+    pub ahead: Option<Ahead>,
 }
 
-/// Compares applied rows with the (sorted) files, as refinery does with
-/// `abort_divergent` and `abort_missing` on, so a plan without divergences
-/// is exactly what refinery will run.
+/// Compares applied rows with the (sorted) files: every applied version up
+/// to the latest file must have its file, unchanged (a line-ending change
+/// is no change) and under the same name; every file at or below the
+/// applied version must be applied. Versions above the latest file make the
+/// history [`Ahead`]. A plan without divergences and not ahead is exactly
+/// what the apply step runs.
 pub(crate) fn plan(
     history: History,
     applied: &[MigrationHistoryRow],
@@ -119,8 +154,25 @@ pub(crate) fn plan(
     target: Option<u32>,
 ) -> Plan {
     let current = applied.iter().filter_map(|r| u32::try_from(r.version).ok()).max();
+    let latest = files.iter().map(Migration::version).max();
+    let is_ahead = |row: &MigrationHistoryRow| !matches!(latest, Some(l) if i64::from(row.version) <= i64::from(l));
+    let unknown: Vec<MigrationId> = applied
+        .iter()
+        .filter(|r| r.version >= 0 && is_ahead(r))
+        .map(|r| MigrationId {
+            version: u32::try_from(r.version).unwrap_or(0),
+            name: r.name.clone(),
+        })
+        .collect();
+    let ahead = current.filter(|_| !unknown.is_empty()).map(|applied| Ahead {
+        history,
+        applied,
+        known: latest,
+        unknown,
+    });
     let mut divergences: Vec<Divergence> = applied
         .iter()
+        .filter(|r| r.version < 0 || !is_ahead(r))
         .filter_map(|row| check_applied(history, row, files))
         .collect();
     let mut pending = Vec::new();
@@ -143,9 +195,10 @@ pub(crate) fn plan(
     }
     Plan {
         current,
-        latest: files.iter().map(Migration::version).max(),
+        latest,
         pending,
         divergences,
+        ahead,
     }
 }
 
@@ -159,7 +212,7 @@ fn check_applied(history: History, row: &MigrationHistoryRow, files: &[Migration
         Some(f) if f.name() != row.name => DivergenceReason::Renamed {
             file_name: f.to_string(),
         },
-        Some(f) if f.checksum().to_string() != row.checksum => DivergenceReason::ChecksumChanged,
+        Some(f) if !equivalent_checksums(f).contains(&row.checksum) => DivergenceReason::ChecksumChanged,
         Some(_) => return None,
     };
     Some(Divergence {
@@ -225,5 +278,30 @@ mod tests {
             ]
         );
         assert_eq!(p.pending.iter().map(|m| m.version).collect::<Vec<_>>(), vec![5]);
+        assert!(p.ahead.is_none());
+    }
+
+    #[test]
+    fn versions_above_every_file_are_ahead_not_divergent() {
+        let newer = [file("V1__a", "x"), file("V2__b", "y"), file("V3__c", "z")];
+        let rows: Vec<_> = newer.iter().map(row).collect();
+        let p = plan(History::Platform, &rows, &newer[..2], None);
+        assert!(p.divergences.is_empty(), "{:?}", p.divergences);
+        assert!(p.pending.is_empty());
+        let ahead = p.ahead.expect("ahead");
+        assert_eq!((ahead.applied, ahead.known), (3, Some(2)));
+        assert_eq!(ahead.unknown, vec![MigrationId::of(&newer[2])]);
+        assert_eq!(
+            ahead.to_string(),
+            "platform history ahead of this binary (applied V3, this binary knows up to V2)"
+        );
+    }
+
+    #[test]
+    fn a_row_recorded_from_a_crlf_checkout_matches_the_lf_file() {
+        let crlf = file("V1__a", "CREATE TABLE a (id int);\r\n");
+        let lf = file("V1__a", "CREATE TABLE a (id int);\n");
+        let p = plan(History::Application, &[row(&crlf)], &[lf], None);
+        assert!(p.divergences.is_empty(), "{:?}", p.divergences);
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use super::failure::Failure;
-use super::plan::MigrationId;
+use super::plan::{Ahead, MigrationId};
 use super::sources::{History, Role};
 use super::table::{version, write_table};
 
@@ -18,8 +18,14 @@ pub struct MigrationReport {
     pub dry_run: bool,
     /// The application target version, if one was given.
     pub target: Option<u32>,
-    /// One entry per database, the master first, then shards in config order.
+    /// One entry per database that was worked on, the master first, then
+    /// the canary shard (if any), then the other shards in config order.
     pub databases: Vec<DatabaseReport>,
+    /// The canary shard, when one was named: it ran (after the master)
+    /// before any other shard.
+    pub canary: Option<String>,
+    /// The shards left untouched because the master or the canary failed.
+    pub untouched: Vec<String>,
 }
 
 /// What happened on one database.
@@ -39,6 +45,16 @@ pub struct DatabaseReport {
     /// Wall time spent on this database, including waiting for the lock.
     #[serde(rename = "duration_ms", serialize_with = "millis")]
     pub duration: Duration,
+    /// Tries of migrations beyond their first, after lock timeouts.
+    pub retries: u32,
+    /// Tries cancelled by the lock timeout (each rolled back).
+    pub lock_timeouts: u32,
+    /// Whether the database's deadline passed (then `error` says where).
+    pub timed_out: bool,
+    /// The histories that hold versions this binary does not know (a newer
+    /// release migrated the database). When not empty nothing was run on
+    /// this database; it is not a failure.
+    pub ahead: Vec<Ahead>,
     /// Why the database failed; `None` when it succeeded.
     pub error: Option<Failure>,
 }
@@ -59,9 +75,14 @@ pub struct HistoryReport {
 }
 
 impl MigrationReport {
-    /// Whether any database failed.
+    /// Whether any database failed (a canary that failed included).
     pub fn failed(&self) -> bool {
         self.databases.iter().any(|d| d.error.is_some())
+    }
+
+    /// The databases left alone because they are ahead of this binary.
+    pub fn ahead(&self) -> impl Iterator<Item = &DatabaseReport> {
+        self.databases.iter().filter(|d| !d.ahead.is_empty())
     }
 
     /// The databases that failed.
@@ -81,6 +102,38 @@ impl MigrationReport {
 }
 
 impl DatabaseReport {
+    /// An empty report of one database, filled in as the work goes.
+    pub(crate) fn new(database: &str, role: Role, target: String) -> DatabaseReport {
+        DatabaseReport {
+            database: database.to_string(),
+            role,
+            target,
+            platform: None,
+            application: None,
+            duration: Duration::ZERO,
+            retries: 0,
+            lock_timeouts: 0,
+            timed_out: false,
+            ahead: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// The report of a database whose task failed unexpectedly.
+    pub(crate) fn panicked(database: &str, role: Role, target: String, message: String) -> DatabaseReport {
+        let mut report = DatabaseReport::new(database, role, target);
+        report.error = Some(Failure::new(super::failure::Stage::Panicked, None, message));
+        report
+    }
+
+    /// Where a history's report goes.
+    pub(crate) fn slot(&mut self, history: History) -> &mut Option<HistoryReport> {
+        match history {
+            History::Platform => &mut self.platform,
+            History::Application => &mut self.application,
+        }
+    }
+
     /// The report of one history, if it was reached.
     pub fn history(&self, history: History) -> Option<&HistoryReport> {
         match history {
@@ -101,6 +154,15 @@ impl DatabaseReport {
 
 fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn result(d: &DatabaseReport) -> &'static str {
+    match (&d.error, d.timed_out, d.ahead.is_empty()) {
+        (Some(_), true, _) => "TIMED OUT",
+        (Some(_), false, _) => "FAILED",
+        (None, _, false) => "ahead of this binary",
+        (None, _, true) => "ok",
+    }
 }
 
 fn versions(h: Option<&HistoryReport>) -> String {
@@ -124,22 +186,41 @@ impl std::fmt::Display for MigrationReport {
                     versions(d.platform.as_ref()),
                     versions(d.application.as_ref()),
                     d.applied_count().to_string(),
+                    d.retries.to_string(),
                     format!("{} ms", d.duration.as_millis()),
-                    if d.error.is_some() {
-                        "FAILED".into()
-                    } else {
-                        "ok".into()
-                    },
+                    result(d).into(),
                 ]
             })
             .collect();
         write_table(
             f,
-            &["database", "address", "platform", "application", verb, "took", "result"],
+            &[
+                "database",
+                "address",
+                "platform",
+                "application",
+                verb,
+                "retries",
+                "took",
+                "result",
+            ],
             &rows,
         )?;
         self.write_applied(f, verb)?;
         self.write_failures(f)?;
+        for d in self.ahead() {
+            for a in &d.ahead {
+                writeln!(f, "\n{} ({}) left alone: {a}", d.database, d.target)?;
+            }
+        }
+        if !self.untouched.is_empty() {
+            writeln!(
+                f,
+                "\ncanary {} failed: these shards were not touched: {}",
+                self.canary.as_deref().unwrap_or("(master)"),
+                self.untouched.join(", ")
+            )?;
+        }
         self.write_summary(f)
     }
 }
@@ -168,7 +249,11 @@ impl MigrationReport {
     fn write_failures(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for d in self.failures() {
             if let Some(e) = &d.error {
-                writeln!(f, "\n{} ({}) FAILED: {e}", d.database, d.target)?;
+                let lock_timeouts = match d.lock_timeouts {
+                    0 => String::new(),
+                    n => format!(" [{n} lock timeout(s), {} retries]", d.retries),
+                };
+                writeln!(f, "\n{} ({}) FAILED: {e}{lock_timeouts}", d.database, d.target)?;
             }
         }
         Ok(())
@@ -180,16 +265,31 @@ impl MigrationReport {
         writeln!(f)?;
         match (self.dry_run, failed) {
             (true, 0) => writeln!(f, "dry run: nothing was changed on {total} database(s)"),
-            (false, 0) => writeln!(
-                f,
-                "{total} database(s) migrated, {} migration(s) applied",
-                self.applied_count()
-            ),
-            (dry, _) => writeln!(
+            (false, 0) => {
+                let ahead = self.ahead().count();
+                write!(
+                    f,
+                    "{} database(s) migrated, {} migration(s) applied",
+                    total - ahead,
+                    self.applied_count()
+                )?;
+                match ahead {
+                    0 => writeln!(f),
+                    n => writeln!(f, "; {n} database(s) ahead of this binary left alone"),
+                }
+            }
+            (dry, _) if self.untouched.is_empty() => writeln!(
                 f,
                 "{failed} of {total} database(s) FAILED{}; the others are unaffected. \
                  Fix the cause and run again: databases already migrated will do nothing.",
                 if dry { " (dry run)" } else { "" }
+            ),
+            (dry, _) => writeln!(
+                f,
+                "{failed} of {total} database(s) FAILED{}; {} shard(s) not touched. \
+                 Fix the cause and run again.",
+                if dry { " (dry run)" } else { "" },
+                self.untouched.len()
             ),
         }
     }

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::failure::Failure;
-use super::plan::{Divergence, MigrationId};
+use super::plan::{Ahead, Divergence, MigrationId};
 use super::sources::{History, Role};
 use super::table::{version, write_table};
 
@@ -48,6 +48,9 @@ pub struct HistoryStatus {
     pub pending: Vec<MigrationId>,
     /// Mismatches between the history and the files.
     pub divergences: Vec<Divergence>,
+    /// Set when the history holds versions above every file (a newer
+    /// release migrated it); `migrate` leaves such a database alone.
+    pub ahead: Option<Ahead>,
 }
 
 /// The summary state of one database, worst first.
@@ -58,6 +61,9 @@ pub enum State {
     Unreachable,
     /// A history no longer matches the files; `migrate` refuses to run here.
     Diverged,
+    /// A history holds versions this binary does not know (applied by a
+    /// newer release); `migrate` leaves it alone. Not an error.
+    Ahead,
     /// Some history's applied version is below the latest file version.
     Behind,
     /// Every history is at its latest file version.
@@ -69,6 +75,7 @@ impl std::fmt::Display for State {
         f.write_str(match self {
             State::Unreachable => "UNREACHABLE",
             State::Diverged => "DIVERGED",
+            State::Ahead => "ahead of this binary",
             State::Behind => "behind",
             State::UpToDate => "up to date",
         })
@@ -108,6 +115,8 @@ impl DatabaseStatus {
             State::Unreachable
         } else if all.iter().any(|h| h.diverged()) {
             State::Diverged
+        } else if all.iter().any(|h| h.ahead.is_some()) {
+            State::Ahead
         } else if all.iter().any(|h| h.lagging()) {
             State::Behind
         } else {
@@ -150,6 +159,11 @@ impl StatusReport {
     /// The databases behind the latest file version (and not diverged).
     pub fn lagging(&self) -> Vec<&str> {
         self.named(State::Behind)
+    }
+
+    /// The databases ahead of this binary (migrated by a newer release).
+    pub fn ahead(&self) -> Vec<&str> {
+        self.named(State::Ahead)
     }
 
     /// The status of one database (`master` or a shard name).
@@ -195,6 +209,14 @@ impl std::fmt::Display for StatusReport {
             for div in d.divergences() {
                 writeln!(f, "\n{} DIVERGED: {div}", d.database)?;
             }
+            for a in d
+                .platform
+                .iter()
+                .chain(d.application.iter())
+                .filter_map(|h| h.ahead.as_ref())
+            {
+                writeln!(f, "\n{} {a}", d.database)?;
+            }
             if let Some(e) = &d.error {
                 writeln!(f, "\n{} UNREACHABLE: {e}", d.database)?;
             }
@@ -211,7 +233,15 @@ impl std::fmt::Display for StatusReport {
         if !lagging.is_empty() {
             writeln!(f, "behind: {} (run `shardq migrate`)", lagging.join(", "))?;
         }
-        if diverged.is_empty() && lagging.is_empty() && !self.has_errors() {
+        let ahead = self.named(State::Ahead);
+        if !ahead.is_empty() {
+            writeln!(
+                f,
+                "ahead of this binary: {} (migrated by a newer release; run that release's migrate)",
+                ahead.join(", ")
+            )?;
+        }
+        if diverged.is_empty() && lagging.is_empty() && ahead.is_empty() && !self.has_errors() {
             writeln!(f, "all {} database(s) up to date", self.databases.len())?;
         }
         Ok(())

@@ -226,12 +226,16 @@ async fn the_engine_never_jit_compiles_the_claim() {
         // The defect the engine's settings remove: the planner's estimate
         // for the claim is high enough that a default session compiles it.
         assert!(
-            claim_jit_compiled(target.connect_options(), &[]).await,
+            claim_jit_compiled(target.connect_options().into_inner(), &[]).await,
             "a default session JIT-compiles the claim of a 100k backlog"
         );
     }
     assert!(
-        !claim_jit_compiled(target.connect_options(), &shardq::store::ENGINE_SESSION_SETTINGS).await,
+        !claim_jit_compiled(
+            target.connect_options().into_inner(),
+            &shardq::store::ENGINE_SESSION_SETTINGS
+        )
+        .await,
         "the engine's sessions must not JIT-compile the claim"
     );
 }

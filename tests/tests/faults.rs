@@ -266,7 +266,7 @@ async fn a_node_whose_connections_are_all_terminated_reconnects_listens_again_an
                 }
                 let (a, s) = &accounts[i % accounts.len()];
                 let mut conn = outside[s].acquire().await.unwrap();
-                let id = store::job_insert(&mut conn, a.as_str(), &count_job(), "{}")
+                let id = store::job_insert(&mut conn, a.as_str(), &count_job(), "{}", store::Notify::AtCommit)
                     .await
                     .unwrap();
                 ids.push(JobId { shard: s.clone(), id });

@@ -5,14 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use shardq_router::router::fenced;
+use shardq_router::router::{fenced, Database};
 use shardq_router::{Account, Router};
 use sqlx::PgConnection;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::job::{Enqueued, JobId, JobRecord, JobState, NewJob};
-use crate::store::{self, JobChange, RetryChange};
+use crate::store::{self, JobChange, Notify, RetryChange};
 
 /// How long an enqueue waits for a move that fenced its account off the old
 /// shard to switch the placement.
@@ -74,12 +74,13 @@ impl Client {
                 let db = self.router.pool_for(account).await?;
                 tracing::Span::current().record("shard", db.name.as_str());
                 let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
-                match store::job_insert(&mut conn, account.as_str(), &job, &args).await {
+                match store::job_insert(&mut conn, account.as_str(), &job, &args, Notify::Deferred).await {
                     Ok(id) => {
+                        wake(&mut conn, db, &[job.queue.as_str()]).await;
                         return Ok(JobId {
                             shard: db.name.clone(),
                             id,
-                        })
+                        });
                     }
                     Err(e) if fenced(&e).is_some() => self.router.await_move(account, &db.name, deadline).await?,
                     Err(e) => return Err(db.error(e).into()),
@@ -143,7 +144,7 @@ impl Client {
                 .map_err(|e| db.error(e))??
                 .0
         } else {
-            store::job_insert(tx, account.as_str(), &job, &args)
+            store::job_insert(tx, account.as_str(), &job, &args, Notify::AtCommit)
                 .await
                 .map_err(|e| db.error(e))?
         };
@@ -197,6 +198,10 @@ impl Client {
             } else {
                 store::job_insert_many(&mut conn, &plain).await
             };
+            if plain_ids.is_ok() && !plain.is_empty() {
+                let queues: Vec<&str> = plain.iter().map(|r| r.1.queue.as_str()).collect();
+                wake(&mut conn, db, &queues).await;
+            }
             let mut plain_ids = match plain_ids {
                 Ok(ids) => ids.into_iter(),
                 // An account of the batch moved off this shard: nothing of
@@ -335,5 +340,14 @@ impl Client {
                     .into(),
             }),
         }
+    }
+}
+
+/// Wakes the producers of `queues` on `db` after a deferred-notify insert
+/// committed. A failure only costs the jobs a poll interval, so it is
+/// logged, not returned: the jobs are in.
+async fn wake(conn: &mut PgConnection, db: &Database, queues: &[&str]) {
+    if let Err(e) = store::jobs_notify(conn, queues).await {
+        tracing::warn!(shard = %db.name, error = %db.error(e), "jobs enqueued, but their wake-up was not sent; producers find them at their next poll");
     }
 }

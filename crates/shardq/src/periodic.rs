@@ -474,7 +474,7 @@ impl PeriodicJob {
                     .and_then(|(id, inserted)| inserted.then_some(id))
             } else {
                 Some(
-                    store::job_insert(&mut tx, account, &job, &args)
+                    store::job_insert(&mut tx, account, &job, &args, store::Notify::AtCommit)
                         .await
                         .map_err(|e| db.error(e))?,
                 )

@@ -10,11 +10,39 @@ use crate::job::NewJob;
 use crate::unique;
 
 const JOB_INSERT: &str = "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
-     VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($8, 0))))
+     SELECT $1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($8, 0)))
+       FROM (SELECT set_config('shardq.notify', $9, true)) AS notify
      RETURNING id";
 
+/// When an insert wakes the shard's producers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notify {
+    /// From the inserting transaction, at its commit (the insert trigger):
+    /// for inserts in the caller's transaction.
+    AtCommit,
+    /// Later, by [`jobs_notify`] once the one-statement insert committed:
+    /// the insert's commit does not hold the server's notify lock while it
+    /// waits for its flush, so concurrent enqueues share WAL flushes.
+    Deferred,
+}
+
+impl Notify {
+    fn setting(self) -> &'static str {
+        match self {
+            Notify::AtCommit => "at-commit",
+            Notify::Deferred => "deferred",
+        }
+    }
+}
+
 /// Inserts one job on the connection (the caller's transaction, or a pool connection).
-pub async fn job_insert(conn: &mut PgConnection, account: &str, job: &NewJob, args: &str) -> sqlx::Result<i64> {
+pub async fn job_insert(
+    conn: &mut PgConnection,
+    account: &str,
+    job: &NewJob,
+    args: &str,
+    notify: Notify,
+) -> sqlx::Result<i64> {
     sqlx::query_scalar(JOB_INSERT)
         .bind(account)
         .bind(&job.queue)
@@ -24,11 +52,29 @@ pub async fn job_insert(conn: &mut PgConnection, account: &str, job: &NewJob, ar
         .bind(job.max_attempts)
         .bind(job.run_at)
         .bind(job.delay_secs())
+        .bind(notify.setting())
         .fetch_one(conn)
         .await
 }
 
+/// Wakes the producers of `queues` after a [`Notify::Deferred`] insert
+/// committed: one NOTIFY per queue, in a transaction that does not wait for
+/// its commit to be flushed (a lost wake-up only leaves the job to the
+/// poll).
+pub async fn jobs_notify(conn: &mut PgConnection, queues: &[&str]) -> sqlx::Result<()> {
+    sqlx::query(
+        "SELECT set_config('synchronous_commit', 'off', true),
+                (SELECT count(pg_notify('shardq_jobs', q)) FROM (SELECT DISTINCT q FROM unnest($1::text[]) AS t(q)) AS d)",
+    )
+    .bind(queues)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 /// Inserts many jobs in one statement; ids come back in input order.
+/// The batch is a one-statement insert on a pool connection: its NOTIFY is
+/// [`Notify::Deferred`] (call [`jobs_notify`] after it).
 pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, String)]) -> sqlx::Result<Vec<i64>> {
     let accounts: Vec<&str> = rows.iter().map(|r| r.0).collect();
     let queues: Vec<&str> = rows.iter().map(|r| r.1.queue.as_str()).collect();
@@ -41,7 +87,8 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
     sqlx::query_scalar(
         "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
          SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now() + make_interval(secs => COALESCE(d, 0)))
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::int[],
+           FROM (SELECT set_config('shardq.notify', 'deferred', true)) AS notify,
+                unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::int[],
                        $7::timestamptz[], $8::float8[])
                 WITH ORDINALITY AS t(a, q, k, g, p, m, r, d, n)
           ORDER BY n

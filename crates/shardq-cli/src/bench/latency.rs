@@ -69,9 +69,9 @@ pub(super) async fn pickup(bed: &TestBed, args: &BenchArgs, results: &mut Result
         node.shutdown(Duration::from_secs(5)).await;
         let [p50, p95, p99, max] = stats.pickup_ms.unwrap_or_default();
         if notify {
-            results.add_target("latency", "p50 pickup, notify", p50, "ms", 5.0, false);
+            results.add_target("latency", "p50 pickup, notify", p50, "ms", 1.5, false);
             results.add("latency", "p95 pickup, notify", p95, "ms");
-            results.add_target("latency", "p99 pickup, notify", p99, "ms", 25.0, false);
+            results.add_target("latency", "p99 pickup, notify", p99, "ms", 5.0, false);
             results.add("latency", "max pickup, notify", max, "ms");
         } else {
             results.add("latency", "p50 pickup, poll-only (1 s poll)", p50, "ms");

@@ -11,10 +11,12 @@
 //! scenarios and prints; `drain` (drain, SQL floor, shards), `latency`
 //! (pickup latency, notification isolation), `outage` (a shard stopped
 //! or frozen, shutdown with a frozen shard) and `storage` (table and index
-//! sizes, dead rows, HOT updates) hold the scenarios.
+//! sizes, dead rows, HOT updates) and `notify` (concurrent single-row
+//! enqueues with and without the NOTIFY trigger) hold the scenarios.
 
 mod drain;
 mod latency;
+mod notify;
 mod outage;
 mod storage;
 
@@ -29,17 +31,26 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 7] = ["drain", "floor", "latency", "shards", "isolation", "outage", "storage"];
+const SCENARIOS: [&str; 8] = [
+    "drain",
+    "floor",
+    "latency",
+    "notify",
+    "shards",
+    "isolation",
+    "outage",
+    "storage",
+];
 /// Jobs of the drain and floor scenarios when `--jobs` is not given.
 const DEFAULT_DRAIN_JOBS: usize = 200_000;
 
 /// Arguments of `bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run (comma-separated): drain, floor, latency, shards, isolation, outage, storage.
+    /// Scenarios to run (comma-separated): drain, floor, latency, notify, shards, isolation, outage, storage.
     #[arg(
         long,
-        default_value = "drain,floor,latency,shards,isolation,outage,storage",
+        default_value = "drain,floor,latency,notify,shards,isolation,outage,storage",
         value_delimiter = ','
     )]
     scenarios: Vec<String>,
@@ -54,7 +65,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// Steady enqueue rate of the latency scenario, jobs/s.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 500)]
     rate: u32,
     /// Seconds of steady load in the latency and isolation scenarios; also
     /// the measured window of each outage phase.
@@ -243,6 +254,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("latency") {
         latency::pickup(&bed, &args, &mut results).await?;
+    }
+    if want("notify") {
+        notify::notify(&bed, &args, &mut results).await?;
     }
     if want("shards") {
         drain::shards(&bed, &args, &mut results).await?;

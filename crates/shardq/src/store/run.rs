@@ -91,6 +91,9 @@ pub struct Finish {
 /// priority's due range is read oldest first already, so the aged jobs are
 /// among the rows read and aging costs nothing more.
 ///
+/// Paused queues: nothing is claimed from a queue paused on this shard
+/// (`shardq.queue_pauses`, one primary-key probe per priority).
+///
 /// Fences: the jobs of an account fenced off this shard (it is moving or
 /// has moved away) are never claimed here; one seek in the tiny
 /// `shardq.fences` per candidate.
@@ -128,6 +131,7 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
                     SELECT id, priority, run_at FROM shardq.jobs
                      WHERE state = 'available' AND queue = $1 AND priority = p.priority
                        AND run_at <= now()
+                       AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
                        AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)
                        AND (serial_key IS NULL OR (
                             NOT EXISTS (

@@ -512,3 +512,51 @@ async fn a_down_shard_is_shown_down_with_its_error_and_every_other_shard_renders
     assert_eq!(ids, expected);
     on_server(&bed, "shard_2", Server::start).await;
 }
+
+#[tokio::test]
+async fn mounted_behind_an_application_with_trusted_actions_its_links_and_actions_work_under_the_prefix() {
+    let f = fleet().await;
+    let a = account(70);
+    let id = enqueue(&f, &a, "default", "alpha", 1).await.remove(0);
+    let dashboard = Dashboard::new(
+        f.router.clone(),
+        DashboardOptions {
+            actions: Actions::Trusted,
+            base: "/admin/jobs".into(),
+            ..DashboardOptions::default()
+        },
+    );
+    let app = axum::Router::new().nest("/admin/jobs", shardq_dashboard::router(dashboard));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let s = Served {
+        addr,
+        _stop: oneshot::channel().0,
+    };
+    let (code, html) = get(&s, "/admin/jobs").await;
+    assert_eq!(code, 200, "{html}");
+    assert!(html.contains("href=\"/admin/jobs/queues\""), "{html}");
+    assert!(html.contains("class=\"brand\" href=\"/admin/jobs\""), "{html}");
+    let (code, html) = get(&s, &format!("/admin/jobs/jobs?id={}", enc(&id.to_string()))).await;
+    assert_eq!(code, 200, "the id search redirects under the prefix: {html}");
+    // Trusted: no token asked, and the action runs without one.
+    let (code, html) = get(
+        &s,
+        &format!("/admin/jobs/actions/confirm?action=cancel&job={}", enc(&id.to_string())),
+    )
+    .await;
+    assert_eq!(code, 200, "{html}");
+    assert!(!html.contains("name=\"token\""), "{html}");
+    assert!(html.contains("action=\"/admin/jobs/actions\""), "{html}");
+    let body = format!("action=cancel&job={}", enc(&id.to_string()));
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/admin/jobs/actions"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(f.client.job(&id).await.unwrap().state, "cancelled");
+}

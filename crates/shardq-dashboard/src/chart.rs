@@ -6,7 +6,7 @@
 pub const MINUTES: usize = 60;
 
 /// Chart size in SVG units.
-const WIDTH: f64 = 240.0;
+const WIDTH: f64 = 180.0;
 const HEIGHT: f64 = 40.0;
 
 /// One minute's bar.
@@ -97,6 +97,7 @@ mod tests {
         assert_eq!(chart.bars.len(), 2);
         // The oldest minute is on the left, the current one on the right.
         assert_eq!(chart.bars[0].x, "0.0");
+        assert_eq!(chart.bars[1].x, "177.0");
         assert_eq!(chart.bars[0].done_h, "10.0");
         assert_eq!(chart.bars[1].done_h, "30.0");
         assert_eq!(chart.bars[1].failed_h, "10.0");

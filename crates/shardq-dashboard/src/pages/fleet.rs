@@ -51,7 +51,8 @@ impl DatabaseView {
                 "down"
             },
             version: match (h.version, h.expected) {
-                (Some(v), Some(e)) => format!("V{v} (expects V{e})"),
+                (Some(v), Some(e)) if i64::from(v) >= i64::from(e) => format!("V{v}"),
+                (Some(v), Some(e)) => format!("V{v}, needs V{e}"),
                 (Some(v), None) => format!("V{v}"),
                 (None, _) => "-".to_string(),
             },

@@ -12,6 +12,8 @@ use crate::state::Dashboard;
 pub struct Nav {
     /// Prefix of every link (the mount path).
     pub base: String,
+    /// The fleet page's link (the mount path itself, or `/`).
+    pub home: String,
     /// `read-only` or `actions on`.
     pub mode: &'static str,
     /// When the page was drawn.
@@ -21,8 +23,10 @@ pub struct Nav {
 impl Nav {
     /// The bar for `dashboard`.
     pub fn of(dashboard: &Dashboard) -> Nav {
+        let base = dashboard.options().base.clone();
         Nav {
-            base: dashboard.options().base.clone(),
+            home: if base.is_empty() { "/".to_string() } else { base.clone() },
+            base,
             mode: if dashboard.actions_enabled() {
                 "actions on"
             } else {

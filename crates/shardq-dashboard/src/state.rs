@@ -15,7 +15,9 @@ pub enum Actions {
     /// Actions need this token, typed into each confirmation form.
     Token(String),
     /// Actions need no token: the application mounting the router
-    /// authenticates every request itself.
+    /// authenticates every request itself. If it authenticates by cookie,
+    /// it must also refuse cross-site POSTs (e.g. `SameSite` cookies or a
+    /// CSRF check), since the action forms carry no secret then.
     Trusted,
 }
 

@@ -4,12 +4,14 @@
 mod accounts;
 mod bench;
 mod chaos;
+mod dashboard;
 mod demo;
 mod enqueue;
 mod jobs;
 mod kinds;
 mod migrate;
 mod moves;
+mod queues;
 mod route;
 mod status;
 mod store;
@@ -49,8 +51,12 @@ enum Command {
     Enqueue(enqueue::EnqueueArgs),
     /// Inspect jobs.
     Jobs(jobs::JobsArgs),
+    /// Pause or resume a queue on one shard.
+    Queues(queues::QueuesArgs),
     /// Per shard and queue: jobs by state, oldest waiting job, throughput, reachability.
     Status(status::StatusArgs),
+    /// Serve the web dashboard over the whole fleet (read-only unless given a token).
+    Dashboard(dashboard::DashboardArgs),
     /// Run a worker node with the built-in kinds (noop, sleep, fail, panic).
     Worker(worker::WorkerArgs),
     /// Run the whole path on the local test bed and print a per-shard table.
@@ -96,7 +102,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Moves(args) => moves::run(&config()?, args).await,
         Command::Enqueue(args) => enqueue::run(&config()?, args).await,
         Command::Jobs(args) => jobs::run(&config()?, args).await,
+        Command::Queues(args) => queues::run(&config()?, args).await,
         Command::Status(args) => status::run(&config()?, args).await,
+        Command::Dashboard(args) => dashboard::run(&config()?, args).await,
         Command::Worker(args) => worker::run(&config()?, args).await,
         Command::Demo(args) => demo::run(&config()?, args).await,
         Command::Bench(args) => bench::run(args).await,

@@ -1,6 +1,6 @@
 //! [`Client`]: every call an application makes about jobs: enqueue (one,
 //! unique, in its own transaction, many), look up (`job`, `jobs_of`),
-//! cancel and retry. Routes through the router, writes through the store.
+//! cancel and retry; pause and resume a queue on a shard. Routes through the router, writes through the store.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::job::{Enqueued, JobId, JobRecord, JobState, NewJob};
-use crate::store::{self, JobChange, Notify, RetryChange};
+use crate::store::{self, JobChange, Notify, QueuePause, RetryChange};
 
 /// How long an enqueue waits for a move that fenced its account off the old
 /// shard to switch the placement.
@@ -341,6 +341,52 @@ impl Client {
             }),
         }
     }
+
+    /// Pauses `queue` on `shard`: from the next claim on, no node claims
+    /// its jobs there (jobs already running finish; enqueue, cancel and
+    /// retry go on). The same queue on other shards keeps running. `by`
+    /// is recorded as who paused it. Returns false when it was paused
+    /// already. An unknown shard or a queue name that is empty or longer
+    /// than 128 bytes is an error, and nothing changes.
+    pub async fn pause_queue(&self, shard: &str, queue: &str, by: &str) -> Result<bool> {
+        let db = self.router.shard(shard)?;
+        check_queue(shard, queue)?;
+        let paused = store::queue_pause(&db.pool, queue, by).await.map_err(|e| db.error(e))?;
+        if paused {
+            tracing::info!(shard, queue, by, "queue paused");
+        }
+        Ok(paused)
+    }
+
+    /// Resumes `queue` on `shard` and wakes its producers. Returns false
+    /// when it was not paused.
+    pub async fn resume_queue(&self, shard: &str, queue: &str) -> Result<bool> {
+        let db = self.router.shard(shard)?;
+        check_queue(shard, queue)?;
+        let resumed = store::queue_resume(&db.pool, queue).await.map_err(|e| db.error(e))?;
+        if resumed {
+            tracing::info!(shard, queue, "queue resumed");
+        }
+        Ok(resumed)
+    }
+
+    /// The queues paused on `shard`, by name.
+    pub async fn paused_queues(&self, shard: &str) -> Result<Vec<QueuePause>> {
+        let db = self.router.shard(shard)?;
+        store::queue_pauses(&db.pool).await.map_err(|e| db.error(e).into())
+    }
+}
+
+/// A queue name as the jobs table accepts it: 1 to 128 bytes.
+fn check_queue(shard: &str, queue: &str) -> Result<()> {
+    if queue.is_empty() || queue.len() > 128 {
+        return Err(Error::InvalidQueue {
+            shard: shard.to_string(),
+            queue: queue.to_string(),
+            message: format!("a queue name is 1 to 128 bytes, got {}", queue.len()),
+        });
+    }
+    Ok(())
 }
 
 /// Wakes the producers of `queues` on `db` after a deferred-notify insert

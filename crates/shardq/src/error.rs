@@ -50,6 +50,16 @@ pub enum Error {
         /// The job holding the unique key.
         holder: crate::job_id::JobId,
     },
+    /// A queue name given to pause or resume was rejected; nothing changed.
+    #[error("queue {queue:?} on shard {shard}: {message}")]
+    InvalidQueue {
+        /// The shard.
+        shard: String,
+        /// The queue as given.
+        queue: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A move of an account cannot be started or its next step failed.
     #[error("move of account {account:?}: {message}")]
     Move {

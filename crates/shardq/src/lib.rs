@@ -5,7 +5,8 @@
 //! - [`job`]: [`NewJob`], [`JobId`] (`SHARD:ID`; its own file `job_id` at the bottom, since the
 //!   error enum names job ids), [`JobState`], [`JobRecord`], [`Enqueued`].
 //! - [`client`]: [`Client`]: enqueue (one INSERT, or one per shard for a
-//!   batch; or inside the application's transaction), look jobs up, cancel, retry.
+//!   batch; or inside the application's transaction), look jobs up, cancel, retry,
+//!   pause and resume a queue on a shard ([`QueuePause`]).
 //! - [`worker`]: the [`Worker`] trait handlers implement, [`JobContext`], [`JobError`].
 //! - [`unique`]: unique jobs' options and key texts ([`UniqueOpts`]).
 //! - [`periodic`]: cron-scheduled jobs, enqueued once per occurrence across nodes.
@@ -51,5 +52,6 @@ pub use job::{Enqueued, JobId, JobRecord, JobState, NewJob};
 pub use periodic::{Overlap, PeriodicJob};
 pub use runtime::{Backoff, Runtime, RuntimeBuilder, RuntimeOptions, ShardRunStats, CHANNEL};
 pub use shardq_router::{Account, Config, Router};
+pub use store::QueuePause;
 pub use unique::{UniqueOpts, UniqueStates};
 pub use worker::{CancelReason, JobContext, JobError, Worker};

@@ -1,5 +1,6 @@
 //! Reading jobs and changing them by hand: get one, list an account's,
-//! cancel, retry. Called by the client.
+//! cancel, retry; pausing and resuming a queue on a shard. Called by the
+//! client.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -284,4 +285,50 @@ pub async fn job_retry(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Retr
             return Ok(RetryChange::KeyHeld { state, holder });
         }
     }
+}
+
+/// A queue paused on a shard (`shardq.queue_pauses`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct QueuePause {
+    /// The queue.
+    pub queue: String,
+    /// When it was paused.
+    pub paused_at: DateTime<Utc>,
+    /// Who paused it, as the caller said.
+    pub paused_by: String,
+}
+
+/// Pauses `queue` on this shard: no node claims its jobs here until it is
+/// resumed. Returns false when it was paused already (the first pause's
+/// time and author are kept).
+pub async fn queue_pause(pool: &PgPool, queue: &str, by: &str) -> sqlx::Result<bool> {
+    let written = sqlx::query(
+        "INSERT INTO shardq.queue_pauses (queue, paused_by) VALUES ($1, $2) ON CONFLICT (queue) DO NOTHING",
+    )
+    .bind(queue)
+    .bind(by)
+    .execute(pool)
+    .await?;
+    Ok(written.rows_affected() == 1)
+}
+
+/// Resumes `queue` on this shard and wakes its producers (`NOTIFY
+/// shardq_jobs, '<queue>'`). Returns false when it was not paused.
+pub async fn queue_resume(pool: &PgPool, queue: &str) -> sqlx::Result<bool> {
+    let resumed: bool = sqlx::query_scalar(
+        "WITH gone AS (DELETE FROM shardq.queue_pauses WHERE queue = $1 RETURNING queue),
+              woken AS (SELECT count(pg_notify('shardq_jobs', queue)) AS n FROM gone)
+         SELECT EXISTS (SELECT 1 FROM gone) FROM woken",
+    )
+    .bind(queue)
+    .fetch_one(pool)
+    .await?;
+    Ok(resumed)
+}
+
+/// The queues paused on this shard, by name.
+pub async fn queue_pauses(pool: &PgPool) -> sqlx::Result<Vec<QueuePause>> {
+    sqlx::query_as("SELECT queue, paused_at, paused_by FROM shardq.queue_pauses ORDER BY queue")
+        .fetch_all(pool)
+        .await
 }

@@ -99,6 +99,9 @@ pub const ENGINE_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
 /// priority's due range is read oldest first already, so the aged jobs are
 /// among the rows read and aging costs nothing more.
 ///
+/// Paused queues: nothing is claimed from a queue paused on this shard
+/// (`shardq.queue_pauses`, one primary-key probe per priority).
+///
 /// Fences: the jobs of an account fenced off this shard (it is moving or
 /// has moved away) are never claimed here; one seek in the tiny
 /// `shardq.fences` per candidate.
@@ -136,6 +139,7 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
                     SELECT id, priority, run_at FROM shardq.jobs
                      WHERE state = 'available' AND queue = $1 AND priority = p.priority
                        AND run_at <= now()
+                       AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
                        AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)
                        AND (serial_key IS NULL OR (
                             NOT EXISTS (

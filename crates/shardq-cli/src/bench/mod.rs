@@ -11,6 +11,7 @@
 
 mod drain;
 mod latency;
+mod moves;
 mod outage;
 mod storage;
 
@@ -25,14 +26,24 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 7] = ["drain", "floor", "latency", "shards", "isolation", "outage", "storage"];
+const SCENARIOS: [&str; 8] = [
+    "drain",
+    "floor",
+    "latency",
+    "shards",
+    "isolation",
+    "outage",
+    "storage",
+    "move",
+];
 /// Jobs of the drain and floor scenarios when `--jobs` is not given.
 const DEFAULT_DRAIN_JOBS: usize = 200_000;
 
 /// Arguments of `bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run (comma-separated): drain, floor, latency, shards, isolation, outage, storage.
+    /// Scenarios to run (comma-separated): drain, floor, latency, shards, isolation, outage, storage,
+    /// move (an account moved while it is written to; not run by default).
     #[arg(
         long,
         default_value = "drain,floor,latency,shards,isolation,outage,storage",
@@ -232,6 +243,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("storage") {
         storage::storage(&bed, &args, &mut results).await?;
+    }
+    if want("move") {
+        moves::moves(&bed, &args, &mut results).await?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);

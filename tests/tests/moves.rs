@@ -37,6 +37,22 @@ fn docs_table() -> MoveOptions {
     }
 }
 
+/// `options` with copy batches of 7 rows, so a copy takes several.
+fn small_batches(options: MoveOptions) -> MoveOptions {
+    MoveOptions { batch: 7, ..options }
+}
+
+/// Fences for `account` on `shard` that hold its jobs without refusing
+/// its writes (what a move leaves on the new shard until its switch).
+async fn fences_held(f: &Fleet, shard: &str, account: &Account) -> i64 {
+    let db = f.router.shard(shard).unwrap();
+    sqlx::query_scalar("SELECT count(*) FROM shardq.fences WHERE account = $1 AND fenced_at IS NULL")
+        .bind(account.as_str())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
 /// Rows of `account` on `shard` in `table`.
 async fn count(f: &Fleet, shard: &str, table: &str, account: &Account) -> i64 {
     let db = f.router.shard(shard).unwrap();
@@ -229,59 +245,78 @@ async fn jobs_enqueued_during_a_move_land_once_on_the_new_shard() {
 async fn a_mover_stopped_after_any_step_is_resumed_to_one_copy() {
     let f = fleet().await;
     create_docs(&f).await;
-    for stop_after in 0..5 {
+    // started, paused, precopied, fenced, copied, switched: stopped after each.
+    for stop_after in 0..6 {
         let (a, from, to) = an_account_with_data(&f, &format!("mover-4-{stop_after}")).await;
         let before = jobs_on(&f, &from, &a).await;
-        let mover = Mover::new(f.router.clone(), docs_table());
+        let mover = Mover::new(f.router.clone(), small_batches(docs_table()));
         let mut m = mover.start(&a, &to).await.unwrap();
         for _ in 0..stop_after {
             m = mover.step(&m).await.unwrap();
         }
         drop(mover); // the mover dies here; a new one resumes
-        let done = Mover::new(f.router.clone(), docs_table()).resume(m.id).await.unwrap();
+                     // The move recorded its tables: the resuming mover is given none.
+        let done = Mover::new(f.router.clone(), MoveOptions::default())
+            .resume(m.id)
+            .await
+            .unwrap();
         assert_eq!(done.step, Step::Done, "stopped after {stop_after} steps");
         assert_eq!(f.router.shard_for(&a).await.unwrap().shard, to);
         assert_eq!(
             (count(&f, &from, "docs", &a).await, count(&f, &to, "docs", &a).await),
-            (0, 40)
+            (0, 40),
+            "stopped after {stop_after} steps"
         );
         assert!(jobs_on(&f, &from, &a).await.is_empty());
         assert_eq!(jobs_on(&f, &to, &a).await, before, "stopped after {stop_after} steps");
+        assert_eq!(fences_held(&f, &to, &a).await, 0, "the hold on the new shard is lifted");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_aborted_before_its_copy_leaves_the_account_where_it_was() {
+async fn a_move_aborted_before_its_switch_leaves_the_account_where_it_was() {
     let f = fleet().await;
     create_docs(&f).await;
-    for steps in 0..3 {
+    // Aborted at started, paused, precopied, fenced and copied.
+    for steps in 0..5 {
         let (a, from, to) = an_account_with_data(&f, &format!("mover-5-{steps}")).await;
+        let before = jobs_on(&f, &from, &a).await;
         let mover = Mover::new(f.router.clone(), docs_table());
         let mut m = mover.start(&a, &to).await.unwrap();
         for _ in 0..steps {
             m = mover.step(&m).await.unwrap();
         }
+        if steps >= 2 {
+            // Past the pre-copy the new shard holds a copy...
+            assert_eq!(count(&f, &to, "docs", &a).await, 40, "after {steps} steps");
+            assert_eq!(jobs_on(&f, &to, &a).await.len(), before.len(), "after {steps} steps");
+        }
         assert_eq!(mover.abort(m.id).await.unwrap().step, Step::Aborted);
         assert_eq!(f.router.shard_for(&a).await.unwrap().shard, from);
-        // Writes work on the old shard again; nothing reached the new one.
+        // ...which the abort deleted; the old shard is intact.
+        assert_eq!(count(&f, &to, "docs", &a).await, 0, "after {steps} steps");
+        assert!(jobs_on(&f, &to, &a).await.is_empty(), "after {steps} steps");
+        assert_eq!(count(&f, &from, "docs", &a).await, 40);
+        assert_eq!(jobs_on(&f, &from, &a).await, before, "after {steps} steps");
+        // Writes work on the old shard again.
         let id = f
             .client
             .enqueue(&a, NewJob::from_json("later", serde_json::json!({})))
             .await
             .unwrap();
         assert_eq!(id.shard, from);
-        assert_eq!(count(&f, &to, "docs", &a).await, 0);
-        assert!(jobs_on(&f, &to, &a).await.is_empty());
+        let tx = f.router.begin(&a).await.unwrap();
+        assert_eq!(tx.shard(), from);
+        tx.rollback().await.unwrap();
     }
-    // Past the copy there is no way back.
+    // Past the switch there is no way back.
     let (a, _, to) = an_account_with_data(&f, "mover-5-late").await;
     let mover = Mover::new(f.router.clone(), docs_table());
-    let m = mover.start(&a, &to).await.unwrap();
-    let m = mover
-        .step(&mover.step(&mover.step(&m).await.unwrap()).await.unwrap())
-        .await
-        .unwrap();
-    assert_eq!(m.step, Step::Copied);
+    let mut m = mover.start(&a, &to).await.unwrap();
+    for _ in 0..5 {
+        m = mover.step(&m).await.unwrap();
+    }
+    assert_eq!(m.step, Step::Switched);
     let err = mover.abort(m.id).await.unwrap_err().to_string();
     assert!(err.contains("resumed"), "{err}");
     mover.resume(m.id).await.unwrap();
@@ -352,4 +387,199 @@ async fn a_running_job_finishes_on_the_old_shard_before_the_switch() {
             });
     assert_eq!(states.get("gate:completed"), Some(&1), "{states:?}");
     assert!(jobs_on(&f, &from, &a).await.is_empty());
+}
+
+/// The docs of `account` on `shard`: title → body's `v`.
+async fn docs_of(f: &Fleet, shard: &str, account: &Account) -> BTreeMap<String, i64> {
+    let db = f.router.shard(shard).unwrap();
+    let rows: Vec<(String, Option<i64>)> =
+        sqlx::query_as("SELECT title, (body ->> 'v')::bigint FROM docs WHERE account = $1")
+            .bind(account.as_str())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    rows.into_iter().map(|(t, v)| (t, v.unwrap_or(-1))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_the_copy_end_up_on_the_new_shard_exactly_once() {
+    let f = fleet().await;
+    create_docs(&f).await;
+    let (a, from, to) = an_account_with_data(&f, "mover-7").await;
+    let mover = Mover::new(f.router.clone(), small_batches(docs_table()));
+    let m = mover.start(&a, &to).await.unwrap();
+    let m = mover.step(&m).await.unwrap();
+    assert_eq!(m.step, Step::Paused);
+    // A writer of its own: through `begin` it inserts docs, updates and
+    // deletes existing ones, and enqueues jobs, until told to stop; it
+    // returns what it expects to find, as acknowledged.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (progress, mut writes) = tokio::sync::watch::channel(0usize);
+    let writer = {
+        let router = Arc::new(Router::connect(&f.config).await.unwrap());
+        let client = Client::new(router.clone());
+        let a = a.clone();
+        tokio::spawn(async move {
+            let mut expected: BTreeMap<String, i64> = (0..40).map(|i| (format!("doc {i}"), -1)).collect();
+            let mut jobs = 0usize;
+            let mut i = 0i64;
+            while !*stopped.borrow() || i < 60 {
+                let mut tx = router.begin(&a).await.unwrap();
+                sqlx::query("INSERT INTO docs (account, title, body) VALUES ($1, $2, $3)")
+                    .bind(a.as_str())
+                    .bind(format!("new {i}"))
+                    .bind(sqlx::types::Json(serde_json::json!({ "v": i })))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                let old = format!("doc {}", i % 40);
+                if i % 3 == 0 && expected.contains_key(&old) {
+                    sqlx::query("DELETE FROM docs WHERE account = $1 AND title = $2")
+                        .bind(a.as_str())
+                        .bind(&old)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                } else {
+                    sqlx::query("UPDATE docs SET body = $3 WHERE account = $1 AND title = $2")
+                        .bind(a.as_str())
+                        .bind(&old)
+                        .bind(sqlx::types::Json(serde_json::json!({ "v": i })))
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                }
+                tx.commit().await.unwrap();
+                if i % 3 == 0 && expected.contains_key(&old) {
+                    expected.remove(&old);
+                } else if let Some(v) = expected.get_mut(&old) {
+                    *v = i;
+                }
+                expected.insert(format!("new {i}"), i);
+                let job =
+                    NewJob::from_json("later", serde_json::json!({ "during": i })).delay(Duration::from_secs(3600));
+                client.enqueue(&a, job).await.unwrap();
+                jobs += 1;
+                i += 1;
+                let _ = progress.send(i as usize);
+            }
+            (expected, jobs)
+        })
+    };
+    // Writes land while the copy runs and after it, before the fence.
+    writes.wait_for(|n| *n >= 20).await.unwrap();
+    let m = mover.step(&m).await.unwrap();
+    assert_eq!(m.step, Step::Precopied);
+    let copied_at = *writes.borrow();
+    writes.wait_for(|n| *n >= copied_at + 20).await.unwrap();
+    let m = mover.step(&m).await.unwrap();
+    assert_eq!(m.step, Step::Fenced);
+    // The writer waits out the pause and goes on on the new shard.
+    let mover2 = mover.clone();
+    let id = m.id;
+    let rest = tokio::spawn(async move { mover2.resume(id).await });
+    let done = rest.await.unwrap().unwrap();
+    assert_eq!(done.step, Step::Done);
+    stop.send(true).unwrap();
+    let (expected, enqueued) = writer.await.unwrap();
+    assert!(enqueued >= 60);
+    assert_eq!(count(&f, &from, "docs", &a).await, 0);
+    assert!(jobs_on(&f, &from, &a).await.is_empty());
+    assert_eq!(docs_of(&f, &to, &a).await, expected, "every doc once, as last written");
+    let on_new = jobs_on(&f, &to, &a).await;
+    let during: Vec<String> = on_new
+        .iter()
+        .filter(|j| j.1.contains("during"))
+        .map(|j| j.1.clone())
+        .collect();
+    let distinct: std::collections::BTreeSet<_> = during.iter().cloned().collect();
+    assert_eq!(
+        (during.len(), distinct.len()),
+        (enqueued, enqueued),
+        "every acknowledged enqueue once"
+    );
+    assert_eq!(on_new.len(), 34 + enqueued);
+}
+
+/// `tally`: counts its runs per account.
+#[derive(Clone)]
+struct Tally(Arc<std::sync::Mutex<BTreeMap<String, usize>>>);
+
+impl Worker for Tally {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "tally";
+    async fn work(&self, ctx: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        *self.0.lock().unwrap().entry(ctx.account.clone()).or_default() += 1;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_copied_before_the_switch_are_not_claimed_on_the_new_shard_before_it() {
+    let f = fleet().await;
+    create_docs(&f).await;
+    let (a, from, to) = an_account_with_data(&f, "mover-8").await;
+    for i in 0..20 {
+        f.client
+            .enqueue(&a, NewJob::from_json("tally", serde_json::json!({ "i": i })))
+            .await
+            .unwrap();
+    }
+    let mover = Mover::new(f.router.clone(), docs_table());
+    let mut m = mover.start(&a, &to).await.unwrap();
+    while m.step != Step::Copied {
+        m = mover.step(&m).await.unwrap();
+    }
+    // Due copies of its jobs are on the new shard; a node works both shards.
+    let tally = Tally(Arc::default());
+    let node = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(tally.clone())
+        .options(fast_options())
+        .start()
+        .unwrap();
+    // Another account's jobs on the new shard run: the node claims there...
+    let b = Account::new("mover-8-other").unwrap();
+    f.router.place(&b, &to).await.unwrap();
+    for i in 0..5 {
+        f.client
+            .enqueue(&b, NewJob::from_json("tally", serde_json::json!({ "i": i })))
+            .await
+            .unwrap();
+    }
+    wait_for("the other account's jobs ran", WAIT, || async {
+        tally.0.lock().unwrap().get(b.as_str()) == Some(&5)
+    })
+    .await;
+    // ...but not the moving account's, on either shard.
+    assert_eq!(tally.0.lock().unwrap().get(a.as_str()), None);
+    let available = |shard: String| {
+        let f = &f;
+        let a = &a;
+        async move {
+            jobs_on(f, &shard, a)
+                .await
+                .iter()
+                .filter(|j| j.0 == "tally" && j.5 == "available")
+                .count()
+        }
+    };
+    assert_eq!(available(to.clone()).await, 20);
+    assert_eq!(available(from.clone()).await, 20);
+    // After the switch they run on the new shard, each once.
+    let done = mover.resume(m.id).await.unwrap();
+    assert_eq!(done.step, Step::Done);
+    wait_for("the moved jobs ran", WAIT, || async {
+        tally.0.lock().unwrap().get(a.as_str()) == Some(&20)
+    })
+    .await;
+    node.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(tally.0.lock().unwrap().get(a.as_str()), Some(&20));
+    let completed: Vec<_> = jobs_on(&f, &to, &a)
+        .await
+        .into_iter()
+        .filter(|j| j.0 == "tally")
+        .map(|j| (j.4, j.5))
+        .collect();
+    assert_eq!(completed, vec![(1, "completed".to_string()); 20], "each ran once");
 }

@@ -99,7 +99,7 @@ pub async fn run(config: &Config, args: AccountsArgs) -> anyhow::Result<ExitCode
             let options = options.options(config)?;
             let mover = Mover::new(router, options.clone());
             let m = mover.start(&account, &to).await?;
-            println!("{}", moves::heading(&m, &options.tables));
+            println!("{}", moves::heading(&m, &mover.tables_of(&m)));
             moves::run_to_end(&mover, &options, m).await
         }
         AccountsCommand::List {

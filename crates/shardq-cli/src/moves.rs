@@ -31,16 +31,18 @@ enum MovesCommand {
         json: bool,
     },
     /// Run a move from its last step to the end (after the mover was
-    /// stopped or a step failed). Give the same `--table`s as the move.
+    /// stopped or a step failed). It carries the tables it recorded when
+    /// it started (`--table` is only for moves recorded before moves kept
+    /// their tables).
     Resume {
         /// The move's id (`shardq moves status`).
         id: i64,
         #[command(flatten)]
         options: MoveArgs,
     },
-    /// Give a move up while the account's rows have not been copied (step
-    /// started, paused or fenced): the fence is lifted, the account stays
-    /// where it was.
+    /// Give a move up before its switch (step started, paused, precopied,
+    /// fenced or copied): the copy on the new shard is deleted, the fence
+    /// lifted, the account stays where it was.
     Abort {
         /// The move's id (`shardq moves status`).
         id: i64,
@@ -54,7 +56,8 @@ pub struct MoveArgs {
     /// An account-scoped application table the move carries besides those
     /// the configuration declares (`[[accounts.tables]]`), as TABLE:COLUMN
     /// (`schema.table` or `table` in `public`; COLUMN holds the account id).
-    /// Repeat for each table; a resumed move needs the same ones.
+    /// Repeat for each table; the move records them, so resuming it needs
+    /// none.
     #[arg(long = "table", value_name = "TABLE:COLUMN", value_parser = parse_table)]
     tables: Vec<AccountTable>,
     /// Longest wait for transactions on the old shard that began before the
@@ -123,7 +126,7 @@ pub async fn run(config: &Config, args: MovesArgs) -> anyhow::Result<ExitCode> {
             let options = options.options(config)?;
             let mover = Mover::new(router, options.clone());
             let m = get(&mover, id).await?;
-            println!("{}", heading(&m, &options.tables));
+            println!("{}", heading(&m, &mover.tables_of(&m)));
             if matches!(m.step, Step::Done | Step::Aborted) {
                 println!("  nothing to do: the move is {}", m.step);
                 return Ok(ExitCode::SUCCESS);
@@ -169,9 +172,10 @@ pub fn heading(m: &Move, tables: &[AccountTable]) -> String {
 }
 
 /// The steps a move takes, in order.
-const STEPS: [Step; 6] = [
+const STEPS: [Step; 7] = [
     Step::Started,
     Step::Paused,
+    Step::Precopied,
     Step::Fenced,
     Step::Copied,
     Step::Switched,
@@ -183,20 +187,25 @@ fn meaning(step: Step, m: &Move, options: &MoveOptions) -> String {
     match step {
         Step::Started => "recorded".into(),
         Step::Paused => format!(
-            "{} no longer claims the account's jobs; waiting for its running jobs (up to {}), \
-             then fencing its writes",
+            "{} no longer claims the account's jobs and captures its changes; waiting for its \
+             running jobs (up to {}), then copying its rows and jobs while its writes continue",
             m.from,
             humantime::format_duration(options.running_wait)
         ),
+        Step::Precopied => format!(
+            "rows and jobs copied to {} (held there); catching up with the writes since, then \
+             fencing them",
+            m.to
+        ),
         Step::Fenced => format!(
-            "{} refuses the account's new writes (they wait for the switch); waiting for its \
-             earlier writers (up to {}), then copying",
+            "{} refuses the account's new writes (they wait for the switch: the pause); waiting \
+             for its earlier writers (up to {}), then copying the last changes",
             m.from,
             humantime::format_duration(options.writers_wait)
         ),
-        Step::Copied => format!("rows and jobs copied to {}", m.to),
-        Step::Switched => format!("placed on {}, epoch {}", m.to, m.epoch + 1),
-        Step::Done => format!("old copy deleted from {}", m.from),
+        Step::Copied => format!("caught up on {}", m.to),
+        Step::Switched => format!("placed on {}, epoch {}; its jobs run there", m.to, m.epoch + 1),
+        Step::Done => format!("capture stopped, old copy deleted from {}", m.from),
         Step::Aborted => "aborted".into(),
     }
 }
@@ -252,14 +261,14 @@ pub async fn run_to_end(mover: &Mover, options: &MoveOptions, m: Move) -> anyhow
         }
         Err(e) => {
             let at = mover.get(m.id).await.map(|now| now.step).unwrap_or(last);
-            let undo = if matches!(at, Step::Started | Step::Paused | Step::Fenced) {
+            let undo = if at.abortable() {
                 format!(", or `shardq moves abort {}` to give it up", m.id)
             } else {
                 String::new()
             };
             Err(anyhow::Error::new(e).context(format!(
                 "move {} of account {} ({} → {}) stopped after step {at}; run `shardq moves resume {}` \
-                 with the same --table arguments to go on{undo}",
+                 to go on{undo}",
                 m.id, m.account, m.from, m.to, m.id
             )))
         }

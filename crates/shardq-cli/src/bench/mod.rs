@@ -16,6 +16,7 @@
 
 mod drain;
 mod latency;
+mod moves;
 mod notify;
 mod outage;
 mod storage;
@@ -31,7 +32,7 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "drain",
     "floor",
     "latency",
@@ -40,6 +41,7 @@ const SCENARIOS: [&str; 8] = [
     "isolation",
     "outage",
     "storage",
+    "move",
 ];
 /// Jobs of the drain and floor scenarios when `--jobs` is not given.
 const DEFAULT_DRAIN_JOBS: usize = 200_000;
@@ -47,7 +49,8 @@ const DEFAULT_DRAIN_JOBS: usize = 200_000;
 /// Arguments of `bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run (comma-separated): drain, floor, latency, notify, shards, isolation, outage, storage.
+    /// Scenarios to run (comma-separated): drain, floor, latency, notify, shards, isolation, outage,
+    /// storage, move (an account moved while it is written to; not run by default).
     #[arg(
         long,
         default_value = "drain,floor,latency,notify,shards,isolation,outage,storage",
@@ -269,6 +272,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("storage") {
         storage::storage(&bed, &args, &mut results).await?;
+    }
+    if want("move") {
+        moves::moves(&bed, &args, &mut results).await?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);

@@ -1,7 +1,8 @@
 //! Moving an account: the move records in the master (`shardq.moves`, and
-//! the placement switch), and on the shards the fence, the waits, the copy
-//! and the clean-up. Called by `moves` only; every statement is safe to run
-//! again after a crash (see `moves` for the steps).
+//! the placement switch), and on the shards the fence, the change capture,
+//! the waits, the copy in batches, the catch-up and the clean-up. Called by
+//! `moves` only; every statement is safe to run again after a crash (see
+//! `moves` for the steps).
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
@@ -19,8 +20,13 @@ pub struct MoveRow {
     pub to_shard: String,
     /// The placement epoch when the move started (the switch makes it + 1).
     pub epoch: i64,
-    /// The last step done: started, paused, fenced, copied, switched, done, aborted.
+    /// The last step done: started, paused, precopied, fenced, copied,
+    /// switched, done, aborted.
     pub step: String,
+    /// The account-scoped tables the move carries, as recorded when it
+    /// started (`[{"table": .., "column": ..}]`); `None` for a move started
+    /// before they were recorded.
+    pub tables: Option<sqlx::types::Json<serde_json::Value>>,
     /// Why the last try of the next step failed, if it did.
     pub error: Option<String>,
     /// When the move started.
@@ -29,20 +35,26 @@ pub struct MoveRow {
     pub updated_at: DateTime<Utc>,
 }
 
-const MOVE_COLUMNS: &str = "id, account, from_shard, to_shard, epoch, step, error, started_at, updated_at";
+const MOVE_COLUMNS: &str = "id, account, from_shard, to_shard, epoch, step, tables, error, started_at, updated_at";
 
-/// Starts a move of `account` (placed on `from` at `epoch`) to `to`; `None`
-/// when the placement is not (or no longer) `from` at `epoch`. A move
-/// already in progress for the account is a unique violation
+/// Starts a move of `account` from where it is placed to `to`, carrying
+/// `tables` (recorded with it); `None` when the account has no placement. A
+/// move already in progress for the account is a unique violation
 /// (`moves_active_idx`).
-pub async fn move_start(master: &PgPool, account: &str, to: &str) -> sqlx::Result<Option<MoveRow>> {
+pub async fn move_start(
+    master: &PgPool,
+    account: &str,
+    to: &str,
+    tables: &serde_json::Value,
+) -> sqlx::Result<Option<MoveRow>> {
     sqlx::query_as(&format!(
-        "INSERT INTO shardq.moves (account, from_shard, to_shard, epoch)
-         SELECT account, shard, $2, epoch FROM shardq.placements WHERE account = $1
+        "INSERT INTO shardq.moves (account, from_shard, to_shard, epoch, tables)
+         SELECT account, shard, $2, epoch, $3 FROM shardq.placements WHERE account = $1
          RETURNING {MOVE_COLUMNS}"
     ))
     .bind(account)
     .bind(to)
+    .bind(sqlx::types::Json(tables))
     .fetch_optional(master)
     .await
 }
@@ -211,38 +223,205 @@ pub async fn table_columns(shard: &PgPool, table: &str) -> sqlx::Result<Vec<(Str
     .await
 }
 
-/// The account's rows of `table` (its account column `column`), as one
-/// JSON array, locked until `tx` ends so nothing changes them meanwhile.
-/// `table` and `column` are quoted as identifiers.
-pub async fn rows_of_account(
+/// The columns of `table`'s primary key, in key order; empty when it has
+/// none (a move copies rows by key).
+pub async fn table_key(shard: &PgPool, table: &str) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT a.attname::text
+           FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+          WHERE i.indrelid = to_regclass($1) AND i.indisprimary
+          ORDER BY k.n",
+    )
+    .bind(table)
+    .fetch_all(shard)
+    .await
+}
+
+/// Attaches the change capture triggers (`shardq.capture_moving_accounts`)
+/// to `table`, whose account column is `column` and primary key `key`,
+/// unless it has them. They stay: for accounts not moving they cost one
+/// probe of the empty `shardq.move_captures` per statement.
+pub async fn capture_attach(shard: &PgPool, table: &str, column: &str, key: &[String]) -> sqlx::Result<()> {
+    let attached: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger
+                         WHERE tgrelid = to_regclass($1) AND tgname = 'shardq_capture_delete')",
+    )
+    .bind(table)
+    .fetch_one(shard)
+    .await?;
+    if attached {
+        return Ok(());
+    }
+    let (schema, name) = split_table(table);
+    let t = qualified(schema, name);
+    let args: Vec<String> = std::iter::once(column)
+        .chain(key.iter().map(String::as_str))
+        .map(literal)
+        .collect();
+    let args = args.join(", ");
+    // One simple-protocol request: its statements run in one transaction.
+    let sql: String = [
+        ("insert", "NEW TABLE AS new_rows"),
+        ("update", "NEW TABLE AS new_rows"),
+        ("delete", "OLD TABLE AS old_rows"),
+    ]
+    .iter()
+    .map(|(event, transition)| {
+        format!(
+            "CREATE OR REPLACE TRIGGER shardq_capture_{event} AFTER {} ON {t}
+                 REFERENCING {transition}
+                 FOR EACH STATEMENT EXECUTE FUNCTION shardq.capture_moving_accounts({args});\n",
+            event.to_uppercase()
+        )
+    })
+    .collect();
+    sqlx::raw_sql(&sql).execute(shard).await.map(drop)
+}
+
+/// Starts capturing the changes of `account`'s rows for move `id`.
+pub async fn capture_start(shard: &PgPool, account: &str, id: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO shardq.move_captures (account, move_id) VALUES ($1, $2)
+         ON CONFLICT (account) DO UPDATE SET move_id = EXCLUDED.move_id",
+    )
+    .bind(account)
+    .bind(id)
+    .execute(shard)
+    .await
+    .map(drop)
+}
+
+/// Stops capturing `account`'s changes for move `id` and forgets those captured.
+pub async fn capture_stop(shard: &PgPool, account: &str, id: i64) -> sqlx::Result<()> {
+    let mut tx = shard.begin().await?;
+    sqlx::query("DELETE FROM shardq.move_captures WHERE account = $1 AND move_id = $2")
+        .bind(account)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM shardq.move_changes WHERE move_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Up to `limit` of the account's rows of `table` (account column `column`,
+/// primary key `key`) after the key `after` (a JSON object of the key's
+/// columns; `None`: from the first), in key order, as one JSON array.
+pub async fn rows_batch(
     tx: &mut PgConnection,
     table: &str,
     column: &str,
+    key: &[String],
     account: &str,
+    after: Option<&serde_json::Value>,
+    limit: i64,
 ) -> sqlx::Result<serde_json::Value> {
     let (schema, name) = split_table(table);
-    let rows: Option<sqlx::types::Json<serde_json::Value>> = sqlx::query_scalar(&format!(
-        "SELECT jsonb_agg(to_jsonb(t)) FROM (SELECT * FROM {} WHERE {} = $1 FOR UPDATE) AS t",
-        qualified(schema, name),
+    let t = qualified(schema, name);
+    let of = |alias: &str| -> String {
+        key.iter()
+            .map(|k| format!("{alias}.{}", quote(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (tk, kk) = (of("t"), of("k"));
+    let rows: sqlx::types::Json<serde_json::Value> = sqlx::query_scalar(&format!(
+        "SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY {tk}), '[]') FROM (
+             SELECT t.* FROM {t} t
+              CROSS JOIN jsonb_populate_record(NULL::{t}, coalesce($2::jsonb, '{{}}')) AS k
+              WHERE t.{} = $1 AND ($2::jsonb IS NULL OR ({tk}) > ({kk}))
+              ORDER BY {tk} LIMIT $3) AS t",
         quote(column)
     ))
     .bind(account)
+    .bind(after.map(sqlx::types::Json))
+    .bind(limit)
     .fetch_one(tx)
     .await?;
-    Ok(rows.map(|r| r.0).unwrap_or_else(|| serde_json::json!([])))
+    Ok(rows.0)
 }
 
-/// The account's jobs, in id order, as one JSON array (with their old ids),
-/// locked until `tx` ends.
-pub async fn jobs_of_account(tx: &mut PgConnection, account: &str) -> sqlx::Result<serde_json::Value> {
-    let rows: Option<sqlx::types::Json<serde_json::Value>> = sqlx::query_scalar(
-        "SELECT jsonb_agg(to_jsonb(j) ORDER BY j.id)
-           FROM (SELECT * FROM shardq.jobs WHERE account = $1 ORDER BY id FOR UPDATE) AS j",
+/// Up to `limit` of the account's jobs with an id above `after`, in id
+/// order, as one JSON array (with their ids here).
+pub async fn jobs_batch(
+    tx: &mut PgConnection,
+    account: &str,
+    after: i64,
+    limit: i64,
+) -> sqlx::Result<serde_json::Value> {
+    let rows: sqlx::types::Json<serde_json::Value> = sqlx::query_scalar(
+        "SELECT coalesce(jsonb_agg(to_jsonb(j) ORDER BY j.id), '[]')
+           FROM (SELECT * FROM shardq.jobs WHERE account = $1 AND id > $2 ORDER BY id LIMIT $3) AS j",
     )
     .bind(account)
+    .bind(after)
+    .bind(limit)
     .fetch_one(tx)
     .await?;
-    Ok(rows.map(|r| r.0).unwrap_or_else(|| serde_json::json!([])))
+    Ok(rows.0)
+}
+
+/// The keys of `table`'s rows changed since move `id` began capturing (or
+/// since the last catch-up removed them), as a JSON array of key objects,
+/// with the sequence number of each one's last change.
+pub async fn changes_of(tx: &mut PgConnection, id: i64, table: &str) -> sqlx::Result<(serde_json::Value, Vec<i64>)> {
+    let (keys, seqs): (sqlx::types::Json<serde_json::Value>, Vec<i64>) = sqlx::query_as(
+        "SELECT coalesce(jsonb_agg(key ORDER BY seq), '[]'), coalesce(array_agg(seq ORDER BY seq), '{}')
+           FROM shardq.move_changes WHERE move_id = $1 AND tbl = to_regclass($2)::oid",
+    )
+    .bind(id)
+    .bind(table)
+    .fetch_one(tx)
+    .await?;
+    Ok((keys.0, seqs))
+}
+
+/// Removes the captured changes `seqs` of move `id` (copied by a catch-up;
+/// a row changed again since has a newer sequence number and stays).
+pub async fn changes_done(shard: &PgPool, id: i64, seqs: &[i64]) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM shardq.move_changes WHERE move_id = $1 AND seq = ANY($2)")
+        .bind(id)
+        .bind(seqs)
+        .execute(shard)
+        .await
+        .map(drop)
+}
+
+/// The account's rows of `table` whose keys are among `keys` (a JSON array
+/// of key objects), as one JSON array: those of the keys that still exist.
+pub async fn rows_by_keys(
+    tx: &mut PgConnection,
+    table: &str,
+    column: &str,
+    key: &[String],
+    account: &str,
+    keys: &serde_json::Value,
+) -> sqlx::Result<serde_json::Value> {
+    let (schema, name) = split_table(table);
+    let t = qualified(schema, name);
+    let list = |alias: &str| -> String {
+        key.iter()
+            .map(|k| format!("{alias}.{}", quote(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rows: sqlx::types::Json<serde_json::Value> = sqlx::query_scalar(&format!(
+        "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM {t} t
+          WHERE t.{} = $1
+            AND ({}) IN (SELECT {} FROM jsonb_populate_recordset(NULL::{t}, $2) AS k)",
+        quote(column),
+        list("t"),
+        list("k")
+    ))
+    .bind(account)
+    .bind(sqlx::types::Json(keys))
+    .fetch_one(tx)
+    .await?;
+    Ok(rows.0)
 }
 
 /// The periodic records of the jobs `ids` (an account's global periodic jobs).
@@ -295,33 +474,176 @@ pub async fn move_applied(shard: &PgPool, id: i64) -> sqlx::Result<bool> {
         .await
 }
 
-/// Writes the copy of an account in `tx` on the shard it goes to: lifts a
-/// fence left from an earlier move away, inserts the rows of each table,
-/// the jobs (new ids, in the old id order; returned as old id → new id),
-/// and marks move `id` applied.
-pub async fn account_insert(
-    tx: &mut PgConnection,
-    id: i64,
-    account: &str,
-    tables: &[(String, String, serde_json::Value)],
-    jobs: &serde_json::Value,
-) -> sqlx::Result<Vec<(i64, i64)>> {
+/// Holds the account's jobs on the shard it goes to until the switch: a
+/// fence that the claim skips and that makes `Router::begin` go to the
+/// shard the account is on (`from`), while the copy's inserts are taken
+/// (its time is never reached). Replaces a fence left by an earlier move
+/// away.
+pub async fn target_hold(shard: &PgPool, account: &str, from: &str, epoch: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO shardq.fences (account, moved_to, epoch, fenced_at) VALUES ($1, $2, $3, 'infinity')
+         ON CONFLICT (account) DO UPDATE
+            SET moved_to = EXCLUDED.moved_to, epoch = EXCLUDED.epoch, fenced_at = EXCLUDED.fenced_at",
+    )
+    .bind(account)
+    .bind(from)
+    .bind(epoch)
+    .execute(shard)
+    .await
+    .map(drop)
+}
+
+/// Deletes what a copy of move `id` wrote on the shard the account goes
+/// to: the account's rows of `tables` (children first), its jobs and their
+/// periodic records, the job mapping and the applied mark. Returns the rows
+/// deleted. The account is not placed here, so nothing else is its.
+pub async fn target_clear(shard: &PgPool, tables: &[(String, String)], account: &str, id: i64) -> sqlx::Result<u64> {
+    let mut tx = shard.begin().await?;
     sqlx::query("SET CONSTRAINTS ALL DEFERRED").execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM shardq.fences WHERE account = $1")
+    let mut n = 0;
+    for (table, column) in tables.iter().rev() {
+        let (schema, name) = split_table(table);
+        n += sqlx::query(&format!(
+            "DELETE FROM {} WHERE {} = $1",
+            qualified(schema, name),
+            quote(column)
+        ))
+        .bind(account)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+    sqlx::query("DELETE FROM shardq.periodic_runs WHERE job_id IN (SELECT id FROM shardq.jobs WHERE account = $1)")
         .bind(account)
         .execute(&mut *tx)
         .await?;
-    // Parents before children: the tables are declared parents first.
-    for (table, _, rows) in tables {
-        let (schema, name) = split_table(table);
-        let t = qualified(schema, name);
-        sqlx::query(&format!(
-            "INSERT INTO {t} OVERRIDING SYSTEM VALUE SELECT * FROM jsonb_populate_recordset(NULL::{t}, $1)"
-        ))
-        .bind(sqlx::types::Json(rows))
+    n += sqlx::query("DELETE FROM shardq.jobs WHERE account = $1")
+        .bind(account)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query("DELETE FROM shardq.move_jobs WHERE move_id = $1")
+        .bind(id)
         .execute(&mut *tx)
         .await?;
-    }
+    sqlx::query("DELETE FROM shardq.moves_applied WHERE move_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// After an abort: the fence the copy held the account's jobs with on the
+/// shard it was going to now refuses its writes (they belong on `from`).
+pub async fn target_refuse(shard: &PgPool, account: &str, from: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE shardq.fences SET fenced_at = now(), moved_to = $2
+          WHERE account = $1 AND (fenced_at IS NULL OR fenced_at = 'infinity')",
+    )
+    .bind(account)
+    .bind(from)
+    .execute(shard)
+    .await
+    .map(drop)
+}
+
+/// Writes `rows` (a JSON array) of `table`, whose primary key is `key` and
+/// columns `columns`: inserts the new ones and overwrites those already
+/// copied (keys kept).
+pub async fn rows_upsert(
+    tx: &mut PgConnection,
+    table: &str,
+    key: &[String],
+    columns: &[String],
+    rows: &serde_json::Value,
+) -> sqlx::Result<u64> {
+    let (schema, name) = split_table(table);
+    let t = qualified(schema, name);
+    let rest: Vec<&String> = columns.iter().filter(|c| !key.contains(c)).collect();
+    let on_conflict = if rest.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        let names: Vec<String> = rest.iter().map(|c| quote(c)).collect();
+        let excluded: Vec<String> = rest.iter().map(|c| format!("EXCLUDED.{}", quote(c))).collect();
+        format!("DO UPDATE SET ({}) = ROW({})", names.join(", "), excluded.join(", "))
+    };
+    let key: Vec<String> = key.iter().map(|k| quote(k)).collect();
+    sqlx::query(&format!(
+        "INSERT INTO {t} OVERRIDING SYSTEM VALUE SELECT * FROM jsonb_populate_recordset(NULL::{t}, $1)
+         ON CONFLICT ({}) {on_conflict}",
+        key.join(", ")
+    ))
+    .bind(sqlx::types::Json(rows))
+    .execute(tx)
+    .await
+    .map(|r| r.rows_affected())
+}
+
+/// Deletes the account's rows of `table` whose keys are among `keys` but
+/// not among `rows` (changed rows the old shard no longer has).
+pub async fn rows_delete_missing(
+    tx: &mut PgConnection,
+    table: &str,
+    column: &str,
+    key: &[String],
+    account: &str,
+    keys: &serde_json::Value,
+    rows: &serde_json::Value,
+) -> sqlx::Result<u64> {
+    let (schema, name) = split_table(table);
+    let t = qualified(schema, name);
+    let list = |alias: &str| -> String {
+        key.iter()
+            .map(|k| format!("{alias}.{}", quote(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let k = list("k");
+    sqlx::query(&format!(
+        "DELETE FROM {t} t
+          WHERE t.{} = $1
+            AND ({}) IN (SELECT {k} FROM jsonb_populate_recordset(NULL::{t}, $2) AS k
+                         EXCEPT SELECT {k} FROM jsonb_populate_recordset(NULL::{t}, $3) AS k)",
+        quote(column),
+        list("t")
+    ))
+    .bind(account)
+    .bind(sqlx::types::Json(keys))
+    .bind(sqlx::types::Json(rows))
+    .execute(tx)
+    .await
+    .map(|r| r.rows_affected())
+}
+
+/// Writes the jobs of move `id` on the shard the account goes to: `jobs`
+/// (a JSON array of the old shard's rows, with their old ids) are updated
+/// in place where an earlier copy wrote them (id, and so serial order,
+/// kept), else inserted with new ids in the old id order (the mapping
+/// recorded in `shardq.move_jobs`); the jobs `changed` that are not in
+/// `jobs` (deleted on the old shard) are deleted. Then the periodic records
+/// `runs` of these jobs are written with the new ids. Returns the jobs
+/// inserted.
+pub async fn jobs_apply(
+    tx: &mut PgConnection,
+    id: i64,
+    jobs: &serde_json::Value,
+    changed: &[i64],
+    runs: &serde_json::Value,
+) -> sqlx::Result<u64> {
+    sqlx::query(
+        "WITH gone AS (
+             DELETE FROM shardq.move_jobs m
+              WHERE m.move_id = $1 AND m.old_id = ANY($2)
+                AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements($3) e WHERE (e.value ->> 'id')::bigint = m.old_id)
+             RETURNING new_id)
+         DELETE FROM shardq.jobs WHERE id IN (SELECT new_id FROM gone)",
+    )
+    .bind(id)
+    .bind(changed)
+    .bind(sqlx::types::Json(jobs))
+    .execute(&mut *tx)
+    .await?;
     // Every column but the id, in the table's order.
     let columns: Vec<String> = sqlx::query_scalar(
         "SELECT quote_ident(attname) FROM pg_attribute
@@ -331,51 +653,86 @@ pub async fn account_insert(
     .fetch_all(&mut *tx)
     .await?;
     let list = columns.join(", ");
-    let mapping: Vec<(i64, i64)> = sqlx::query_as(&format!(
+    let from_src: Vec<String> = columns.iter().map(|c| format!("s.{c}")).collect();
+    let from_src = from_src.join(", ");
+    let src = "SELECT r.*, (e.value ->> 'id')::bigint AS old_id
+                 FROM jsonb_array_elements($1) AS e,
+                      LATERAL jsonb_populate_record(NULL::shardq.jobs, e.value) AS r";
+    sqlx::query(&format!(
+        "WITH src AS ({src})
+         UPDATE shardq.jobs j SET ({list}) = ROW({from_src})
+           FROM src s JOIN shardq.move_jobs m ON m.move_id = $2 AND m.old_id = s.old_id
+          WHERE j.id = m.new_id"
+    ))
+    .bind(sqlx::types::Json(jobs))
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    let inserted = sqlx::query(&format!(
         "WITH src AS (
-             SELECT r.*, (e.value ->> 'id')::bigint AS old_id, e.ordinality
-               FROM jsonb_array_elements($1) WITH ORDINALITY AS e(value, ordinality),
-                    LATERAL jsonb_populate_record(NULL::shardq.jobs, e.value) AS r
+             SELECT s.* FROM ({src}) AS s
+              WHERE NOT EXISTS (SELECT 1 FROM shardq.move_jobs m WHERE m.move_id = $2 AND m.old_id = s.old_id)
          ), ins AS (
              INSERT INTO shardq.jobs ({list})
-             SELECT {list} FROM src ORDER BY ordinality
+             SELECT {list} FROM src ORDER BY old_id
              RETURNING id
          ), numbered AS (
              SELECT id, row_number() OVER (ORDER BY id) AS n FROM ins
+         ), olds AS (
+             SELECT old_id, row_number() OVER (ORDER BY old_id) AS n FROM src
          )
-         SELECT s.old_id, i.id FROM numbered i JOIN src s ON s.ordinality = i.n"
+         INSERT INTO shardq.move_jobs (move_id, old_id, new_id)
+         SELECT $2, o.old_id, i.id FROM numbered i JOIN olds o ON o.n = i.n"
     ))
     .bind(sqlx::types::Json(jobs))
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query("INSERT INTO shardq.moves_applied (move_id, account) VALUES ($1, $2)")
-        .bind(id)
-        .bind(account)
-        .execute(&mut *tx)
-        .await?;
-    Ok(mapping)
-}
-
-/// Writes periodic records moved with their jobs, with the jobs' new ids.
-pub async fn periodic_runs_insert(
-    tx: &mut PgConnection,
-    runs: &serde_json::Value,
-    old_ids: &[i64],
-    new_ids: &[i64],
-) -> sqlx::Result<()> {
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
     sqlx::query(
         "INSERT INTO shardq.periodic_runs (name, occurrence, job_id, recorded_at)
          SELECT r.name, r.occurrence, m.new_id, r.recorded_at
            FROM jsonb_populate_recordset(NULL::shardq.periodic_runs, $1) AS r
-           JOIN unnest($2::bigint[], $3::bigint[]) AS m(old_id, new_id) ON m.old_id = r.job_id
+           JOIN shardq.move_jobs m ON m.move_id = $2 AND m.old_id = r.job_id
          ON CONFLICT (name, occurrence) DO NOTHING",
     )
     .bind(sqlx::types::Json(runs))
-    .bind(old_ids)
-    .bind(new_ids)
-    .execute(tx)
-    .await
-    .map(drop)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(inserted)
+}
+
+/// Ends move `id`'s copy in `tx` on the shard the account goes to: marks it
+/// applied and turns the fence holding the account's jobs into a hold of
+/// claims only (writes are taken, for writers that see the switch before
+/// the hold is lifted).
+pub async fn copy_applied(tx: &mut PgConnection, id: i64, account: &str) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO shardq.moves_applied (move_id, account) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(id)
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE shardq.fences SET fenced_at = NULL WHERE account = $1")
+        .bind(account)
+        .execute(&mut *tx)
+        .await
+        .map(drop)
+}
+
+/// After the switch: lifts the hold on the account's jobs on the shard it
+/// went to (they run from now) and forgets move `id`'s job mapping.
+pub async fn target_release(shard: &PgPool, account: &str, id: i64) -> sqlx::Result<()> {
+    let mut tx = shard.begin().await?;
+    sqlx::query("DELETE FROM shardq.fences WHERE account = $1 AND fenced_at IS NULL")
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM shardq.move_jobs WHERE move_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
 }
 
 /// `schema.table` split; `public` when no schema is given.
@@ -390,4 +747,9 @@ fn qualified(schema: &str, name: &str) -> String {
 /// `name` as a quoted SQL identifier.
 fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `value` as a quoted SQL literal.
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
 }

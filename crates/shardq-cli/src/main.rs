@@ -10,7 +10,9 @@ mod jobs;
 mod kinds;
 mod migrate;
 mod moves;
+mod rebalance;
 mod route;
+mod shards;
 mod status;
 mod store;
 mod testbed;
@@ -45,6 +47,10 @@ enum Command {
     Accounts(accounts::AccountsArgs),
     /// Moves in progress and recent ones; resume or abort one.
     Moves(moves::MovesArgs),
+    /// List shards; drain one (no new accounts, every account moved off).
+    Shards(shards::ShardsArgs),
+    /// Plan (`--plan`) or run (`--apply`) the moves that even the load across shards.
+    Rebalance(rebalance::RebalanceArgs),
     /// Enqueue jobs for an account.
     Enqueue(enqueue::EnqueueArgs),
     /// Inspect jobs.
@@ -94,6 +100,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Route(args) => route::run(&config()?, args).await,
         Command::Accounts(args) => accounts::run(&config()?, args).await,
         Command::Moves(args) => moves::run(&config()?, args).await,
+        Command::Shards(args) => shards::run(&config()?, args).await,
+        Command::Rebalance(args) => rebalance::run(&config()?, args).await,
         Command::Enqueue(args) => enqueue::run(&config()?, args).await,
         Command::Jobs(args) => jobs::run(&config()?, args).await,
         Command::Status(args) => status::run(&config()?, args).await,

@@ -212,7 +212,7 @@ pub async fn run(config: &Config, args: AccountsArgs) -> anyhow::Result<ExitCode
             }
             let placement = router.pin(&account, &to).await?;
             if placement.placed_now {
-                println!("{account}: placed on {} and pinned", placement.shard);
+                println!("{account}: placed on {}", placement.shard);
             } else {
                 println!("{account}: pinned to {}", placement.shard);
             }

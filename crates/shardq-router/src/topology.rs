@@ -333,3 +333,91 @@ async fn check_schema(db: &Database) -> SchemaState {
         Err(_) => SchemaState::Unknown(format!("no answer within {SCHEMA_CHECK_TIMEOUT:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(strategy: PlacementStrategy, weights: &[(&str, u32)]) -> Config {
+        let urls: Vec<(String, String)> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.to_string(), format!("postgres://postgres@127.0.0.1:{}/s", 6000 + i)))
+            .collect();
+        let pairs: Vec<(&str, &str)> = urls.iter().map(|(n, u)| (n.as_str(), u.as_str())).collect();
+        let mut c = Config::from_urls("postgres://postgres@127.0.0.1:5999/m", &pairs).unwrap();
+        for (s, (_, w)) in c.shards.iter_mut().zip(weights) {
+            s.weight = *w;
+        }
+        c.placement = strategy;
+        c
+    }
+
+    fn all_current(c: &Config) -> Facts {
+        Facts {
+            schema: c.shard_names().into_iter().map(|n| (n, SchemaState::Current)).collect(),
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn only_shards_with_weight_not_draining_and_current_are_offered() {
+        let c = config(PlacementStrategy::Ring, &[("a", 1), ("b", 0), ("c", 1), ("d", 1)]);
+        let mut facts = all_current(&c);
+        facts.draining.insert("c".into());
+        facts.schema.insert(
+            "d".into(),
+            SchemaState::Behind {
+                applied: Some(3),
+                expected: 9,
+            },
+        );
+        let offer = Offer::build(&c, &facts);
+        assert!(offer.offers("a") && !offer.offers("b") && !offer.offers("c") && !offer.offers("d"));
+        let why: Vec<(&str, &str)> = offer.left_out().iter().map(|(n, w)| (n.as_str(), w.as_str())).collect();
+        assert_eq!(why[0], ("b", "weight 0"));
+        assert_eq!(why[1], ("c", "draining"));
+        assert!(
+            why[2].1.contains("version 3 of 9") && why[2].1.contains("shardq migrate"),
+            "{why:?}"
+        );
+        for i in 0..50 {
+            assert_eq!(offer.choose(&i.to_string()).as_deref(), Some("a"));
+        }
+        // A shard never checked is not offered either.
+        let offer = Offer::build(&c, &Facts::default());
+        assert_eq!(offer.choose("x"), None);
+    }
+
+    #[test]
+    fn least_loaded_takes_the_fewest_placements_per_weight_and_counts_its_own() {
+        let c = config(PlacementStrategy::LeastLoaded, &[("a", 1), ("b", 2)]);
+        let mut facts = all_current(&c);
+        facts.counts = [("a".to_string(), 3), ("b".to_string(), 4)].into_iter().collect();
+        let offer = Offer::build(&c, &facts);
+        // b: 4/2 = 2 per weight < a: 3.
+        assert_eq!(offer.choose("x").as_deref(), Some("b"));
+        offer.placed("b");
+        offer.placed("b");
+        // b: 6/2 = 3 = a: the tie goes to the first in file order.
+        assert_eq!(offer.choose("x").as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn versions_keep_old_references_valid_and_serve_the_newest() {
+        let c = config(PlacementStrategy::Ring, &[("a", 1)]);
+        let versions = Versions::new(Topology {
+            config: c.clone(),
+            shards: Vec::new(),
+        });
+        let first = versions.current();
+        let mut c2 = c.clone();
+        c2.placement = PlacementStrategy::LeastLoaded;
+        versions.push(Topology {
+            config: c2,
+            shards: Vec::new(),
+        });
+        assert_eq!(first.config.placement, PlacementStrategy::Ring);
+        assert_eq!(versions.current().config.placement, PlacementStrategy::LeastLoaded);
+    }
+}

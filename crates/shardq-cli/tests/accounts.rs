@@ -3,7 +3,8 @@
 //! shows the move done; a mover SIGKILLed while it waits for a running job
 //! is finished by `moves resume` with exactly one copy of everything; and
 //! `shardq route` on an unknown account does not place it; `rebalance`
-//! plans and applies, `shards drain` empties a shard.
+//! plans and applies, `shards drain` empties a shard; a worker reloads
+//! shards.toml on SIGHUP.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::fs::File;
@@ -579,4 +580,61 @@ async fn rebalance_plans_then_applies_and_shards_drain_empties_a_shard() {
         "{s3}"
     );
     assert!(accounts_per_shard(&f).await.iter().all(|(s, _)| s != "shard_3"));
+}
+
+#[tokio::test]
+async fn a_worker_reloads_shards_toml_on_sighup_and_keeps_running_on_a_bad_one() {
+    let f = fleet().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Start with two of the three shards.
+    let mut two = Fleet {
+        config: f.config.clone(),
+        router: f.router.clone(),
+        client: f.client.clone(),
+    };
+    two.config.shards.truncate(2);
+    let config = write_config(&two, dir.path(), "");
+    let mut worker = Process::spawn(
+        &config,
+        "worker",
+        &["worker", "--queues", "default=2", "--grace", "1s"],
+        dir.path(),
+    );
+    wait_for("the worker to run", WAIT, || {
+        std::future::ready(worker.output().contains("running; ctrl-c or SIGTERM"))
+    })
+    .await;
+
+    write_config(&f, dir.path(), "");
+    signal::kill(worker.pid(), Signal::SIGHUP).unwrap();
+    wait_for("the worker to reload", WAIT, || {
+        std::future::ready(worker.output().contains("added: shard_3"))
+    })
+    .await;
+
+    std::fs::write(&config, "[master]\nurl = 3\n").unwrap();
+    signal::kill(worker.pid(), Signal::SIGHUP).unwrap();
+    wait_for("the worker to refuse the bad file", WAIT, || {
+        std::future::ready(worker.output().contains("reload refused"))
+    })
+    .await;
+    assert!(worker.running(), "a bad file stopped the worker:\n{}", worker.output());
+    assert!(worker.output().contains("line 2"), "{}", worker.output());
+
+    // A file that drops a shard holding accounts is refused, naming it.
+    f.router
+        .place(&Account::new("on-the-new-shard").unwrap(), "shard_3")
+        .await
+        .unwrap();
+    write_config(&two, dir.path(), "");
+    signal::kill(worker.pid(), Signal::SIGHUP).unwrap();
+    wait_for("the worker to refuse dropping shard_3", WAIT, || {
+        std::future::ready(worker.output().contains("refusing to reload: shard shard_3"))
+    })
+    .await;
+    assert!(worker.running(), "{}", worker.output());
+
+    signal::kill(worker.pid(), Signal::SIGTERM).unwrap();
+    let status = worker.exited("the worker to stop").await;
+    assert!(status.success(), "{}", worker.output());
 }

@@ -443,6 +443,13 @@ impl Router {
         (offered, offer.left_out().to_vec())
     }
 
+    /// The shard a new account `account` would be placed on now (the ring
+    /// or the least-loaded choice among the offered shards); `None` when no
+    /// shard is offered. Places nothing.
+    pub fn propose(&self, account: &Account) -> Option<String> {
+        self.live.offer().choose(account.as_str())
+    }
+
     /// The last schema check of shard `name`.
     pub fn schema_state(&self, name: &str) -> SchemaState {
         self.live.schema(name)

@@ -21,7 +21,8 @@
 //! - Deterministic: the same input gives the same plan (shards and
 //!   accounts are ordered by name; ties are broken by name).
 
-use std::collections::{BTreeMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// What a plan may do with a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +178,23 @@ pub fn plan(shards: &[PlanShard], accounts: &[PlanAccount], tolerance: f64) -> P
         }
     }
 
-    // 2. Even the target shards.
+    // 2. Even the target shards. Candidates per target shard, by load and
+    // then by rank in `movable` (reversed, so that the greatest key of a
+    // load is the first account of that load by name).
+    let rank_of: HashMap<&str, usize> = movable
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.account.as_str(), i))
+        .collect();
+    let mut candidates: BTreeMap<&str, BTreeSet<(u64, Reverse<usize>)>> = BTreeMap::new();
+    for (i, a) in movable.iter().enumerate() {
+        if share.contains_key(a.shard.as_str()) && !moved.contains(a.account.as_str()) {
+            candidates
+                .entry(a.shard.as_str())
+                .or_default()
+                .insert((a.load, Reverse(i)));
+        }
+    }
     loop {
         // The target shard furthest above its share and the one furthest
         // below; go on while either is beyond the tolerance.
@@ -197,20 +214,12 @@ pub fn plan(shards: &[PlanShard], accounts: &[PlanAccount], tolerance: f64) -> P
         if excess <= tolerance * share[from] && short <= tolerance * share[to] {
             break;
         }
-        let distance = |from_load: f64, to_load: f64| (from_load - share[from]).abs() + (to_load - share[to]).abs();
-        let now = distance(load[from] as f64, load[to] as f64);
-        let mut best: Option<(&PlanAccount, f64)> = None;
-        for a in movable
-            .iter()
-            .filter(|a| a.shard == from && !moved.contains(a.account.as_str()))
-        {
-            let x = a.load as f64;
-            let gain = now - distance(load[from] as f64 - x, load[to] as f64 + x);
-            if gain > 1e-9 && best.is_none_or(|(_, g)| gain > g) {
-                best = Some((a, gain));
-            }
+        let Some(a) = pick(candidates.get(from), excess, short).map(|rank| movable[rank]) else {
+            break;
+        };
+        if let Some(c) = candidates.get_mut(from) {
+            c.remove(&(a.load, Reverse(rank_of[a.account.as_str()])));
         }
-        let Some((a, _)) = best else { break };
         if let Some(l) = load.get_mut(from) {
             *l -= a.load;
         }
@@ -243,6 +252,42 @@ pub fn plan(shards: &[PlanShard], accounts: &[PlanAccount], tolerance: f64) -> P
         })
         .collect();
     Plan { moves, shards }
+}
+
+/// The candidate (its rank) whose move from a shard `excess` above its
+/// share to one `short` below lowers the sum of both distances the most;
+/// `None` when no move lowers it. Moving `x` lowers it by `2x` up to
+/// `min(excess, short)`, by `2 min` between the two, and by
+/// `2 (excess + short - x)` beyond the larger: so the best is the largest
+/// load not above the larger, unless that one is below the smaller and the
+/// smallest load above the larger gains more. Among equal loads, the first
+/// by name.
+fn pick(candidates: Option<&BTreeSet<(u64, Reverse<usize>)>>, excess: f64, short: f64) -> Option<usize> {
+    let candidates = candidates?;
+    if excess <= 0.0 || short <= 0.0 {
+        return None;
+    }
+    let (lo, hi) = (excess.min(short), excess.max(short));
+    let cap = hi.floor() as u64;
+    let below = candidates.range(..=(cap, Reverse(0))).next_back().copied();
+    if let Some((x, Reverse(rank))) = below {
+        if x as f64 >= lo {
+            return Some(rank);
+        }
+    }
+    let above = candidates
+        .range((cap.saturating_add(1), Reverse(usize::MAX))..)
+        .next()
+        .and_then(|(x, _)| candidates.range(..=(*x, Reverse(0))).next_back().copied());
+    let gain_below = below.map(|(x, _)| 2.0 * x as f64).unwrap_or(0.0);
+    let gain_above = above.map(|(x, _)| 2.0 * (excess + short - x as f64)).unwrap_or(0.0);
+    if gain_below <= 1e-9 && gain_above <= 1e-9 {
+        None
+    } else if gain_below >= gain_above {
+        below.map(|(_, Reverse(r))| r)
+    } else {
+        above.map(|(_, Reverse(r))| r)
+    }
 }
 
 #[cfg(test)]

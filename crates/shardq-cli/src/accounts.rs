@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use serde::Serialize;
-use shardq::moves::{Mover, Step};
+use shardq::moves::{MoveOptions, Mover, Step};
+use shardq::rebalance::Rebalancer;
 use shardq_router::{Account, Config, Router};
 
 use crate::moves::{self, MoveArgs};
@@ -56,15 +57,18 @@ enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Place a new account on a chosen shard (e.g. a dedicated shard for a
-    /// large customer). An account already placed elsewhere is refused:
-    /// `accounts move` it instead.
+    /// Pin an account to a chosen shard (e.g. a dedicated shard for a
+    /// large customer): a new account is placed there, one placed elsewhere
+    /// is moved there first (a line per step); either way it is marked
+    /// pinned, so a rebalance never moves it and a drain refuses to.
     Pin {
         /// The account.
         account: String,
-        /// The shard to place it on.
+        /// The shard to pin it to.
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        options: MoveArgs,
     },
 }
 
@@ -77,6 +81,10 @@ struct Shown {
     jobs: serde_json::Map<String, serde_json::Value>,
     /// Bytes of the account's job rows on its shard.
     job_bytes: i64,
+    /// Estimated size: its job rows plus its rows of the account-scoped
+    /// tables (the `rebalance --by bytes` load); `None` when a table could
+    /// not be read.
+    size_bytes: Option<u64>,
     /// A move of the account in progress.
     moving: Option<shardq::moves::Move>,
 }
@@ -124,15 +132,16 @@ pub async fn run(config: &Config, args: AccountsArgs) -> anyhow::Result<ExitCode
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<32} {:<12} {:>5}  {:<20}  moved",
-                "account", "shard", "epoch", "placed"
+                "{:<32} {:<12} {:>5} {:<6}  {:<20}  moved",
+                "account", "shard", "epoch", "pinned", "placed"
             );
             for r in &rows {
                 println!(
-                    "{:<32} {:<12} {:>5}  {:<20}  {}",
+                    "{:<32} {:<12} {:>5} {:<6}  {:<20}  {}",
                     r.account,
                     r.shard,
                     r.epoch,
+                    if r.pinned { "yes" } else { "" },
                     r.placed_at.format("%Y-%m-%d %H:%M:%S"),
                     r.moved_at
                         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
@@ -164,7 +173,12 @@ pub async fn run(config: &Config, args: AccountsArgs) -> anyhow::Result<ExitCode
                 .await?
                 .into_iter()
                 .find(|m| m.account == account.as_str() && !matches!(m.step, Step::Done | Step::Aborted));
+            let size_bytes = Rebalancer::new(router.clone(), MoveOptions::for_config(config))
+                .size_of(&account, &db.name)
+                .await
+                .ok();
             let shown = Shown {
+                size_bytes,
                 placement,
                 jobs: counts
                     .into_iter()
@@ -180,13 +194,27 @@ pub async fn run(config: &Config, args: AccountsArgs) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
-        AccountsCommand::Pin { account, to } => {
+        AccountsCommand::Pin { account, to, options } => {
             let account = Account::new(account)?;
-            let placement = router.place(&account, &to).await?;
+            router.shard(&to)?;
+            if let Some((from, _)) = router.placement(&account).await? {
+                if from != to {
+                    let options = options.options(config)?;
+                    let mover = Mover::new(router.clone(), options.clone());
+                    let m = mover.start(&account, &to).await?;
+                    println!("{}", moves::heading(&m, &options.tables));
+                    let code = moves::run_to_end(&mover, &options, m).await?;
+                    if code != ExitCode::SUCCESS {
+                        eprintln!("{account} is not pinned: its move to {to} did not finish");
+                        return Ok(code);
+                    }
+                }
+            }
+            let placement = router.pin(&account, &to).await?;
             if placement.placed_now {
                 println!("{account}: placed on {}", placement.shard);
             } else {
-                println!("{account}: already on {}", placement.shard);
+                println!("{account}: pinned to {}", placement.shard);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -198,6 +226,7 @@ fn print_shown(s: &Shown) {
     println!("account:  {}", p.account);
     println!("shard:    {}", p.shard);
     println!("epoch:    {}", p.epoch);
+    println!("pinned:   {}", if p.pinned { "yes" } else { "no" });
     println!("placed:   {}", p.placed_at.to_rfc3339());
     if let Some(t) = p.moved_at {
         println!("moved:    {}", t.to_rfc3339());
@@ -209,6 +238,9 @@ fn print_shown(s: &Shown) {
         println!("jobs:     {}", parts.join(", "));
     }
     println!("job rows: {} bytes", s.job_bytes);
+    if let Some(bytes) = s.size_bytes {
+        println!("size:     {bytes} bytes (job rows and rows of the account-scoped tables, as stored)");
+    }
     if let Some(m) = &s.moving {
         println!(
             "moving:   move {} to {}, at step {}{}",

@@ -12,7 +12,9 @@ mod kinds;
 mod migrate;
 mod moves;
 mod queues;
+mod rebalance;
 mod route;
+mod shards;
 mod status;
 mod store;
 mod testbed;
@@ -47,6 +49,10 @@ enum Command {
     Accounts(accounts::AccountsArgs),
     /// Moves in progress and recent ones; resume or abort one.
     Moves(moves::MovesArgs),
+    /// List shards; drain one (no new accounts, every account moved off).
+    Shards(shards::ShardsArgs),
+    /// Plan (`--plan`) or run (`--apply`) the moves that even the load across shards.
+    Rebalance(rebalance::RebalanceArgs),
     /// Enqueue jobs for an account.
     Enqueue(enqueue::EnqueueArgs),
     /// Inspect jobs.
@@ -100,6 +106,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Route(args) => route::run(&config()?, args).await,
         Command::Accounts(args) => accounts::run(&config()?, args).await,
         Command::Moves(args) => moves::run(&config()?, args).await,
+        Command::Shards(args) => shards::run(&config()?, args).await,
+        Command::Rebalance(args) => rebalance::run(&config()?, args).await,
         Command::Enqueue(args) => enqueue::run(&config()?, args).await,
         Command::Jobs(args) => jobs::run(&config()?, args).await,
         Command::Queues(args) => queues::run(&config()?, args).await,

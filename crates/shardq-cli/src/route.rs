@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use shardq_router::ring::Ring;
 use shardq_router::{Account, Config, Router};
 
 /// Arguments of `route`.
@@ -34,13 +33,16 @@ pub async fn run(config: &Config, args: RouteArgs) -> anyhow::Result<ExitCode> {
     match router.placement(&account).await? {
         Some((shard, _epoch)) => println!("{shard}"),
         None => {
-            // The router's own ring: the same shards and weights.
-            let ring = Ring::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
-            match ring.propose(account.as_str()) {
+            // The router's own choice: the shards it offers new accounts
+            // (weight, draining, schema) and its placement strategy.
+            match router.propose(&account) {
                 Some(shard) => println!(
-                    "{shard} (not placed: the ring's proposal; its first job or `shardq accounts pin {account} --to SHARD` places it)"
+                    "{shard} (not placed: the router's proposal; its first job or `shardq accounts pin {account} --to SHARD` places it)"
                 ),
-                None => println!("none (not placed, and no shard accepts new accounts: every weight is 0)"),
+                None => println!(
+                    "none (not placed, and no shard accepts new accounts: {})",
+                    router.offered().1.iter().map(|(n, why)| format!("{n}: {why}")).collect::<Vec<_>>().join("; ")
+                ),
             }
         }
     }

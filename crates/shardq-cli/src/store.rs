@@ -142,6 +142,8 @@ pub struct PlacementRow {
     pub placed_at: chrono::DateTime<chrono::Utc>,
     /// When it last moved, if it did.
     pub moved_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Pinned to its shard: a rebalance never moves it.
+    pub pinned: bool,
 }
 
 /// Placements in account order after `after` (exclusive), at most `limit`,
@@ -153,7 +155,7 @@ pub async fn placements_page(
     limit: i64,
 ) -> sqlx::Result<Vec<PlacementRow>> {
     sqlx::query_as(
-        "SELECT account, shard, epoch, placed_at, moved_at FROM shardq.placements
+        "SELECT account, shard, epoch, placed_at, moved_at, pinned FROM shardq.placements
           WHERE ($1::text IS NULL OR shard = $1) AND ($2::text IS NULL OR account > $2)
           ORDER BY account LIMIT $3",
     )
@@ -166,10 +168,12 @@ pub async fn placements_page(
 
 /// One account's placement row, if it has one.
 pub async fn placement_of(master: &PgPool, account: &str) -> sqlx::Result<Option<PlacementRow>> {
-    sqlx::query_as("SELECT account, shard, epoch, placed_at, moved_at FROM shardq.placements WHERE account = $1")
-        .bind(account)
-        .fetch_optional(master)
-        .await
+    sqlx::query_as(
+        "SELECT account, shard, epoch, placed_at, moved_at, pinned FROM shardq.placements WHERE account = $1",
+    )
+    .bind(account)
+    .fetch_optional(master)
+    .await
 }
 
 /// An account's jobs on a shard by state (`available` split into due and

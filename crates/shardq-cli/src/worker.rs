@@ -73,10 +73,15 @@ impl WorkerArgs {
     }
 }
 
-/// Runs a node until SIGTERM or ctrl-c, then shuts down gracefully.
+/// Runs a node until SIGTERM or ctrl-c, then shuts down gracefully. On
+/// SIGHUP it reads shards.toml again and reloads its router (new shards,
+/// weights, placement strategy; see `Router::reload`); a bad file or one
+/// that drops a shard holding accounts is refused and logged, and the node
+/// goes on as it was. The runtime's producers keep the shards they started
+/// with.
 pub async fn run(config: &Config, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let router = Arc::new(Router::connect(config).await?);
-    let mut builder = kinds::register(Runtime::builder(router)).options(args.options());
+    let mut builder = kinds::register(Runtime::builder(router.clone())).options(args.options());
     let queues = parse_queues(&args.queues).map_err(|e| anyhow::anyhow!("--queues: {e}"))?;
     for (q, limit) in queues {
         builder = builder.queue(q, limit);
@@ -85,14 +90,26 @@ pub async fn run(config: &Config, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         builder = builder.metrics_addr(addr);
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let runtime = builder.start()?;
     eprintln!("worker {} running; ctrl-c or SIGTERM to stop", runtime.node_id());
     if let Some(addr) = runtime.metrics_addr() {
         eprintln!("metrics on http://{addr}/metrics, health on http://{addr}/healthz");
     }
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                match Config::load(&config.file) {
+                    Ok(new) => match router.reload(&new).await {
+                        Ok(report) => eprintln!("reloaded {}: {report}", config.file.display()),
+                        Err(e) => eprintln!("reload refused: {e}"),
+                    },
+                    Err(e) => eprintln!("reload refused: {e}"),
+                }
+            }
+        }
     }
     eprintln!(
         "stopping: finishing running jobs (grace {})",

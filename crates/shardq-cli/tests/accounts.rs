@@ -2,7 +2,9 @@
 //! `accounts move` carries an account's rows and jobs and `moves status`
 //! shows the move done; a mover SIGKILLed while it waits for a running job
 //! is finished by `moves resume` with exactly one copy of everything; and
-//! `shardq route` on an unknown account does not place it.
+//! `shardq route` on an unknown account does not place it; `rebalance`
+//! plans and applies, `shards drain` empties a shard; a worker reloads
+//! shards.toml on SIGHUP.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::fs::File;
@@ -504,11 +506,135 @@ async fn route_on_an_unknown_account_does_not_place_it() {
     assert_eq!(placement(&f, "cli-typo").await, Some(("shard_3".into(), 1)));
     let routed = shardq(&config, &["route", "cli-typo"]).await;
     assert_eq!(routed.stdout.trim(), "shard_3");
+    // Pinning a placed account elsewhere moves it there first, then pins it.
     let repin = shardq(&config, &["accounts", "pin", "cli-typo", "--to", "shard_1"]).await;
-    assert!(!repin.ok, "re-pinning elsewhere is refused");
+    assert!(repin.ok, "{}{}", repin.stdout, repin.stderr);
+    assert!(repin.stdout.contains("done"), "a line per step: {}", repin.stdout);
     assert!(
-        repin.stderr.contains("cli-typo") && repin.stderr.contains("shard_3"),
+        repin.stdout.trim_end().ends_with("cli-typo: pinned to shard_1"),
         "{}",
-        repin.stderr
+        repin.stdout
     );
+    assert_eq!(placement(&f, "cli-typo").await, Some(("shard_1".into(), 2)));
+    let shown = shardq(&config, &["accounts", "show", "cli-typo", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap();
+    assert_eq!(v["pinned"], serde_json::Value::Bool(true), "{}", shown.stdout);
+    let unknown = shardq(&config, &["accounts", "pin", "cli-typo", "--to", "shard_9"]).await;
+    assert!(!unknown.ok && unknown.stderr.contains("shard_9"), "{}", unknown.stderr);
+}
+
+/// Accounts per shard, from the master.
+async fn accounts_per_shard(f: &Fleet) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT shard, count(*) FROM shardq.placements GROUP BY shard ORDER BY shard")
+        .fetch_all(&f.router.master().pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn rebalance_plans_then_applies_and_shards_drain_empties_a_shard() {
+    let f = fleet().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&f, dir.path(), "");
+    for i in 0..12 {
+        f.router
+            .place(&Account::new(format!("cli-heavy-{i}")).unwrap(), "shard_1")
+            .await
+            .unwrap();
+    }
+
+    let plan = shardq(&config, &["rebalance", "--plan", "--json", "--tolerance", "0"]).await;
+    assert!(plan.ok, "{}", plan.stderr);
+    let v: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    let moves = v["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 8, "{}", plan.stdout);
+    assert!(moves.iter().all(|m| m["from"] == "shard_1"), "{}", plan.stdout);
+    assert_eq!(
+        accounts_per_shard(&f).await,
+        [("shard_1".to_string(), 12)],
+        "--plan changes nothing"
+    );
+
+    let applied = shardq(
+        &config,
+        &["rebalance", "--apply", "--tolerance", "0", "--concurrency", "2"],
+    )
+    .await;
+    assert!(applied.ok, "{}{}", applied.stdout, applied.stderr);
+    assert_eq!(applied.stdout.matches("  moved  ").count(), 8, "{}", applied.stdout);
+    let even: Vec<(String, i64)> = ["shard_1", "shard_2", "shard_3"]
+        .iter()
+        .map(|s| (s.to_string(), 4))
+        .collect();
+    assert_eq!(accounts_per_shard(&f).await, even);
+
+    let drained = shardq(&config, &["shards", "drain", "shard_3"]).await;
+    assert!(drained.ok, "{}{}", drained.stdout, drained.stderr);
+    assert_eq!(drained.stdout.matches("  moved  ").count(), 4, "{}", drained.stdout);
+    let listed = shardq(&config, &["shards", "list", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    let s3 = v.as_array().unwrap().iter().find(|s| s["name"] == "shard_3").unwrap();
+    assert_eq!(
+        (s3["draining"].as_bool(), s3["accounts"].as_i64()),
+        (Some(true), Some(0)),
+        "{s3}"
+    );
+    assert!(accounts_per_shard(&f).await.iter().all(|(s, _)| s != "shard_3"));
+}
+
+#[tokio::test]
+async fn a_worker_reloads_shards_toml_on_sighup_and_keeps_running_on_a_bad_one() {
+    let f = fleet().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Start with two of the three shards.
+    let mut two = Fleet {
+        config: f.config.clone(),
+        router: f.router.clone(),
+        client: f.client.clone(),
+    };
+    two.config.shards.truncate(2);
+    let config = write_config(&two, dir.path(), "");
+    let mut worker = Process::spawn(
+        &config,
+        "worker",
+        &["worker", "--queues", "default=2", "--grace", "1s"],
+        dir.path(),
+    );
+    wait_for("the worker to run", WAIT, || {
+        std::future::ready(worker.output().contains("running; ctrl-c or SIGTERM"))
+    })
+    .await;
+
+    write_config(&f, dir.path(), "");
+    signal::kill(worker.pid(), Signal::SIGHUP).unwrap();
+    wait_for("the worker to reload", WAIT, || {
+        std::future::ready(worker.output().contains("added: shard_3"))
+    })
+    .await;
+
+    std::fs::write(&config, "[master]\nurl = 3\n").unwrap();
+    signal::kill(worker.pid(), Signal::SIGHUP).unwrap();
+    wait_for("the worker to refuse the bad file", WAIT, || {
+        std::future::ready(worker.output().contains("reload refused"))
+    })
+    .await;
+    assert!(worker.running(), "a bad file stopped the worker:\n{}", worker.output());
+    assert!(worker.output().contains("line 2"), "{}", worker.output());
+
+    // A file that drops a shard holding accounts is refused, naming it.
+    f.router
+        .place(&Account::new("on-the-new-shard").unwrap(), "shard_3")
+        .await
+        .unwrap();
+    write_config(&two, dir.path(), "");
+    signal::kill(worker.pid(), Signal::SIGHUP).unwrap();
+    wait_for("the worker to refuse dropping shard_3", WAIT, || {
+        std::future::ready(worker.output().contains("refusing to reload: shard shard_3"))
+    })
+    .await;
+    assert!(worker.running(), "{}", worker.output());
+
+    signal::kill(worker.pid(), Signal::SIGTERM).unwrap();
+    let status = worker.exited("the worker to stop").await;
+    assert!(status.success(), "{}", worker.output());
 }

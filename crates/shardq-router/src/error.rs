@@ -80,10 +80,44 @@ pub enum Error {
         shards: String,
     },
     /// No shard accepts new accounts.
-    #[error("cannot place account {account:?}: no shard has weight > 0")]
+    #[error("cannot place account {account:?}: no shard accepts new accounts ({why})")]
     NoShardAcceptsAccounts {
         /// The account that needed a placement.
         account: String,
+        /// Why each configured shard is left out (weight 0, draining,
+        /// schema behind or not checked).
+        why: String,
+    },
+    /// A shard was asked to take an account it does not accept.
+    #[error("shard {shard} takes no new accounts: {why}")]
+    ShardNotAccepting {
+        /// The shard.
+        shard: String,
+        /// Why (draining, schema behind).
+        why: String,
+    },
+    /// A shard is missing from the master's registry, which only the schema
+    /// owner writes.
+    #[error(
+        "shard {shard} is not in the master's shard registry{}; the schema owner registers configured \
+         shards (connect once as the owner, e.g. `shardq shards list`)",
+        .account.as_deref().map(|a| format!(", so account {a} cannot be placed there")).unwrap_or_default()
+    )]
+    ShardNotRegistered {
+        /// The shard.
+        shard: String,
+        /// The account being placed, if one was.
+        account: Option<String>,
+    },
+    /// A reload would drop a shard that still holds accounts.
+    #[error("{file}: refusing to reload: shard {shard} is missing from the file but {accounts} accounts are placed on it; drain it first (`shardq shards drain {shard}`)", file = file.display())]
+    ReloadDropsShard {
+        /// The new configuration's file.
+        file: PathBuf,
+        /// The shard.
+        shard: String,
+        /// Accounts placed on it.
+        accounts: i64,
     },
     /// An account that already has a placement was asked to be pinned elsewhere.
     #[error("account {account:?} is already placed on shard {current:?}; refusing to pin it to {requested:?} (moving an account is a separate operation)")]

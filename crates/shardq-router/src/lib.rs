@@ -5,9 +5,16 @@
 //! - [`config`]: `shards.toml`, parsed, `${VAR}`-expanded and validated.
 //! - [`account`]: the account id type and its rules.
 //! - [`ring`]: the consistent-hash ring that proposes a shard for a new account.
-//! - [`router`]: [`Router`], lazy pools per database, cached placements,
-//!   and [`router::AccountTx`], the fenced transaction for an account's writes.
-//! - `placement_watch`: evicts cached placements that changed in the master.
+//! - [`router`]: [`Router`], cached placements, reload of shards.toml, the
+//!   shard registry (draining, pins), and [`router::AccountTx`], the fenced
+//!   transaction for an account's writes.
+//! - `database`: one database's lazy pool ([`router::Database`]).
+//! - `topology`: the router's live configuration and pools, what it knows of
+//!   each shard (draining, schema), and which shards new accounts are
+//!   offered (ring or least loaded).
+//! - `placement_watch`: evicts cached placements that changed in the master
+//!   and refreshes the topology every second.
+//! - [`planner`]: the pure rebalance planner (which accounts move where).
 //! - [`migrator`]: [`Migrator`], platform and application migrations on the
 //!   master and every shard, with a per-database report.
 //! - [`tls`]: what each `sslmode` means, for sqlx and the migrator's
@@ -29,17 +36,22 @@
 
 pub mod account;
 pub mod config;
+mod database;
 pub mod error;
 pub mod migrator;
 mod placement_watch;
+pub mod planner;
 pub mod privileges;
 pub mod ring;
 pub mod router;
 mod store;
 pub mod tls;
+mod topology;
 
 pub use account::Account;
-pub use config::{AccountTable, Config, ConnectOptions, DatabaseConfig, PoolConfig, ShardConfig, Target};
+pub use config::{
+    AccountTable, Config, ConnectOptions, DatabaseConfig, PlacementStrategy, PoolConfig, ShardConfig, Target,
+};
 pub use error::{Error, Result};
 pub use migrator::{MigrationReport, Migrator};
-pub use router::{AccountTx, Placement, Router};
+pub use router::{AccountTx, Placement, Reloaded, Router, SchemaState, ShardState};

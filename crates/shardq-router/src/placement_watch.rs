@@ -5,8 +5,11 @@
 //! It LISTENs on `shardq_placements` (the master's trigger notifies every
 //! change of an account's shard or epoch) and, because notifications are
 //! lost across reconnects, also asks the master every second which
-//! placements moved since it last looked. Spawned by `Router::connect`; it
-//! ends when the router is dropped.
+//! placements moved since it last looked. At that look it also refreshes
+//! the router's topology (`topology::Live::refresh`): which shards are
+//! draining, the schema of shards not seen current, and every
+//! [`COUNT_EVERY`] looks the placement counts of least-loaded placement.
+//! Spawned by `Router::connect`; it ends when the router is dropped.
 
 use std::collections::HashMap;
 use std::sync::{RwLock, Weak};
@@ -17,6 +20,7 @@ use sqlx::PgPool;
 
 use crate::account::Account;
 use crate::store;
+use crate::topology::Live;
 
 /// The router's placement cache: account → (shard, epoch).
 pub(crate) type Cache = RwLock<HashMap<Account, (String, i64)>>;
@@ -24,10 +28,15 @@ pub(crate) type Cache = RwLock<HashMap<Account, (String, i64)>>;
 /// How often the master is asked what moved, whatever the notifications say.
 pub(crate) const POLL: Duration = Duration::from_secs(1);
 
-/// Watches the master's placements and evicts changed ones from `cache`
-/// until the cache is dropped.
-pub(crate) async fn run(master: PgPool, cache: Weak<Cache>) {
+/// Every how many looks the placement counts are read again (least-loaded
+/// placement; in between, the router counts its own placements).
+pub(crate) const COUNT_EVERY: u64 = 10;
+
+/// Watches the master's placements and evicts changed ones from `cache`,
+/// and refreshes `live`, until the router is dropped.
+pub(crate) async fn run(master: PgPool, cache: Weak<Cache>, live: Weak<Live>) {
     let mut since = None;
+    let mut looks: u64 = 0;
     let mut listener: Option<PgListener> = None;
     loop {
         if cache.strong_count() == 0 {
@@ -63,6 +72,10 @@ pub(crate) async fn run(master: PgPool, cache: Weak<Cache>) {
             }
             Err(e) => tracing::debug!(error = %e, "placement poll failed; retrying"),
         }
+        drop(cache);
+        looks += 1;
+        let Some(live) = live.upgrade() else { return };
+        live.refresh(&master, looks.is_multiple_of(COUNT_EVERY)).await;
     }
 }
 

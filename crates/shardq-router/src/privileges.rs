@@ -17,9 +17,13 @@
 ///
 /// The application reads placements and inserts new ones (insert-if-absent);
 /// it never updates or deletes them (moving an account is an owner's job).
+/// It reads the shard registry but may not write it: only the owner
+/// registers shards and marks them draining, so a placement naming a shard
+/// the owner did not register fails on the foreign key.
 pub const MASTER_GRANTS: &[&str] = &[
     "GRANT USAGE ON SCHEMA shardq TO {role}",
     "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA shardq TO {role}",
+    "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON shardq.shards FROM {role}",
     "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA shardq TO {role}",
     "GRANT SELECT ON public.shardq_schema_history TO {role}",
     "ALTER DEFAULT PRIVILEGES IN SCHEMA shardq GRANT SELECT, INSERT ON TABLES TO {role}",
@@ -68,7 +72,10 @@ mod tests {
     #[test]
     fn role_is_quoted_in_every_statement() {
         for s in shard_grants("app\"x").iter().chain(&master_grants("app\"x")) {
-            assert!(s.ends_with("TO \"app\"\"x\""), "{s}");
+            assert!(
+                s.ends_with("TO \"app\"\"x\"") || s.ends_with("FROM \"app\"\"x\""),
+                "{s}"
+            );
             assert!(!s.contains("{role}"), "{s}");
         }
     }

@@ -1,21 +1,25 @@
 //! [`Router`]: one lazy pool per database, and the account → shard mapping
-//! (ring proposes, the master's placement table decides, memory caches,
-//! the placement watch evicts what moved). [`Router::begin`] opens the
-//! fenced transaction application writes go through.
+//! (the ring or the least-loaded choice proposes among the shards offered
+//! new accounts, the master's placement table decides, memory caches, the
+//! placement watch evicts what moved). [`Router::reload`] takes a changed
+//! shards.toml without a restart; [`Router::set_draining`] and
+//! [`Router::pin`] write the master's registry and pins.
+//! [`Router::begin`] opens the fenced transaction application writes go
+//! through.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
-
 use crate::account::Account;
-use crate::config::{Config, DatabaseConfig, PoolConfig};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::placement_watch::{self, Cache};
-use crate::ring::Ring;
 use crate::store;
+use crate::topology::{Live, Topology};
+
+pub use crate::database::Database;
+pub use crate::topology::SchemaState;
 
 /// How long a write waits for a move that has fenced its account off the
 /// old shard to switch the placement, before it fails.
@@ -23,6 +27,82 @@ const MOVE_WAIT: Duration = Duration::from_secs(30);
 
 /// SQLSTATE of `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
+
+/// SQLSTATE of `foreign_key_violation`.
+const FOREIGN_KEY_VIOLATION: &str = "23503";
+
+/// SQLSTATE of `insufficient_privilege`.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// Tries at placing a new account when the chosen shard turned out to be
+/// draining (the router's view of the registry was stale).
+const PLACE_TRIES: usize = 3;
+
+/// One shard as the fleet sees it: configuration, registry, schema and
+/// placements (`shardq shards list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShardState {
+    /// The shard's name.
+    pub name: String,
+    /// Its weight in shards.toml.
+    pub weight: u32,
+    /// Whether the master's registry lists it.
+    pub registered: bool,
+    /// Whether the master marks it draining.
+    pub draining: bool,
+    /// Why new accounts are not offered to it; `None` when they are.
+    pub not_offered: Option<String>,
+    /// Accounts placed on it.
+    pub accounts: i64,
+    /// Pinned accounts among them.
+    pub pinned: i64,
+}
+
+/// What a [`Router::reload`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Shards added, with a new pool each.
+    pub added: Vec<String>,
+    /// Shards removed (they held no placements).
+    pub removed: Vec<String>,
+    /// Shards whose weight changed.
+    pub reweighted: Vec<String>,
+    /// Shards whose address or pool settings changed: their pools are kept
+    /// as they were until a restart.
+    pub unchanged_pools: Vec<String>,
+    /// Whether the placement strategy changed.
+    pub strategy_changed: bool,
+}
+
+impl Reloaded {
+    /// Whether the reload changed anything.
+    pub fn is_empty(&self) -> bool {
+        *self == Reloaded::default()
+    }
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return f.write_str("nothing changed");
+        }
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("added", &self.added),
+            ("removed", &self.removed),
+            ("re-weighted", &self.reweighted),
+            ("address or pool change ignored until a restart", &self.unchanged_pools),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what}: {}", names.join(", ")));
+            }
+        }
+        if self.strategy_changed {
+            parts.push("placement strategy changed".into());
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
 
 /// Where an account lives, and whether this lookup placed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,93 +113,15 @@ pub struct Placement {
     pub placed_now: bool,
 }
 
-/// A database's pool with the names used in errors.
-#[derive(Debug, Clone)]
-pub struct Database {
-    /// `master` or the shard's name.
-    pub name: String,
-    /// The connection pool (connects lazily).
-    pub pool: PgPool,
-    /// The address without the password, for messages.
-    pub target: String,
-}
-
-impl Database {
-    /// A lazy pool with `db.pool`'s limits; its connections carry the
-    /// session settings of [`session_settings`] (see [`PoolConfig`] for what
-    /// bounds time).
-    fn open(name: &str, db: &DatabaseConfig) -> Database {
-        let mut connect = db.target.connect_options().into_inner();
-        let settings = session_settings(&db.pool);
-        if !settings.is_empty() {
-            connect = connect.options(settings);
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(db.pool.max_connections)
-            .min_connections(db.pool.min_connections)
-            .acquire_timeout(db.pool.acquire_timeout)
-            .connect_lazy_with(connect);
-        Database {
-            name: name.to_string(),
-            pool,
-            target: db.target.to_string(),
-        }
-    }
-
-    /// Wraps a driver error with this database's name and address. A pool
-    /// timeout also says which limit ran out: sqlx's own message ("pool timed
-    /// out while waiting for an open connection") reads as if the pool were
-    /// full, also when the server did not answer.
-    pub fn error(&self, source: sqlx::Error) -> Error {
-        let database = if self.name == "master" {
-            "master".to_string()
-        } else {
-            format!("shard {}", self.name)
-        };
-        let detail = matches!(source, sqlx::Error::PoolTimedOut).then(|| {
-            let options = self.pool.options();
-            format!(
-                "no connection within the acquire_timeout of {:?}: the server did not accept or answer \
-                 a new connection in time, or all {} pool connections stayed busy",
-                options.get_acquire_timeout(),
-                options.get_max_connections()
-            )
-        });
-        Error::Database {
-            database,
-            target: self.target.clone(),
-            source: crate::tls::classify(source),
-            detail,
-        }
-    }
-}
-
-/// The server settings every pool connection starts with: the timeouts of
-/// `pool` in milliseconds, leaving out those set to zero (left to the
-/// server).
-fn session_settings(pool: &PoolConfig) -> Vec<(&'static str, u128)> {
-    [
-        ("statement_timeout", pool.statement_timeout),
-        ("lock_timeout", pool.lock_timeout),
-    ]
-    .into_iter()
-    .filter(|(_, value)| !value.is_zero())
-    .map(|(name, value)| (name, value.as_millis()))
-    .collect()
-}
-
 /// Routes accounts to shards and hands out connection pools.
 ///
 /// Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Router {
-    /// Read by everyone; set once in `connect`.
-    config: Config,
-    /// The master's pool.
+    /// The master's pool; set once in `connect` (a reload never changes it).
     master: Database,
-    /// The shards' pools, in config order.
-    shards: Vec<Database>,
-    /// Proposes shards for new accounts; built once from the weights.
-    ring: Ring,
+    /// The topology versions, the shard facts and the offer of new
+    /// accounts: pushed by `reload`, refreshed by the placement watch.
+    live: Arc<Live>,
     /// Placements seen so far (shard, epoch): written on every first lookup
     /// of an account, evicted by the placement watch when they change.
     cache: Arc<Cache>,
@@ -194,17 +196,26 @@ impl Router {
     /// reachable and migrated, warns when placements name a shard missing
     /// from the configuration: routing those accounts fails
     /// ([`Error::AccountOnUnknownShard`]); the others route as usual.
+    ///
+    /// It then registers the configured shards the master's registry lacks
+    /// (only the schema owner may; for another role this is logged and the
+    /// owner must have done it), and checks which shards new accounts may be
+    /// placed on: weight above 0, not draining, platform schema at this
+    /// binary's version (each checked for at most a second; the placement
+    /// watch checks again every second those not seen current).
     pub async fn connect(config: &Config) -> Result<Router> {
-        let router = Router {
-            master: Database::open("master", &config.master),
+        let topology = Topology {
+            config: config.clone(),
             shards: config
                 .shards
                 .iter()
                 .map(|s| Database::open(&s.name, &s.database))
                 .collect(),
-            ring: Ring::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight))),
+        };
+        let router = Router {
+            master: Database::open("master", &config.master),
+            live: Arc::new(Live::new(topology)),
             cache: Arc::new(RwLock::new(HashMap::new())),
-            config: config.clone(),
         };
         // Accounts placed on a shard this configuration lacks fail their
         // own routing (naming the account and the shard); every other
@@ -212,11 +223,47 @@ impl Router {
         if let Err(e) = router.check_placements().await {
             tracing::warn!(error = %e, "some accounts cannot be routed until their shard is configured");
         }
+        router.register_shards(&config.shard_names()).await;
+        router.live.refresh(&router.master.pool, true).await;
         tokio::spawn(placement_watch::run(
             router.master.pool.clone(),
             Arc::downgrade(&router.cache),
+            Arc::downgrade(&router.live),
         ));
         Ok(router)
+    }
+
+    /// Registers in the master the shards of `names` its registry lacks.
+    /// Best effort: a master not migrated or not reachable is skipped, and a
+    /// role that may not write the registry (any but the schema owner) is
+    /// logged: the owner registers them (any owner command that connects a
+    /// router does, e.g. `shardq shards list`).
+    async fn register_shards(&self, names: &[String]) {
+        let registered = match store::shard_registry(&self.master.pool).await {
+            Ok(rows) => rows.into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::debug!(error = %e, "shard registry not read; registration skipped");
+                return;
+            }
+        };
+        let missing: Vec<String> = names.iter().filter(|n| !registered.contains(n)).cloned().collect();
+        if missing.is_empty() {
+            return;
+        }
+        match store::shard_register(&self.master.pool, &missing).await {
+            Ok(added) if !added.is_empty() => {
+                tracing::info!(shards = %added.join(", "), "shards registered in the master")
+            }
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE) => {
+                tracing::warn!(
+                    shards = %missing.join(", "),
+                    "shards not in the master's registry, and this role may not register them: \
+                     connect once as the schema owner (e.g. `shardq shards list`) before accounts are placed there"
+                );
+            }
+            Err(e) => tracing::warn!(error = %self.master.error(e), "shards not registered"),
+        }
     }
 
     /// Fails when the master's placement table names a shard that the
@@ -225,7 +272,7 @@ impl Router {
     /// start-up does not depend on it (accounts whose placement is cached
     /// keep working; routing a new one fails with the connection error).
     pub async fn check_placements(&self) -> Result<()> {
-        let unknown = match store::placement_unknown_shards(&self.master.pool, &self.config.shard_names())
+        let unknown = match store::placement_unknown_shards(&self.master.pool, &self.config().shard_names())
             .await
             .map_err(crate::tls::classify)
         {
@@ -246,9 +293,119 @@ impl Router {
         }
     }
 
-    /// The configuration this router was built from.
+    /// Picks up a changed shards.toml without a restart: adds a pool for
+    /// each new shard (and registers it when this role may), drops shards
+    /// that left the file, rebuilds the ring with the new weights, takes the
+    /// new placement strategy and account-scoped tables, and checks the new
+    /// shards' schema (a shard not migrated to this binary's version is
+    /// offered no new account until it is).
+    ///
+    /// Refused, changing nothing: a configuration whose master differs, or
+    /// one that drops a shard the master still places accounts on
+    /// ([`Error::ReloadDropsShard`], naming it: drain it first). A kept
+    /// shard's address or pool settings are not changed (its pool is in use;
+    /// the report names it; restart to apply). Pools of a shard dropped
+    /// here are kept by callers that still hold them.
+    ///
+    /// The reload covers routing (new accounts, `shard`, `shards`,
+    /// `pool_for`); a worker runtime started before it keeps working the
+    /// shards it started with.
+    pub async fn reload(&self, config: &Config) -> Result<Reloaded> {
+        let _serial = self.live.reload.lock().await;
+        let current = self.live.versions.current();
+        let old = &current.config;
+        if !config.master.target.same_database(&old.master.target) {
+            return Err(Error::Config {
+                file: config.file.clone(),
+                field: "master".into(),
+                message: format!(
+                    "points to {} but this router runs on master {}; the master cannot change without a restart",
+                    config.master.target, old.master.target
+                ),
+            });
+        }
+        let names = config.shard_names();
+        let dropped: Vec<String> = old.shard_names().into_iter().filter(|n| !names.contains(n)).collect();
+        if !dropped.is_empty() {
+            let held = store::placement_counts(&self.master.pool)
+                .await
+                .map_err(|e| self.master.error(e))?;
+            if let Some((shard, accounts)) = held.into_iter().find(|(s, n)| dropped.contains(s) && *n > 0) {
+                return Err(Error::ReloadDropsShard {
+                    file: config.file.clone(),
+                    shard,
+                    accounts,
+                });
+            }
+        }
+        let mut report = Reloaded {
+            removed: dropped,
+            strategy_changed: config.placement != old.placement,
+            ..Reloaded::default()
+        };
+        let mut shards = Vec::with_capacity(config.shards.len());
+        for s in &config.shards {
+            match old.shards.iter().find(|o| o.name == s.name) {
+                Some(o) => {
+                    if o.weight != s.weight {
+                        report.reweighted.push(s.name.clone());
+                    }
+                    if o.database.target.to_string() != s.database.target.to_string()
+                        || o.database.pool != s.database.pool
+                    {
+                        report.unchanged_pools.push(s.name.clone());
+                    }
+                    let db = current
+                        .shards
+                        .iter()
+                        .find(|d| d.name == s.name)
+                        .cloned()
+                        .unwrap_or_else(|| Database::open(&s.name, &s.database));
+                    shards.push(db);
+                }
+                None => {
+                    report.added.push(s.name.clone());
+                    shards.push(Database::open(&s.name, &s.database));
+                }
+            }
+        }
+        let tables_changed = config.account_tables != old.account_tables;
+        if report.is_empty()
+            && !tables_changed
+            && config.migrations.master == old.migrations.master
+            && config.migrations.shard == old.migrations.shard
+        {
+            return Ok(report);
+        }
+        // Kept shards keep their configuration as it was (their pools do).
+        let mut kept = config.clone();
+        for s in &mut kept.shards {
+            if let Some(o) = old.shards.iter().find(|o| o.name == s.name) {
+                s.database = o.database.clone();
+            }
+        }
+        self.live.versions.push(Topology { config: kept, shards });
+        if !report.added.is_empty() {
+            self.register_shards(&report.added).await;
+        }
+        self.live.refresh(&self.master.pool, true).await;
+        for name in &report.unchanged_pools {
+            tracing::warn!(shard = %name, "the shard's address or pool settings changed; they apply after a restart");
+        }
+        tracing::info!(file = %config.file.display(), "{report}");
+        Ok(report)
+    }
+
+    /// Asks the master again which shards are draining and checks the
+    /// schema of shards not seen current, so that new accounts go where
+    /// they may now (the placement watch does this every second).
+    pub async fn refresh(&self) {
+        self.live.refresh(&self.master.pool, true).await;
+    }
+
+    /// The configuration in force (the last one `reload` took).
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.live.versions.current().config
     }
 
     /// The master's pool.
@@ -258,18 +415,105 @@ impl Router {
 
     /// All shards' pools, in configuration order.
     pub fn shards(&self) -> &[Database] {
-        &self.shards
+        &self.live.versions.current().shards
     }
 
     /// The pool of the shard named `name`.
     pub fn shard(&self, name: &str) -> Result<&Database> {
-        self.shards
+        self.shards()
             .iter()
             .find(|d| d.name == name)
             .ok_or_else(|| Error::UnknownShard {
                 shard: name.to_string(),
-                known: self.config.shard_names().join(", "),
+                known: self.config().shard_names().join(", "),
             })
+    }
+
+    /// The configured shards new accounts may be placed on, in
+    /// configuration order, and those left out with the reason (weight 0,
+    /// draining, schema behind or not checked), as of the last refresh.
+    pub fn offered(&self) -> (Vec<String>, Vec<(String, String)>) {
+        let offer = self.live.offer();
+        let offered = self
+            .config()
+            .shard_names()
+            .into_iter()
+            .filter(|n| offer.offers(n))
+            .collect();
+        (offered, offer.left_out().to_vec())
+    }
+
+    /// The shard a new account `account` would be placed on now (the ring
+    /// or the least-loaded choice among the offered shards); `None` when no
+    /// shard is offered. Places nothing.
+    pub fn propose(&self, account: &Account) -> Option<String> {
+        self.live.offer().choose(account.as_str())
+    }
+
+    /// The last schema check of shard `name`.
+    pub fn schema_state(&self, name: &str) -> SchemaState {
+        self.live.schema(name)
+    }
+
+    /// Every configured shard with its registry state, whether it is
+    /// offered new accounts and its account counts (read from the master
+    /// now; the schema as last checked).
+    pub async fn shard_states(&self) -> Result<Vec<ShardState>> {
+        self.refresh().await;
+        let registry = store::shard_registry(&self.master.pool)
+            .await
+            .map_err(|e| self.master.error(e))?;
+        let counts = store::placement_counts_pinned(&self.master.pool)
+            .await
+            .map_err(|e| self.master.error(e))?;
+        let offer = self.live.offer();
+        Ok(self
+            .config()
+            .shards
+            .iter()
+            .map(|s| {
+                let reg = registry.iter().find(|(n, _)| *n == s.name);
+                let (accounts, pinned) = counts
+                    .iter()
+                    .find(|(n, _, _)| *n == s.name)
+                    .map(|(_, a, p)| (*a, *p))
+                    .unwrap_or((0, 0));
+                ShardState {
+                    name: s.name.clone(),
+                    weight: s.weight,
+                    registered: reg.is_some(),
+                    draining: reg.is_some_and(|(_, d)| *d),
+                    not_offered: offer
+                        .left_out()
+                        .iter()
+                        .find(|(n, _)| *n == s.name)
+                        .map(|(_, why)| why.clone()),
+                    accounts,
+                    pinned,
+                }
+            })
+            .collect())
+    }
+
+    /// Marks shard `name` draining (no new account is placed there, by this
+    /// router at once and by every other within about a second; a router
+    /// with a stale view is refused by the master) or accepting again. The
+    /// schema owner's job (the registry is the owner's); the shard must be
+    /// configured.
+    pub async fn set_draining(&self, name: &str, draining: bool) -> Result<()> {
+        self.shard(name)?;
+        self.register_shards(&[name.to_string()]).await;
+        let found = store::shard_set_draining(&self.master.pool, name, draining)
+            .await
+            .map_err(|e| self.master.error(e))?;
+        if !found {
+            return Err(Error::ShardNotRegistered {
+                shard: name.to_string(),
+                account: None,
+            });
+        }
+        self.refresh().await;
+        Ok(())
     }
 
     /// The shard `account` lives on, placing it first if it is new.
@@ -281,6 +525,7 @@ impl Router {
             });
         }
         let master = &self.master;
+        let mut tries = 0;
         let placement = loop {
             if let Some((shard, epoch)) = store::placement_get_epoch(&master.pool, account.as_str())
                 .await
@@ -290,7 +535,7 @@ impl Router {
                     return Err(Error::AccountOnUnknownShard {
                         account: account.to_string(),
                         shard,
-                        known: self.config.shard_names().join(", "),
+                        known: self.config().shard_names().join(", "),
                     });
                 }
                 self.remember(account, &shard, epoch);
@@ -299,18 +544,38 @@ impl Router {
                     placed_now: false,
                 });
             }
-            let proposed = self
-                .ring
-                .propose(account.as_str())
+            let mut offer = self.live.offer();
+            if offer.choose(account.as_str()).is_none() {
+                // Nothing offered as of the last refresh: look again now
+                // (e.g. the shards were migrated since).
+                self.refresh().await;
+                offer = self.live.offer();
+            }
+            let proposed = offer
+                .choose(account.as_str())
                 .ok_or_else(|| Error::NoShardAcceptsAccounts {
                     account: account.to_string(),
+                    why: left_out_text(offer.left_out()),
                 })?;
-            if let Some((shard, placed_now)) =
-                store::placement_insert_if_absent(&master.pool, account.as_str(), proposed)
-                    .await
-                    .map_err(|e| master.error(e))?
-            {
-                break Placement { shard, placed_now };
+            match self.insert_placement(account, &proposed, false).await? {
+                Some((shard, placed_now)) => {
+                    if placed_now {
+                        offer.placed(&shard);
+                    }
+                    break Placement { shard, placed_now };
+                }
+                None => {
+                    // A concurrent first lookup (look again), or the shard
+                    // started draining after the last refresh.
+                    tries += 1;
+                    if tries >= PLACE_TRIES {
+                        return Err(Error::NoShardAcceptsAccounts {
+                            account: account.to_string(),
+                            why: format!("shard {proposed} is draining and no other was offered in time"),
+                        });
+                    }
+                    self.refresh().await;
+                }
             }
         };
         self.shard(&placement.shard)?;
@@ -337,6 +602,7 @@ impl Router {
         missing.sort_unstable();
         missing.dedup();
         let master = &self.master;
+        let mut tries = 0;
         while !missing.is_empty() {
             let found = store::placements_get_many(&master.pool, &missing)
                 .await
@@ -346,7 +612,7 @@ impl Router {
                     return Err(Error::AccountOnUnknownShard {
                         account,
                         shard,
-                        known: self.config.shard_names().join(", "),
+                        known: self.config().shard_names().join(", "),
                     });
                 }
                 if let Some(name) = missing.iter().find(|a| **a == account) {
@@ -360,35 +626,73 @@ impl Router {
             if missing.is_empty() {
                 break;
             }
+            tries += 1;
+            if tries > PLACE_TRIES {
+                return Err(Error::NoShardAcceptsAccounts {
+                    account: missing[0].to_string(),
+                    why: "the shards offered kept draining before the accounts could be placed".into(),
+                });
+            }
+            if tries > 1 {
+                self.refresh().await;
+            }
+            let offer = self.live.offer();
             let mut shards = Vec::with_capacity(missing.len());
             for account in &missing {
-                let shard = self
-                    .ring
-                    .propose(account)
-                    .ok_or_else(|| Error::NoShardAcceptsAccounts {
-                        account: account.to_string(),
-                    })?;
-                self.shard(shard)?;
+                let shard = offer.choose(account).ok_or_else(|| Error::NoShardAcceptsAccounts {
+                    account: account.to_string(),
+                    why: left_out_text(offer.left_out()),
+                })?;
+                self.shard(&shard)?;
+                offer.placed(&shard);
                 shards.push(shard);
             }
-            let placed = store::placements_insert_many(&master.pool, &missing, &shards)
-                .await
-                .map_err(|e| master.error(e))?;
+            let names: Vec<&str> = shards.iter().map(String::as_str).collect();
+            let placed = match store::placements_insert_many(&master.pool, &missing, &names).await {
+                Ok(placed) => placed,
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(FOREIGN_KEY_VIOLATION) => {
+                    let mut named = names.clone();
+                    named.sort_unstable();
+                    named.dedup();
+                    return Err(Error::ShardNotRegistered {
+                        shard: named.join(" or "),
+                        account: None,
+                    });
+                }
+                Err(e) => return Err(master.error(e)),
+            };
             for (account, shard) in missing.iter().zip(&shards) {
                 if placed.iter().any(|p| p == account) {
                     if let Ok(a) = Account::new(*account) {
                         self.remember(&a, shard, 1);
                     }
-                    known.insert(account, shard.to_string());
+                    known.insert(account, shard.clone());
                 }
             }
-            // Accounts someone else placed meanwhile are read again.
+            // Accounts someone else placed meanwhile are read again; those
+            // a shard refused (it started draining) are offered again.
             missing.retain(|a| !known.contains_key(a));
         }
         Ok(accounts
             .iter()
             .map(|a| known.get(a.as_str()).cloned().unwrap_or_default())
             .collect())
+    }
+
+    /// Inserts `account`'s placement on `shard` unless it has one (see
+    /// `store::placement_insert_if_absent`), turning a shard missing from
+    /// the registry into [`Error::ShardNotRegistered`].
+    async fn insert_placement(&self, account: &Account, shard: &str, pinned: bool) -> Result<Option<(String, bool)>> {
+        match store::placement_insert_if_absent(&self.master.pool, account.as_str(), shard, pinned).await {
+            Ok(r) => Ok(r),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(FOREIGN_KEY_VIOLATION) => {
+                Err(Error::ShardNotRegistered {
+                    shard: shard.to_string(),
+                    account: Some(account.to_string()),
+                })
+            }
+            Err(e) => Err(self.master.error(e)),
+        }
     }
 
     /// The shard and epoch of `account`'s placement, read from the master;
@@ -407,12 +711,61 @@ impl Router {
         self.shard(&placement.shard)
     }
 
-    /// Pins a new account to `shard` (e.g. a dedicated shard for a large
-    /// customer). Re-pinning an account already placed elsewhere is refused;
-    /// pinning it to the shard it is already on is a no-op.
+    /// Places a new account on `shard` (e.g. a dedicated shard for a large
+    /// customer). Placing an account already placed elsewhere is refused;
+    /// placing it on the shard it is already on is a no-op. Refused too: a
+    /// shard that is draining, or whose schema was found behind this
+    /// binary's version.
     pub async fn place(&self, account: &Account, shard: &str) -> Result<Placement> {
+        self.place_as(account, shard, false).await
+    }
+
+    /// Like [`Router::place`], and marks the placement pinned: a rebalance
+    /// never moves the account and a drain refuses to (unless told to).
+    /// An account already on `shard` is marked pinned; one placed elsewhere
+    /// is refused ([`Error::AlreadyPlaced`]: move it first). Marking an
+    /// existing placement is the schema owner's job (the application role
+    /// may not update placements).
+    pub async fn pin(&self, account: &Account, shard: &str) -> Result<Placement> {
+        let placement = self.place_as(account, shard, true).await?;
+        if !placement.placed_now {
+            let marked = store::placement_set_pinned(&self.master.pool, account.as_str(), shard, true)
+                .await
+                .map_err(|e| self.master.error(e))?;
+            if !marked {
+                // It moved between the two statements.
+                return Err(Error::AlreadyPlaced {
+                    account: account.to_string(),
+                    current: self
+                        .placement(account)
+                        .await?
+                        .map(|(s, _)| s)
+                        .unwrap_or_else(|| "no shard".into()),
+                    requested: shard.to_string(),
+                });
+            }
+        }
+        Ok(placement)
+    }
+
+    /// Whether `account` is pinned (false when it is not placed).
+    pub async fn pinned(&self, account: &Account) -> Result<bool> {
+        store::placement_pinned(&self.master.pool, account.as_str())
+            .await
+            .map(|p| p.unwrap_or(false))
+            .map_err(|e| self.master.error(e))
+    }
+
+    async fn place_as(&self, account: &Account, shard: &str, pinned: bool) -> Result<Placement> {
         self.shard(shard)?;
         let master = &self.master;
+        if let SchemaState::Behind { .. } = self.live.schema(shard) {
+            return Err(Error::ShardNotAccepting {
+                shard: shard.to_string(),
+                why: self.live.schema(shard).to_string(),
+            });
+        }
+        let mut looked_again = false;
         let (placement, epoch) = loop {
             if let Some((current, epoch)) = store::placement_get_epoch(&master.pool, account.as_str())
                 .await
@@ -426,11 +779,7 @@ impl Router {
                     epoch,
                 );
             }
-            if let Some((current, placed_now)) =
-                store::placement_insert_if_absent(&master.pool, account.as_str(), shard)
-                    .await
-                    .map_err(|e| master.error(e))?
-            {
+            if let Some((current, placed_now)) = self.insert_placement(account, shard, pinned).await? {
                 break (
                     Placement {
                         shard: current,
@@ -439,6 +788,13 @@ impl Router {
                     1,
                 );
             }
+            if looked_again {
+                return Err(Error::ShardNotAccepting {
+                    shard: shard.to_string(),
+                    why: "draining".into(),
+                });
+            }
+            looked_again = true;
         };
         if placement.shard != shard {
             return Err(Error::AlreadyPlaced {
@@ -446,6 +802,9 @@ impl Router {
                 current: placement.shard,
                 requested: shard.to_string(),
             });
+        }
+        if placement.placed_now {
+            self.live.offer().placed(shard);
         }
         self.remember(account, &placement.shard, epoch);
         Ok(placement)
@@ -529,6 +888,15 @@ impl Router {
             .map_err(|e| self.master.error(e))
     }
 
+    /// Every placement as (account, shard, pinned), in account order; only
+    /// those on `shard` when given. Reads the whole directory (or the
+    /// shard's part of it) into memory: for planning, not for routing.
+    pub async fn placements(&self, shard: Option<&str>) -> Result<Vec<(String, String, bool)>> {
+        store::placements_all(&self.master.pool, shard)
+            .await
+            .map_err(|e| self.master.error(e))
+    }
+
     fn cached(&self, account: &Account) -> Option<String> {
         self.cache
             .read()
@@ -541,4 +909,16 @@ impl Router {
             c.insert(account.clone(), (shard.to_string(), epoch));
         }
     }
+}
+
+/// The shards left out of the offer, for an error message.
+fn left_out_text(left_out: &[(String, String)]) -> String {
+    if left_out.is_empty() {
+        return "no shard is configured".into();
+    }
+    left_out
+        .iter()
+        .map(|(n, why)| format!("{n}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }

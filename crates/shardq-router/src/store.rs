@@ -23,20 +23,19 @@ pub(crate) async fn placements_get_many(
         .await
 }
 
-/// Places each of `accounts[i]` on `shards[i]` unless it is already placed,
-/// in one statement; returns the accounts this call placed.
+/// Places each of `accounts[i]` on `shards[i]` unless it is already placed
+/// or that shard is draining, in one statement; returns the accounts this
+/// call placed. A shard missing from the registry fails the statement
+/// (foreign key).
 pub(crate) async fn placements_insert_many(
     master: &PgPool,
     accounts: &[&str],
     shards: &[&str],
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
-        "WITH reg AS (
-             INSERT INTO shardq.shards (name) SELECT DISTINCT s FROM unnest($2::text[]) AS t(s)
-             ON CONFLICT (name) DO NOTHING
-         )
-         INSERT INTO shardq.placements (account, shard)
+        "INSERT INTO shardq.placements (account, shard)
          SELECT a, s FROM unnest($1::text[], $2::text[]) AS t(a, s)
+          WHERE NOT EXISTS (SELECT 1 FROM shardq.shards WHERE name = t.s AND draining)
          ON CONFLICT (account) DO NOTHING
          RETURNING account",
     )
@@ -82,19 +81,22 @@ pub(crate) async fn fence_get(conn: &mut sqlx::PgConnection, account: &str) -> s
         .await
 }
 
-/// Inserts a placement unless the account already has one. Returns the
-/// account's shard and whether this call placed it; `None` when a concurrent
-/// insert committed after this statement's snapshot (look again).
+/// Inserts a placement unless the account already has one, or the shard is
+/// draining. Returns the account's shard and whether this call placed it;
+/// `None` when a concurrent insert committed after this statement's
+/// snapshot (look again) or the shard is draining. The shard must be in the
+/// registry (the foreign key; only the schema owner registers shards).
 pub(crate) async fn placement_insert_if_absent(
     master: &PgPool,
     account: &str,
     shard: &str,
+    pinned: bool,
 ) -> sqlx::Result<Option<(String, bool)>> {
     sqlx::query_as(
-        "WITH reg AS (
-             INSERT INTO shardq.shards (name) VALUES ($2) ON CONFLICT (name) DO NOTHING
-         ), ins AS (
-             INSERT INTO shardq.placements (account, shard) VALUES ($1, $2)
+        "WITH ins AS (
+             INSERT INTO shardq.placements (account, shard, pinned)
+             SELECT $1, $2, $3
+              WHERE NOT EXISTS (SELECT 1 FROM shardq.shards WHERE name = $2 AND draining)
              ON CONFLICT (account) DO NOTHING
              RETURNING shard
          )
@@ -105,8 +107,101 @@ pub(crate) async fn placement_insert_if_absent(
     )
     .bind(account)
     .bind(shard)
+    .bind(pinned)
     .fetch_optional(master)
     .await
+}
+
+/// Marks an account's placement on `shard` pinned (or not); false when the
+/// account is not placed there.
+pub(crate) async fn placement_set_pinned(
+    master: &PgPool,
+    account: &str,
+    shard: &str,
+    pinned: bool,
+) -> sqlx::Result<bool> {
+    sqlx::query("UPDATE shardq.placements SET pinned = $3 WHERE account = $1 AND shard = $2")
+        .bind(account)
+        .bind(shard)
+        .bind(pinned)
+        .execute(master)
+        .await
+        .map(|r| r.rows_affected() == 1)
+}
+
+/// Every placement (account, shard, pinned), in account order, only those
+/// on `shard` when given.
+pub(crate) async fn placements_all(master: &PgPool, shard: Option<&str>) -> sqlx::Result<Vec<(String, String, bool)>> {
+    sqlx::query_as(
+        "SELECT account, shard, pinned FROM shardq.placements
+          WHERE $1::text IS NULL OR shard = $1 ORDER BY account",
+    )
+    .bind(shard)
+    .fetch_all(master)
+    .await
+}
+
+/// Whether an account's placement is pinned; `None` when it has none.
+pub(crate) async fn placement_pinned(master: &PgPool, account: &str) -> sqlx::Result<Option<bool>> {
+    sqlx::query_scalar("SELECT pinned FROM shardq.placements WHERE account = $1")
+        .bind(account)
+        .fetch_optional(master)
+        .await
+}
+
+/// Placements and pinned placements per shard.
+pub(crate) async fn placement_counts_pinned(master: &PgPool) -> sqlx::Result<Vec<(String, i64, i64)>> {
+    sqlx::query_as(
+        "SELECT shard, count(*), count(*) FILTER (WHERE pinned) FROM shardq.placements GROUP BY shard ORDER BY shard",
+    )
+    .fetch_all(master)
+    .await
+}
+
+// ---- shard registry (master) ------------------------------------------------------
+
+/// The registry: every registered shard's name and whether it is draining.
+pub(crate) async fn shard_registry(master: &PgPool) -> sqlx::Result<Vec<(String, bool)>> {
+    sqlx::query_as("SELECT name, draining FROM shardq.shards ORDER BY name")
+        .fetch_all(master)
+        .await
+}
+
+/// Registers the shards of `names` the registry lacks (the schema owner's
+/// job: other roles get SQLSTATE 42501). Returns those registered now.
+pub(crate) async fn shard_register(master: &PgPool, names: &[String]) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "INSERT INTO shardq.shards (name) SELECT unnest($1::text[])
+         ON CONFLICT (name) DO NOTHING RETURNING name",
+    )
+    .bind(names)
+    .fetch_all(master)
+    .await
+}
+
+/// Sets a registered shard draining (or accepting again); false when the
+/// registry has no such shard.
+pub(crate) async fn shard_set_draining(master: &PgPool, name: &str, draining: bool) -> sqlx::Result<bool> {
+    sqlx::query("UPDATE shardq.shards SET draining = $2 WHERE name = $1")
+        .bind(name)
+        .bind(draining)
+        .execute(master)
+        .await
+        .map(|r| r.rows_affected() == 1)
+}
+
+/// The highest platform migration applied on a shard (`None`: none, or no
+/// history table yet).
+pub(crate) async fn shard_schema_version(shard: &PgPool) -> sqlx::Result<Option<i32>> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.shardq_schema_history') IS NOT NULL")
+        .fetch_one(shard)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT max(version) FROM public.shardq_schema_history")
+        .fetch_one(shard)
+        .await
 }
 
 /// Registered shards that hold placements but are not in `known`.

@@ -68,6 +68,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A drain of a shard cannot start or did not empty it.
+    #[error("drain of shard {shard}: {message}")]
+    Drain {
+        /// The shard.
+        shard: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The metrics recorder or the `/metrics` endpoint could not be set up.
     #[error("metrics: {0}")]
     Metrics(String),

@@ -15,6 +15,8 @@
 //!   heartbeat, rescuer, cancel, retention, sampler, scheduler) over `node`,
 //!   the shared per-shard state.
 //! - [`moves`]: [`moves::Mover`], moving an account to another shard online.
+//! - [`rebalance`]: [`rebalance::Rebalancer`], planning and running the
+//!   moves that even the fleet's load, and draining a shard.
 //! - [`observe`]: metrics, health, fleet status and the `/metrics` endpoint.
 //! - `store`: every SQL statement of this crate, split by caller (private;
 //!   the `testing` feature exposes it to plan tests).
@@ -37,6 +39,7 @@ mod job_id;
 pub mod moves;
 pub mod observe;
 pub mod periodic;
+pub mod rebalance;
 pub mod runtime;
 #[cfg(not(feature = "testing"))]
 mod store;

@@ -8,7 +8,7 @@
 //! holds; an expansion error says at which character); nothing gets a
 //! silent default except the documented ones (port 5432, user `postgres`,
 //! dbname `shardq`, sslmode `prefer`, weight 1, the pool defaults of
-//! [`PoolConfig`]).
+//! [`PoolConfig`], placement strategy `ring`).
 //!
 //! Callers load a [`Config`] with [`Config::load`] (or [`Config::parse`],
 //! [`Config::from_urls`]) and hand it to the router and the migrator, which
@@ -18,7 +18,7 @@
 //! this one, and `target.rs` calls back into it only for the relay socket
 //! of sqlx's verified connections):
 //! - `mod.rs`: [`Config`], [`ShardConfig`], [`DatabaseConfig`],
-//!   [`PoolConfig`], [`AppMigrations`] and the topology rules: `Check`
+//!   [`PoolConfig`], [`AppMigrations`], [`PlacementStrategy`] and the topology rules: `Check`
 //!   turns the raw file into these types with field-located errors, and
 //!   reads the environment variables of [`PG_ENV`].
 //! - `raw.rs`: the `Raw*` serde structs (unknown keys rejected), the
@@ -89,6 +89,37 @@ pub struct Config {
     /// The application's account-scoped tables (`[[accounts.tables]]`): a
     /// move of an account carries its rows of each.
     pub account_tables: Vec<AccountTable>,
+    /// How new accounts are placed (`[placement] strategy`; default ring).
+    pub placement: PlacementStrategy,
+}
+
+/// How a new account's shard is chosen among the shards that accept new
+/// accounts (weight > 0, not draining, migrated): `[placement] strategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlacementStrategy {
+    /// `"ring"`: the consistent-hash ring weighted by `weight` (the
+    /// default): a shard gets its weight's share of *new* accounts, so a
+    /// shard added to a full fleet never catches up by itself.
+    #[default]
+    Ring,
+    /// `"least_loaded"`: the shard with the fewest placements per unit of
+    /// weight (from the master's counts, refreshed every few seconds, plus
+    /// the accounts this router placed since), so a new shard takes new
+    /// accounts until it has caught up.
+    LeastLoaded,
+}
+
+impl PlacementStrategy {
+    /// The names accepted in shards.toml.
+    pub const NAMES: &'static str = "\"ring\" or \"least_loaded\"";
+
+    /// The strategy's name as written in shards.toml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementStrategy::Ring => "ring",
+            PlacementStrategy::LeastLoaded => "least_loaded",
+        }
+    }
 }
 
 /// An application table whose rows belong to accounts: `[[accounts.tables]]`
@@ -593,12 +624,26 @@ impl Config {
             }
             account_tables.push(AccountTable { table, column });
         }
+        let placement = match raw.placement.strategy.as_deref() {
+            None | Some("ring") => PlacementStrategy::Ring,
+            Some("least_loaded") => PlacementStrategy::LeastLoaded,
+            Some(other) => {
+                return Err(check.err(
+                    "placement.strategy",
+                    format!(
+                        "{other:?} is not a placement strategy (use {})",
+                        PlacementStrategy::NAMES
+                    ),
+                ))
+            }
+        };
         Ok(Config {
             file: file.to_path_buf(),
             master,
             shards,
             migrations,
             account_tables,
+            placement,
         })
     }
 

@@ -21,6 +21,15 @@ pub(super) struct RawConfig {
     pub(super) migrations: RawMigrations,
     #[serde(default)]
     pub(super) accounts: RawAccounts,
+    #[serde(default)]
+    pub(super) placement: RawPlacement,
+}
+
+/// `[placement]`: how new accounts are placed.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlacement {
+    pub(super) strategy: Option<String>,
 }
 
 /// `[accounts]`: what belongs to an account besides its jobs.

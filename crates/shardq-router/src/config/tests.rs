@@ -778,3 +778,20 @@ fn account_tables_are_declared_with_a_default_column_and_checked() {
         assert!(err.contains("shards.toml") && err.contains(field), "{err}");
     }
 }
+
+#[test]
+fn the_placement_strategy_defaults_to_ring_and_a_bad_one_names_the_field() {
+    assert_eq!(parse(&with_shards(TWO)).unwrap().placement, PlacementStrategy::Ring);
+    for (written, expected) in [
+        ("ring", PlacementStrategy::Ring),
+        ("least_loaded", PlacementStrategy::LeastLoaded),
+    ] {
+        let text = format!("{}[placement]\nstrategy = \"{written}\"\n", with_shards(TWO));
+        assert_eq!(parse(&text).unwrap().placement, expected, "{written}");
+        assert_eq!(expected.as_str(), written);
+    }
+    let bad = format!("{}[placement]\nstrategy = \"emptiest\"\n", with_shards(TWO));
+    rejected(&bad, &["placement.strategy", "emptiest", "least_loaded"]);
+    let unknown = format!("{}[placement]\nstratgy = \"ring\"\n", with_shards(TWO));
+    rejected(&unknown, &["stratgy"]);
+}

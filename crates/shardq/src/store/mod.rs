@@ -11,6 +11,7 @@
 //!   health, status).
 //! - `periodic`: records of periodic occurrences.
 //! - `moves`: move records in the master; fence, copy and clean-up on shards.
+//! - `rebalance`: jobs and bytes per account, the loads of a rebalance plan.
 //!
 //! Fencing: a running job is identified by `(id, attempt)`; every statement
 //! that ends or extends a run matches both plus `state = 'running'`, so a late
@@ -59,6 +60,7 @@ mod maintain;
 mod moves;
 mod observe;
 mod periodic;
+mod rebalance;
 mod run;
 
 pub use admin::*;
@@ -67,6 +69,7 @@ pub use maintain::*;
 pub use moves::*;
 pub use observe::*;
 pub use periodic::*;
+pub use rebalance::*;
 pub use run::*;
 
 use crate::job::JobState;

@@ -200,11 +200,6 @@ async fn the_poll_picks_up_jobs_when_notifications_are_lost() {
     let f = fleet().await;
     let a = account(8);
     let db = f.router.pool_for(&a).await.unwrap();
-    // No trigger, no notification: only the poll can find this job.
-    sqlx::query("ALTER TABLE shardq.jobs DISABLE TRIGGER jobs_notify")
-        .execute(&db.pool)
-        .await
-        .unwrap();
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
         .register(Counting::default())
@@ -212,11 +207,17 @@ async fn the_poll_picks_up_jobs_when_notifications_are_lost() {
         .start()
         .unwrap();
     wait_listening(&f, &db.name).await;
-    let id = f
-        .client
-        .enqueue(&a, NewJob::from_json("count", serde_json::json!({})))
+    // A deferred insert whose wake-up is never sent (a client that died
+    // between its insert and its NOTIFY): only the poll can find this job.
+    let mut conn = db.pool.acquire().await.unwrap();
+    let job = NewJob::from_json("count", serde_json::json!({}));
+    let id = store::job_insert(&mut conn, a.as_str(), &job, "{}", store::Notify::Deferred)
         .await
         .unwrap();
+    let id = JobId {
+        shard: db.name.clone(),
+        id,
+    };
     wait_for("polled job completed", WAIT, || async {
         f.client.job(&id).await.unwrap().state == "completed"
     })

@@ -72,6 +72,16 @@ pub async fn floor_enqueue(pool: &PgPool, accounts: &[&str]) -> sqlx::Result<()>
     .map(|_| ())
 }
 
+/// One no-op job for `account`, inserted with no wake-up sent by the
+/// client (the insert trigger is the only other source of one).
+pub async fn enqueue_plain(pool: &PgPool, account: &str) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO shardq.jobs (account, queue, kind, args) VALUES ($1, 'default', 'noop', '{}')")
+        .bind(account)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
 /// The server's durability settings: `fsync`, `synchronous_commit`, `full_page_writes`.
 pub async fn durability(pool: &PgPool) -> sqlx::Result<(String, String, String)> {
     sqlx::query_as(

@@ -10,21 +10,28 @@ use shardq_testbed::TestBed;
 use super::{BenchArgs, BenchFleet, Results};
 use crate::store;
 
-/// Enqueues single jobs (one transaction, one NOTIFY each) for `account` at
-/// `rate` per second for `seconds`; returns how many were enqueued.
-async fn steady(fleet: &BenchFleet, account: Account, rate: u32, seconds: u64) -> anyhow::Result<u64> {
+/// Enqueues single jobs for `account` at `rate` per second for `seconds`
+/// through the client (which wakes workers), or with `plain` as bare SQL
+/// inserts that send no wake-up; returns how many were enqueued.
+async fn steady(fleet: &BenchFleet, account: Account, rate: u32, seconds: u64, plain: bool) -> anyhow::Result<u64> {
     let client = fleet.client.clone();
+    let pool = fleet.router.shards()[0].pool.clone();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let until = Instant::now() + Duration::from_secs(seconds);
     let mut sent = Vec::new();
     while Instant::now() < until {
         tick.tick().await;
-        let (client, account) = (client.clone(), account.clone());
+        let (client, account, pool) = (client.clone(), account.clone(), pool.clone());
         sent.push(tokio::spawn(async move {
-            client
-                .enqueue(&account, NewJob::from_json("noop", serde_json::json!({})))
-                .await
+            if plain {
+                store::enqueue_plain(&pool, account.as_str()).await?;
+            } else {
+                client
+                    .enqueue(&account, NewJob::from_json("noop", serde_json::json!({})))
+                    .await?;
+            }
+            Ok::<(), anyhow::Error>(())
         }));
     }
     let n = sent.len() as u64;
@@ -64,7 +71,7 @@ pub(super) async fn pickup(bed: &TestBed, args: &BenchArgs, results: &mut Result
         let node = fleet.node(64, RuntimeOptions::default())?;
         let account = Account::new("latency")?;
         fleet.router.shard_for(&account).await?;
-        let n = steady(&fleet, account, args.rate, args.seconds).await?;
+        let n = steady(&fleet, account, args.rate, args.seconds, !notify).await?;
         let stats = settle(&node, "shard_1", n).await?;
         node.shutdown(Duration::from_secs(5)).await;
         let [p50, p95, p99, max] = stats.pickup_ms.unwrap_or_default();
@@ -119,7 +126,7 @@ pub(super) async fn isolation(bed: &TestBed, args: &BenchArgs, results: &mut Res
             })
             .collect();
         let rate = (args.rate / 5).max(1);
-        let n = steady(&fleet, b, rate, args.seconds).await?;
+        let n = steady(&fleet, b, rate, args.seconds, false).await?;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut flooded = 0;
         for f in flooders {

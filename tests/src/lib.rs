@@ -144,3 +144,42 @@ pub fn assert_indexed(name: &str, plan: &str) {
     );
     assert!(plan.contains("Index"), "{name}: no index in the plan:\n{plan}");
 }
+
+/// A new login role on every server of `f`, given the grants the README
+/// documents for the application (`shardq_router::privileges`), and `f`'s
+/// configuration connecting as that role. `prefix` starts the role's name,
+/// which is unique per process and call.
+pub async fn app_role(f: &Fleet, prefix: &str) -> (String, Config) {
+    use shardq_router::privileges::{master_grants, quote_identifier, shard_grants};
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let role = format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let quoted = quote_identifier(&role);
+    // Roles are per server (cluster): create it on each, then grant per database.
+    let master = &f.router.master().pool;
+    sqlx::query(&format!("CREATE ROLE {quoted} LOGIN"))
+        .execute(master)
+        .await
+        .expect("create role on the master");
+    for statement in master_grants(&role) {
+        sqlx::query(&statement).execute(master).await.expect("master grant");
+    }
+    for shard in f.router.shards() {
+        sqlx::query(&format!("CREATE ROLE {quoted} LOGIN"))
+            .execute(&shard.pool)
+            .await
+            .expect("create role on a shard");
+        for statement in shard_grants(&role) {
+            sqlx::query(&statement).execute(&shard.pool).await.expect("shard grant");
+        }
+    }
+    let mut app = f.config.clone();
+    app.master.target.user = role.clone();
+    for shard in &mut app.shards {
+        shard.database.target.user = role.clone();
+    }
+    (role, app)
+}

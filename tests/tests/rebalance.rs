@@ -13,10 +13,9 @@ use std::sync::Arc;
 use shardq::moves::{MoveOptions, Mover, Step};
 use shardq::rebalance::{ApplyOptions, LoadBy, Rebalancer};
 use shardq::{Account, Client, NewJob};
-use shardq_router::privileges::{master_grants, quote_identifier, shard_grants};
-use shardq_router::{Config, Error, Migrator, PlacementStrategy, Router, Target};
+use shardq_router::{Config, Error, Migrator, PlacementStrategy, Router};
 use shardq_testbed::TestBed;
-use shardq_tests::{fleet, Fleet};
+use shardq_tests::{app_role, fleet, Fleet};
 
 /// `config` with only its first `n` shards.
 fn first_shards(config: &Config, n: usize) -> Config {
@@ -338,37 +337,8 @@ async fn a_shard_not_migrated_gets_no_accounts_until_it_is() {
 
 #[tokio::test]
 async fn the_application_role_cannot_write_the_shard_registry() {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let f = fleet().await; // migrated, and the shards registered, as the owner
-    let role = format!(
-        "shardq_reg_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let quoted = quote_identifier(&role);
-    let master = &f.router.master().pool;
-    sqlx::query(&format!("CREATE ROLE {quoted} LOGIN"))
-        .execute(master)
-        .await
-        .unwrap();
-    for statement in master_grants(&role) {
-        sqlx::query(&statement).execute(master).await.unwrap();
-    }
-    for shard in f.router.shards() {
-        sqlx::query(&format!("CREATE ROLE {quoted} LOGIN"))
-            .execute(&shard.pool)
-            .await
-            .unwrap();
-        for statement in shard_grants(&role) {
-            sqlx::query(&statement).execute(&shard.pool).await.unwrap();
-        }
-    }
-    let mut app = f.config.clone();
-    let as_role = |t: &mut Target| t.user = role.clone();
-    as_role(&mut app.master.target);
-    for s in &mut app.shards {
-        as_role(&mut s.database.target);
-    }
+    let (_role, app) = app_role(&f, "shardq_reg").await;
     let router = Router::connect(&app).await.unwrap();
     let pool = router.master().pool.clone();
     for sql in [

@@ -17,12 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shardq::{Account, Client, JobContext, JobError, NewJob, Runtime, RuntimeOptions, Worker};
-use shardq_router::privileges::{master_grants, quote_identifier, shard_grants};
 use shardq_router::tls::SslMode;
 use shardq_router::{Config, Migrator, Router, Target};
 use shardq_testbed::bed::ensure_role;
 use shardq_testbed::{ClientAuth, ClientFiles, Fleet, TestBed, TestCa};
-use shardq_tests::{fleet, wait_for};
+use shardq_tests::{app_role, fleet, wait_for};
 use tokio::sync::OnceCell;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -494,39 +493,9 @@ pool = {{ acquire_timeout = "300ms" }}
 
 #[tokio::test]
 async fn an_app_role_with_the_documented_grants_runs_jobs_but_cannot_change_the_schema() {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let f = fleet().await; // migrated as the owner (the postgres superuser)
-    let role = format!(
-        "shardq_app_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let quoted = quote_identifier(&role);
-    // Roles are per server (cluster): create it on each, then grant per database.
+    let (role, app) = app_role(&f, "shardq_app").await;
     let master = &f.router.master().pool;
-    sqlx::query(&format!("CREATE ROLE {quoted} LOGIN"))
-        .execute(master)
-        .await
-        .unwrap();
-    for statement in master_grants(&role) {
-        sqlx::query(&statement).execute(master).await.unwrap();
-    }
-    for shard in f.router.shards() {
-        sqlx::query(&format!("CREATE ROLE {quoted} LOGIN"))
-            .execute(&shard.pool)
-            .await
-            .unwrap();
-        for statement in shard_grants(&role) {
-            sqlx::query(&statement).execute(&shard.pool).await.unwrap();
-        }
-    }
-
-    let mut app = f.config.clone();
-    let as_role = |t: &mut Target| t.user = role.clone();
-    as_role(&mut app.master.target);
-    for shard in &mut app.shards {
-        as_role(&mut shard.database.target);
-    }
     let router = Arc::new(Router::connect(&app).await.unwrap());
     let who: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&router.master().pool)

@@ -382,3 +382,110 @@ async fn a_delay_is_counted_on_the_shards_clock_from_the_insert() {
         assert_eq!((job.run_at - job.created_at).to_std().unwrap(), delay, "{id}");
     }
 }
+
+/// Fails its first run and snoozes its second, for the clock test.
+struct FailThenSnooze;
+
+impl shardq::Worker for FailThenSnooze {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "fail_then_snooze";
+    async fn work(&self, ctx: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        match ctx.attempt {
+            1 => Err(JobError::failed("first run fails")),
+            2 => Err(JobError::Snooze(Duration::from_secs(SNOOZE_SECS))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The snooze of [`FailThenSnooze`]'s second run.
+const SNOOZE_SECS: u64 = 40;
+
+#[tokio::test]
+async fn retry_and_snooze_times_come_from_the_shards_clock() {
+    // The shard's server runs an hour ahead of this machine (and of the
+    // node): a time the node computed would land an hour early there.
+    let bed = tokio::task::spawn_blocking(|| shardq_testbed::TestBed::start(1))
+        .await
+        .unwrap()
+        .unwrap();
+    let shard = bed.shards()[0].clone();
+    tokio::task::spawn_blocking(move || shard.restart_clock_ahead(Duration::from_secs(3600)))
+        .await
+        .unwrap()
+        .unwrap();
+    let f = shardq_tests::fleet_on(&bed).await;
+    let db = f.router.shards()[0].clone();
+    let ahead: f64 = sqlx::query_scalar("SELECT extract(epoch FROM now())::float8")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let here = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(ahead - here > 3000.0, "the shard's clock is an hour ahead");
+    let backoff = Duration::from_secs(20);
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(FailThenSnooze)
+        .options(RuntimeOptions {
+            backoff: shardq::Backoff {
+                base: backoff,
+                max: backoff,
+            },
+            ..fast_options()
+        })
+        .start()
+        .unwrap();
+    let a = Account::new("clocked").unwrap();
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("fail_then_snooze", serde_json::json!({})))
+        .await
+        .unwrap();
+    wait_for("the first run failed", Duration::from_secs(30), || async {
+        f.client
+            .job(&id)
+            .await
+            .unwrap()
+            .errors
+            .as_array()
+            .is_some_and(|e| e.len() == 1)
+    })
+    .await;
+    let job = f.client.job(&id).await.unwrap();
+    let failed_at: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(job.errors[0]["at"].clone()).expect("the error's time");
+    // Backoff jitter is ±20%; a node-clock time would be an hour early.
+    let wait = (job.run_at - failed_at)
+        .to_std()
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(-1.0);
+    assert!(
+        (15.9..=24.1).contains(&wait),
+        "the retry waits its backoff from the shard's clock: {wait} s after the failure"
+    );
+    // Let the retry run now, then look at its snooze.
+    sqlx::query("UPDATE shardq.jobs SET run_at = now() WHERE id = $1")
+        .bind(id.id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_for("the second run snoozed", Duration::from_secs(30), || async {
+        let j = f.client.job(&id).await.unwrap();
+        j.attempt == 2 && j.state == "available"
+    })
+    .await;
+    let job = f.client.job(&id).await.unwrap();
+    let attempted_at = job.attempted_at.expect("claimed once more");
+    let wait = (job.run_at - attempted_at)
+        .to_std()
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(-1.0);
+    assert!(
+        (SNOOZE_SECS as f64..SNOOZE_SECS as f64 + 20.0).contains(&wait),
+        "the snooze counts from the shard's clock: {wait} s after the claim"
+    );
+    rt.shutdown(Duration::from_secs(5)).await;
+}

@@ -134,6 +134,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A server's clock cannot be shifted: libfaketime is not installed
+    /// (`Server::restart_clock_ahead`).
+    #[error("server {server}: cannot shift its clock: libfaketime is not installed (looked for {looked}; on Debian: apt-get install libfaketime)")]
+    NoFaketime {
+        /// The server name.
+        server: String,
+        /// The paths looked at.
+        looked: String,
+    },
+
     /// A test certificate could not be generated.
     #[error("generating a test certificate: {message}")]
     Certificate {

@@ -23,6 +23,12 @@ use crate::tls::{write_private, ServerCert, TestCa, TlsFiles};
 const PG_CTL_TIMEOUT_SECS: &str = "60";
 /// How long a started server may take to accept TCP connections.
 const ACCEPT_DEADLINE: Duration = Duration::from_secs(30);
+/// Where libfaketime may be (Debian's multi-threaded build first).
+const FAKETIME_LIBRARIES: [&str; 3] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+];
 /// The line `enable_tls_with` adds to postgresql.conf before its settings.
 const TLS_CONF_MARKER: &str = "# shardq-testbed: TLS";
 /// The lines around the rules `require_client_auth` puts first in pg_hba.conf.
@@ -184,6 +190,32 @@ impl Server {
     /// nothing if it already runs and accepts them; a frozen server is
     /// thawed.
     pub fn start(&self) -> Result<()> {
+        self.start_env(&[])
+    }
+
+    /// Restarts the server with its clock `ahead` of this machine's (through
+    /// libfaketime, preloaded into the postmaster and so into every backend:
+    /// `now()` on it reads `ahead` later), to show which clock a statement
+    /// uses. A later [`Server::restart`] brings its clock back. Fails when
+    /// libfaketime is not installed.
+    pub fn restart_clock_ahead(&self, ahead: Duration) -> Result<()> {
+        let library = FAKETIME_LIBRARIES
+            .iter()
+            .find(|p| Path::new(p).is_file())
+            .ok_or_else(|| Error::NoFaketime {
+                server: self.name.clone(),
+                looked: FAKETIME_LIBRARIES.join(", "),
+            })?;
+        self.stop()?;
+        self.start_env(&[
+            ("LD_PRELOAD", (*library).to_owned()),
+            ("FAKETIME", format!("+{}s", ahead.as_secs())),
+            ("FAKETIME_DONT_RESET", "1".to_owned()),
+        ])
+    }
+
+    /// [`Server::start`], with `env` set for pg_ctl and so for the server.
+    fn start_env(&self, env: &[(&str, String)]) -> Result<()> {
         self.thaw_before("start");
         if self.is_running()? {
             return self.wait_accepting();
@@ -203,6 +235,7 @@ impl Server {
         cmd.args(["start", "-w", "-t", PG_CTL_TIMEOUT_SECS, "-D"])
             .arg(&self.data_dir);
         cmd.arg("-l").arg(self.log_file()).arg("-o").arg(options);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         match self.run_ok(cmd) {
             Ok(_) => self.wait_accepting(),
             Err(Error::Command { output, status, .. }) => {

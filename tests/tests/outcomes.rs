@@ -405,15 +405,19 @@ const SNOOZE_SECS: u64 = 40;
 async fn retry_and_snooze_times_come_from_the_shards_clock() {
     // The shard's server runs an hour ahead of this machine (and of the
     // node): a time the node computed would land an hour early there.
-    let bed = tokio::task::spawn_blocking(|| shardq_testbed::TestBed::start(1))
+    let bed = tokio::task::spawn_blocking(|| shardq_testbed::TestBed::start(1).map_err(|e| e.to_string()))
         .await
         .unwrap()
         .unwrap();
     let shard = bed.shards()[0].clone();
-    tokio::task::spawn_blocking(move || shard.restart_clock_ahead(Duration::from_secs(3600)))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        shard
+            .restart_clock_ahead(Duration::from_secs(3600))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let f = shardq_tests::fleet_on(&bed).await;
     let db = f.router.shards()[0].clone();
     let ahead: f64 = sqlx::query_scalar("SELECT extract(epoch FROM now())::float8")

@@ -183,3 +183,33 @@ pub async fn app_role(f: &Fleet, prefix: &str) -> (String, Config) {
     }
     (role, app)
 }
+
+/// Runs a blocking server operation (such as `Server::kill` or
+/// `Server::freeze`) on server `name` of `bed`, panicking with its error.
+pub async fn on_server(
+    bed: &Arc<TestBed>,
+    name: &'static str,
+    op: fn(&shardq_testbed::Server) -> shardq_testbed::Result<()>,
+) {
+    let bed = bed.clone();
+    tokio::task::spawn_blocking(move || bed.server(name).and_then(op).map_err(|e| e.to_string()))
+        .await
+        .expect("join")
+        .expect("server operation");
+}
+
+/// Writes `dir/shards.toml` naming `f`'s master and shards, with `extra`
+/// (more TOML) at its end, for tests that run the `shardq` binary.
+pub fn write_config(f: &Fleet, dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let mut text = format!("[master]\nurl = \"{}\"\n", f.config.master.target);
+    for s in &f.config.shards {
+        text.push_str(&format!(
+            "[[shards]]\nname = \"{}\"\nurl = \"{}\"\n",
+            s.name, s.database.target
+        ));
+    }
+    text.push_str(extra);
+    let path = dir.join("shards.toml");
+    std::fs::write(&path, text).expect("write shards.toml");
+    path
+}

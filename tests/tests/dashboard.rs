@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use shardq::{Account, NewJob};
 use shardq_dashboard::{Actions, Dashboard, DashboardOptions};
-use shardq_testbed::{Server, TestBed};
-use shardq_tests::{fleet, fleet_on, private_bed, Fleet};
+use shardq_testbed::Server;
+use shardq_tests::{fleet, fleet_on, on_server, private_bed, Fleet};
 use tokio::sync::oneshot;
 
 const TOKEN: &str = "s3cret-token";
@@ -450,15 +450,6 @@ async fn actions_with_the_token_cancel_retry_and_pause_and_nothing_changes_witho
     let (code, html) = post(&s, &[("action", "explode"), ("token", TOKEN)]).await;
     assert_eq!(code, 400);
     assert!(html.contains("unknown action"), "{html}");
-}
-
-/// Runs a (blocking) server operation on server `name` of `bed`.
-async fn on_server(bed: &Arc<TestBed>, name: &'static str, op: fn(&Server) -> shardq_testbed::Result<()>) {
-    let bed = bed.clone();
-    tokio::task::spawn_blocking(move || bed.server(name).and_then(op).map_err(|e| e.to_string()))
-        .await
-        .unwrap()
-        .unwrap();
 }
 
 #[tokio::test]

@@ -7,13 +7,12 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use shardq::{Account, NewJob};
 use shardq_dashboard::{Actions, Dashboard, DashboardOptions};
-use shardq_testbed::{Server, TestBed};
-use shardq_tests::{fleet_on, private_bed};
+use shardq_testbed::Server;
+use shardq_tests::{fleet_on, on_server, private_bed};
 
 const TOKEN: &str = "browser-token";
 
@@ -91,14 +90,6 @@ fn hidden_fields(dom: &str, form_id: &str) -> Vec<(String, String)> {
             (attr("name"), attr("value"))
         })
         .collect()
-}
-
-async fn on_server(bed: &Arc<TestBed>, name: &'static str, op: fn(&Server) -> shardq_testbed::Result<()>) {
-    let bed = bed.clone();
-    tokio::task::spawn_blocking(move || bed.server(name).and_then(op).map_err(|e| e.to_string()))
-        .await
-        .unwrap()
-        .unwrap();
 }
 
 /// Finished jobs over the last hour on a shard, for the charts: `n` jobs,

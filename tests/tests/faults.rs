@@ -11,22 +11,13 @@ use std::time::Duration;
 use shardq::store;
 use shardq::{Account, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
 use shardq_router::Router;
-use shardq_testbed::{Server, TestBed};
-use shardq_tests::{count_state, fast_options, fleet_on, private_bed, wait_for, Fleet};
+use shardq_testbed::Server;
+use shardq_tests::{count_state, fast_options, fleet_on, on_server, private_bed, wait_for, Fleet};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Runs a (blocking) server operation such as `Server::kill` on server `name`.
-async fn on_server(bed: &Arc<TestBed>, name: &'static str, op: fn(&Server) -> shardq_testbed::Result<()>) {
-    let bed = bed.clone();
-    tokio::task::spawn_blocking(move || bed.server(name).and_then(op).map_err(|e| e.to_string()))
-        .await
-        .unwrap()
-        .unwrap();
-}
 
 /// Runs per job id, shared by every kind below.
 #[derive(Clone, Default)]

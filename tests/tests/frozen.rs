@@ -5,27 +5,18 @@
 //! the server. The frozen test starts its own bed.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use shardq_router::router::Database;
 use shardq_router::{Config, PoolConfig, Router};
-use shardq_testbed::{Server, TestBed};
-use shardq_tests::{fleet, fleet_on, private_bed, wait_for};
+use shardq_testbed::Server;
+use shardq_tests::{fleet, fleet_on, on_server, private_bed, wait_for};
 
 /// The acquire timeout of the frozen test's pools.
 const ACQUIRE: Duration = Duration::from_secs(1);
 /// A call that has not returned by then hangs: far above every timeout the
 /// tests configure (the tests assert errors, never how long they took).
 const HANG: Duration = Duration::from_secs(30);
-
-async fn on_server(bed: &Arc<TestBed>, name: &'static str, op: fn(&Server) -> shardq_testbed::Result<()>) {
-    let bed = bed.clone();
-    tokio::task::spawn_blocking(move || bed.server(name).and_then(op).map_err(|e| e.to_string()))
-        .await
-        .unwrap()
-        .unwrap();
-}
 
 /// `SELECT 1` on `db`'s pool: `Ok(Ok(1))`, `Ok(Err(message))` with the
 /// router's error, or `Err(())` when it did not return within [`HANG`].

@@ -15,24 +15,9 @@ use std::time::Duration;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use shardq::{Account, NewJob};
-use shardq_tests::{count_state, fleet, wait_for, Fleet};
+use shardq_tests::{count_state, fleet, wait_for, write_config, Fleet};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Writes a shards.toml for the fleet, with `extra` at its end.
-fn write_config(f: &Fleet, dir: &Path, extra: &str) -> PathBuf {
-    let mut text = format!("[master]\nurl = \"{}\"\n", f.config.master.target);
-    for s in &f.config.shards {
-        text.push_str(&format!(
-            "[[shards]]\nname = \"{}\"\nurl = \"{}\"\n",
-            s.name, s.database.target
-        ));
-    }
-    text.push_str(extra);
-    let path = dir.join("shards.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// What a finished `shardq` process did.
 struct Run {

@@ -5,24 +5,10 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use shardq_tests::{fleet, Fleet};
-
-/// Writes a shards.toml for the fleet.
-fn write_config(f: &Fleet, dir: &Path) -> PathBuf {
-    let mut text = format!("[master]\nurl = \"{}\"\n", f.config.master.target);
-    for s in &f.config.shards {
-        text.push_str(&format!(
-            "[[shards]]\nname = \"{}\"\nurl = \"{}\"\n",
-            s.name, s.database.target
-        ));
-    }
-    let path = dir.join("shards.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use shardq_tests::{fleet, write_config};
 
 /// A `shardq dashboard` process, killed when dropped.
 struct Running(Child);
@@ -84,7 +70,7 @@ async fn get(url: &str) -> (u16, String) {
 async fn the_dashboard_command_serves_read_only_without_a_token_and_asks_for_it_with_one() {
     let f = fleet().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&f, dir.path());
+    let config = write_config(&f, dir.path(), "");
 
     let (_ro, url) = dashboard(&config, None);
     let (code, html) = get(&format!("{url}/")).await;
@@ -104,7 +90,7 @@ async fn the_dashboard_command_serves_read_only_without_a_token_and_asks_for_it_
 async fn queues_pause_and_resume_one_shard() {
     let f = fleet().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&f, dir.path());
+    let config = write_config(&f, dir.path(), "");
     let run = |args: &'static [&'static str]| {
         let config = config.clone();
         tokio::task::spawn_blocking(move || shardq(&config, args))

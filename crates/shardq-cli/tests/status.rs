@@ -2,25 +2,11 @@
 //! with its queues' counts, and the table names every shard and queue.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use shardq::{Account, NewJob};
-use shardq_tests::{fleet, Fleet};
-
-/// Writes a shards.toml for the fleet.
-fn write_config(f: &Fleet, dir: &Path) -> PathBuf {
-    let mut text = format!("[master]\nurl = \"{}\"\n", f.config.master.target);
-    for s in &f.config.shards {
-        text.push_str(&format!(
-            "[[shards]]\nname = \"{}\"\nurl = \"{}\"\n",
-            s.name, s.database.target
-        ));
-    }
-    let path = dir.join("shards.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use shardq_tests::{fleet, write_config};
 
 fn status(config: &Path, extra: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_shardq"))
@@ -48,7 +34,7 @@ async fn status_prints_every_shard_and_the_queues_counts() {
             .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&f, dir.path());
+    let config = write_config(&f, dir.path(), "");
 
     let (ok, json) = tokio::task::spawn_blocking({
         let config = config.clone();

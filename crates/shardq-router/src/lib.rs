@@ -53,7 +53,7 @@ mod topology;
 
 pub use account::Account;
 pub use config::{
-    AccountTable, Config, ConnectOptions, DatabaseConfig, PlacementStrategy, PoolConfig, ShardConfig, Target,
+    AccountTable, Config, ConnectOptions, DatabaseConfig, PlacementStrategy, PoolConfig, Pooler, ShardConfig, Target,
 };
 pub use error::{Error, Result};
 pub use migrator::{MigrationReport, Migrator};

@@ -15,7 +15,7 @@ use super::session::{self, Session};
 use super::settings::Settings;
 use super::sources::{History, Role, RoleSources};
 use super::status::{DatabaseStatus, HistoryStatus};
-use crate::config::Target;
+use crate::config::{DatabaseConfig, Pooler, Target};
 use crate::stamp::{self, Mismatch, Stamp};
 use crate::store;
 
@@ -26,8 +26,40 @@ pub(crate) struct Db {
     pub name: String,
     /// Master or shard.
     pub role: Role,
-    /// Where it is.
+    /// Where it is: its direct address (`listen_url`) when it is behind a
+    /// transaction pooler.
     pub target: Target,
+    /// Behind a transaction pooler with no direct address: refused, since
+    /// the migration advisory lock needs a session.
+    pub pooled_only: bool,
+}
+
+impl Db {
+    /// The database of `config` named `name`, as the migrator reaches it.
+    pub(crate) fn of(name: &str, role: Role, config: &DatabaseConfig) -> Db {
+        Db {
+            name: name.to_string(),
+            role,
+            target: config.listen.clone().unwrap_or_else(|| config.target.clone()),
+            pooled_only: config.pooler == Pooler::Transaction && config.listen.is_none(),
+        }
+    }
+
+    /// The refusal of a database behind a transaction pooler with no
+    /// direct address.
+    fn pooled_refusal(&self) -> Failure {
+        Failure::new(
+            Stage::Connect,
+            None,
+            format!(
+                "{} is configured behind a transaction pooler (pooler = \"transaction\") and has no listen_url: \
+                 migrations need a session of their own (the migration advisory lock is held across \
+                 transactions), which a transaction pooler does not keep; set listen_url to the server's \
+                 direct address (the migrator connects there) and run again",
+                self.target
+            ),
+        )
+    }
 }
 
 /// Both histories, platform first.
@@ -101,6 +133,9 @@ async fn migrate_locked(
     report: &mut DatabaseReport,
     progress: &mut Progress,
 ) -> Result<(), Failure> {
+    if db.pooled_only {
+        return Err(db.pooled_refusal());
+    }
     progress.doing = "connecting".into();
     let mut session = Session::open(&db.target).await?;
     progress.cancel = Some(session.cancel_token());
@@ -293,6 +328,9 @@ pub(crate) async fn status(db: &Db, sources: &RoleSources, settings: Settings) -
 }
 
 async fn read_status(db: &Db, sources: &RoleSources) -> Result<(HistoryStatus, Option<HistoryStatus>), Failure> {
+    if db.pooled_only {
+        return Err(db.pooled_refusal());
+    }
     let client = session::connect(&db.target).await?;
     let platform = history_status(&client, History::Platform, &sources.platform).await?;
     let application = match &sources.application {

@@ -18,6 +18,11 @@
 //! - `report`, `status`: the [`MigrationReport`] and [`StatusReport`] types.
 //! - `failure`: [`Failure`], with the full Postgres error text.
 //!
+//! A database behind a transaction pooler (`pooler = "transaction"`) is
+//! migrated over its `listen_url` (the server's direct address): the
+//! advisory lock is a session lock, which such a pooler does not keep.
+//! Without one it fails, naming what to set.
+//!
 //! Fleet stamps: the master's first migration creates the fleet id; after
 //! migrating a shard the migrator stamps it with that id and the shard's
 //! name, and a database already stamped for another shard or fleet fails
@@ -314,7 +319,12 @@ impl Migrator {
     /// `None` when the master cannot be reached, is not migrated that far,
     /// or is stamped as something else than the master.
     async fn fleet_id(&self) -> Option<String> {
-        let client = match session::connect(&self.config.master.target).await {
+        let master = Db::of(stamp::MASTER_NAME, Role::Master, &self.config.master);
+        if master.pooled_only {
+            tracing::warn!("the master is behind a transaction pooler and has no listen_url; shards are not stamped");
+            return None;
+        }
+        let client = match session::connect(&master.target).await {
             Ok(client) => client,
             Err(e) => {
                 tracing::warn!(error = %e, "the master's fleet id cannot be read; shards are not stamped");
@@ -353,11 +363,9 @@ impl Migrator {
 
     /// The master (if selected) and the selected shards in config order.
     fn selection(&self) -> Result<(Option<Db>, Vec<Db>)> {
-        let master = self.includes_master().then(|| Db {
-            name: "master".into(),
-            role: Role::Master,
-            target: self.config.master.target.clone(),
-        });
+        let master = self
+            .includes_master()
+            .then(|| Db::of("master", Role::Master, &self.config.master));
         if let Some(names) = &self.only_shards {
             for name in names {
                 self.config.shard(name)?;
@@ -368,11 +376,7 @@ impl Migrator {
             .shards
             .iter()
             .filter(|s| self.selects_shard(&s.name))
-            .map(|s| Db {
-                name: s.name.clone(),
-                role: Role::Shard,
-                target: s.database.target.clone(),
-            })
+            .map(|s| Db::of(&s.name, Role::Shard, &s.database))
             .collect();
         Ok((master, shards))
     }

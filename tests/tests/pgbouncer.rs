@@ -1,4 +1,5 @@
-//! Databases behind a transaction pooler (`pooler = "transaction"`): the
+//! Databases behind a transaction pooler (`pooler = "transaction"`): no
+//! settings sent at connect (a real PgBouncer refuses them otherwise), the
 //! migrator against a real PgBouncer in transaction mode (refused without a
 //! direct `listen_url`, migrated over it with one), and the worker node's
 //! wake-ups for a pooled shard: LISTEN over `listen_url` when set, polling
@@ -215,4 +216,46 @@ async fn a_pooled_shard_with_listen_url_is_listened_to_there_and_woken_by_notify
         "every LISTEN on the pooled shard is over listen_url"
     );
     rt.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_transaction_pooler_no_settings_are_sent_at_connect() {
+    let bed = bed().await;
+    let dbs = bed.fresh_fleet().await.unwrap();
+    let server = bed.server("shard_2").unwrap();
+    let bouncer = tokio::task::spawn_blocking({
+        let server = server.clone();
+        move || PgBouncer::start(&server).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let pooled = bouncer.through(&dbs.shards[1].url, server);
+    // The default pool timeouts (30 s, 10 s) are on; one connection, so
+    // only this client's statements reach PgBouncer's servers.
+    let config = |pooler: &str| {
+        let text = format!(
+            "[master]\nurl = \"{}\"\n[[shards]]\nname = \"shard_1\"\nurl = \"{}\"\n\
+             [[shards]]\nname = \"shard_2\"\nurl = \"{pooled}\"\n{pooler}pool = {{ max_connections = 1 }}\n",
+            dbs.master.url, dbs.shards[0].url
+        );
+        Config::parse(&text, Path::new("shards.toml"), &|_| None).unwrap()
+    };
+    let direct = Router::connect(&config("")).await.unwrap();
+    let refused = sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&direct.shard("shard_2").unwrap().pool)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("unsupported startup parameter"),
+        "{refused}"
+    );
+
+    let behind = Router::connect(&config("pooler = \"transaction\"\n")).await.unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&behind.shard("shard_2").unwrap().pool)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    drop(bouncer);
 }

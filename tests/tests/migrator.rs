@@ -646,3 +646,87 @@ async fn file_checked_out_again_with_crlf_line_endings_is_not_an_edit() {
     assert!(!report.failed(), "{report}");
     assert!(table_exists(case.shard_url("shard_1"), "gadgets").await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_of_another_fleet_is_refused_while_the_others_migrate() {
+    let other = Case::new(shared(), &[]).await;
+    let report = other.run().await;
+    assert!(!report.failed(), "{report}");
+    let other_fleet = report.database("master").unwrap().fleet_id.clone().unwrap();
+    for d in &report.databases {
+        assert_eq!(d.fleet_id.as_deref(), Some(other_fleet.as_str()), "{}", d.database);
+    }
+
+    // This fleet's shard_2 address leads to the other fleet's shard_2.
+    let ours = shared().fresh_fleet().await.unwrap();
+    let stray = other.shard_url("shard_2").to_string();
+    let shards: Vec<(&str, &str)> = ours
+        .shards
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                if s.name == "shard_2" {
+                    stray.as_str()
+                } else {
+                    s.url.as_str()
+                },
+            )
+        })
+        .collect();
+    let config = Config::from_urls(&ours.master.url, &shards).unwrap();
+    let case = Case::with_config(ours, config, &[WIDGETS]);
+    let report = case.run().await;
+    let failures: Vec<&str> = report.failures().map(|d| d.database.as_str()).collect();
+    assert_eq!(failures, ["shard_2"], "{report}");
+    let fleet = report.database("master").unwrap().fleet_id.clone().unwrap();
+    assert_ne!(fleet, other_fleet);
+    let refused = report.database("shard_2").unwrap().error.as_ref().unwrap();
+    assert_eq!(refused.stage, Stage::Stamp);
+    assert!(
+        refused.message.contains(&fleet) && refused.message.contains(&other_fleet),
+        "{refused}"
+    );
+    assert!(
+        !table_exists(&stray, "widgets").await,
+        "nothing ran on the refused shard"
+    );
+    for name in ["shard_1", "shard_3"] {
+        assert!(table_exists(case.shard_url(name), "widgets").await, "{name}");
+        assert_eq!(report.database(name).unwrap().fleet_id.as_deref(), Some(fleet.as_str()));
+    }
+
+    // A router of this fleet refuses it too, naming both fleet ids.
+    let err = shardq_router::Router::connect(&case.config)
+        .await
+        .err()
+        .expect("connect must refuse another fleet's shard");
+    assert!(matches!(err, shardq_router::Error::ShardOfAnotherFleet { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&fleet) && err.to_string().contains(&other_fleet),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_migrated_before_the_master_is_stamped_by_the_next_full_run() {
+    let case = Case::new(shared(), &[]).await;
+    let report = Migrator::new(&case.config)
+        .only_shards(["shard_1"])
+        .run()
+        .await
+        .unwrap();
+    assert!(!report.failed(), "{report}");
+    assert_eq!(report.database("shard_1").unwrap().fleet_id, None, "no fleet id yet");
+    // Unstamped counts as not migrated: no new account goes there.
+    let router = shardq_router::Router::connect(&case.config).await.unwrap();
+    assert_eq!(router.schema_state("shard_1"), shardq_router::SchemaState::Unstamped);
+    assert!(router.propose(&shardq_router::Account::new("a1").unwrap()).is_none());
+    let report = case.run().await;
+    assert!(!report.failed(), "{report}");
+    let fleet = report.database("master").unwrap().fleet_id.clone().unwrap();
+    assert_eq!(
+        report.database("shard_1").unwrap().fleet_id.as_deref(),
+        Some(fleet.as_str())
+    );
+}

@@ -391,3 +391,61 @@ fn docker_compose_agrees_with_shards_toml() {
         );
     }
 }
+
+#[tokio::test]
+async fn swapped_shard_addresses_are_an_error_naming_both_not_misrouting() {
+    let bed = bed().await;
+    let dbs = bed.fresh_fleet().await.unwrap();
+    let urls: Vec<(&str, &str)> = dbs.shards.iter().map(|s| (s.name.as_str(), s.url.as_str())).collect();
+    let config = Config::from_urls(&dbs.master.url, &urls).unwrap();
+    migrate(&config).await;
+    // shard_1 and shard_2 swap addresses, as a wrong edit of shards.toml would.
+    let mut swapped = urls.clone();
+    swapped[0].1 = urls[1].1;
+    swapped[1].1 = urls[0].1;
+    let swapped = Config::from_urls(&dbs.master.url, &swapped).unwrap();
+
+    let err = Router::connect(&swapped)
+        .await
+        .err()
+        .expect("connect must refuse swapped addresses");
+    assert!(matches!(err, Error::ShardStampedAsAnother { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("shard shard_1") && text.contains("stamped as shard shard_2"),
+        "{text}"
+    );
+
+    // The migrator refuses both databases and runs nothing on them.
+    let report = Migrator::new(&swapped).run().await.unwrap();
+    let failed: BTreeSet<&str> = report.failures().map(|d| d.database.as_str()).collect();
+    assert_eq!(failed, BTreeSet::from(["shard_1", "shard_2"]), "{report}");
+    let refused = report.database("shard_1").unwrap().error.as_ref().unwrap();
+    assert_eq!(refused.stage, shardq_router::migrator::Stage::Stamp);
+    assert!(refused.message.contains("stamped as shard_2"), "{refused}");
+
+    // The right configuration still connects.
+    Router::connect(&config).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reload_adding_a_shard_with_another_shards_address_is_refused() {
+    let bed = bed().await;
+    let dbs = bed.fresh_fleet().await.unwrap();
+    let urls: Vec<(&str, &str)> = dbs.shards.iter().map(|s| (s.name.as_str(), s.url.as_str())).collect();
+    migrate(&Config::from_urls(&dbs.master.url, &urls).unwrap()).await;
+    let config = Config::from_urls(&dbs.master.url, &urls[..2]).unwrap();
+    let router = Router::connect(&config).await.unwrap();
+    // shard_4 is added with shard_3's address.
+    let mut wrong = urls[..2].to_vec();
+    wrong.push(("shard_4", urls[2].1));
+    let wrong = Config::from_urls(&dbs.master.url, &wrong).unwrap();
+    let err = router.reload(&wrong).await.unwrap_err();
+    assert!(matches!(err, Error::ShardStampedAsAnother { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("shard shard_4") && text.contains("stamped as shard shard_3"),
+        "{text}"
+    );
+    assert_eq!(router.shards().len(), 2, "the refused reload changed nothing");
+}

@@ -98,6 +98,9 @@ fn database_line(h: &DatabaseHealth, shard: Option<&ShardStatus>) -> String {
             line.push_str(&format!("  listeners {listeners}{note}"));
         }
     }
+    if let Some(s) = shard.filter(|s| s.wakeups != "notify") {
+        line.push_str(&format!("  wakeups: {}", s.wakeups));
+    }
     line.push_str(&format!("  {}", h.target));
     if let Some(e) = &h.error {
         line.push_str(&format!("\n             {e}"));

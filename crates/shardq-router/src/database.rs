@@ -4,7 +4,7 @@
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-use crate::config::{DatabaseConfig, PoolConfig};
+use crate::config::{DatabaseConfig, PoolConfig, Pooler};
 use crate::error::Error;
 
 /// A database's pool with the names used in errors.
@@ -16,16 +16,24 @@ pub struct Database {
     pub pool: PgPool,
     /// The address without the password, for messages.
     pub target: String,
+    /// The pooler between this process and the server (`pooler` in
+    /// shards.toml): with one in transaction mode no session settings are
+    /// sent at connect, and LISTEN goes over [`Database::listen_pool`].
+    pub pooler: Pooler,
+    /// A lazy one-connection pool on the direct address (`listen_url`),
+    /// when one is configured.
+    pub direct: Option<PgPool>,
 }
 
 impl Database {
     /// A lazy pool with `db.pool`'s limits; its connections carry the
     /// session settings of [`session_settings`] (see [`PoolConfig`] for what
-    /// bounds time).
+    /// bounds time), except behind a transaction pooler, which refuses
+    /// them at connect.
     pub(crate) fn open(name: &str, db: &DatabaseConfig) -> Database {
         let mut connect = db.target.connect_options().into_inner();
         let settings = session_settings(&db.pool);
-        if !settings.is_empty() {
+        if !settings.is_empty() && db.pooler == Pooler::None {
             connect = connect.options(settings);
         }
         let pool = PgPoolOptions::new()
@@ -33,10 +41,31 @@ impl Database {
             .min_connections(db.pool.min_connections)
             .acquire_timeout(db.pool.acquire_timeout)
             .connect_lazy_with(connect);
+        let direct = db.listen.as_ref().map(|target| {
+            PgPoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .acquire_timeout(db.pool.acquire_timeout)
+                .connect_lazy_with(target.connect_options().into_inner())
+        });
         Database {
             name: name.to_string(),
             pool,
             target: db.target.to_string(),
+            pooler: db.pooler,
+            direct,
+        }
+    }
+
+    /// Where this database's LISTEN connection comes from: the direct
+    /// address (`listen_url`) when configured, else the pool unless a
+    /// transaction pooler is in the way (it cannot carry a LISTEN between
+    /// transactions): then `None`, and the node polls.
+    pub fn listen_pool(&self) -> Option<&PgPool> {
+        match (&self.direct, self.pooler) {
+            (Some(direct), _) => Some(direct),
+            (None, Pooler::None) => Some(&self.pool),
+            (None, Pooler::Transaction) => None,
         }
     }
 

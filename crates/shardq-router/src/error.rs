@@ -129,6 +129,38 @@ pub enum Error {
         /// Where it was asked to go.
         requested: String,
     },
+    /// A shard's address leads to a database stamped as another shard: two
+    /// shards' addresses swapped in shards.toml, or a DNS alias to the wrong
+    /// server. Routing would write one shard's accounts into another's.
+    #[error(
+        "shard {shard} ({target}) is stamped as shard {found}: the address configured for {shard} leads to \
+         {found}'s database (addresses swapped in shards.toml, or a DNS alias to the wrong server); \
+         fix the address of {shard}"
+    )]
+    ShardStampedAsAnother {
+        /// The shard's configured name.
+        shard: String,
+        /// Its configured address, without the password.
+        target: String,
+        /// The shard name its stamp carries.
+        found: String,
+    },
+    /// A shard's address leads to a database stamped by another fleet (its
+    /// master has another fleet id).
+    #[error(
+        "shard {shard} ({target}) belongs to another fleet: it is stamped with fleet id {found}, and this \
+         fleet's master has fleet id {fleet}; fix the address of {shard}"
+    )]
+    ShardOfAnotherFleet {
+        /// The shard's configured name.
+        shard: String,
+        /// Its configured address, without the password.
+        target: String,
+        /// This fleet's id, from the master's stamp.
+        fleet: String,
+        /// The fleet id in the shard's stamp.
+        found: String,
+    },
     /// A database call failed; `database` names the master or the shard and
     /// `target` is its address without the password.
     #[error("{database} ({target}): {source}{}", .detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]

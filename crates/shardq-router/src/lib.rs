@@ -14,6 +14,8 @@
 //!   offered (ring or least loaded).
 //! - `placement_watch`: evicts cached placements that changed in the master
 //!   and refreshes the topology every second.
+//! - `stamp`: the fleet stamps (fleet id and name) the migrator writes
+//!   into every database and the router checks after connecting.
 //! - [`planner`]: the pure rebalance planner (which accounts move where).
 //! - [`migrator`]: [`Migrator`], platform and application migrations on the
 //!   master and every shard, with a per-database report.
@@ -44,13 +46,14 @@ pub mod planner;
 pub mod privileges;
 pub mod ring;
 pub mod router;
+mod stamp;
 mod store;
 pub mod tls;
 mod topology;
 
 pub use account::Account;
 pub use config::{
-    AccountTable, Config, ConnectOptions, DatabaseConfig, PlacementStrategy, PoolConfig, ShardConfig, Target,
+    AccountTable, Config, ConnectOptions, DatabaseConfig, PlacementStrategy, PoolConfig, Pooler, ShardConfig, Target,
 };
 pub use error::{Error, Result};
 pub use migrator::{MigrationReport, Migrator};

@@ -19,11 +19,13 @@
 /// it never updates or deletes them (moving an account is an owner's job).
 /// It reads the shard registry but may not write it: only the owner
 /// registers shards and marks them draining, so a placement naming a shard
-/// the owner did not register fails on the foreign key.
+/// the owner did not register fails on the foreign key. The fleet stamp is
+/// read-only to it too.
 pub const MASTER_GRANTS: &[&str] = &[
     "GRANT USAGE ON SCHEMA shardq TO {role}",
     "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA shardq TO {role}",
     "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON shardq.shards FROM {role}",
+    "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON shardq.fleet_stamp FROM {role}",
     "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA shardq TO {role}",
     "GRANT SELECT ON public.shardq_schema_history TO {role}",
     "ALTER DEFAULT PRIVILEGES IN SCHEMA shardq GRANT SELECT, INSERT ON TABLES TO {role}",
@@ -34,9 +36,12 @@ pub const MASTER_GRANTS: &[&str] = &[
 ///
 /// Workers claim, update and prune jobs, so the role may read and write
 /// rows of the job tables, use their sequences and call `shardq.enqueue`.
+/// The fleet stamp (which shard of which fleet this database is) is the
+/// owner's: the role only reads it.
 pub const SHARD_GRANTS: &[&str] = &[
     "GRANT USAGE ON SCHEMA shardq TO {role}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA shardq TO {role}",
+    "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON shardq.fleet_stamp FROM {role}",
     "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA shardq TO {role}",
     "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA shardq TO {role}",
     "GRANT SELECT ON public.shardq_schema_history TO {role}",

@@ -15,6 +15,7 @@ use crate::account::Account;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::placement_watch::{self, Cache};
+use crate::stamp;
 use crate::store;
 use crate::topology::{Live, Topology};
 
@@ -197,6 +198,12 @@ impl Router {
     /// from the configuration: routing those accounts fails
     /// ([`Error::AccountOnUnknownShard`]); the others route as usual.
     ///
+    /// Fails when a shard's address leads to a database stamped as another
+    /// shard ([`Error::ShardStampedAsAnother`], e.g. two addresses swapped in
+    /// shards.toml) or by another fleet ([`Error::ShardOfAnotherFleet`]).
+    /// A shard without a stamp is not migrated: it is offered no new account
+    /// until `shardq migrate` has run ([`SchemaState::Unstamped`]).
+    ///
     /// It then registers the configured shards the master's registry lacks
     /// (only the schema owner may; for another role this is logged and the
     /// owner must have done it), and checks which shards new accounts may be
@@ -223,6 +230,7 @@ impl Router {
         if let Err(e) = router.check_placements().await {
             tracing::warn!(error = %e, "some accounts cannot be routed until their shard is configured");
         }
+        stamp::check(&router.master, router.shards()).await?;
         router.register_shards(&config.shard_names()).await;
         router.live.refresh(&router.master.pool, true).await;
         tokio::spawn(placement_watch::run(
@@ -300,9 +308,12 @@ impl Router {
     /// shards' schema (a shard not migrated to this binary's version is
     /// offered no new account until it is).
     ///
-    /// Refused, changing nothing: a configuration whose master differs, or
-    /// one that drops a shard the master still places accounts on
-    /// ([`Error::ReloadDropsShard`], naming it: drain it first). A kept
+    /// Refused, changing nothing: a configuration whose master differs, one
+    /// that drops a shard the master still places accounts on
+    /// ([`Error::ReloadDropsShard`], naming it: drain it first), or one
+    /// whose new shard's address leads to a database stamped as another
+    /// shard or by another fleet ([`Error::ShardStampedAsAnother`],
+    /// [`Error::ShardOfAnotherFleet`]). A kept
     /// shard's address or pool settings are not changed (its pool is in use;
     /// the report names it; restart to apply). Pools of a shard dropped
     /// here are kept by callers that still hold them.
@@ -369,6 +380,12 @@ impl Router {
                 }
             }
         }
+        let added: Vec<Database> = shards
+            .iter()
+            .filter(|d| report.added.contains(&d.name))
+            .cloned()
+            .collect();
+        stamp::check(&self.master, &added).await?;
         let tables_changed = config.account_tables != old.account_tables;
         if report.is_empty()
             && !tables_changed
@@ -759,7 +776,7 @@ impl Router {
     async fn place_as(&self, account: &Account, shard: &str, pinned: bool) -> Result<Placement> {
         self.shard(shard)?;
         let master = &self.master;
-        if let SchemaState::Behind { .. } = self.live.schema(shard) {
+        if let SchemaState::Behind { .. } | SchemaState::Unstamped = self.live.schema(shard) {
             return Err(Error::ShardNotAccepting {
                 shard: shard.to_string(),
                 why: self.live.schema(shard).to_string(),

@@ -204,6 +204,20 @@ pub(crate) async fn shard_schema_version(shard: &PgPool) -> sqlx::Result<Option<
         .await
 }
 
+/// The fleet stamp of a database: (fleet id, name); `None` when it has
+/// none (not migrated that far, or the migrator has not stamped it yet).
+pub(crate) async fn fleet_stamp(db: &PgPool) -> sqlx::Result<Option<(String, String)>> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('shardq.fleet_stamp') IS NOT NULL")
+        .fetch_one(db)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    sqlx::query_as("SELECT fleet_id::text, name FROM shardq.fleet_stamp")
+        .fetch_optional(db)
+        .await
+}
+
 /// Registered shards that hold placements but are not in `known`.
 pub(crate) async fn placement_unknown_shards(master: &PgPool, known: &[String]) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
@@ -295,6 +309,47 @@ pub(crate) async fn migration_history(
             })
         })
         .collect()
+}
+
+/// The fleet stamp of the migrator's database: (fleet id, name); `None`
+/// when it has none yet (no stamp table, or no row).
+pub(crate) async fn migration_stamp_get(
+    client: &tokio_postgres::Client,
+) -> Result<Option<(String, String)>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('shardq.fleet_stamp') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    match client
+        .query_opt("SELECT fleet_id::text, name FROM shardq.fleet_stamp", &[])
+        .await?
+    {
+        Some(row) => Ok(Some((row.try_get(0)?, row.try_get(1)?))),
+        None => Ok(None),
+    }
+}
+
+/// Stamps the migrator's database with `fleet_id` and `name` unless it is
+/// stamped already; returns the stamp it carries afterwards (the one found
+/// when it had one).
+pub(crate) async fn migration_stamp_write(
+    client: &tokio_postgres::Client,
+    fleet_id: &str,
+    name: &str,
+) -> Result<(String, String), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO shardq.fleet_stamp (fleet_id, name) VALUES ($1::text::uuid, $2) ON CONFLICT DO NOTHING",
+            &[&fleet_id, &name],
+        )
+        .await?;
+    let row = client
+        .query_one("SELECT fleet_id::text, name FROM shardq.fleet_stamp", &[])
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
 /// Sets the migrator session's `lock_timeout` (milliseconds, 0: none) and

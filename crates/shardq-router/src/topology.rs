@@ -103,6 +103,10 @@ pub enum SchemaState {
         /// The version this binary expects.
         expected: i32,
     },
+    /// At this binary's version but not stamped with the fleet's id (the
+    /// migrator stamps a shard after migrating it, once the master has a
+    /// fleet id).
+    Unstamped,
     /// Not checked yet, or the check failed (the shard is down).
     Unknown(String),
 }
@@ -116,6 +120,7 @@ impl std::fmt::Display for SchemaState {
                 "schema at version {} of {expected}: run `shardq migrate`",
                 applied.map(|v| v.to_string()).unwrap_or_else(|| "none".into())
             ),
+            SchemaState::Unstamped => f.write_str("not stamped with the fleet's id: run `shardq migrate`"),
             SchemaState::Unknown(why) => write!(f, "schema not checked ({why})"),
         }
     }
@@ -302,10 +307,10 @@ impl Live {
                 Err(e) => tracing::debug!(error = %e, "shard registry not read; keeping the last one"),
             }
             for (db, state) in unchecked.iter().zip(checks) {
-                if let SchemaState::Behind { .. } = state {
-                    if facts.schema.get(&db.name) != Some(&state) {
-                        tracing::warn!(shard = %db.name, "{state}; no new account is placed on it until then");
-                    }
+                if matches!(state, SchemaState::Behind { .. } | SchemaState::Unstamped)
+                    && facts.schema.get(&db.name) != Some(&state)
+                {
+                    tracing::warn!(shard = %db.name, "{state}; no new account is placed on it until then");
                 }
                 facts.schema.insert(db.name.clone(), state);
             }
@@ -327,7 +332,14 @@ async fn check_schema(db: &Database) -> SchemaState {
         return SchemaState::Current;
     };
     match tokio::time::timeout(SCHEMA_CHECK_TIMEOUT, store::shard_schema_version(&db.pool)).await {
-        Ok(Ok(Some(applied))) if applied >= expected => SchemaState::Current,
+        Ok(Ok(Some(applied))) if applied >= expected => {
+            match tokio::time::timeout(SCHEMA_CHECK_TIMEOUT, store::fleet_stamp(&db.pool)).await {
+                Ok(Ok(Some(_))) => SchemaState::Current,
+                Ok(Ok(None)) => SchemaState::Unstamped,
+                Ok(Err(e)) => SchemaState::Unknown(crate::tls::classify(e).to_string()),
+                Err(_) => SchemaState::Unknown(format!("no answer within {SCHEMA_CHECK_TIMEOUT:?}")),
+            }
+        }
         Ok(Ok(applied)) => SchemaState::Behind { applied, expected },
         Ok(Err(e)) => SchemaState::Unknown(crate::tls::classify(e).to_string()),
         Err(_) => SchemaState::Unknown(format!("no answer within {SCHEMA_CHECK_TIMEOUT:?}")),

@@ -289,7 +289,7 @@ fn start_on_free_port(bin: &PgBin, user: &ServerUser, name: &str, data_dir: &Pat
 }
 
 /// A port that was free on 127.0.0.1 a moment ago.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     TcpListener::bind(("127.0.0.1", 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

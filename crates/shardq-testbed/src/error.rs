@@ -144,6 +144,28 @@ pub enum Error {
         looked: String,
     },
 
+    /// PgBouncer is not installed (`PgBouncer::start`).
+    #[error("pgbouncer not found (looked for {looked}; on Debian: apt-get install pgbouncer)")]
+    NoPgBouncer {
+        /// The paths looked at.
+        looked: String,
+    },
+
+    /// PgBouncer did not come up.
+    #[error("pgbouncer on port {port} in front of server {server} did not start: {reason}\n--- last lines of {log} ---\n{log_tail}", log = log.display())]
+    PgBouncerStart {
+        /// The server it fronts.
+        server: String,
+        /// Its port.
+        port: u16,
+        /// Its log file.
+        log: PathBuf,
+        /// What went wrong.
+        reason: String,
+        /// The last lines of the log file.
+        log_tail: String,
+    },
+
     /// A test certificate could not be generated.
     #[error("generating a test certificate: {message}")]
     Certificate {

@@ -19,6 +19,8 @@
 //!   ([`ClientCert`]); [`Server::require_client_auth`] and
 //!   [`bed::ensure_role`] make a role need a password (SCRAM) and/or a
 //!   client certificate.
+//! - [`pgbouncer`]: a real PgBouncer in transaction mode in front of one
+//!   server ([`PgBouncer`]).
 //! - `exit_guard`: the child process that stops a bed's servers and removes
 //!   its directory when this process exits, even when killed (thawing
 //!   frozen servers first).
@@ -43,6 +45,7 @@ pub mod error;
 mod exit_guard;
 mod freeze;
 pub mod pg_bin;
+pub mod pgbouncer;
 mod process_tree;
 pub mod server;
 mod server_user;
@@ -51,5 +54,6 @@ pub mod tls;
 pub use bed::{Fleet, FleetDb, TestBed};
 pub use error::{Error, Result};
 pub use pg_bin::{PgBin, PG_BIN_ENV};
+pub use pgbouncer::PgBouncer;
 pub use server::{ClientAuth, Server};
 pub use tls::{ClientCert, ClientFiles, TestCa, TlsFiles};

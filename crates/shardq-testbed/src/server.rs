@@ -519,7 +519,7 @@ fn probe(port: u16) -> std::io::Result<bool> {
 }
 
 /// The last [`LOG_TAIL_LINES`] lines of a log file (reads at most 64 KiB).
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let read = || -> std::io::Result<String> {
         let mut file = File::open(path)?;
         let len = file.metadata()?.len();

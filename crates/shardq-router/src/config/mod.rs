@@ -151,6 +151,38 @@ pub struct DatabaseConfig {
     pub target: Target,
     /// Pool settings.
     pub pool: PoolConfig,
+    /// The connection pooler between this process and the server
+    /// (`pooler = "transaction"` for PgBouncer in transaction mode).
+    pub pooler: Pooler,
+    /// `listen_url`: the server's direct address, for what a transaction
+    /// pooler cannot carry (LISTEN, and the migrator's session advisory
+    /// lock). Parts the URL leaves out come from the database's own fields.
+    pub listen: Option<Target>,
+}
+
+/// What sits between this process and a database's server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Pooler {
+    /// Nothing, or a pooler in session mode: every connection is a server
+    /// session of its own.
+    #[default]
+    None,
+    /// A pooler in transaction mode (PgBouncer `pool_mode = transaction`):
+    /// a connection's session lasts one transaction. No settings are sent
+    /// at connect (the pooler refuses the `options` startup parameter), the
+    /// node does not LISTEN through it (over `listen_url`, or not at all and
+    /// it polls), and the migrator needs `listen_url`.
+    Transaction,
+}
+
+impl Pooler {
+    /// The name used in shards.toml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooler::None => "none",
+            Pooler::Transaction => "transaction",
+        }
+    }
 }
 
 /// Connection pool settings of one database: `pool = { ... }` in
@@ -350,9 +382,38 @@ impl Check<'_> {
                 return Err(self.err(&f(name), "must not be empty"));
             }
         }
+        let pooler = match self.opt(&f("pooler"), &raw.pooler)?.as_deref() {
+            None | Some("none") => Pooler::None,
+            Some("transaction") => Pooler::Transaction,
+            Some(other) => {
+                return Err(self.err(
+                    &f("pooler"),
+                    format!(
+                        "{other:?} is not one of none, transaction (a pooler in session mode keeps sessions: use none)"
+                    ),
+                ))
+            }
+        };
+        let listen = match raw.listen_url.as_deref() {
+            None => None,
+            Some(url) => {
+                let field = f("listen_url");
+                let url = self.expand(&field, url, true)?;
+                let mut direct = t.clone();
+                let mut sslmode = None;
+                self.apply_url(&field, &url, &mut direct, &mut sslmode)?;
+                if let Some((s, from)) = sslmode {
+                    direct.sslmode = SslMode::parse(&s)
+                        .ok_or_else(|| self.err(&field, format!("sslmode {s:?}{from} is not one of {SSL_MODES}")))?;
+                }
+                Some(direct)
+            }
+        };
         Ok(DatabaseConfig {
             target: t,
             pool: self.pool(&f("pool"), &raw.pool)?,
+            pooler,
+            listen,
         })
     }
 

@@ -82,6 +82,8 @@ pub(super) struct RawDatabase {
     pub(super) sslkey: Option<String>,
     #[serde(default)]
     pub(super) pool: RawPool,
+    pub(super) pooler: Option<String>,
+    pub(super) listen_url: Option<String>,
 }
 
 /// `pool = { ... }` of a database.

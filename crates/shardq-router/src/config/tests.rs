@@ -795,3 +795,40 @@ fn the_placement_strategy_defaults_to_ring_and_a_bad_one_names_the_field() {
     let unknown = format!("{}[placement]\nstratgy = \"ring\"\n", with_shards(TWO));
     rejected(&unknown, &["stratgy"]);
 }
+
+#[test]
+fn pooler_and_listen_url_are_read_and_listen_url_takes_the_rest_from_the_database() {
+    let c = parse(&with_shards(
+        r#"
+[[shards]]
+name = "shard_1"
+url = "postgres://app:s3cret@10.0.0.11:6432/jobs"
+pooler = "transaction"
+listen_url = "postgres://10.0.0.11:5432"
+
+[[shards]]
+name = "shard_2"
+port = 5442
+"#,
+    ))
+    .unwrap();
+    let pooled = &c.shards[0].database;
+    assert_eq!(pooled.pooler, Pooler::Transaction);
+    let direct = pooled.listen.as_ref().unwrap();
+    assert_eq!((direct.host.as_str(), direct.port), ("10.0.0.11", 5432));
+    assert_eq!(
+        (direct.user.as_str(), direct.password.as_deref(), direct.dbname.as_str()),
+        ("app", Some("s3cret"), "jobs")
+    );
+    assert_eq!(c.shards[1].database.pooler, Pooler::None);
+    assert!(c.shards[1].database.listen.is_none());
+    assert_eq!(c.master.pooler, Pooler::None);
+}
+
+#[test]
+fn an_unknown_pooler_is_rejected_naming_the_field() {
+    rejected(
+        &with_shards("[[shards]]\nname = \"shard_1\"\npooler = \"statement\"\n"),
+        &["shards[0].pooler", "\"statement\"", "none, transaction"],
+    );
+}

@@ -27,6 +27,10 @@ pub enum Stage {
     /// The database's deadline passed before its work was done; the
     /// statement running then was cancelled.
     TimedOut,
+    /// The database is stamped for another shard or another fleet: the
+    /// address leads to another database than the configuration means;
+    /// nothing was run.
+    Stamp,
     /// The migrator itself failed on this database (a bug); the other
     /// databases are not affected.
     Panicked,
@@ -42,6 +46,7 @@ impl std::fmt::Display for Stage {
             Stage::Migrate => "migration failed",
             Stage::LockTimeout => "lock timeout",
             Stage::TimedOut => "deadline passed",
+            Stage::Stamp => "stamped as another database",
             Stage::Panicked => "internal error",
         })
     }

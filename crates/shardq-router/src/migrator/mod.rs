@@ -18,6 +18,16 @@
 //! - `report`, `status`: the [`MigrationReport`] and [`StatusReport`] types.
 //! - `failure`: [`Failure`], with the full Postgres error text.
 //!
+//! A database behind a transaction pooler (`pooler = "transaction"`) is
+//! migrated over its `listen_url` (the server's direct address): the
+//! advisory lock is a session lock, which such a pooler does not keep.
+//! Without one it fails, naming what to set.
+//!
+//! Fleet stamps: the master's first migration creates the fleet id; after
+//! migrating a shard the migrator stamps it with that id and the shard's
+//! name, and a database already stamped for another shard or fleet fails
+//! ([`Stage::Stamp`]) with nothing run on it.
+//!
 //! Rules:
 //! - Two histories per database, in separate tables in refinery's layout:
 //!   `shardq_schema_history` (platform) and `shardq_app_history`
@@ -76,6 +86,7 @@ use futures::stream::{self, StreamExt};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::{stamp, store};
 use database::Db;
 use settings::Settings;
 use sources::{RoleSources, Sources};
@@ -248,8 +259,12 @@ impl Migrator {
             ..self.settings
         };
         let mut databases = Vec::with_capacity(shards.len() + 2);
-        for db in master.into_iter().chain(canary) {
-            databases.push(spawn_migrate(db, sources.clone(), settings).await);
+        if let Some(db) = master {
+            databases.push(spawn_migrate(db, sources.clone(), settings, None).await);
+        }
+        let fleet: Option<Arc<str>> = self.fleet_id().await.map(Arc::from);
+        if let Some(db) = canary {
+            databases.push(spawn_migrate(db, sources.clone(), settings, fleet.clone()).await);
         }
         let mut untouched = Vec::new();
         if self.canary.is_some() && databases.iter().any(|d| d.error.is_some()) {
@@ -258,7 +273,8 @@ impl Migrator {
             let mut done: Vec<(usize, DatabaseReport)> = stream::iter(shards.into_iter().enumerate())
                 .map(|(i, db)| {
                     let sources = sources.clone();
-                    async move { (i, spawn_migrate(db, sources, settings).await) }
+                    let fleet = fleet.clone();
+                    async move { (i, spawn_migrate(db, sources, settings, fleet).await) }
                 })
                 .buffer_unordered(self.parallel)
                 .collect()
@@ -299,6 +315,39 @@ impl Migrator {
         })
     }
 
+    /// The fleet id in the master's stamp (created by its first migrate);
+    /// `None` when the master cannot be reached, is not migrated that far,
+    /// or is stamped as something else than the master.
+    async fn fleet_id(&self) -> Option<String> {
+        let master = Db::of(stamp::MASTER_NAME, Role::Master, &self.config.master);
+        if master.pooled_only {
+            tracing::warn!("the master is behind a transaction pooler and has no listen_url; shards are not stamped");
+            return None;
+        }
+        let client = match session::connect(&master.target).await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(error = %e, "the master's fleet id cannot be read; shards are not stamped");
+                return None;
+            }
+        };
+        match store::migration_stamp_get(&client).await {
+            Ok(Some((fleet, name))) if name == stamp::MASTER_NAME => Some(fleet),
+            Ok(Some((_, name))) => {
+                tracing::warn!(found = %name, "the master's database is stamped as another database; shards are not stamped");
+                None
+            }
+            Ok(None) => {
+                tracing::warn!("the master has no fleet id yet (not migrated); shards are not stamped");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the master's fleet id cannot be read; shards are not stamped");
+                None
+            }
+        }
+    }
+
     /// Takes the canary out of `shards`; an error when it is not a
     /// configured shard or not among the selected ones.
     fn canary_of(&self, shards: &mut Vec<Db>) -> Result<Option<Db>> {
@@ -314,11 +363,9 @@ impl Migrator {
 
     /// The master (if selected) and the selected shards in config order.
     fn selection(&self) -> Result<(Option<Db>, Vec<Db>)> {
-        let master = self.includes_master().then(|| Db {
-            name: "master".into(),
-            role: Role::Master,
-            target: self.config.master.target.clone(),
-        });
+        let master = self
+            .includes_master()
+            .then(|| Db::of("master", Role::Master, &self.config.master));
         if let Some(names) = &self.only_shards {
             for name in names {
                 self.config.shard(name)?;
@@ -329,11 +376,7 @@ impl Migrator {
             .shards
             .iter()
             .filter(|s| self.selects_shard(&s.name))
-            .map(|s| Db {
-                name: s.name.clone(),
-                role: Role::Shard,
-                target: s.database.target.clone(),
-            })
+            .map(|s| Db::of(&s.name, Role::Shard, &s.database))
             .collect();
         Ok((master, shards))
     }
@@ -359,11 +402,11 @@ impl Migrator {
 
 /// Migrates one database in its own task, so that a panic there becomes
 /// that database's error and the run goes on.
-async fn spawn_migrate(db: Db, sources: Arc<Sources>, settings: Settings) -> DatabaseReport {
+async fn spawn_migrate(db: Db, sources: Arc<Sources>, settings: Settings, fleet: Option<Arc<str>>) -> DatabaseReport {
     let (name, role, target) = (db.name.clone(), db.role, db.target.to_string());
     let task = tokio::spawn(async move {
         let files: &RoleSources = sources.for_role(db.role);
-        database::migrate(&db, files, settings).await
+        database::migrate(&db, files, settings, fleet.as_deref()).await
     });
     match task.await {
         Ok(report) => report,

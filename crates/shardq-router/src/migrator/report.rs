@@ -55,6 +55,10 @@ pub struct DatabaseReport {
     /// release migrated the database). When not empty nothing was run on
     /// this database; it is not a failure.
     pub ahead: Vec<Ahead>,
+    /// The fleet id the database is stamped with after the run; `None`
+    /// when it is not stamped (a shard migrated while the master's fleet id
+    /// could not be read: run again with the master reachable).
+    pub fleet_id: Option<String>,
     /// Why the database failed; `None` when it succeeded.
     pub error: Option<Failure>,
 }
@@ -115,6 +119,7 @@ impl DatabaseReport {
             lock_timeouts: 0,
             timed_out: false,
             ahead: Vec::new(),
+            fleet_id: None,
             error: None,
         }
     }

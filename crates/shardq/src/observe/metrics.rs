@@ -235,13 +235,17 @@ pub(crate) enum NotifierState {
     Reconnecting,
     /// Reconnecting keeps failing (backoff at its cap): producers only poll.
     Polling,
+    /// Not listening by configuration (a transaction pooler and no
+    /// `listen_url`): producers only poll.
+    PollOnly,
 }
 
 impl NotifierState {
-    const ALL: [NotifierState; 3] = [
+    const ALL: [NotifierState; 4] = [
         NotifierState::Listening,
         NotifierState::Reconnecting,
         NotifierState::Polling,
+        NotifierState::PollOnly,
     ];
 
     fn as_str(self) -> &'static str {
@@ -249,6 +253,7 @@ impl NotifierState {
             NotifierState::Listening => "listening",
             NotifierState::Reconnecting => "reconnecting",
             NotifierState::Polling => "polling",
+            NotifierState::PollOnly => "poll_only",
         }
     }
 }

@@ -42,6 +42,11 @@ pub struct ShardStatus {
     /// Backends holding a LISTEN on this shard (one per live worker node);
     /// `None` when the shard could not be read.
     pub listeners: Option<i64>,
+    /// How nodes learn of new jobs on this shard, from the configuration:
+    /// `notify` (LISTEN over the pool), `notify via listen_url` (LISTEN
+    /// over the direct address, the pool behind a transaction pooler), or
+    /// `polling only` (behind a transaction pooler without `listen_url`).
+    pub wakeups: &'static str,
     /// Queues with waiting, running or recently finished jobs, by name.
     pub queues: Vec<QueueStatus>,
 }
@@ -87,12 +92,22 @@ pub async fn fleet(router: &Router, timeout: Duration) -> FleetStatus {
     }
 }
 
+/// How nodes learn of `db`'s new jobs (see [`ShardStatus::wakeups`]).
+fn wakeups(db: &Database) -> &'static str {
+    match (db.direct.is_some(), db.listen_pool().is_some()) {
+        (true, _) => "notify via listen_url",
+        (false, true) => "notify",
+        (false, false) => "polling only (behind a transaction pooler, no listen_url)",
+    }
+}
+
 /// Reads one shard: its health, then (when reachable) listeners and queues.
 pub async fn shard(db: &Database, timeout: Duration) -> ShardStatus {
     let mut health = health::database(db, Role::Shard, timeout).await;
     let mut status = ShardStatus {
         health: health.clone(),
         listeners: None,
+        wakeups: wakeups(db),
         queues: Vec::new(),
     };
     if !health.reachable {

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardq_router::router::Database;
-use shardq_router::Router;
+use shardq_router::{Pooler, Router};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -407,24 +407,21 @@ const SHUTDOWN_AFTER_GRACE: Duration = Duration::from_millis(900);
 /// the engine's stages (producers, completer, heartbeat, upkeep) use it, so
 /// handlers that hold every connection of the router's pool cannot starve
 /// lease renewals or outcome writes. Its sessions carry
-/// `store::ENGINE_SESSION_SETTINGS` (JIT off).
+/// `store::ENGINE_SESSION_SETTINGS` (JIT off), except behind a transaction
+/// pooler (`pooler = "transaction"`), which refuses settings at connect.
 fn engine_database(db: &Database, max: u32) -> Database {
+    let mut connect = db.pool.connect_options().as_ref().clone();
+    // A transaction pooler refuses settings at connect: behind one they are
+    // skipped (set them on the server's role or database instead).
+    if db.pooler == Pooler::None {
+        connect = connect.options(store::ENGINE_SESSION_SETTINGS);
+    }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(max)
         .min_connections(0)
         .acquire_timeout(db.pool.options().get_acquire_timeout())
-        .connect_lazy_with(
-            db.pool
-                .connect_options()
-                .as_ref()
-                .clone()
-                .options(store::ENGINE_SESSION_SETTINGS),
-        );
-    Database {
-        name: db.name.clone(),
-        pool,
-        target: db.target.clone(),
-    }
+        .connect_lazy_with(connect);
+    Database { pool, ..db.clone() }
 }
 
 /// Who hears what on `shard`'s LISTEN connection: job notifications wake the

@@ -3,6 +3,11 @@
 //! its channel. After every (re)connect it calls `on_listen`, since
 //! notifications sent while it was away are lost. The composer subscribes
 //! the producers (to [`CHANNEL`]) and the cancel stage (to `shardq_cancel`).
+//!
+//! The LISTEN connection comes from the shard's `listen_url` when set (its
+//! direct address), else from its pool; a shard behind a transaction
+//! pooler without `listen_url` is not listened to at all (logged at start,
+//! state `poll_only`): its producers find work by polling.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -36,9 +41,18 @@ pub(crate) async fn run(db: Database, subs: Subscriptions, mut stop: watch::Rece
     let channels: Vec<&str> = subs.channels.keys().copied().collect();
     let mut wait = Duration::from_millis(100);
     let mut was_listening = false;
+    let Some(listen_pool) = db.listen_pool() else {
+        tracing::info!(
+            shard = %db.name,
+            "the shard is behind a transaction pooler and has no listen_url: not listening; its producers poll"
+        );
+        metrics::notifier_state(&db.name, NotifierState::PollOnly);
+        let _ = stop.changed().await;
+        return;
+    };
     loop {
         let connected = async {
-            let mut l = sqlx::postgres::PgListener::connect_with(&db.pool).await?;
+            let mut l = sqlx::postgres::PgListener::connect_with(listen_pool).await?;
             l.listen_all(channels.iter().copied()).await?;
             Ok::<_, sqlx::Error>(l)
         };

@@ -13,7 +13,8 @@ use tracing_subscriber::EnvFilter;
 const DEFAULT_FILTER: &str = "warn,shardq=info";
 
 /// Installs the global subscriber: log lines go to `file` (appended to,
-/// its directory created) when given, to stderr otherwise.
+/// its directory created) when given, to stderr otherwise (above any
+/// progress bar).
 pub fn init(file: Option<&Path>) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
@@ -30,7 +31,7 @@ pub fn init(file: Option<&Path>) -> anyhow::Result<()> {
                 .with_context(|| format!("log file {}: cannot open", path.display()))?;
             builder.with_ansi(false).with_writer(Mutex::new(out)).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => builder.with_writer(|| crate::progress::LogWriter).init(),
     }
     Ok(())
 }

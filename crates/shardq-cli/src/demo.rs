@@ -14,7 +14,7 @@ use shardq::{Backoff, Client, NewJob, Runtime, RuntimeOptions};
 use shardq_router::migrator::Migrator;
 use shardq_router::{Account, Config, Router};
 
-use crate::{kinds, testbed};
+use crate::{kinds, progress, testbed};
 
 /// Arguments of `demo`.
 #[derive(clap::Args)]
@@ -109,12 +109,16 @@ pub async fn run(
         .start()?;
     let expected = ids.len() as u64;
     let deadline = tokio::time::Instant::now() + args.timeout;
+    let bar = progress::bar(expected, "work: jobs finished");
     loop {
         let finished: u64 = runtime.counts().iter().map(|s| s.completed + s.discarded).sum();
+        bar.set_position(finished);
         if finished >= expected {
+            bar.finish_and_clear();
             break;
         }
         if tokio::time::Instant::now() > deadline {
+            bar.abandon();
             runtime.shutdown(Duration::from_secs(5)).await;
             bail!(
                 "only {finished} of {expected} jobs finished within {}",

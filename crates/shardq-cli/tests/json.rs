@@ -115,6 +115,9 @@ async fn every_report_is_one_json_document_on_stdout() {
     assert!(plan["moves"].is_array(), "{plan}");
     let migrate = json(&config, &["migrate", "status", "--json"]).await;
     assert!(migrate.is_object(), "{migrate}");
+    let applied = json(&config, &["rebalance", "--apply", "--json"]).await;
+    let planned = plan["moves"].as_array().map(Vec::len);
+    assert_eq!(applied.as_array().map(Vec::len), planned, "{applied}");
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ pub struct RouteArgs {
     #[arg(long)]
     pin: Option<String>,
     /// Print one JSON object (`account`, `shard`, `placed`, `placed_now`,
-    /// `epoch`, `why_none`) instead of a line.
+    /// `epoch`, `why_none`: `[{shard, why}]`) instead of a line.
     #[arg(long)]
     json: bool,
 }
@@ -36,7 +36,16 @@ struct Route {
     epoch: Option<i64>,
     /// Why no shard is proposed: each shard with the reason it takes no new
     /// accounts.
-    why_none: Vec<(String, String)>,
+    why_none: Vec<Refusal>,
+}
+
+/// A shard that takes no new accounts, and why.
+#[derive(Serialize)]
+struct Refusal {
+    /// The shard.
+    shard: String,
+    /// Why it takes no new accounts.
+    why: String,
 }
 
 /// Prints the account's shard. An account that is not placed stays so: the
@@ -69,10 +78,14 @@ pub async fn run(config: &Config, args: RouteArgs) -> anyhow::Result<ExitCode> {
             // (weight, draining, schema) and its placement strategy.
             None => {
                 let shard = router.propose(&account);
-                let why_none = if shard.is_none() {
-                    router.offered().1
-                } else {
-                    Vec::new()
+                let why_none = match shard {
+                    Some(_) => Vec::new(),
+                    None => router
+                        .offered()
+                        .1
+                        .into_iter()
+                        .map(|(shard, why)| Refusal { shard, why })
+                        .collect(),
                 };
                 Route {
                     account: account.to_string(),
@@ -100,7 +113,7 @@ pub async fn run(config: &Config, args: RouteArgs) -> anyhow::Result<ExitCode> {
             route
                 .why_none
                 .iter()
-                .map(|(n, why)| format!("{n}: {why}"))
+                .map(|r| format!("{}: {}", r.shard, r.why))
                 .collect::<Vec<_>>()
                 .join("; ")
         ),

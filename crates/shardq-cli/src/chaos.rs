@@ -422,13 +422,18 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     eprintln!("starting test-bed servers (master + 3 shards)...");
     let bed = Arc::new(tokio::task::spawn_blocking(|| TestBed::start(3).map_err(anyhow::Error::from)).await??);
     let mut outcomes = Vec::new();
+    let bar = crate::progress::bar(args.scenarios.len() as u64, "chaos: scenarios");
     for name in &args.scenarios {
-        eprintln!(
+        let line = format!(
             "{name}: {} s of load at {}/s with the fault...",
             args.seconds, args.rate
         );
+        bar.suspend(|| eprintln!("{line}"));
+        bar.set_message(name.clone());
         outcomes.push(scenario(name, &bed, &args).await?);
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcomes)?);
     } else {

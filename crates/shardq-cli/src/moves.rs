@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use shardq::moves::{AccountTable, Move, MoveOptions, Mover, Step};
 use shardq_router::{Config, Router};
 
+use crate::progress;
+
 /// How often a running move's step is read back for the progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -216,18 +218,26 @@ fn meaning(step: Step, m: &Move, options: &MoveOptions) -> String {
 pub async fn run_to_end(mover: &Mover, options: &MoveOptions, m: Move) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut last = m.step;
+    let bar = progress::bar((STEPS.len() - 1) as u64, &format!("move {}: steps", m.id));
+    if let Some(at) = STEPS.iter().position(|s| *s == m.step) {
+        bar.set_position(at as u64);
+    }
     let print_up_to = |last: &mut Step, now: &Move| {
         let from = STEPS.iter().position(|s| s == last);
         let to = STEPS.iter().position(|s| *s == now.step);
         if let (Some(from), Some(to)) = (from, to) {
             for step in &STEPS[from + 1..=to] {
-                println!(
-                    "  {:<9} {:>7.2} s  {}",
-                    step.as_str(),
-                    started.elapsed().as_secs_f64(),
-                    meaning(*step, now, options)
-                );
+                bar.suspend(|| {
+                    println!(
+                        "  {:<9} {:>7.2} s  {}",
+                        step.as_str(),
+                        started.elapsed().as_secs_f64(),
+                        meaning(*step, now, options)
+                    )
+                });
             }
+            bar.set_position(to as u64);
+            bar.set_message(now.step.as_str().to_owned());
         }
         *last = now.step;
     };
@@ -244,9 +254,10 @@ pub async fn run_to_end(mover: &Mover, options: &MoveOptions, m: Move) -> anyhow
             }
         }
     };
+    let outcome = outcome.inspect(|done| print_up_to(&mut last, done));
+    bar.finish_and_clear();
     match outcome {
         Ok(done) => {
-            print_up_to(&mut last, &done);
             if done.step == Step::Aborted {
                 println!("  aborted: account {} stays on shard {}", done.account, done.from);
             } else {

@@ -38,6 +38,9 @@ enum QueuesCommand {
         /// The shard.
         #[arg(long)]
         shard: String,
+        /// Print a JSON array of `{queue, paused_at, paused_by}` instead.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -63,8 +66,16 @@ pub async fn run(config: &Config, args: QueuesArgs) -> anyhow::Result<ExitCode> 
                 println!("queue {queue} was not paused on shard {shard}");
             }
         }
-        QueuesCommand::Paused { shard } => {
-            for p in client.paused_queues(&shard).await? {
+        QueuesCommand::Paused { shard, json } => {
+            let paused = client.paused_queues(&shard).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&paused)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if paused.is_empty() {
+                println!("no queue is paused on shard {shard}");
+            }
+            for p in paused {
                 println!(
                     "{}\tpaused {}\tby {}",
                     p.queue,

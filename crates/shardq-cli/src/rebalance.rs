@@ -6,11 +6,31 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
 use shardq::rebalance::{Applied, ApplyOptions, LoadBy, Rebalancer};
 use shardq_router::planner::{Plan, DEFAULT_TOLERANCE};
 use shardq_router::{Config, Router};
 
 use crate::moves::MoveArgs;
+use crate::progress;
+
+/// One planned move as it ended (the `--apply --json` report).
+#[derive(Serialize)]
+struct AppliedRow<'a> {
+    /// The account.
+    account: &'a str,
+    /// The shard it left (or was to leave).
+    from: &'a str,
+    /// The shard it went to.
+    to: &'a str,
+    /// Its load, in the unit of `--by`.
+    load: u64,
+    /// The move's id, when it succeeded.
+    #[serde(rename = "move")]
+    move_id: Option<i64>,
+    /// Why it failed.
+    error: Option<String>,
+}
 
 /// Arguments of `rebalance`.
 #[derive(clap::Args)]
@@ -121,10 +141,16 @@ pub async fn run(config: &Config, args: RebalanceArgs) -> anyhow::Result<ExitCod
     let mut failed = 0;
     let resumed = rebalancer
         .resume_in_progress(None, &|m| {
-            println!(
+            let line = format!(
                 "  resumed move {} of {}: {} -> {} ({})",
                 m.id, m.account, m.from, m.to, m.step
-            )
+            );
+            // With --json, stdout holds the report alone.
+            if args.json {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
         })
         .await?;
     for r in &resumed {
@@ -137,26 +163,27 @@ pub async fn run(config: &Config, args: RebalanceArgs) -> anyhow::Result<ExitCod
     if !args.json {
         print_plan(&plan, args.by);
     }
+    let bar = progress::bar(plan.moves.len() as u64, "rebalance: moves");
     let applied = rebalancer
         .apply(&plan.moves, &args.run.options(), &|a| {
             if !args.json {
-                println!("{}", applied_line(a));
+                bar.suspend(|| println!("{}", applied_line(a)));
             }
+            bar.inc(1);
         })
         .await;
+    bar.finish_and_clear();
     failed += applied.iter().filter(|a| a.outcome.is_err()).count();
     if args.json {
-        let rows: Vec<serde_json::Value> = applied
+        let rows: Vec<AppliedRow<'_>> = applied
             .iter()
-            .map(|a| {
-                serde_json::json!({
-                    "account": a.planned.account,
-                    "from": a.planned.from,
-                    "to": a.planned.to,
-                    "load": a.planned.load,
-                    "move": a.outcome.as_ref().ok().map(|m| m.id),
-                    "error": a.outcome.as_ref().err().map(|e| e.to_string()),
-                })
+            .map(|a| AppliedRow {
+                account: &a.planned.account,
+                from: &a.planned.from,
+                to: &a.planned.to,
+                load: a.planned.load,
+                move_id: a.outcome.as_ref().ok().map(|m| m.id),
+                error: a.outcome.as_ref().err().map(|e| e.to_string()),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -9,6 +9,7 @@ use shardq::rebalance::{Applied, Rebalancer};
 use shardq_router::{Config, Router};
 
 use crate::moves::MoveArgs;
+use crate::progress;
 use crate::rebalance::{applied_line, ApplyArgs};
 
 /// Arguments of `shards`.
@@ -95,10 +96,21 @@ pub async fn run(config: &Config, args: ShardsArgs) -> anyhow::Result<ExitCode> 
             let options = options.options(config)?;
             let rebalancer = Rebalancer::new(router.clone(), options);
             println!("draining shard {name}: no new accounts from now on; moving every account off it");
-            let progress = |a: &Applied| println!("{}", applied_line(a));
+            let to_move = router
+                .placements(Some(&name))
+                .await?
+                .iter()
+                .filter(|(_, _, pinned)| include_pinned || !pinned)
+                .count();
+            let bar = progress::bar(to_move as u64, &format!("drain {name}: moves"));
+            let on_move = |a: &Applied| {
+                bar.suspend(|| println!("{}", applied_line(a)));
+                bar.inc(1);
+            };
             let applied = rebalancer
-                .drain(&name, include_pinned, &apply.options(), &progress)
+                .drain(&name, include_pinned, &apply.options(), &on_move)
                 .await?;
+            bar.finish_and_clear();
             let failed = applied.iter().filter(|a| a.outcome.is_err()).count();
             let left = router.placements(Some(&name)).await?.len();
             if failed == 0 && left == 0 {

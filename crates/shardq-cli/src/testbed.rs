@@ -1,15 +1,31 @@
 //! `shardq testbed up|down|status`: one local Postgres server per database of
-//! the configuration, data under `.shardq/testbed/<name>`.
+//! the configuration, data under `.shardq/testbed/<name>` next to the
+//! configuration file (so every working directory finds the same bed).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use shardq_router::{Config, Target};
 use shardq_testbed::Server;
 
-/// Where the servers keep their data, relative to the working directory.
-pub const DATA_DIR: &str = ".shardq/testbed";
+/// The directory next to the configuration file `config_path` that holds
+/// the test bed's and the demo's files (`.shardq`), made absolute.
+pub fn state_dir(config_path: &Path) -> anyhow::Result<PathBuf> {
+    let parent = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let parent = std::path::absolute(parent)
+        .with_context(|| format!("--config {}: cannot resolve its directory", config_path.display()))?;
+    Ok(parent.join(".shardq"))
+}
+
+/// The data directory of the test bed of the configuration file
+/// `config_path`: `.shardq/testbed` next to it.
+pub fn data_dir(config_path: &Path) -> anyhow::Result<PathBuf> {
+    Ok(state_dir(config_path)?.join("testbed"))
+}
 
 /// Arguments of `testbed`.
 #[derive(clap::Args)]
@@ -35,20 +51,21 @@ fn entries(config: &Config) -> Vec<(String, &Target)> {
         .collect()
 }
 
-fn server(name: &str, target: &Target) -> anyhow::Result<Server> {
+fn server(data_dir: &Path, name: &str, target: &Target) -> anyhow::Result<Server> {
     if !matches!(target.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
         bail!(
             "{name}: host {} is not local; the test bed only runs servers on 127.0.0.1",
             target.host
         );
     }
-    Ok(Server::new(name, target.port, PathBuf::from(DATA_DIR).join(name))?)
+    Ok(Server::new(name, target.port, data_dir.join(name))?)
 }
 
-/// Brings every server of the configuration up (see [`TestbedArgs`]).
-pub async fn up(config: &Config) -> anyhow::Result<()> {
+/// Brings every server of the configuration up (see [`TestbedArgs`]), with
+/// data under `data_dir`.
+pub async fn up(config: &Config, data_dir: &Path) -> anyhow::Result<()> {
     for (name, target) in entries(config) {
-        let s = server(&name, target)?;
+        let s = server(data_dir, &name, target)?;
         let started = tokio::task::spawn_blocking(move || -> anyhow::Result<Server> {
             s.init()?;
             s.start()?;
@@ -68,13 +85,15 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a `testbed` subcommand.
-pub async fn run(config: &Config, args: TestbedArgs) -> anyhow::Result<ExitCode> {
+/// Runs a `testbed` subcommand on the bed of the configuration file
+/// `config_path`.
+pub async fn run(config: &Config, config_path: &Path, args: TestbedArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = data_dir(config_path)?;
     match args.command {
-        TestbedCommand::Up => up(config).await?,
+        TestbedCommand::Up => up(config, &data_dir).await?,
         TestbedCommand::Down => {
             for (name, target) in entries(config) {
-                let s = server(&name, target)?;
+                let s = server(&data_dir, &name, target)?;
                 tokio::task::spawn_blocking(move || s.stop().map_err(anyhow::Error::from)).await??;
                 println!("{name:<10} stopped");
             }
@@ -82,7 +101,7 @@ pub async fn run(config: &Config, args: TestbedArgs) -> anyhow::Result<ExitCode>
         TestbedCommand::Status => {
             let mut all = true;
             for (name, target) in entries(config) {
-                let s = server(&name, target)?;
+                let s = server(&data_dir, &name, target)?;
                 let ok = tokio::task::spawn_blocking(move || s.is_accepting()).await?;
                 all &= ok;
                 println!(

@@ -251,7 +251,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let (fsync, sync_commit, fpw) = store::durability(&probe).await?;
     results.machine.durability = format!("fsync={fsync}, synchronous_commit={sync_commit}, full_page_writes={fpw}");
     probe.close().await;
-    let want = |s: &str| args.scenarios.iter().any(|x| x == s);
+    // Progress on a terminal: the scenario running, and how many came before it.
+    let (bar, started) = (
+        crate::progress::bar(args.scenarios.len() as u64, "bench"),
+        std::cell::Cell::new(0),
+    );
+    let want = |s: &str| {
+        let wanted = args.scenarios.iter().any(|x| x == s);
+        if wanted {
+            bar.set_position(started.replace(started.get() + 1));
+            bar.set_message(s.to_owned());
+        }
+        wanted
+    };
     if want("drain") || want("floor") {
         drain::drain_and_floor(&bed, &args, &mut results, want("drain"), want("floor")).await?;
     }
@@ -276,6 +288,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if want("move") {
         moves::moves(&bed, &args, &mut results).await?;
     }
+    bar.finish_and_clear();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {

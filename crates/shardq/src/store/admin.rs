@@ -288,7 +288,7 @@ pub async fn job_retry(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Retr
 }
 
 /// A queue paused on a shard (`shardq.queue_pauses`).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct QueuePause {
     /// The queue.
     pub queue: String,

@@ -87,11 +87,35 @@ pub async fn run(config: &Config, args: MigrateArgs) -> anyhow::Result<ExitCode>
             Ok(exit_code(report.has_errors()))
         }
         None => {
-            let report = migrator.run().await.context("migrate")?;
+            let bar = crate::progress::bar(databases_selected(config, &args), "migrate");
+            let lines = bar.clone();
+            let migrator = migrator.on_database(move |d| {
+                let outcome = match &d.error {
+                    Some(e) => format!("failed: {e}"),
+                    None if !d.ahead.is_empty() => "ahead of this binary, left alone".to_owned(),
+                    None => format!("{} applied in {} ms", d.applied_count(), d.duration.as_millis()),
+                };
+                lines.println(format!("{}: {outcome}", d.database));
+                lines.inc(1);
+            });
+            let report = migrator.run().await.context("migrate");
+            bar.finish_and_clear();
+            let report = report?;
             print(&report, args.json)?;
             Ok(exit_code(report.failed()))
         }
     }
+}
+
+/// How many databases `shardq migrate` works on: the selected shards, and
+/// the master unless only shards were named without `--master`.
+fn databases_selected(config: &Config, args: &MigrateArgs) -> u64 {
+    let (shards, master) = if args.shards.is_empty() {
+        (config.shards.len(), true)
+    } else {
+        (args.shards.len(), args.master)
+    };
+    (shards + usize::from(master)) as u64
 }
 
 fn migrator(config: &Config, args: &MigrateArgs) -> Migrator {

@@ -126,6 +126,19 @@ pub struct Migrator {
     settings: Settings,
     /// The shard migrated (after the master) before all others.
     canary: Option<String>,
+    /// Told of each database's report as the database finishes.
+    on_database: Option<OnDatabase>,
+}
+
+/// A callback given each database's report as soon as that database is
+/// done (for progress: `shardq migrate` prints a line per database).
+#[derive(Clone)]
+struct OnDatabase(Arc<dyn Fn(&DatabaseReport) + Send + Sync>);
+
+impl std::fmt::Debug for OnDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnDatabase(..)")
+    }
 }
 
 impl Migrator {
@@ -143,7 +156,24 @@ impl Migrator {
             dry_run: false,
             settings: Settings::default(),
             canary: None,
+            on_database: None,
         }
+    }
+
+    /// Calls `f` with each database's report as soon as that database is
+    /// done (master, canary, then the shards in the order they finish),
+    /// before [`Migrator::run`] returns the whole report. For progress.
+    pub fn on_database(mut self, f: impl Fn(&DatabaseReport) + Send + Sync + 'static) -> Migrator {
+        self.on_database = Some(OnDatabase(Arc::new(f)));
+        self
+    }
+
+    /// Tells the `on_database` callback, if any, that `report`'s database is done.
+    fn finished(&self, report: DatabaseReport) -> DatabaseReport {
+        if let Some(f) = &self.on_database {
+            (f.0)(&report);
+        }
+        report
     }
 
     /// The `lock_timeout` of every migrator session (default
@@ -260,11 +290,11 @@ impl Migrator {
         };
         let mut databases = Vec::with_capacity(shards.len() + 2);
         if let Some(db) = master {
-            databases.push(spawn_migrate(db, sources.clone(), settings, None).await);
+            databases.push(self.finished(spawn_migrate(db, sources.clone(), settings, None).await));
         }
         let fleet: Option<Arc<str>> = self.fleet_id().await.map(Arc::from);
         if let Some(db) = canary {
-            databases.push(spawn_migrate(db, sources.clone(), settings, fleet.clone()).await);
+            databases.push(self.finished(spawn_migrate(db, sources.clone(), settings, fleet.clone()).await));
         }
         let mut untouched = Vec::new();
         if self.canary.is_some() && databases.iter().any(|d| d.error.is_some()) {
@@ -274,7 +304,7 @@ impl Migrator {
                 .map(|(i, db)| {
                     let sources = sources.clone();
                     let fleet = fleet.clone();
-                    async move { (i, spawn_migrate(db, sources, settings, fleet).await) }
+                    async move { (i, self.finished(spawn_migrate(db, sources, settings, fleet).await)) }
                 })
                 .buffer_unordered(self.parallel)
                 .collect()

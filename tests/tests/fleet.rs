@@ -164,6 +164,8 @@ fn start_node(router: &Arc<Router>, id: &str, pool: u32) -> Runtime {
             nodes_per_shard: 3,
             poll_interval: Duration::from_secs(1),
             rescue_interval: Duration::from_secs(5),
+            // Lenient on a loaded machine: entries live 1.5 s.
+            fleet_heartbeat: Duration::from_millis(500),
             ..quick(id)
         })
         .start()

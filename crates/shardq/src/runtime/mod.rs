@@ -121,7 +121,11 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Starts every task; returns at once. Must be called inside a tokio runtime.
+    /// Starts every task; returns at once. Must be called inside a tokio
+    /// runtime. The shards' work starts in the background: at once for
+    /// every shard when `nodes_per_shard` is 0 or this node is alone in
+    /// the node registry, else for the shards it owns one fleet heartbeat
+    /// after it registered (see [`fleet`]).
     pub fn start(self) -> Result<Runtime> {
         self.options.validate()?;
         if self.queues.is_empty() {

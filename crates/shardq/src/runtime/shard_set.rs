@@ -49,7 +49,16 @@ pub(crate) struct ShardSet {
     works: Arc<Works>,
     /// Whether the registry answered once (until then every shard is worked).
     registered: bool,
+    /// Shards worked here but owned by others, since when: kept until their
+    /// owners work them, for at most [`HANDOVER_HEARTBEATS`] heartbeats.
+    handing_over: BTreeMap<String, tokio::time::Instant>,
 }
+
+/// Most fleet heartbeats a node keeps a shard it no longer owns while its
+/// owners do not list it yet. Bounds what views that disagree for a while
+/// (an overloaded master, lapsing entries) can pile up on one node; live
+/// owners start the shard at their own next heartbeat anyway.
+const HANDOVER_HEARTBEATS: u32 = 5;
 
 impl ShardSet {
     /// A set with no unit running yet.
@@ -69,6 +78,7 @@ impl ShardSet {
             free,
             works,
             registered: false,
+            handing_over: BTreeMap::new(),
         }
     }
 
@@ -76,11 +86,20 @@ impl ShardSet {
     /// then leaves the registry and stops every unit with that grace.
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<Option<Duration>>) {
         let every = self.plant.node.options.fleet_heartbeat;
-        // Register first and look one heartbeat later: nodes starting
-        // together then see each other before they start any shard, instead
-        // of each starting every shard and handing most back.
+        // Register first, then look (a second statement sees the nodes
+        // that registered concurrently). A node alone in the registry
+        // starts at once; one that finds others looks again one heartbeat
+        // later, so nodes starting together see each other before they
+        // start any shard (instead of each starting every shard and
+        // handing most back).
         if let Some(m) = &mut self.membership {
-            if m.beat(&self.plant.node, &BTreeSet::new(), 0).await.is_some() {
+            let registered = m.beat(&self.plant.node, &BTreeSet::new(), 0).await.is_some();
+            let others = if registered {
+                m.beat(&self.plant.node, &BTreeSet::new(), 0).await
+            } else {
+                None
+            };
+            if others.is_some_and(|o| !o.is_empty()) {
                 tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = tokio::time::sleep(every) => {}
@@ -125,7 +144,23 @@ impl ShardSet {
                 match m.beat(&self.plant.node, &working, connections).await {
                     Some(others) => {
                         self.registered = true;
-                        fleet::wanted(&self.plant.node.id, &shards, &others, &working, k)
+                        let me = &self.plant.node.id;
+                        let owned = fleet::wanted(me, &shards, &others, &BTreeSet::new(), k);
+                        let mut wanted = fleet::wanted(me, &shards, &others, &working, k);
+                        let now = tokio::time::Instant::now();
+                        let limit = self.plant.node.options.fleet_heartbeat * HANDOVER_HEARTBEATS;
+                        self.handing_over
+                            .retain(|s, _| wanted.contains(s) && !owned.contains(s));
+                        for s in wanted.difference(&owned) {
+                            self.handing_over.entry(s.clone()).or_insert(now);
+                        }
+                        for (s, since) in &self.handing_over {
+                            if now.duration_since(*since) > limit {
+                                tracing::warn!(shard = %s, "its owners did not list it within {HANDOVER_HEARTBEATS} fleet heartbeats; releasing it anyway");
+                                wanted.remove(s);
+                            }
+                        }
+                        wanted
                     }
                     // Unreachable: keep what runs, minus shards the router dropped.
                     None if self.registered => working.iter().filter(|s| shards.contains(s)).cloned().collect(),

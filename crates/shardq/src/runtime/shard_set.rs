@@ -107,7 +107,16 @@ impl ShardSet {
             }
         }
         loop {
-            self.reconcile().await;
+            if shutdown.borrow().is_some() {
+                break;
+            }
+            // A shutdown does not wait for a registry that does not answer:
+            // the round stops at its await (the beat), before it changed
+            // anything.
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = self.reconcile() => {}
+            }
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep(every) => {}

@@ -213,3 +213,43 @@ pub fn write_config(f: &Fleet, dir: &std::path::Path, extra: &str) -> std::path:
     std::fs::write(&path, text).expect("write shards.toml");
     path
 }
+
+/// `n` migrated shard databases spread over `bed`'s shard servers (named
+/// `s00`, `s01`, ...), copied from one migrated database per server (a
+/// template copy is much faster than migrating each), with a fresh master;
+/// returns their configuration and each shard's server name.
+pub async fn many_shards(bed: &TestBed, n: usize) -> (Config, std::collections::BTreeMap<String, String>) {
+    let dbs = bed.fresh_fleet().await.expect("fresh databases");
+    let bases: Vec<(&str, &str)> = dbs.shards.iter().map(|s| (s.name.as_str(), s.url.as_str())).collect();
+    let base = Config::from_urls(&dbs.master.url, &bases).expect("config");
+    let report = Migrator::new(&base).run().await.expect("migrate");
+    assert!(!report.failed(), "migration failed:\n{report}");
+    let mut urls = Vec::new();
+    let mut server_of = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let server = &bed.shards()[i % bed.shards().len()];
+        let template = &dbs.shards[i % bed.shards().len()];
+        let template_db = template.url.rsplit('/').next().expect("database name").to_string();
+        let name = format!("{template_db}_s{i:02}");
+        let admin = server.url("postgres");
+        // The copy fails while the migrator's connections to the template close.
+        wait_for("a copy of the migrated shard database", Duration::from_secs(60), || {
+            let (admin, name, template_db) = (admin.clone(), name.clone(), template_db.clone());
+            async move {
+                let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await else {
+                    return false;
+                };
+                sqlx::raw_sql(&format!(r#"CREATE DATABASE "{name}" TEMPLATE "{template_db}""#))
+                    .execute(&mut conn)
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        let shard = format!("s{i:02}");
+        server_of.insert(shard.clone(), server.name().to_string());
+        urls.push((shard, server.url(&name)));
+    }
+    let shards: Vec<(&str, &str)> = urls.iter().map(|(n, u)| (n.as_str(), u.as_str())).collect();
+    (Config::from_urls(&dbs.master.url, &shards).expect("config"), server_of)
+}

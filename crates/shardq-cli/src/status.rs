@@ -74,7 +74,41 @@ pub fn render(fleet: &FleetStatus) -> String {
             queue_table(&mut out, shard);
         }
     }
+    out.push('\n');
+    node_table(&mut out, fleet);
     out
+}
+
+/// Per node: live or lapsed, its shards, queues (with limits) and engine
+/// connections; the owners per shard are on each shard's line.
+fn node_table(out: &mut String, fleet: &FleetStatus) {
+    if let Some(e) = &fleet.nodes_error {
+        let _ = writeln!(out, "nodes: registry not readable: {e}");
+        return;
+    }
+    let live = fleet.nodes.iter().filter(|n| n.live).count();
+    let _ = writeln!(out, "nodes: {live} live");
+    if fleet.nodes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {:<28} {:<7} {:>6} {:>11}  {:<24} shards",
+        "node", "state", "shards", "connections", "queues"
+    );
+    for n in &fleet.nodes {
+        let queues: Vec<String> = n.queues.iter().map(|(q, l)| format!("{q}={l}")).collect();
+        let _ = writeln!(
+            out,
+            "  {:<28} {:<7} {:>6} {:>11}  {:<24} {}",
+            n.id,
+            if n.live { "live" } else { "lapsed" },
+            n.shards.len(),
+            n.connections,
+            queues.join(","),
+            n.shards.join(",")
+        );
+    }
 }
 
 fn database_line(h: &DatabaseHealth, shard: Option<&ShardStatus>) -> String {
@@ -96,6 +130,9 @@ fn database_line(h: &DatabaseHealth, shard: Option<&ShardStatus>) -> String {
         if let Some(listeners) = shard.and_then(|s| s.listeners) {
             let note = if listeners == 0 { " (no node listening)" } else { "" };
             line.push_str(&format!("  listeners {listeners}{note}"));
+        }
+        if let Some(s) = shard.filter(|s| !s.owners.is_empty()) {
+            line.push_str(&format!("  owners {}", s.owners.join(",")));
         }
     }
     if let Some(s) = shard.filter(|s| s.wakeups != "notify") {

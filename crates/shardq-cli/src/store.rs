@@ -276,3 +276,13 @@ pub async fn storage_vacuum_running(pool: &PgPool) -> sqlx::Result<bool> {
 pub async fn storage_vacuum(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("VACUUM shardq.jobs").execute(pool).await.map(|_| ())
 }
+
+/// Creates database `name` as a copy of `template` (which must have no
+/// other connection) on the server `admin` is connected to.
+pub async fn database_copy(admin: &PgPool, name: &str, template: &str) -> sqlx::Result<()> {
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    sqlx::raw_sql(&format!("CREATE DATABASE {} TEMPLATE {}", quote(name), quote(template)))
+        .execute(admin)
+        .await
+        .map(|_| ())
+}

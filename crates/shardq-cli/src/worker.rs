@@ -33,6 +33,18 @@ pub struct WorkerArgs {
     /// Node id (default host-pid-random).
     #[arg(long)]
     pub node_id: Option<String>,
+    /// How many live nodes work each shard (0: every node works every shard,
+    /// without the master's node registry).
+    #[arg(long, default_value_t = 3)]
+    pub nodes_per_shard: usize,
+    /// How often the node renews its registry entry and recomputes which
+    /// shards it owns; an entry not renewed for three of these is gone.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub fleet_heartbeat: Duration,
+    /// How long a shard the node stops owning lets its running jobs finish
+    /// before handing the rest back.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handover_grace: Duration,
     /// Serve `/metrics` (Prometheus) and `/healthz` on this address; given
     /// without a value, on loopback only: 127.0.0.1:9187.
     #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9187")]
@@ -68,6 +80,9 @@ impl WorkerArgs {
             rescue_interval: self.rescue,
             poll_interval: self.poll,
             node_id: self.node_id.clone(),
+            nodes_per_shard: self.nodes_per_shard,
+            fleet_heartbeat: self.fleet_heartbeat,
+            handover_grace: self.handover_grace,
             ..RuntimeOptions::default()
         }
     }

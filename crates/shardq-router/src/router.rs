@@ -319,8 +319,9 @@ impl Router {
     /// here are kept by callers that still hold them.
     ///
     /// The reload covers routing (new accounts, `shard`, `shards`,
-    /// `pool_for`); a worker runtime started before it keeps working the
-    /// shards it started with.
+    /// `pool_for`); a worker runtime over this router starts work for an
+    /// added shard and stops it for a removed one at its next fleet
+    /// heartbeat.
     pub async fn reload(&self, config: &Config) -> Result<Reloaded> {
         let _serial = self.live.reload.lock().await;
         let current = self.live.versions.current();

@@ -13,7 +13,12 @@
 //! - [`runtime`]: [`Runtime`], a worker node: builder, options, shutdown; one
 //!   file per stage (notifier, producer, wakeup, slots, executor, completer,
 //!   heartbeat, rescuer, cancel, retention, sampler, scheduler) over `node`,
-//!   the shared per-shard state.
+//!   the shared per-shard state; `shard_work` (one shard's stages as a unit
+//!   started and stopped while the node runs), `shard_set` (which units
+//!   run) and [`runtime::fleet`] (node registry, rendezvous ownership).
+//! - The node registry's SQL lives in this crate's store (`store::fleet`),
+//!   not the router's: the master's migrations are the router's, but only
+//!   worker nodes, which this crate defines, read and write the registry.
 //! - [`moves`]: [`moves::Mover`], moving an account to another shard online.
 //! - [`rebalance`]: [`rebalance::Rebalancer`], planning and running the
 //!   moves that even the fleet's load, and draining a shard.

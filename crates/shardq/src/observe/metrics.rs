@@ -62,6 +62,11 @@ pub const POOL_IN_USE: &str = "shardq_pool_connections_in_use";
 /// Open connections of the shard's pool, sampled. Label: shard.
 pub const POOL_OPEN: &str = "shardq_pool_connections_open";
 
+/// Shards this node works now (owns, or still hands over).
+pub const OWNED_SHARDS: &str = "shardq_owned_shards";
+/// Shards this node started or stopped working. Label: change (`gained`, `released`).
+pub const OWNERSHIP_CHANGES: &str = "shardq_ownership_changes_total";
+
 /// Histogram bucket bounds (seconds) for the duration metrics.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
@@ -103,6 +108,11 @@ pub fn describe() {
     describe_counter!(NOTIFIER_RECONNECTS, "LISTEN connections re-established after a loss");
     describe_gauge!(POOL_IN_USE, "Connections of the shard's pool in use");
     describe_gauge!(POOL_OPEN, "Open connections of the shard's pool");
+    describe_gauge!(OWNED_SHARDS, "Shards this node works now");
+    describe_counter!(
+        OWNERSHIP_CHANGES,
+        "Shards this node started (gained) or stopped (released) working"
+    );
 }
 
 /// The handles of one (shard, queue, kind). Built once by [`JobMetricsCache`];
@@ -298,4 +308,16 @@ pub(crate) fn queue_depth(shard: &str, queue: &str, available: i64, scheduled: i
 pub(crate) fn pool_connections(shard: &str, open: u32, idle: usize) {
     metrics::gauge!(POOL_OPEN, "shard" => shard.to_string()).set(f64::from(open));
     metrics::gauge!(POOL_IN_USE, "shard" => shard.to_string()).set(f64::from(open).max(idle as f64) - idle as f64);
+}
+
+/// How many shards this node works now.
+pub(crate) fn owned_shards(n: usize) {
+    metrics::gauge!(OWNED_SHARDS).set(n as f64);
+}
+
+/// This node started (`gained`) or stopped (`released`) working `n` shards.
+pub(crate) fn ownership_changed(change: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!(OWNERSHIP_CHANGES, "change" => change).increment(n as u64);
+    }
 }

@@ -1,7 +1,9 @@
 //! [`FleetStatus`]: per shard and queue, whether work keeps up: jobs by
 //! state, the oldest due job's age, jobs finished in the last minute and
 //! hour, plus each database's reachability, schema version and (for shards)
-//! how many LISTEN connections any node holds on it. Behind `shardq status`.
+//! how many LISTEN connections any node holds on it; and the worker nodes
+//! of the master's registry with the shards each works (so each shard's
+//! owners), queues and engine connections. Behind `shardq status`.
 //!
 //! Every shard is read concurrently with a short timeout, through bounded
 //! index reads (see the observability statements in `store`); a shard that
@@ -32,6 +34,31 @@ pub struct FleetStatus {
     pub master: DatabaseHealth,
     /// Every shard, in configuration order.
     pub shards: Vec<ShardStatus>,
+    /// The worker nodes in the master's registry, by id (lapsed ones
+    /// until a live node deletes them).
+    pub nodes: Vec<NodeStatus>,
+    /// Why the registry could not be read (a master not migrated to V5,
+    /// or down); `None` when it was.
+    pub nodes_error: Option<String>,
+}
+
+/// One worker node as the master's registry records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// The node's id.
+    pub id: String,
+    /// Whether its last heartbeat is within its time to live.
+    pub live: bool,
+    /// When it started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Its last heartbeat (the master's clock).
+    pub heartbeat_at: chrono::DateTime<chrono::Utc>,
+    /// Queue → the node's concurrency limit for it.
+    pub queues: BTreeMap<String, i64>,
+    /// The shards it works (owns, or still hands over).
+    pub shards: Vec<String>,
+    /// Its open engine connections over all those shards.
+    pub connections: i32,
 }
 
 /// One shard's state.
@@ -47,6 +74,8 @@ pub struct ShardStatus {
     /// over the direct address, the pool behind a transaction pooler), or
     /// `polling only` (behind a transaction pooler without `listen_url`).
     pub wakeups: &'static str,
+    /// The live nodes working this shard (from the node registry), by id.
+    pub owners: Vec<String>,
     /// Queues with waiting, running or recently finished jobs, by name.
     pub queues: Vec<QueueStatus>,
 }
@@ -83,12 +112,45 @@ pub struct QueueStatus {
 pub async fn fleet(router: &Router, timeout: Duration) -> FleetStatus {
     let master = health::database(router.master(), Role::Master, timeout);
     let shards = futures::future::join_all(router.shards().iter().map(|db| shard(db, timeout)));
-    let (master, shards) = futures::join!(master, shards);
+    let nodes = async {
+        match tokio::time::timeout(timeout, store::nodes_list(&router.master().pool)).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(ErrorChain(&router.master().error(e)).to_string()),
+            Err(_) => Err(format!("node registry: no answer within {timeout:?}")),
+        }
+    };
+    let (master, mut shards, nodes) = futures::join!(master, shards, nodes);
     let healths: Vec<DatabaseHealth> = shards.iter().map(|s| s.health.clone()).collect();
+    let (nodes, nodes_error) = match nodes {
+        Ok(rows) => (
+            rows.into_iter()
+                .map(|r| NodeStatus {
+                    id: r.id,
+                    live: r.live,
+                    started_at: r.started_at,
+                    heartbeat_at: r.heartbeat_at,
+                    queues: r.queues.0,
+                    shards: r.working,
+                    connections: r.connections,
+                })
+                .collect::<Vec<_>>(),
+            None,
+        ),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    for s in &mut shards {
+        s.owners = nodes
+            .iter()
+            .filter(|n| n.live && n.shards.contains(&s.health.name))
+            .map(|n| n.id.clone())
+            .collect();
+    }
     FleetStatus {
         status: health::summarize(&master, &healths),
         master,
         shards,
+        nodes,
+        nodes_error,
     }
 }
 
@@ -108,6 +170,7 @@ pub async fn shard(db: &Database, timeout: Duration) -> ShardStatus {
         health: health.clone(),
         listeners: None,
         wakeups: wakeups(db),
+        owners: Vec::new(),
         queues: Vec::new(),
     };
     if !health.reachable {

@@ -1,7 +1,7 @@
-//! [`Runtime`]: a worker node. This file only wires: for each shard it
-//! spawns one notifier, one producer per queue, one completer, a heartbeat,
-//! a rescuer, a pruner, a cancel sweeper and a sampler; per node, the
-//! scheduler of periodic jobs and the slot sampler; and it shuts them down
+//! [`Runtime`]: a worker node. This file only wires: per node, the shard
+//! set (which starts and stops each shard's unit of work as the router's
+//! shards and this node's ownership change), the scheduler of periodic
+//! jobs, the slot sampler and the metrics endpoint; and it shuts them down
 //! in order.
 //!
 //! The stages, each in its own file (they import [`node`] and the store,
@@ -10,6 +10,12 @@
 //! - `node`: the shared types at the bottom: `Node`, `ShardWork`, `Leases`,
 //!   `Done`, run statistics.
 //! - [`options`]: [`RuntimeOptions`] and [`Backoff`].
+//! - `shard_set`: keeps the running shard units equal to the shards this
+//!   node should work (router reloads, ownership, handover).
+//! - [`fleet`]: the node registry heartbeat and rendezvous ownership.
+//! - `shard_work`: one shard's unit of work: starts its stages over its own
+//!   engine pool, stops them in order (stop claiming, grace, hand back,
+//!   flush, release).
 //! - `notifier`: per shard, the one LISTEN connection; hands payloads to
 //!   subscribers by channel.
 //! - `producer`: per (shard, queue), claims due jobs up to free slots and
@@ -28,6 +34,7 @@
 mod cancel;
 mod completer;
 mod executor;
+pub mod fleet;
 mod heartbeat;
 mod node;
 mod notifier;
@@ -37,30 +44,29 @@ mod rescuer;
 mod retention;
 mod sampler;
 mod scheduler;
+mod shard_set;
+mod shard_work;
 mod slots;
 mod wakeup;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardq_router::router::Database;
-use shardq_router::{Pooler, Router};
-use tokio::sync::{mpsc, watch, Notify};
+use shardq_router::Router;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::observe::metrics::JobMetricsCache;
 use crate::periodic::PeriodicJob;
-use crate::store;
 use crate::worker::{Registry, Worker};
+use node::Node;
 pub use node::ShardRunStats;
-use node::{Node, ShardStats, ShardWork};
 pub use notifier::CHANNEL;
-use notifier::{Subscriber, Subscriptions};
 pub use options::{Backoff, RuntimeOptions};
-use producer::Producer;
+use shard_set::{ShardSet, Works};
+use shard_work::{Plant, STOP_AFTER_GRACE};
 use slots::QueueSlots;
 
 /// Builds a worker node.
@@ -115,7 +121,11 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Starts every task; returns at once. Must be called inside a tokio runtime.
+    /// Starts every task; returns at once. Must be called inside a tokio
+    /// runtime. The shards' work starts in the background: at once for
+    /// every shard when `nodes_per_shard` is 0 or this node is alone in
+    /// the node registry, else for the shards it owns one fleet heartbeat
+    /// after it registered (see [`fleet`]).
     pub fn start(self) -> Result<Runtime> {
         self.options.validate()?;
         if self.queues.is_empty() {
@@ -148,93 +158,45 @@ impl RuntimeBuilder {
             options: self.options,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (finish_tx, finish_rx) = watch::channel(false);
         let (end_tx, end_rx) = watch::channel(false);
         // The engine's own connections per shard, apart from the pools the
         // application's handlers use through the router.
         let engine_connections = node.options.engine_connections.unwrap_or(self.queues.len() as u32 + 4);
-        let databases: Vec<Database> = self
-            .router
-            .shards()
+        // Slot positions: room for the shards a reload may add; a stopped
+        // shard's position serves the next one started.
+        let n = self.router.shards().len();
+        let positions = (2 * n).max(n + 16);
+        let queues: Vec<Arc<str>> = self.queues.keys().map(|q| Arc::from(q.as_str())).collect();
+        let wakes: BTreeMap<Arc<str>, Vec<Arc<Notify>>> = queues
             .iter()
-            .map(|db| engine_database(db, engine_connections))
+            .map(|q| (q.clone(), (0..positions).map(|_| Arc::new(Notify::new())).collect()))
             .collect();
-        // wakes[queue][shard]
-        let wakes: BTreeMap<&String, Vec<Arc<Notify>>> = self
-            .queues
-            .keys()
-            .map(|q| (q, databases.iter().map(|_| Arc::new(Notify::new())).collect()))
-            .collect();
-        let slots: BTreeMap<&String, Arc<QueueSlots>> = self
-            .queues
+        let slots: BTreeMap<Arc<str>, Arc<QueueSlots>> = queues
             .iter()
-            .map(|(q, limit)| (q, Arc::new(QueueSlots::new(*limit, wakes[q].clone()))))
+            .map(|q| {
+                (
+                    q.clone(),
+                    Arc::new(QueueSlots::new(self.queues[&**q], wakes[q].clone())),
+                )
+            })
             .collect();
-        let mut shards = Vec::new();
-        let mut producers_tasks = Vec::new();
+        let queue_slots: Vec<(Arc<str>, Arc<QueueSlots>)> = slots.iter().map(|(q, s)| (q.clone(), s.clone())).collect();
+        let plant = Arc::new(Plant {
+            node: node.clone(),
+            queues,
+            slots,
+            wakes,
+            engine_connections,
+        });
+        let membership = (node.options.nodes_per_shard > 0).then(|| {
+            let limits: Vec<(String, usize)> = self.queues.iter().map(|(q, l)| (q.clone(), *l)).collect();
+            fleet::Membership::new(self.router.master().clone(), &limits)
+        });
+        let works = Arc::new(Works::default());
+        let (shutdown_tx, shutdown_rx) = watch::channel(None);
+        let shard_set =
+            tokio::spawn(ShardSet::new(plant, self.router.clone(), membership, works.clone()).run(shutdown_rx));
         let mut tasks = Vec::new();
-        let mut completers = Vec::new();
-        for (index, db) in databases.iter().enumerate() {
-            let (done_tx, done_rx) = mpsc::channel(10_000);
-            let shard = Arc::new(ShardWork {
-                index,
-                db: db.clone(),
-                leases: Default::default(),
-                stats: ShardStats::default(),
-                metrics: JobMetricsCache::new(&db.name),
-            });
-            completers.push(tokio::spawn(completer::run(
-                shard.clone(),
-                done_rx,
-                node.options.backoff,
-                finish_rx.clone(),
-            )));
-            let mut producers = HashMap::new();
-            for q in self.queues.keys() {
-                let wake = wakes[q][index].clone();
-                producers.insert(q.clone(), wake.clone());
-                let p = Producer {
-                    node: node.clone(),
-                    shard: shard.clone(),
-                    queue: q.as_str().into(),
-                    slots: slots[q].clone(),
-                    wake,
-                    done: done_tx.clone(),
-                };
-                producers_tasks.push(tokio::spawn(p.run(stop_rx.clone())));
-            }
-            tasks.push(tokio::spawn(notifier::run(
-                db.clone(),
-                subscriptions(&shard, producers),
-                stop_rx.clone(),
-            )));
-            // Leases are renewed until the end of shutdown: jobs keep running
-            // through the grace period.
-            tasks.push(tokio::spawn(heartbeat::run(
-                node.clone(),
-                shard.clone(),
-                end_rx.clone(),
-            )));
-            tasks.push(tokio::spawn(rescuer::run(node.clone(), shard.clone(), stop_rx.clone())));
-            tasks.push(tokio::spawn(retention::pruner(
-                node.clone(),
-                shard.clone(),
-                stop_rx.clone(),
-            )));
-            // Cancel signals reach running jobs until the end of shutdown.
-            tasks.push(tokio::spawn(cancel::sweeper(
-                node.clone(),
-                shard.clone(),
-                end_rx.clone(),
-            )));
-            tasks.push(tokio::spawn(sampler::shard(
-                shard.clone(),
-                self.queues.keys().map(|q| q.as_str().into()).collect(),
-                sampler::INTERVAL,
-                stop_rx.clone(),
-            )));
-            shards.push(shard);
-        }
         if !self.periodic.is_empty() {
             tasks.push(tokio::spawn(scheduler::run(
                 self.router.clone(),
@@ -242,8 +204,6 @@ impl RuntimeBuilder {
                 stop_rx.clone(),
             )));
         }
-        let queue_slots: Vec<(Arc<str>, Arc<QueueSlots>)> =
-            slots.iter().map(|(q, s)| (q.as_str().into(), s.clone())).collect();
         tasks.push(tokio::spawn(sampler::slots(
             move || queue_slots.iter().map(|(q, s)| (q.clone(), s.free())).collect(),
             sampler::INTERVAL,
@@ -266,16 +226,15 @@ impl RuntimeBuilder {
             }));
             tracing::info!(addr = ?metrics_addr, "serving /metrics and /healthz");
         }
-        tracing::info!(node = %node.id, shards = shards.len(), queues = ?self.queues, "worker node started");
+        tracing::info!(node = %node.id, shards = n, nodes_per_shard = node.options.nodes_per_shard, queues = ?self.queues, "worker node started");
         Ok(Runtime {
             node,
-            shards,
+            works,
             stop_tx,
-            finish_tx,
             end_tx,
-            producers: producers_tasks,
+            shutdown_tx,
+            shard_set,
             tasks,
-            completers,
             metrics_addr,
         })
     }
@@ -284,20 +243,18 @@ impl RuntimeBuilder {
 /// A running worker node. Call [`Runtime::shutdown`] to stop it cleanly.
 pub struct Runtime {
     node: Arc<Node>,
-    shards: Vec<Arc<ShardWork>>,
-    /// Stops producers, notifiers, rescuers, pruners, samplers and the scheduler.
+    /// The shards worked now and every shard unit started so far.
+    works: Arc<Works>,
+    /// Stops the scheduler and the slot sampler.
     stop_tx: watch::Sender<bool>,
-    /// Tells completers to write what is queued and stop.
-    finish_tx: watch::Sender<bool>,
-    /// Stops heartbeats, cancel sweepers and the metrics endpoint, at the
-    /// very end of shutdown (leases stay renewed while runs are handed back
-    /// and outcomes flushed).
+    /// Stops the metrics endpoint, at the very end of shutdown.
     end_tx: watch::Sender<bool>,
-    /// One per (shard, queue); they return once `stop_tx` is sent.
-    producers: Vec<JoinHandle<()>>,
-    /// Every other task but the completers.
+    /// Carries the shutdown's grace to the shard set.
+    shutdown_tx: watch::Sender<Option<Duration>>,
+    /// The shard set's task; returns once every unit stopped.
+    shard_set: JoinHandle<()>,
+    /// Every other task.
     tasks: Vec<JoinHandle<()>>,
-    completers: Vec<JoinHandle<()>>,
     /// Where `/metrics` and `/healthz` are served, if they are; set at start.
     metrics_addr: Option<SocketAddr>,
 }
@@ -328,21 +285,82 @@ impl Runtime {
 
     /// Per-shard run statistics so far, with pickup latency percentiles
     /// (computed from every sample: call it once at the end, not in a loop).
+    /// A shard this node stopped and started again adds up over its runs.
     pub fn stats(&self) -> Vec<ShardRunStats> {
-        self.shards.iter().map(|s| s.stats.snapshot(&s.db.name, true)).collect()
+        self.snapshots(true)
     }
 
     /// Per-shard outcome counters so far, without latency (cheap to poll).
     pub fn counts(&self) -> Vec<ShardRunStats> {
-        self.shards
-            .iter()
-            .map(|s| s.stats.snapshot(&s.db.name, false))
-            .collect()
+        self.snapshots(false)
+    }
+
+    fn snapshots(&self, latency: bool) -> Vec<ShardRunStats> {
+        let all = self.works.all.lock().map(|a| a.clone()).unwrap_or_default();
+        let mut by_shard: BTreeMap<String, ShardRunStats> = BTreeMap::new();
+        let mut order = Vec::new();
+        for s in all {
+            let snap = s.stats.snapshot(&s.db.name, latency);
+            match by_shard.get_mut(&s.db.name) {
+                Some(sum) => sum.add(&snap),
+                None => {
+                    order.push(s.db.name.clone());
+                    by_shard.insert(s.db.name.clone(), snap);
+                }
+            }
+        }
+        order.into_iter().filter_map(|n| by_shard.remove(&n)).collect()
     }
 
     /// Jobs this node holds leases on right now.
     pub fn leased(&self) -> usize {
-        self.shards.iter().map(|s| s.leases.count()).sum()
+        let active = self
+            .works
+            .active
+            .lock()
+            .map(|a| a.values().cloned().collect::<Vec<_>>());
+        active.unwrap_or_default().iter().map(|s| s.leases.count()).sum()
+    }
+
+    /// The shards this node works now (owned, or still being handed over),
+    /// by name.
+    pub fn working(&self) -> Vec<String> {
+        self.works
+            .active
+            .lock()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The shards this node stopped owning whose work is still stopping
+    /// (the handover: finishing or handing back runs, releasing connections).
+    pub fn releasing(&self) -> Vec<String> {
+        self.works
+            .releasing
+            .lock()
+            .map(|r| r.iter().map(|s| s.db.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Open engine connections of this node per shard, over the shards it
+    /// works and those still being released (the node's own pools; the
+    /// router's application pools are not counted).
+    pub fn engine_connections(&self) -> BTreeMap<String, u32> {
+        let mut out: BTreeMap<String, u32> = BTreeMap::new();
+        let active = self
+            .works
+            .active
+            .lock()
+            .map(|a| a.values().cloned().collect::<Vec<_>>());
+        let releasing = self.works.releasing.lock().map(|r| r.clone());
+        for s in active
+            .unwrap_or_default()
+            .into_iter()
+            .chain(releasing.unwrap_or_default())
+        {
+            *out.entry(s.db.name.clone()).or_default() += s.db.pool.size();
+        }
+        out
     }
 
     /// Runs until `signal` resolves, then shuts down with `grace`.
@@ -355,39 +373,15 @@ impl Runtime {
     /// rest back (available at once, the interrupted attempt not counted),
     /// flushes pending outcomes, and stops every task.
     pub async fn shutdown(self, grace: Duration) {
-        let _ = self.stop_tx.send(true);
         let start = tokio::time::Instant::now();
-        let deadline = start + grace;
-        // Whatever is not done by then is left to lease expiry and rescue:
-        // a shard that does not answer never holds the node past it.
-        let last = deadline + SHUTDOWN_AFTER_GRACE;
-        // A producer finishes the fetch it is in (its jobs are then leased
-        // and handled below) and returns; one still waiting on a shard at the
-        // deadline is stopped.
-        for p in self.producers {
-            let abort = p.abort_handle();
-            if tokio::time::timeout_at(deadline, p).await.is_err() {
-                abort.abort();
-            }
-        }
-        futures::future::join_all(self.shards.iter().map(|s| s.leases.wait_released(deadline))).await;
-        // Runs still going are handed back while the completers flush the
-        // outcomes of the ended ones, on every shard at once; leases stay
-        // renewed until both are done.
-        let _ = self.finish_tx.send(true);
-        let hand_backs = futures::future::join_all(self.shards.iter().map(|s| heartbeat::hand_back(&self.node, s)));
-        let completers = futures::future::join_all(self.completers.into_iter().map(|c| {
-            let abort = c.abort_handle();
-            async move {
-                if tokio::time::timeout_at(last, c).await.is_err() {
-                    abort.abort();
-                }
-            }
-        }));
-        if tokio::time::timeout_at(last, futures::future::join(hand_backs, completers))
-            .await
-            .is_err()
-        {
+        let _ = self.stop_tx.send(true);
+        let _ = self.shutdown_tx.send(Some(grace));
+        // Each unit returns within grace + STOP_AFTER_GRACE (plus closing its
+        // pool); leaving the registry is bounded by the fleet heartbeat.
+        let last = start + grace + STOP_AFTER_GRACE * 2 + self.node.options.fleet_heartbeat;
+        let abort = self.shard_set.abort_handle();
+        if tokio::time::timeout_at(last, self.shard_set).await.is_err() {
+            abort.abort();
             tracing::warn!("some shards did not answer within the shutdown deadline; their jobs will be rescued when their leases expire");
         }
         let _ = self.end_tx.send(true);
@@ -395,55 +389,6 @@ impl Runtime {
             t.abort();
         }
         tracing::info!(took = ?start.elapsed(), "worker node stopped");
-    }
-}
-
-/// How long shutdown goes on after the grace period, at most: handing back
-/// the runs still going and flushing the last outcomes.
-const SHUTDOWN_AFTER_GRACE: Duration = Duration::from_millis(900);
-
-/// A pool of at most `max` connections to `db`'s database, opened lazily
-/// with the same connect options and acquire timeout as the router's pool:
-/// the engine's stages (producers, completer, heartbeat, upkeep) use it, so
-/// handlers that hold every connection of the router's pool cannot starve
-/// lease renewals or outcome writes. Its sessions carry
-/// `store::ENGINE_SESSION_SETTINGS` (JIT off), except behind a transaction
-/// pooler (`pooler = "transaction"`), which refuses settings at connect.
-fn engine_database(db: &Database, max: u32) -> Database {
-    let mut connect = db.pool.connect_options().as_ref().clone();
-    // A transaction pooler refuses settings at connect: behind one they are
-    // skipped (set them on the server's role or database instead).
-    if db.pooler == Pooler::None {
-        connect = connect.options(store::ENGINE_SESSION_SETTINGS);
-    }
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(max)
-        .min_connections(0)
-        .acquire_timeout(db.pool.options().get_acquire_timeout())
-        .connect_lazy_with(connect);
-    Database { pool, ..db.clone() }
-}
-
-/// Who hears what on `shard`'s LISTEN connection: job notifications wake the
-/// producer of the queue named in the payload, cancel notifications go to
-/// the cancel stage, and every (re)connect wakes every producer.
-fn subscriptions(shard: &Arc<ShardWork>, producers: HashMap<String, Arc<Notify>>) -> Subscriptions {
-    let producers = Arc::new(producers);
-    let wake_queue: Subscriber = {
-        let producers = producers.clone();
-        Box::new(move |queue| {
-            if let Some(w) = producers.get(queue) {
-                w.notify_one();
-            }
-        })
-    };
-    let cancelled: Subscriber = {
-        let shard = shard.clone();
-        Box::new(move |payload| cancel::on_notification(&shard, payload))
-    };
-    Subscriptions {
-        channels: HashMap::from([(CHANNEL, wake_queue), (store::CANCEL_CHANNEL, cancelled)]),
-        on_listen: Box::new(move || producers.values().for_each(|w| w.notify_one())),
     }
 }
 

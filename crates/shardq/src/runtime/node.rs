@@ -34,7 +34,7 @@ pub(crate) struct Node {
 
 /// Per-shard state of one node, shared by that shard's stages.
 pub(crate) struct ShardWork {
-    /// Position in the router's shard list; indexes per-queue slot tables.
+    /// The unit's slot position on this node; indexes per-queue slot tables.
     pub index: usize,
     /// The shard's pool and names.
     pub db: Database,
@@ -359,6 +359,21 @@ pub struct ShardRunStats {
     pub snoozed: u64,
     /// Pickup latency (due → handler start) percentiles in milliseconds: p50, p95, p99, max.
     pub pickup_ms: Option<[f64; 4]>,
+}
+
+impl ShardRunStats {
+    /// Adds `other`'s counters (a later run of the same shard on this
+    /// node); keeps this one's latency unless it has none.
+    pub(crate) fn add(&mut self, other: &ShardRunStats) {
+        self.completed += other.completed;
+        self.retried += other.retried;
+        self.discarded += other.discarded;
+        self.cancelled += other.cancelled;
+        self.snoozed += other.snoozed;
+        if self.pickup_ms.is_none() {
+            self.pickup_ms = other.pickup_ms;
+        }
+    }
 }
 
 impl ShardStats {

@@ -53,6 +53,20 @@ pub struct RuntimeOptions {
     /// higher-priority jobs cannot starve lower ones (default 5 min; `None`:
     /// strict priority order).
     pub priority_aging: Option<Duration>,
+    /// How many live nodes work each shard (default 3; 0: every node works
+    /// every shard, without the node registry). Each node registers in the
+    /// master and works only the shards that rendezvous hashing over the
+    /// live nodes gives it, so with at most this many nodes every node works
+    /// every shard (as without ownership), and with more a node connects to
+    /// about `shards × nodes_per_shard / nodes` shards. See `runtime::fleet`.
+    pub nodes_per_shard: usize,
+    /// How often this node renews its entry in the master's node registry
+    /// and recomputes which shards it owns (default 2 s). An entry not
+    /// renewed for three of these is gone: its shards go to other nodes.
+    pub fleet_heartbeat: Duration,
+    /// How long a shard this node stops owning lets its running jobs finish
+    /// before handing the rest back (default 10 s).
+    pub handover_grace: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -73,6 +87,9 @@ impl Default for RuntimeOptions {
             shard_timeout: Duration::from_secs(10),
             engine_connections: None,
             priority_aging: Some(Duration::from_secs(300)),
+            nodes_per_shard: 3,
+            fleet_heartbeat: Duration::from_secs(2),
+            handover_grace: Duration::from_secs(10),
         }
     }
 }
@@ -102,7 +119,18 @@ impl RuntimeOptions {
         if self.shard_timeout.is_zero() {
             return bad("shard_timeout must be more than 0");
         }
+        if self.fleet_heartbeat.is_zero() {
+            return bad("fleet_heartbeat must be more than 0");
+        }
         Ok(())
+    }
+}
+
+impl RuntimeOptions {
+    /// How long a node's registry entry lives without renewal: three
+    /// `fleet_heartbeat`s.
+    pub fn node_ttl(&self) -> Duration {
+        self.fleet_heartbeat * 3
     }
 }
 

@@ -150,6 +150,22 @@ impl QueueSlots {
         }
     }
 
+    /// `shard`'s work stopped on this node (its runs ended or were handed
+    /// back, aborted without releasing): its slots are free and it is
+    /// neither hungry nor failing, so the position can serve another shard.
+    /// Wakes the hungry producers of the queue.
+    pub(crate) fn forget(&self, shard: usize) {
+        let Ok(mut s) = self.state.lock() else { return };
+        s.running[shard] = 0;
+        s.hungry[shard] = false;
+        s.failing[shard] = false;
+        for (w, hungry) in self.wakers.iter().zip(&s.hungry) {
+            if *hungry {
+                w.notify_one();
+            }
+        }
+    }
+
     /// Slots neither running nor reserved on any shard (read by the sampler).
     pub(crate) fn free(&self) -> usize {
         self.state
@@ -171,6 +187,17 @@ mod tests {
 
     fn slots(limit: usize, shards: usize) -> QueueSlots {
         QueueSlots::new(limit, (0..shards).map(|_| Arc::new(Notify::new())).collect())
+    }
+
+    #[test]
+    fn a_forgotten_shard_frees_its_slots_and_share() {
+        let s = slots(4, 2);
+        assert_eq!(s.reserve(0, 4), 4);
+        s.set_hungry(0, true);
+        assert_eq!(s.reserve(1, 4), 0);
+        s.forget(0); // shard 0 stopped here; its aborted runs released nothing
+        assert_eq!(s.free(), 4);
+        assert_eq!(s.reserve(1, 4), 4, "no share kept for a stopped shard");
     }
 
     #[test]

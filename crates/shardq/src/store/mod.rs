@@ -10,6 +10,7 @@
 //! - `observe`: depths, running and finished counts, schema version (sampler,
 //!   health, status).
 //! - `periodic`: records of periodic occurrences.
+//! - `fleet`: the node registry in the master (runtime's fleet, status).
 //! - `moves`: move records in the master; fence, copy and clean-up on shards.
 //! - `rebalance`: jobs and bytes per account, the loads of a rebalance plan.
 //!
@@ -55,6 +56,7 @@ macro_rules! written_and_notified {
 }
 
 mod admin;
+mod fleet;
 mod insert;
 mod maintain;
 mod moves;
@@ -64,6 +66,7 @@ mod rebalance;
 mod run;
 
 pub use admin::*;
+pub use fleet::*;
 pub use insert::*;
 pub use maintain::*;
 pub use moves::*;

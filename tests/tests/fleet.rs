@@ -1,0 +1,232 @@
+//! A fleet of worker nodes dividing the shards: a running node starts work
+//! for a shard a router reload adds; 16 in-process nodes over 64 shard
+//! databases keep every shard owned, their connections per server within
+//! the bound, and move few ownerships when a node joins or leaves.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardq::runtime::fleet::owners;
+use shardq::{Account, JobContext, JobError, NewJob, Runtime, RuntimeOptions, Worker};
+use shardq_router::Router;
+use shardq_testbed::TestBed;
+use shardq_tests::{count_state, count_state_all, fast_options, fleet, many_shards, wait_for};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Noop;
+impl Worker for Noop {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "noop";
+    async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+fn quick(node: &str) -> RuntimeOptions {
+    RuntimeOptions {
+        node_id: Some(node.to_string()),
+        fleet_heartbeat: Duration::from_millis(200),
+        handover_grace: Duration::from_millis(200),
+        ..fast_options()
+    }
+}
+
+#[tokio::test]
+async fn a_shard_added_by_reload_gets_its_jobs_worked_without_restart() {
+    let f = fleet().await;
+    let mut two = f.config.clone();
+    two.shards.truncate(2);
+    let router = Arc::new(Router::connect(&two).await.unwrap());
+    let rt = Runtime::builder(router.clone())
+        .queue("default", 10)
+        .register(Noop)
+        .options(quick("reload-node"))
+        .start()
+        .unwrap();
+    // The full configuration's client places accounts on all three shards.
+    for i in 0..30 {
+        let a = Account::new(format!("reload-{i}")).unwrap();
+        f.client
+            .enqueue(&a, NewJob::new("noop", &serde_json::json!({})).unwrap())
+            .await
+            .unwrap();
+    }
+    let on_3 = count_state(&f.router, "shard_3", "available").await;
+    assert!(on_3 > 0, "no job landed on shard_3");
+    wait_for("shard_1 and shard_2 worked", WAIT, || async {
+        count_state(&f.router, "shard_1", "completed").await + count_state(&f.router, "shard_2", "completed").await
+            == 30 - on_3
+    })
+    .await;
+    assert_eq!(rt.working(), ["shard_1", "shard_2"]);
+    assert_eq!(
+        count_state(&f.router, "shard_3", "available").await,
+        on_3,
+        "shard_3 is not worked before the reload"
+    );
+
+    let reloaded = router.reload(&f.config).await.unwrap();
+    assert_eq!(reloaded.added, ["shard_3"]);
+    wait_for("every job completed after the reload", WAIT, || async {
+        count_state_all(&f.router, "completed").await == 30
+    })
+    .await;
+    assert_eq!(rt.working(), ["shard_1", "shard_2", "shard_3"]);
+    rt.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Shard → the nodes working it, over `nodes`.
+fn workers(nodes: &BTreeMap<String, Runtime>) -> BTreeMap<String, BTreeSet<String>> {
+    let mut by_shard: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (id, rt) in nodes {
+        for s in rt.working() {
+            by_shard.entry(s).or_default().insert(id.clone());
+        }
+    }
+    by_shard
+}
+
+/// Shard → its owners by rendezvous over `nodes`' ids.
+fn expected(shards: &[String], nodes: &BTreeMap<String, Runtime>, k: usize) -> BTreeMap<String, BTreeSet<String>> {
+    let ids: Vec<&str> = nodes.keys().map(String::as_str).collect();
+    shards
+        .iter()
+        .map(|s| (s.clone(), owners(s, &ids, k).into_iter().map(str::to_string).collect()))
+        .collect()
+}
+
+/// Checks one sample: every shard is worked, and no node holds more engine
+/// connections on a server than its shards there (worked or still being
+/// released) × (pool + 1), counted from the node's own pools.
+async fn sample(shards: &[String], nodes: &BTreeMap<String, Runtime>, server_of: &BTreeMap<String, String>, pool: i64) {
+    let by_shard = workers(nodes);
+    for s in shards {
+        assert!(by_shard.get(s).is_some_and(|w| !w.is_empty()), "shard {s} has no owner");
+    }
+    for (id, rt) in nodes {
+        let mut per_server: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        for (shard, open) in rt.engine_connections() {
+            let e = per_server.entry(server_of[&shard].as_str()).or_default();
+            e.0 += i64::from(open);
+            e.1 += 1;
+        }
+        for (server, (open, held)) in per_server {
+            assert!(
+                open <= held * (pool + 1),
+                "node {id} holds {open} connections on {server} for {held} shards there (pool {pool})"
+            );
+        }
+    }
+}
+
+/// Waits until every shard is worked by exactly its rendezvous owners;
+/// the failure names the shards that differ.
+async fn converge(what: &str, shards: &[String], nodes: &BTreeMap<String, Runtime>, k: usize) {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (got, want) = (workers(nodes), expected(shards, nodes, k));
+        if got == want {
+            return;
+        }
+        if tokio::time::Instant::now() > until {
+            let off: Vec<String> = shards
+                .iter()
+                .filter(|s| got.get(*s) != want.get(*s))
+                .map(|s| format!("{s}: worked by {:?}, owners {:?}", got.get(s), want.get(s)))
+                .collect();
+            panic!("{what}: no convergence within {WAIT:?}:\n{}", off.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Ownerships (shard, node) in `before` not in `after`.
+fn moved(before: &BTreeMap<String, BTreeSet<String>>, after: &BTreeMap<String, BTreeSet<String>>) -> usize {
+    before
+        .iter()
+        .map(|(s, w)| {
+            w.iter()
+                .filter(|n| !after.get(s).is_some_and(|a| a.contains(*n)))
+                .count()
+        })
+        .sum()
+}
+
+fn start_node(router: &Arc<Router>, id: &str, pool: u32) -> Runtime {
+    Runtime::builder(router.clone())
+        .queue("default", 4)
+        .register(Noop)
+        .options(RuntimeOptions {
+            engine_connections: Some(pool),
+            nodes_per_shard: 3,
+            poll_interval: Duration::from_secs(1),
+            rescue_interval: Duration::from_secs(5),
+            // Lenient on a loaded machine: entries live 1.5 s.
+            fleet_heartbeat: Duration::from_millis(500),
+            ..quick(id)
+        })
+        .start()
+        .unwrap()
+}
+
+/// Samples until the fleet works exactly the rendezvous owners again.
+async fn converge_sampled(
+    what: &str,
+    shards: &[String],
+    nodes: &BTreeMap<String, Runtime>,
+    server_of: &BTreeMap<String, String>,
+    pool: i64,
+) {
+    let until = tokio::time::Instant::now() + WAIT;
+    while workers(nodes) != expected(shards, nodes, 3) {
+        sample(shards, nodes, server_of, pool).await;
+        assert!(tokio::time::Instant::now() < until, "no convergence after {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sixteen_nodes_over_64_shards_keep_every_shard_owned_within_the_connection_bound() {
+    let bed = tokio::task::spawn_blocking(TestBed::shared).await.unwrap().unwrap();
+    let (config, server_of) = many_shards(bed, 64).await;
+    let shards = config.shard_names();
+    let router = Arc::new(Router::connect(&config).await.unwrap());
+    let pool = 2;
+    let k = 3;
+    let mut nodes: BTreeMap<String, Runtime> = BTreeMap::new();
+    for i in 0..16 {
+        let id = format!("sim-{i:02}");
+        nodes.insert(id.clone(), start_node(&router, &id, pool));
+    }
+    // Converges to the rendezvous owners: each shard worked by exactly its 3.
+    converge("16 nodes", &shards, &nodes, k).await;
+    sample(&shards, &nodes, &server_of, i64::from(pool)).await;
+    let before = workers(&nodes);
+
+    // A join: the new owners start before the old ones stop, so every
+    // sample on the way finds every shard owned.
+    nodes.insert("sim-16".into(), start_node(&router, "sim-16", pool));
+    converge_sampled("the join", &shards, &nodes, &server_of, i64::from(pool)).await;
+    let after = workers(&nodes);
+    let joined = moved(&before, &after);
+    let total = shards.len() * k;
+    assert!(
+        joined * 17 <= 2 * total,
+        "the join moved {joined} of {total} ownerships"
+    );
+    assert!(joined > 0, "the new node owns nothing");
+
+    // A leave: the node leaves the registry and stops; the others take over.
+    let gone = nodes.remove("sim-03").unwrap();
+    let leaving = tokio::spawn(gone.shutdown(Duration::from_millis(200)));
+    converge_sampled("the leave", &shards, &nodes, &server_of, i64::from(pool)).await;
+    leaving.await.unwrap();
+    let left = moved(&after, &workers(&nodes));
+    assert!(left * 17 <= 2 * total, "the leave moved {left} of {total} ownerships");
+    sample(&shards, &nodes, &server_of, i64::from(pool)).await;
+
+    futures::future::join_all(nodes.into_values().map(|rt| rt.shutdown(Duration::from_millis(200)))).await;
+}

@@ -247,6 +247,16 @@ pub async fn many_shards(bed: &TestBed, n: usize) -> (Config, std::collections::
         })
         .await;
         let shard = format!("s{i:02}");
+        // The copy carries its template's stamp: give it its own name.
+        let copy = sqlx::PgPool::connect(&server.url(&name))
+            .await
+            .expect("connect to the copy");
+        sqlx::query("UPDATE shardq.fleet_stamp SET name = $1")
+            .bind(&shard)
+            .execute(&copy)
+            .await
+            .expect("stamp the copy");
+        copy.close().await;
         server_of.insert(shard.clone(), server.name().to_string());
         urls.push((shard, server.url(&name)));
     }

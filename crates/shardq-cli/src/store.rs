@@ -286,3 +286,17 @@ pub async fn database_copy(admin: &PgPool, name: &str, template: &str) -> sqlx::
         .await
         .map(|_| ())
 }
+
+/// Stamps the copied shard database at `url` with its own shard name
+/// `shard` (a copy carries its template's stamp, which the router refuses
+/// as another shard's).
+pub async fn stamp_rename(url: &str, shard: &str) -> sqlx::Result<()> {
+    let pool = PgPool::connect(url).await?;
+    let done = sqlx::query("UPDATE shardq.fleet_stamp SET name = $1")
+        .bind(shard)
+        .execute(&pool)
+        .await
+        .map(|_| ());
+    pool.close().await;
+    done
+}

@@ -156,6 +156,7 @@ async fn shard_copies(bed: &TestBed) -> anyhow::Result<(Config, BTreeMap<String,
         }
         admin.close().await;
         let shard = format!("f{i:02}");
+        store::stamp_rename(&server.url(&name), &shard).await?;
         server_of.insert(shard.clone(), server.name().to_string());
         urls.push((shard, server.url(&name)));
     }

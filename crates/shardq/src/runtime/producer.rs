@@ -18,7 +18,8 @@
 //! Buffered jobs are leased from their claim (the heartbeat renews them
 //! with the running ones). A buffered job whose lease was lost, or whose
 //! job was cancelled, is never started: its end goes to the completer like
-//! a run's. When the producer stops, it hands its buffered jobs back
+//! a run's. When the producer stops, it waits for its claims in flight,
+//! starts what fits the free slots, and hands the other buffered jobs back
 //! (available at once, the claim's attempt taken back) in one statement.
 //!
 //! Each started job runs in its own task through the executor; when the run
@@ -123,7 +124,8 @@ impl Bounds {
 
 impl Producer {
     /// Runs until `stop` turns true; then waits for the claims in flight, if
-    /// any, and hands back the jobs still buffered.
+    /// any, starts what fits the free slots and hands back the jobs still
+    /// buffered.
     pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
         let opts = &self.node.options;
         let bounds = Bounds::new(self.slots.limit(), opts.max_batch);
@@ -231,11 +233,15 @@ impl Producer {
             // A due time that has passed is used up; the next short claim reads a new one.
             due = due.filter(|at| *at > Instant::now());
         }
+        // As before a stop: the jobs of claims that were in flight start on
+        // the slots free now (shutdown gives them its grace period like the
+        // other runs); the rest of the buffer is handed back.
         while let Some((_, claimed)) = claims.next().await {
             if let Ok(c) = claimed {
                 buffer.extend(c.jobs);
             }
         }
+        self.dispatch(&mut buffer);
         self.hand_back(buffer).await;
     }
 

@@ -136,17 +136,22 @@ impl Leases {
         };
         let mut lost = 0;
         let mut out = Vec::with_capacity(jobs.len());
+        // One pass over the held runs for the whole claim (not one per job).
+        let newest: HashMap<i64, i32> = jobs.iter().map(|j| (j.id, j.attempt)).collect();
+        for ((id, attempt), old) in held.iter() {
+            if newest.get(id).is_some_and(|newer| attempt < newer)
+                && old.live()
+                && old.stop.send_replace(Some(CancelReason::LeaseLost)).is_none()
+            {
+                tracing::warn!(
+                    id,
+                    "a newer attempt of this job started here: the older run lost its lease"
+                );
+                lost += 1;
+            }
+        }
         for job in jobs {
             let key = (job.id, job.attempt);
-            for ((id, _), old) in held.iter().filter(|((id, a), _)| *id == key.0 && *a < key.1) {
-                if old.live() && old.stop.send_replace(Some(CancelReason::LeaseLost)).is_none() {
-                    tracing::warn!(
-                        id,
-                        "a newer attempt of this job started here: the older run lost its lease"
-                    );
-                    lost += 1;
-                }
-            }
             let (stop, stopped) = watch::channel(None);
             held.insert(
                 key,

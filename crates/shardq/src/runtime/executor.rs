@@ -1,5 +1,7 @@
 //! The executor: runs one fetched job's handler with its timeout, turns a
-//! panic into an error message, and returns the run's [`Done`]. Called by
+//! panic into an error message, and returns the run's [`Done`]. A job told
+//! to stop while it waited in its producer's buffer is not run: its `Done`
+//! says why (lease lost, or cancelled). Called by
 //! the producer inside the run's own task; what happens to the outcome
 //! (slot, lease, completer) is the producer's callback.
 

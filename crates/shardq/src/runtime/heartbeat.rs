@@ -1,5 +1,6 @@
-//! The heartbeat: keeps this node's leases on one shard alive, renewing them
-//! all in one statement every `heartbeat_interval`. A lease it could not
+//! The heartbeat: keeps this node's leases on one shard alive (running and
+//! buffered jobs alike) in one statement every `heartbeat_interval`, which
+//! writes only the leases that are no longer fresh. A lease it could not
 //! renew (taken by a rescue, or run out while renewals failed) is lost: the
 //! run is told to stop ([`CancelReason::LeaseLost`](crate::worker::CancelReason))
 //! and its outcome is not written. At shutdown it hands

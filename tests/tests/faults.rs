@@ -187,6 +187,68 @@ async fn a_crashed_shard_stops_only_its_own_jobs_and_they_complete_after_restart
     }
 }
 
+/// Completions commit without waiting for their WAL flush. Here the WAL
+/// writer flushes such commits only every 10 s and nothing else flushes
+/// (the node is idle once its job completed), so a crash right after the
+/// completion was read back loses it: the job, `running` again after the
+/// restart, runs a second time and completes. It is never lost. (Should the
+/// WAL writer's turn come between the completion and the crash, nothing is
+/// lost and another job is tried.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_lost_in_a_server_crash_runs_the_job_again() {
+    let bed = private_bed(1).await;
+    let f = fleet_on(&bed).await;
+    let a = Account::new("crash").unwrap();
+    f.router.place(&a, "shard_1").await.unwrap();
+    let shard = f.router.shard("shard_1").unwrap();
+    for setting in [
+        "ALTER SYSTEM SET wal_writer_delay = '10s'",
+        "ALTER SYSTEM SET wal_writer_flush_after = '16MB'",
+        "ALTER SYSTEM SET bgwriter_lru_maxpages = 0",
+        "ALTER SYSTEM SET autovacuum = off",
+    ] {
+        sqlx::query(setting).execute(&shard.pool).await.unwrap();
+    }
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&shard.pool)
+        .await
+        .unwrap();
+    let runs = Runs::default();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(Count(runs.clone()))
+        .options(fast_options())
+        .start()
+        .unwrap();
+    let mut lost = None;
+    for _ in 0..3 {
+        let id = f.client.enqueue(&a, count_job()).await.unwrap();
+        wait_for("the job completed", WAIT, || async {
+            runs.of(&id) == 1 && job(&f, &id).await.state == "completed"
+        })
+        .await;
+        on_server(&bed, "shard_1", Server::kill).await;
+        on_server(&bed, "shard_1", Server::start).await;
+        let state = job(&f, &id).await.state;
+        if state == "running" {
+            lost = Some(id);
+            break;
+        }
+        assert_eq!(state, "completed", "{id}");
+    }
+    let id = lost.expect("a completion lost in the crash (the WAL writer flushed every time)");
+    wait_for(
+        "the job whose completion was lost ran again and completed",
+        WAIT,
+        || async { runs.of(&id) == 2 && job(&f, &id).await.state == "completed" },
+    )
+    .await;
+    rt.shutdown(Duration::from_secs(5)).await;
+    for state in ["available", "running", "discarded", "cancelled"] {
+        assert_eq!(count_state(&f.router, "shard_1", state).await, 0, "{state}");
+    }
+}
+
 /// Terminates every backend of the shardq pools on a database; returns how many.
 async fn terminate_shardq_backends(admin: &PgPool) -> i64 {
     sqlx::query_scalar(

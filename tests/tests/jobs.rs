@@ -64,7 +64,8 @@ impl Worker for Panics {
 }
 
 /// Blocks until the job is handed back (long handler timeout).
-struct Hang;
+/// `hang`: counts its start, then runs for an hour.
+struct Hang(Arc<std::sync::atomic::AtomicUsize>);
 impl Worker for Hang {
     type Args = serde_json::Value;
     const KIND: &'static str = "hang";
@@ -72,6 +73,7 @@ impl Worker for Hang {
         Duration::from_secs(3600)
     }
     async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Ok(())
     }
@@ -357,14 +359,16 @@ async fn shutdown_hands_running_jobs_back_without_counting_the_attempt() {
         .await
         .unwrap();
     let shard = ids[0].shard.clone();
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 8)
-        .register(Hang)
+        .register(Hang(started.clone()))
         .options(fast_options())
         .start()
         .unwrap();
+    // Their handlers started (a claimed job may wait in the node's buffer first).
     wait_for("3 jobs running", WAIT, || async {
-        count_state(&f.router, &shard, "running").await == 3
+        count_state(&f.router, &shard, "running").await == 3 && started.load(std::sync::atomic::Ordering::SeqCst) == 3
     })
     .await;
     rt.shutdown(Duration::from_millis(100)).await;
@@ -378,6 +382,50 @@ async fn shutdown_hands_running_jobs_back_without_counting_the_attempt() {
             "the interrupted attempt is not counted against the job"
         );
     }
+}
+
+#[tokio::test]
+async fn shutdown_hands_buffered_jobs_back_as_never_claimed() {
+    let f = fleet().await;
+    let a = account(7);
+    let ids = f
+        .client
+        .enqueue_many((0..4).map(|_| (a.clone(), NewJob::from_json("hang", serde_json::json!({})))))
+        .await
+        .unwrap();
+    let shard = ids[0].shard.clone();
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // One slot: one job runs, the node claims two more ahead into its buffer
+    // (a queue this small buffers up to its limit beyond a claim's worth).
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 1)
+        .register(Hang(started.clone()))
+        .options(fast_options())
+        .start()
+        .unwrap();
+    wait_for("one job running and two buffered", WAIT, || async {
+        count_state(&f.router, &shard, "running").await == 3 && started.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(rt.leased(), 3, "buffered jobs are leased");
+    rt.shutdown(Duration::from_millis(100)).await;
+    assert_eq!(
+        started.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "no buffered job started"
+    );
+    let mut ran = 0;
+    for id in &ids {
+        let j = f.client.job(id).await.unwrap();
+        assert_eq!(j.state, "available", "{id} handed back");
+        assert_eq!(j.locked_by, None);
+        match (j.attempt, j.max_attempts) {
+            (1, 21) => ran += 1, // the running one: its attempt is not counted
+            (0, 20) => {}        // buffered ones: as if never claimed (and the one never claimed)
+            other => panic!("{id}: attempt and max_attempts {other:?}"),
+        }
+    }
+    assert_eq!(ran, 1);
 }
 
 #[tokio::test]

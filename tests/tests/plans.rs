@@ -3,7 +3,7 @@
 //! a few executions when it judges that cheaper).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use shardq::store::{JOB_COMPLETE_MANY_SQL, JOB_FETCH_AVAILABLE_SQL, JOB_RESCUE_EXPIRED_SQL};
+use shardq::store::{JOB_COMPLETE_MANY_SQL, JOB_FETCH_AVAILABLE_SQL, JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL};
 use shardq_tests::{assert_indexed, fleet, generic_plan};
 
 /// Rows in the table when plans are checked.
@@ -40,6 +40,12 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
             "'{1,2,3}', '{1,1,1}'",
         ),
         ("rescue", "bigint", JOB_RESCUE_EXPIRED_SQL, "1000"),
+        (
+            "renew",
+            "bigint[], int[], text, float8, float8",
+            JOB_LEASE_RENEW_SQL,
+            "'{1,2,3}', '{1,1,1}', 'node', 30, 25",
+        ),
     ] {
         assert_indexed(name, &generic_plan(&mut conn, types, sql, args).await);
     }
@@ -165,7 +171,10 @@ async fn lease_renewals_are_hot_updates() {
     let counts = "SELECT pg_stat_get_xact_tuples_updated('shardq.jobs'::regclass),
                          pg_stat_get_xact_tuples_hot_updated('shardq.jobs'::regclass)";
     let (updated_before, hot_before): (i64, i64) = sqlx::query_as(counts).fetch_one(&mut *tx).await.unwrap();
-    let renewed = job_lease_renew(&mut *tx, &ids, &attempts, "node", 30.0).await.unwrap();
+    // Leases with more than 30 s left count as fresh: none, so every one is written.
+    let renewed = job_lease_renew(&mut *tx, &ids, &attempts, "node", 30.0, 30.0)
+        .await
+        .unwrap();
     assert_eq!(renewed.len(), 200);
     let (updated_after, hot_after): (i64, i64) = sqlx::query_as(counts).fetch_one(&mut *tx).await.unwrap();
     let (updated, hot) = (updated_after - updated_before, hot_after - hot_before);
@@ -175,6 +184,58 @@ async fn lease_renewals_are_hot_updates() {
     // on the room left on the claimed rows' pages (fillfactor 85: here about
     // half), not on any index.
     assert!(hot >= 50, "only {hot} of 200 renewals were HOT updates");
+}
+
+#[tokio::test]
+async fn a_renewal_confirms_fresh_leases_without_writing_them() {
+    use shardq::store::{job_fetch_available, job_lease_renew, FetchParams};
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    sqlx::query(
+        "INSERT INTO shardq.jobs (account, queue, kind, args)
+         SELECT 'a' || (i % 10), 'default', 'noop', '{}' FROM generate_series(1, 100) AS i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let claim = |limit| FetchParams {
+        queue: "default",
+        limit,
+        node: "node",
+        lease_secs: 30.0,
+        aging_secs: None,
+    };
+    // 40 jobs whose lease is about to run out (claimed long ago), 60 fresh ones.
+    let old = job_fetch_available(&db.pool, &claim(40)).await.unwrap();
+    sqlx::query("UPDATE shardq.jobs SET lease_expires_at = now() + interval '3 seconds' WHERE id = ANY($1)")
+        .bind(old.iter().map(|j| j.id).collect::<Vec<i64>>())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let fresh = job_fetch_available(&db.pool, &claim(100)).await.unwrap();
+    assert_eq!((old.len(), fresh.len()), (40, 60));
+    let mut all: Vec<(i64, i32)> = old.iter().chain(&fresh).map(|j| (j.id, j.attempt)).collect();
+    all.sort_unstable();
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = all.iter().copied().unzip();
+    let mut tx = db.pool.begin().await.unwrap();
+    let counts = "SELECT pg_stat_get_xact_tuples_updated('shardq.jobs'::regclass)";
+    let before: i64 = sqlx::query_scalar(counts).fetch_one(&mut *tx).await.unwrap();
+    let held = job_lease_renew(&mut *tx, &ids, &attempts, "node", 30.0, 25.0)
+        .await
+        .unwrap();
+    let after: i64 = sqlx::query_scalar(counts).fetch_one(&mut *tx).await.unwrap();
+    let none = job_lease_renew(&mut *tx, &ids, &attempts, "another-node", 30.0, 25.0)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(after - before, 40, "only the leases about to run out were written");
+    let mut got: Vec<(i64, i32)> = held.iter().map(|(id, a, _)| (*id, *a)).collect();
+    got.sort_unstable();
+    assert_eq!(got, all, "every lease is reported held");
+    for (id, _, left) in &held {
+        assert!(*left > 25.0 && *left <= 30.0, "job {id}: {left} s left");
+    }
+    assert!(none.is_empty(), "another node holds none of them");
 }
 
 /// Whether `EXPLAIN (ANALYZE)` of the claim's generic plan, on a session

@@ -300,3 +300,64 @@ pub async fn stamp_rename(url: &str, shard: &str) -> sqlx::Result<()> {
     pool.close().await;
     done
 }
+
+/// Loads `pg_stat_statements` at the server's next start (the benchmark's
+/// `--statements` profile).
+pub async fn statements_preload(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// Creates `pg_stat_statements` in the database when missing and clears
+/// every statement's counters.
+pub async fn statements_reset(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await?;
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// One statement's counters since the last reset.
+#[derive(Debug, sqlx::FromRow)]
+pub struct StatementStats {
+    /// The statement's text, whitespace collapsed, cut to 100 characters.
+    pub query: String,
+    /// Times it ran.
+    pub calls: i64,
+    /// Rows it returned or changed, in all.
+    pub rows: i64,
+    /// Mean execution time, milliseconds.
+    pub mean_ms: f64,
+    /// Total execution time, milliseconds.
+    pub total_ms: f64,
+    /// Shared buffers hit, read and dirtied per call.
+    pub blks_per_call: f64,
+    /// WAL bytes per call.
+    pub wal_per_call: f64,
+}
+
+/// The statements of the current database with the most execution time.
+pub async fn statements_top(pool: &PgPool, n: i64) -> sqlx::Result<Vec<StatementStats>> {
+    sqlx::query_as(
+        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 100) AS query, calls, rows,
+                mean_exec_time AS mean_ms, total_exec_time AS total_ms,
+                ((shared_blks_hit + shared_blks_read + shared_blks_dirtied)::float8 / greatest(calls, 1)) AS blks_per_call,
+                (wal_bytes::float8 / greatest(calls, 1)) AS wal_per_call
+           FROM pg_stat_statements
+          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+          ORDER BY total_exec_time DESC LIMIT $1",
+    )
+    .bind(n)
+    .fetch_all(pool)
+    .await
+}
+
+/// Refreshes the planner's statistics of the jobs table (after a bulk load).
+pub async fn jobs_analyze(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("ANALYZE shardq.jobs").execute(pool).await.map(|_| ())
+}

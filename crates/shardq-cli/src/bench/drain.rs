@@ -86,12 +86,50 @@ pub(super) async fn drain_and_floor(
         let enqueue = preload(&fleet, n, &accounts, ENQUEUE_BATCH).await?;
         results.add("drain", "enqueue (enqueue_many, 1,000 per call)", enqueue, "jobs/s");
         eprintln!("drain: working {n} jobs with {} slots...", args.concurrency);
+        let shard_pool = fleet.router.shards()[0].pool.clone();
+        if args.statements {
+            store::statements_reset(&shard_pool).await?;
+        }
         let cpu = CpuClock::start(server)?;
         let (rate, _) = drain(&fleet, n, args.concurrency).await?;
         let (server_ms, node_ms) = cpu.per_thousand(server, n)?;
+        if args.statements {
+            print_statements("drain", &shard_pool, n).await?;
+        }
         results.add("drain", "drain, one shard", rate, "jobs/s");
         results.add("drain", "server CPU per 1,000 jobs", server_ms, "ms");
         results.add("drain", "node CPU per 1,000 jobs", node_ms, "ms");
+        if let Some(backlog) = args.backlog {
+            let backlog = backlog.max(n);
+            eprintln!("drain: loading a backlog of {backlog} jobs (UNNEST inserts of {CHUNK})...");
+            let dbs = bed.fresh_fleet().await?;
+            let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
+            let pool = fleet.router.shards()[0].pool.clone();
+            let names: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
+            let rows: Vec<&str> = names.iter().cycle().take(CHUNK).copied().collect();
+            let mut left = backlog;
+            while left > 0 {
+                let take = left.min(CHUNK);
+                store::floor_enqueue(&pool, &rows[..take]).await?;
+                left -= take;
+            }
+            store::jobs_analyze(&pool).await?;
+            eprintln!("drain: working {n} of the {backlog} jobs...");
+            let cpu = CpuClock::start(server)?;
+            let (big, _) = drain(&fleet, n, args.concurrency).await?;
+            let (server_ms, node_ms) = cpu.per_thousand(server, n)?;
+            results.add("drain", &format!("drain, {backlog} backlog"), big, "jobs/s");
+            results.add("drain", "server CPU per 1,000 jobs, backlog", server_ms, "ms");
+            results.add("drain", "node CPU per 1,000 jobs, backlog", node_ms, "ms");
+            results.add_target(
+                "drain",
+                &format!("drain with {backlog} backlog / with {n}"),
+                big / rate,
+                "",
+                0.8,
+                true,
+            );
+        }
     }
     if floor_it {
         eprintln!("floor: {n} jobs enqueued by UNNEST inserts of {ENQUEUE_BATCH} rows...");
@@ -133,6 +171,9 @@ pub(super) async fn drain_and_floor(
             store::floor_fill(&pool, take).await?;
             left -= take;
         }
+        if args.statements {
+            store::statements_reset(&pool).await?;
+        }
         let cpu = CpuClock::start(server)?;
         let started = Instant::now();
         let loops = (0..FLOOR_LOOPS).map(|_| {
@@ -155,6 +196,9 @@ pub(super) async fn drain_and_floor(
         }
         let floor = total as f64 / started.elapsed().as_secs_f64();
         let (server_ms, node_ms) = cpu.per_thousand(server, total as usize)?;
+        if args.statements {
+            print_statements("floor", &pool, total as usize).await?;
+        }
         results.add(
             "floor",
             &format!("bare lifecycle, claim {FLOOR_BATCH}, {FLOOR_LOOPS} loops"),
@@ -166,6 +210,27 @@ pub(super) async fn drain_and_floor(
         if let Some(drain) = results.value("drain", "drain, one shard") {
             results.add_target("floor", "shardq drain / floor", drain / floor, "", 0.9, true);
         }
+    }
+    Ok(())
+}
+
+/// Prints the statements with the most execution time since the last
+/// reset, per call and per 1,000 of `jobs` (the `--statements` profile).
+async fn print_statements(scenario: &str, pool: &sqlx::PgPool, jobs: usize) -> anyhow::Result<()> {
+    let per = jobs.max(1) as f64 / 1000.0;
+    eprintln!("{scenario}: statements by execution time (pg_stat_statements), {jobs} jobs");
+    eprintln!("  calls | rows/call | mean ms | exec ms per 1,000 jobs | blks/call | WAL B/call | statement");
+    for s in store::statements_top(pool, 12).await? {
+        eprintln!(
+            "  {} | {:.1} | {:.3} | {:.2} | {:.0} | {:.0} | {}",
+            s.calls,
+            s.rows as f64 / s.calls.max(1) as f64,
+            s.mean_ms,
+            s.total_ms / per,
+            s.blks_per_call,
+            s.wal_per_call,
+            s.query
+        );
     }
     Ok(())
 }

@@ -87,6 +87,20 @@ pub struct BenchArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Runs of the latency scenario's notify case; each run with a job
+    /// picked up later than half the poll interval (it waited for the poll,
+    /// not a wake-up) or not finished counts as a stall.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Also drain `--jobs` jobs off a shard holding this many (e.g.
+    /// 5000000), against the drain of `--jobs` alone, in the same run.
+    #[arg(long)]
+    backlog: Option<usize>,
+    /// Profile the drain and floor with `pg_stat_statements` on the first
+    /// shard's server (restarted to load it): the top statements are
+    /// printed to stderr after each.
+    #[arg(long)]
+    statements: bool,
 }
 
 impl BenchArgs {
@@ -256,6 +270,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     results.machine.postgres = store::server_version(&probe).await?;
     let (fsync, sync_commit, fpw) = store::durability(&probe).await?;
     results.machine.durability = format!("fsync={fsync}, synchronous_commit={sync_commit}, full_page_writes={fpw}");
+    if args.statements {
+        store::statements_preload(&probe).await?;
+        let bed = bed.clone();
+        tokio::task::spawn_blocking(move || bed.shards()[0].restart().map_err(anyhow::Error::from)).await??;
+    }
     probe.close().await;
     // Progress on a terminal: the scenario running, and how many came before it.
     let (bar, started) = (

@@ -3,6 +3,14 @@
 //! attempt, retries the write while the shard is unreachable (and splits a
 //! batch the shard refuses, so one bad row never blocks the rest), then
 //! releases the runs' leases. Fed by the producer's run callback with [`Done`] values.
+//!
+//! Batches flush on size or after a short linger: an outcome waits at most
+//! [`LINGER`] for others to share its statement and commit. Outcomes queue
+//! while a batch is written, so the next batch is as large as the stream
+//! that arrived meanwhile. The producer frees a run's slot only after its
+//! outcome is queued here, and claims nothing more while too many of its
+//! jobs wait for their outcome's write: a completer that falls behind slows
+//! claiming instead of piling up outcomes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +26,12 @@ use crate::worker::Outcome;
 
 /// Most outcomes written in one batch.
 const MAX_BATCH: usize = 5_000;
+/// A batch this large is written at once; a smaller one waits up to
+/// [`LINGER`] for more outcomes, so batches stay large under load (where
+/// outcomes arrive in a stream) at the cost of that wait when idle.
+const FLUSH_AT: usize = 256;
+/// Longest a batch smaller than [`FLUSH_AT`] waits for more outcomes.
+const LINGER: Duration = Duration::from_millis(1);
 
 /// Writes outcomes from `rx` until `finish` turns true (or every sender is
 /// gone), then writes what is still queued and returns.
@@ -43,10 +57,15 @@ pub(crate) async fn run(
         };
         let Some(first) = first else { return };
         batch.push(first);
+        let linger_until = tokio::time::Instant::now() + LINGER;
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(d) => batch.push(d),
-                Err(_) => break,
+                Err(_) if finishing || batch.len() >= FLUSH_AT => break,
+                Err(_) => match tokio::time::timeout_at(linger_until, rx.recv()).await {
+                    Ok(Some(d)) => batch.push(d),
+                    _ => break,
+                },
             }
         }
         tracing::debug!(shard = %shard.db.name, outcomes = batch.len(), "writing outcomes");

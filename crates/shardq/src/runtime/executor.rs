@@ -1,5 +1,7 @@
 //! The executor: runs one fetched job's handler with its timeout, turns a
-//! panic into an error message, and returns the run's [`Done`]. Called by
+//! panic into an error message, and returns the run's [`Done`]. A job told
+//! to stop while it waited in its producer's buffer is not run: its `Done`
+//! says why (lease lost, or cancelled). Called by
 //! the producer inside the run's own task; what happens to the outcome
 //! (slot, lease, completer) is the producer's callback.
 
@@ -25,27 +27,38 @@ pub(crate) async fn execute(
     job: FetchedJob,
     cancelled: watch::Receiver<Option<CancelReason>>,
 ) -> Done {
-    let pickup = (Utc::now() - job.run_at).num_microseconds().unwrap_or(0).max(0) as u64;
-    shard.stats.record_pickup(pickup);
     let metrics = shard.metrics.get(queue, &job.kind);
-    let running = metrics.job_started(Duration::from_micros(pickup));
-    let span = tracing::info_span!("job", shard = %shard.db.name, queue = %queue, kind = %job.kind, id = job.id, attempt = job.attempt);
-    let started = std::time::Instant::now();
-    let mut outcome = run_handler(node, shard, queue, &job, cancelled.clone())
-        .instrument(span.clone())
-        .await;
-    metrics.job_ran(started.elapsed());
-    drop(running);
-    if let Outcome::Failed(error) = &outcome {
-        if job.attempt >= job.max_attempts {
-            tracing::warn!(parent: &span, %error, max_attempts = job.max_attempts, "job failed on its last attempt; discarded");
-        } else {
-            tracing::debug!(parent: &span, %error, "job failed; will retry");
+    // A job told to stop while it waited in its producer's buffer (lease
+    // lost, or cancelled) is not started; its outcome is set below.
+    let stopped_before = cancelled.borrow().is_some();
+    let mut outcome = if stopped_before {
+        Outcome::LeaseLost
+    } else {
+        let pickup = (Utc::now() - job.run_at).num_microseconds().unwrap_or(0).max(0) as u64;
+        shard.stats.record_pickup(pickup);
+        let running = metrics.job_started(Duration::from_micros(pickup));
+        let span = tracing::info_span!("job", shard = %shard.db.name, queue = %queue, kind = %job.kind, id = job.id, attempt = job.attempt);
+        let started = std::time::Instant::now();
+        let outcome = run_handler(node, shard, queue, &job, cancelled.clone())
+            .instrument(span.clone())
+            .await;
+        metrics.job_ran(started.elapsed());
+        drop(running);
+        if let Outcome::Failed(error) = &outcome {
+            if job.attempt >= job.max_attempts {
+                tracing::warn!(parent: &span, %error, max_attempts = job.max_attempts, "job failed on its last attempt; discarded");
+            } else {
+                tracing::debug!(parent: &span, %error, "job failed; will retry");
+            }
         }
-    }
+        outcome
+    };
     match *cancelled.borrow() {
         // Cancelled while running: the row is already `cancelled` (the write
         // is fenced off), whatever the handler returned.
+        Some(CancelReason::Requested) if stopped_before => {
+            outcome = Outcome::Cancel("cancelled on request before it started".into())
+        }
         Some(CancelReason::Requested) => outcome = Outcome::Cancel("cancelled on request while running".into()),
         // Another node may run the job now: this run's outcome is not written.
         Some(CancelReason::LeaseLost) => outcome = Outcome::LeaseLost,

@@ -1,5 +1,6 @@
-//! The heartbeat: keeps this node's leases on one shard alive, renewing them
-//! all in one statement every `heartbeat_interval`. A lease it could not
+//! The heartbeat: keeps this node's leases on one shard alive (running and
+//! buffered jobs alike) in one statement every `heartbeat_interval`, which
+//! writes only the leases that are no longer fresh. A lease it could not
 //! renew (taken by a rescue, or run out while renewals failed) is lost: the
 //! run is told to stop ([`CancelReason::LeaseLost`](crate::worker::CancelReason))
 //! and its outcome is not written. At shutdown it hands
@@ -7,6 +8,7 @@
 //! counted). Spawned by the composer; reads `ShardWork::leases`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -29,22 +31,25 @@ pub(crate) async fn run(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch:
     }
 }
 
-/// Renews every lease this node holds on `shard` in one statement, and
-/// stops the runs whose lease it lost.
+/// Renews the leases this node holds on `shard` in one statement, and
+/// stops the runs whose lease it lost. Leases with more than
+/// [`fresh_secs`] left (claimed since about half a beat ago) are not
+/// written, only confirmed.
 async fn renew(node: &Node, shard: &ShardWork) {
     let (ids, attempts) = shard.leases.held();
     if ids.is_empty() {
         return;
     }
     let lease = node.options.lease;
+    let fresh = fresh_secs(lease, node.options.heartbeat_interval);
     let sent_at = Instant::now();
-    let renewal = store::job_lease_renew(&shard.db.pool, &ids, &attempts, &node.id, lease.as_secs_f64());
+    let renewal = store::job_lease_renew(&shard.db.pool, &ids, &attempts, &node.id, lease.as_secs_f64(), fresh);
     // A renewal that outlasts the lease is as good as failed.
     let lost = match tokio::time::timeout(lease, renewal).await {
-        Ok(Ok(renewed)) => {
-            tracing::trace!(shard = %shard.db.name, renewed = renewed.len(), held = ids.len(), "leases renewed");
+        Ok(Ok(held)) => {
+            tracing::trace!(shard = %shard.db.name, held = held.len(), asked = ids.len(), "leases renewed");
             let asked: Vec<(i64, i32)> = ids.into_iter().zip(attempts).collect();
-            shard.leases.renewed(&asked, &renewed, sent_at, lease)
+            shard.leases.renewed(&asked, &held, sent_at)
         }
         Ok(Err(e)) => {
             tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "lease renewal failed");
@@ -57,6 +62,19 @@ async fn renew(node: &Node, shard: &ShardWork) {
     };
     if lost > 0 {
         metrics::leases_lost(&shard.db.name, lost as u64);
+    }
+}
+
+/// Seconds left above which a lease is fresh and a beat leaves it alone:
+/// `lease - interval / 2`. A lease skipped at one beat has more than
+/// `lease - 1.5 × interval` left at the next (validated options keep the
+/// interval under the lease; a lease under 1.5 beats renews every time).
+fn fresh_secs(lease: Duration, interval: Duration) -> f64 {
+    let fresh = lease.as_secs_f64() - interval.as_secs_f64() / 2.0;
+    if fresh - interval.as_secs_f64() > 0.0 {
+        fresh
+    } else {
+        lease.as_secs_f64()
     }
 }
 
@@ -110,5 +128,21 @@ pub(crate) async fn hand_back(node: &Node, shard: &ShardWork) {
         Err(e) => {
             tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "hand-back failed; leases will expire and the jobs be rescued")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_skipped_at_one_beat_outlives_the_next() {
+        let (lease, beat) = (Duration::from_secs(30), Duration::from_secs(10));
+        let fresh = fresh_secs(lease, beat);
+        assert_eq!(fresh, 25.0);
+        // Skipped with just over `fresh` left, it has this much at the next beat:
+        assert!(fresh - beat.as_secs_f64() > 0.0);
+        // A lease too short for that is renewed at every beat.
+        assert_eq!(fresh_secs(Duration::from_secs(3), Duration::from_secs(2)), 3.0);
     }
 }

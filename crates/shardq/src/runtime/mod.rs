@@ -18,8 +18,9 @@
 //!   flush, release).
 //! - `notifier`: per shard, the one LISTEN connection; hands payloads to
 //!   subscribers by channel.
-//! - `producer`: per (shard, queue), claims due jobs up to free slots and
-//!   runs each in its own task; its callback hands the outcome on.
+//! - `producer`: per (shard, queue), claims due jobs ahead of the free slots
+//!   into a bounded buffer and runs each in its own task as slots free; its
+//!   callback hands the outcome on.
 //! - `wakeup`: a producer's next wake-up, from its queue's earliest scheduled job.
 //! - `slots`: a queue's node-wide limit, shared fairly across shards.
 //! - `executor`: runs a handler with timeout and panic capture.

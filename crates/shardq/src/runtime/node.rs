@@ -69,27 +69,41 @@ pub(crate) struct Done {
 
 /// One run this node holds a lease for.
 struct Lease {
-    /// Aborts the run; `None` once the run has ended (outcome pending write).
+    /// Aborts the run; `None` while the job waits in its producer's buffer
+    /// (`buffered`) and once the run has ended (outcome pending write).
     run: Option<AbortHandle>,
+    /// Claimed and not started yet: the job waits in its producer's buffer
+    /// for a slot.
+    buffered: bool,
     /// Set when the run must stop (cancelled, or the lease was lost); the
-    /// handler observes it through `JobContext::cancelled`.
+    /// handler observes it through `JobContext::cancelled`, and a buffered
+    /// job so marked is never started.
     stop: watch::Sender<Option<CancelReason>>,
     /// When the lease ends on this node's clock unless renewed: counted from
     /// before the claim or renewal was sent, so never later than the shard's.
     expires: Instant,
 }
 
+impl Lease {
+    /// Whether the job is buffered or running (not ended).
+    fn live(&self) -> bool {
+        self.run.is_some() || self.buffered
+    }
+}
+
 /// The runs this node holds on one shard, from claim until their outcome is
 /// written, keyed by (job id, attempt): a job rescued and claimed again by
-/// this node while its old run goes on has two entries. The producer starts
-/// them, the run's end marks them ended, the completer releases them once
-/// written, the heartbeat renews them (and stops those whose lease it
-/// lost), the cancel stage signals them, and shutdown waits for them or
-/// hands them back. Only this type knows their shape.
+/// this node while its old run goes on has two entries. The producer holds
+/// them at claim time (buffered) and starts them, the run's end marks them
+/// ended, the completer releases them once written, the heartbeat renews
+/// them (and stops those whose lease it lost), the cancel stage signals
+/// them, and shutdown hands the buffered ones back, waits for the running
+/// ones or hands them back. Only this type knows their shape.
 #[derive(Default)]
 pub(crate) struct Leases {
     held: Mutex<HashMap<(i64, i32), Lease>>,
-    /// Notified whenever leases are released (shutdown waits on it).
+    /// Notified whenever leases are released (shutdown and a producer held
+    /// back by outcomes not yet written wait on it).
     released: Notify,
     /// Claims sent and not yet recorded here (see [`Leases::claiming`]).
     claims_in_flight: AtomicU64,
@@ -106,45 +120,94 @@ impl Drop for Claiming<'_> {
     }
 }
 
+/// A claimed job waiting in its producer's buffer, with the stop signal its
+/// run will observe.
+pub(crate) type Buffered = (FetchedJob, watch::Receiver<Option<CancelReason>>);
+
 impl Leases {
     /// Records `jobs`, claimed with leases of `lease` from `claimed_at`, as
-    /// held and starts each with `spawn`, which gets the job and its stop
-    /// signal and returns the run's abort handle. The lock is held across
-    /// the spawns, so a run that ends at once still finds its lease. An
-    /// older run of the same job still going here lost its lease (the job
-    /// was rescued and claimed again): it is told so.
-    pub(crate) fn start(
-        &self,
-        jobs: Vec<FetchedJob>,
-        claimed_at: Instant,
-        lease: Duration,
-        mut spawn: impl FnMut(FetchedJob, watch::Receiver<Option<CancelReason>>) -> AbortHandle,
-    ) -> usize {
-        let Ok(mut held) = self.held.lock() else { return 0 };
+    /// held and buffered (not started); returns them with their stop
+    /// signals, and how many older runs lost their lease: an older run of
+    /// the same job still going here lost it (the job was rescued and
+    /// claimed again), and is told so.
+    pub(crate) fn hold(&self, jobs: Vec<FetchedJob>, claimed_at: Instant, lease: Duration) -> (Vec<Buffered>, usize) {
+        let Ok(mut held) = self.held.lock() else {
+            return (Vec::new(), 0);
+        };
         let mut lost = 0;
+        let mut out = Vec::with_capacity(jobs.len());
+        // One pass over the held runs for the whole claim (not one per job).
+        let newest: HashMap<i64, i32> = jobs.iter().map(|j| (j.id, j.attempt)).collect();
+        for ((id, attempt), old) in held.iter() {
+            if newest.get(id).is_some_and(|newer| attempt < newer)
+                && old.live()
+                && old.stop.send_replace(Some(CancelReason::LeaseLost)).is_none()
+            {
+                tracing::warn!(
+                    id,
+                    "a newer attempt of this job started here: the older run lost its lease"
+                );
+                lost += 1;
+            }
+        }
         for job in jobs {
             let key = (job.id, job.attempt);
-            for ((id, _), old) in held.iter().filter(|((id, a), _)| *id == key.0 && *a < key.1) {
-                if old.run.is_some() && old.stop.send_replace(Some(CancelReason::LeaseLost)).is_none() {
-                    tracing::warn!(
-                        id,
-                        "a newer attempt of this job started here: the older run lost its lease"
-                    );
-                    lost += 1;
-                }
-            }
             let (stop, stopped) = watch::channel(None);
-            let run = Some(spawn(job, stopped));
             held.insert(
                 key,
                 Lease {
-                    run,
+                    run: None,
+                    buffered: true,
                     stop,
                     expires: claimed_at + lease,
                 },
             );
+            out.push((job, stopped));
         }
-        lost
+        (out, lost)
+    }
+
+    /// Starts the buffered `job` with `spawn`, which gets the job and its
+    /// stop signal and returns the run's abort handle. The lock is held
+    /// across the spawn, so a run that ends at once still finds its lease.
+    /// A job no longer held (handed back meanwhile) is not started: returns
+    /// false.
+    pub(crate) fn begin(
+        &self,
+        (job, stop): Buffered,
+        spawn: impl FnOnce(FetchedJob, watch::Receiver<Option<CancelReason>>) -> AbortHandle,
+    ) -> bool {
+        let Ok(mut held) = self.held.lock() else { return false };
+        let Some(lease) = held.get_mut(&(job.id, job.attempt)).filter(|l| l.buffered) else {
+            return false;
+        };
+        lease.buffered = false;
+        lease.run = Some(spawn(job, stop));
+        true
+    }
+
+    /// Drops the leases of the buffered jobs among `keys` (never started):
+    /// returns the ids and attempts dropped, in id order, for the caller to
+    /// hand back.
+    pub(crate) fn take_buffered(&self, keys: impl IntoIterator<Item = (i64, i32)>) -> (Vec<i64>, Vec<i32>) {
+        let mut taken: Vec<(i64, i32)> = match self.held.lock() {
+            Ok(mut held) => keys
+                .into_iter()
+                .filter(|k| {
+                    let buffered = held.get(k).is_some_and(|l| l.buffered);
+                    buffered && held.remove(k).is_some()
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        self.released.notify_waiters();
+        taken.sort_unstable();
+        taken.into_iter().unzip()
+    }
+
+    /// Resolves at the next release of leases (see [`Leases::release`]).
+    pub(crate) fn released(&self) -> tokio::sync::futures::Notified<'_> {
+        self.released.notified()
     }
 
     /// Marks a claim as sent until the returned guard drops (after its jobs
@@ -200,26 +263,23 @@ impl Leases {
         self.held.lock().map(|l| l.len()).unwrap_or(0)
     }
 
-    /// After a renewal sent at `sent_at` for `asked`: the runs in `renewed`
-    /// now last until `sent_at + lease`; those asked for but not renewed
-    /// were taken from this node (rescued, cancelled or finished by someone
-    /// else), and those whose lease ran out meanwhile are lost too. Runs
-    /// still going among the lost are told to stop; returns how many.
-    pub(crate) fn renewed(
-        &self,
-        asked: &[(i64, i32)],
-        renewed: &[(i64, i32)],
-        sent_at: Instant,
-        lease: Duration,
-    ) -> usize {
+    /// After a renewal sent at `sent_at` for `asked`: the runs in `held`
+    /// now last until `sent_at` plus their remaining seconds (as the shard
+    /// counted them: a lease the renewal left alone because it was fresh
+    /// keeps its end); those asked for but not among them were taken from
+    /// this node (rescued, cancelled or finished by someone else), and those
+    /// whose lease ran out meanwhile are lost too. Runs still going (or
+    /// buffered) among the lost are told to stop; returns how many.
+    pub(crate) fn renewed(&self, asked: &[(i64, i32)], held_now: &[(i64, i32, f64)], sent_at: Instant) -> usize {
         let Ok(mut held) = self.held.lock() else { return 0 };
-        let renewed: std::collections::HashSet<&(i64, i32)> = renewed.iter().collect();
+        let kept: HashMap<(i64, i32), f64> = held_now.iter().map(|(id, a, secs)| ((*id, *a), *secs)).collect();
         for key in asked {
             if let Some(l) = held.get_mut(key) {
-                if renewed.contains(key) {
-                    l.expires = sent_at + lease;
-                } else {
-                    l.expires = l.expires.min(sent_at);
+                match kept.get(key) {
+                    Some(secs) => {
+                        l.expires = sent_at + Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or_default();
+                    }
+                    None => l.expires = l.expires.min(sent_at),
                 }
             }
         }
@@ -236,7 +296,7 @@ impl Leases {
     fn stop_expired(held: &mut HashMap<(i64, i32), Lease>, now: Instant) -> usize {
         let mut lost = 0;
         for ((id, attempt), l) in held.iter() {
-            if l.run.is_some() && l.expires <= now && l.stop.borrow().is_none() {
+            if l.live() && l.expires <= now && l.stop.borrow().is_none() {
                 l.stop.send_replace(Some(CancelReason::LeaseLost));
                 tracing::warn!(
                     id,
@@ -249,26 +309,27 @@ impl Leases {
         lost
     }
 
-    /// Ids of the jobs still running whose handler was not told to stop.
+    /// Ids of the jobs still running or buffered whose handler was not told to stop.
     pub(crate) fn running_unsignalled(&self) -> Vec<i64> {
         self.held
             .lock()
             .map(|held| {
                 held.iter()
-                    .filter(|(_, l)| l.run.is_some() && l.stop.borrow().is_none())
+                    .filter(|(_, l)| l.live() && l.stop.borrow().is_none())
                     .map(|((id, _), _)| *id)
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    /// Tells the runs of `ids` still going that their job was cancelled;
-    /// returns the ids it signalled (not those told to stop before).
+    /// Tells the runs of `ids` still going (or buffered: they will not
+    /// start) that their job was cancelled; returns the ids it signalled
+    /// (not those told to stop before).
     pub(crate) fn signal_cancel(&self, ids: &[i64]) -> Vec<i64> {
         let Ok(held) = self.held.lock() else { return Vec::new() };
         let mut signalled = Vec::new();
         for ((id, _), lease) in held.iter() {
-            if ids.contains(id) && lease.run.is_some() && lease.stop.borrow().is_none() {
+            if ids.contains(id) && lease.live() && lease.stop.borrow().is_none() {
                 lease.stop.send_replace(Some(CancelReason::Requested));
                 signalled.push(*id);
             }
@@ -276,8 +337,9 @@ impl Leases {
         signalled
     }
 
-    /// Aborts the runs still going, drops their leases and returns their ids
-    /// and attempts (for the hand-back at shutdown).
+    /// Aborts the runs still going, drops their leases and those of jobs
+    /// still buffered (their producer stopped before handing them back),
+    /// and returns their ids and attempts (for the hand-back at shutdown).
     pub(crate) fn abort_running(&self) -> (Vec<i64>, Vec<i32>) {
         let Ok(mut held) = self.held.lock() else {
             return Default::default();
@@ -285,10 +347,14 @@ impl Leases {
         let running: Vec<(i64, i32)> = held
             .iter_mut()
             .filter_map(|(key, l)| {
-                l.run.take().map(|run| {
-                    run.abort();
-                    *key
-                })
+                let buffered = std::mem::take(&mut l.buffered);
+                match l.run.take() {
+                    Some(run) => {
+                        run.abort();
+                        Some(*key)
+                    }
+                    None => buffered.then_some(*key),
+                }
             })
             .collect();
         for key in &running {

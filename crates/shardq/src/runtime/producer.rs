@@ -1,22 +1,45 @@
-//! The producer: one task per (shard, queue). Woken by the shard's notifier,
-//! by released slots, or by a jittered poll (the fallback when notifications
-//! are lost), it waits out a short cooldown so bursts of wake-ups coalesce,
-//! then claims as many due jobs as it has free slots in one statement, and
-//! claims again at once while batches come back full.
+//! The producer: one task per (shard, queue). It claims due jobs ahead of
+//! the free slots into a bounded local buffer, and starts buffered jobs as
+//! slots free, so a slot never waits on a claim's round trip or commit: the
+//! next claim is in flight while the last one's jobs run.
 //!
-//! Each claimed job runs in its own task through the executor; when the run
-//! ends, the producer's callback frees its slot, marks its lease ended and
-//! sends its [`Done`] to the shard's completer.
+//! Claims: woken by the shard's notifier, by released slots, or by a
+//! jittered poll (the fallback when notifications are lost), the producer
+//! waits out a short cooldown so bursts of wake-ups coalesce, then claims
+//! up to twice the queue's limit in one statement (bounded by `max_batch`;
+//! a queue with a limit under [`OVERLAP_FROM_LIMIT`] claims up to its limit),
+//! and claims again at once while batches come back full. A second claim
+//! goes out while the first is in flight once the buffer is below the
+//! limit, so claims overlap each other's round trip and commit. Backpressure: the jobs this node holds on the
+//! shard (buffered, running, or ended with their outcome not yet written)
+//! are bounded; at the bound the producer claims nothing until the
+//! completer has written outcomes.
+//!
+//! Buffered jobs are leased from their claim (the heartbeat renews them
+//! with the running ones). A buffered job whose lease was lost, or whose
+//! job was cancelled, is never started: its end goes to the completer like
+//! a run's. When the producer stops, it waits for its claims in flight,
+//! starts what fits the free slots, and hands the other buffered jobs back
+//! (available at once, the claim's attempt taken back) in one statement.
+//!
+//! Each started job runs in its own task through the executor; when the run
+//! ends, the producer's callback marks its lease ended, sends its [`Done`]
+//! to the shard's completer and then frees its slot, so a completer that
+//! falls behind holds slots (and, through the bound on held jobs, claims).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
 use rand::Rng;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::executor;
-use super::node::{Done, Node, ShardWork};
+use super::node::{Buffered, Done, Node, ShardWork};
 use super::slots::QueueSlots;
 use super::wakeup;
 use crate::observe::metrics;
@@ -35,101 +58,241 @@ pub(crate) struct Producer {
     pub done: mpsc::Sender<Done>,
 }
 
+/// How soon a producer held back by unwritten outcomes looks again if no
+/// release woke it.
+const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
+
+/// Most claims of one producer in flight at once: the next claim's round
+/// trip and commit overlap the last one's, while its jobs run. Their jobs
+/// join the buffer in the order the claims were sent.
+const CLAIMS_IN_FLIGHT: usize = 2;
+/// Queues with a smaller limit claim one batch at a time, of at most the
+/// limit: a claim returns its jobs in id order (not priority order), and
+/// two claims in flight may be served out of order; with so few slots
+/// either would show as jobs starting out of priority order.
+const OVERLAP_FROM_LIMIT: usize = 4;
+
+/// What one claim brought back.
+struct Claimed {
+    /// The claimed jobs, held as buffered.
+    jobs: Vec<Buffered>,
+    /// How many were asked for.
+    want: usize,
+    /// When the queue's earliest scheduled job is due, read after a short
+    /// claim (`None` inside: no job or unknown).
+    due: Option<Option<Instant>>,
+}
+
+/// The claim bounds of a producer, from its queue's limit and the options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bounds {
+    /// A claim starts only while fewer jobs than this are buffered or being
+    /// claimed (the limit plus one claim: a second claim goes out once the
+    /// buffer is below the limit with one claim in flight).
+    refill_below: usize,
+    /// Most jobs one claim asks for.
+    claim_most: usize,
+    /// Most claims in flight at once.
+    in_flight: usize,
+    /// Most jobs the node holds on the shard for this queue's producer to
+    /// claim more (buffered, running, or waiting for their outcome's write).
+    held_most: usize,
+}
+
+impl Bounds {
+    fn new(limit: usize, max_batch: usize) -> Bounds {
+        let limit = limit.max(1);
+        let small = limit < OVERLAP_FROM_LIMIT;
+        let claim_most = if small { limit } else { 2 * limit }.min(max_batch).max(1);
+        Bounds {
+            refill_below: limit + claim_most,
+            claim_most,
+            in_flight: if small { 1 } else { CLAIMS_IN_FLIGHT },
+            held_most: 8 * limit + claim_most,
+        }
+    }
+
+    /// How many jobs to claim with `ahead` buffered or being claimed and
+    /// `held` held on the shard; 0: none now.
+    fn want(&self, ahead: usize, held: usize) -> usize {
+        if ahead >= self.refill_below {
+            return 0;
+        }
+        self.claim_most.min(self.held_most.saturating_sub(held))
+    }
+}
+
 impl Producer {
-    /// Runs until `stop` turns true; returns after the fetch in progress, if any.
+    /// Runs until `stop` turns true; then waits for the claims in flight, if
+    /// any, starts what fits the free slots and hands back the jobs still
+    /// buffered.
     pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
         let opts = &self.node.options;
-        let mut last_fetch = Instant::now() - opts.fetch_cooldown;
+        let bounds = Bounds::new(self.slots.limit(), opts.max_batch);
+        let mut buffer: VecDeque<Buffered> = VecDeque::new();
+        // The claims in flight, in the order sent, each with how many jobs it asked for.
+        let mut claims: FuturesOrdered<BoxFuture<'_, (usize, sqlx::Result<Claimed>)>> = FuturesOrdered::new();
+        // Jobs asked for by the claims in flight.
+        let mut claiming = 0;
+        // Whether a claim may find work: set by every wake-up, the poll, a
+        // due time, a full claim and a retry after an error.
+        let mut maybe_work = true;
+        let mut last_claim = Instant::now() - opts.fetch_cooldown;
         let mut error_wait = Duration::from_millis(100);
+        let mut retry_at: Option<Instant> = None;
         // When the queue's earliest scheduled job is due, read after the last
-        // short fetch (see `wakeup`).
+        // short claim (see `wakeup`).
         let mut due: Option<Instant> = None;
         // Whether the last short claim left jobs that were already due.
         let mut left_due = false;
         loop {
-            let poll = opts.poll_interval.mul_f64(rand::rng().random_range(0.9..1.1));
-            let sleep = wakeup::sleep_for(poll, due, Instant::now());
-            tokio::select! {
-                _ = stop.changed() => {}
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
-            }
             if *stop.borrow() {
-                return;
+                break;
             }
-            // A due time that has passed is used up; the next short fetch reads a new one.
-            due = due.filter(|at| *at > Instant::now());
-            let since = last_fetch.elapsed();
-            if since < opts.fetch_cooldown {
-                tokio::time::sleep(opts.fetch_cooldown - since).await;
-            }
-            while !*stop.borrow() {
-                let fetched = self.fetch().await;
-                // The cooldown counts from the end of the fetch, so slots
-                // freed while it ran gather into the next claim.
-                last_fetch = Instant::now();
-                match fetched {
-                    Ok(None) => break, // no free slot: a released slot wakes us
-                    Ok(Some((want, got))) => {
-                        error_wait = Duration::from_millis(100);
-                        if got < want {
-                            due = wakeup::next_due(&self.shard, &self.queue, opts.shard_timeout).await;
-                            // Due jobs a claim leaves are held by another
-                            // claim in flight or blocked behind their serial
-                            // key. Look once more shortly; if that claims
-                            // nothing either, wait for a notification (a
-                            // key's release sends one) or the poll instead
-                            // of re-reading the blocked chain every 10 ms.
-                            let due_now = due.is_some_and(|at| at <= Instant::now());
-                            if due_now && left_due && got == 0 {
-                                due = None;
-                            }
-                            left_due = due_now;
-                            break;
+            self.dispatch(&mut buffer);
+            let now = Instant::now();
+            let mut held_back = false;
+            let mut wake_at = None;
+            if claims.len() < bounds.in_flight && maybe_work {
+                if let Some(at) = retry_at.filter(|at| *at > now) {
+                    wake_at = Some(at);
+                } else if now < last_claim + opts.fetch_cooldown {
+                    wake_at = Some(last_claim + opts.fetch_cooldown);
+                } else {
+                    let want = bounds.want(buffer.len() + claiming, self.shard.leases.count());
+                    if want > 0 {
+                        maybe_work = false;
+                        retry_at = None;
+                        if buffer.is_empty() && claims.is_empty() {
+                            self.slots.waiting_on_shard(self.shard.index);
                         }
-                    }
-                    Err(e) if store::claim_lost_serial_race(&e) => {
-                        tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key this claim picked; claiming again");
-                    }
-                    Err(e) => {
-                        // A shard that cannot be fetched from gives up its
-                        // share of the slots until it answers again.
-                        self.slots.set_failing(self.shard.index);
-                        tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "fetch failed; backing off");
-                        tokio::select! {
-                            _ = stop.changed() => return,
-                            _ = tokio::time::sleep(error_wait) => {}
-                        }
-                        error_wait = (error_wait * 2).min(Duration::from_secs(5));
-                        self.wake.notify_one();
-                        break;
+                        claiming += want;
+                        let this = &self;
+                        claims.push_back(async move { (want, this.claim(want).await) }.boxed());
+                    } else if buffer.len() + claiming < bounds.refill_below {
+                        // Held back by outcomes not yet written: woken by
+                        // their release, or shortly in case it came just now.
+                        held_back = true;
+                        wake_at = Some(now + HELD_BACK_RECHECK);
                     }
                 }
+            }
+            let poll = opts.poll_interval.mul_f64(rand::rng().random_range(0.9..1.1));
+            let mut until = now + wakeup::sleep_for(poll, due, now);
+            if let Some(at) = wake_at {
+                until = until.min(at);
+            }
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = self.wake.notified() => maybe_work = true,
+                _ = self.shard.leases.released(), if held_back => {}
+                Some((asked, claimed)) = claims.next(), if !claims.is_empty() => {
+                    claiming -= asked;
+                    // The cooldown counts from the end of the claim, so
+                    // wake-ups during it gather into the next claim.
+                    last_claim = Instant::now();
+                    match claimed {
+                        Ok(c) => {
+                            error_wait = Duration::from_millis(100);
+                            let got = c.jobs.len();
+                            buffer.extend(c.jobs);
+                            if got < c.want {
+                                due = c.due.flatten();
+                                // Due jobs a claim leaves are held by another
+                                // claim in flight or blocked behind their serial
+                                // key. Look once more shortly; if that claims
+                                // nothing either, wait for a notification (a
+                                // key's release sends one) or the poll instead
+                                // of re-reading the blocked chain every 10 ms.
+                                let due_now = due.is_some_and(|at| at <= Instant::now());
+                                if due_now && left_due && got == 0 {
+                                    due = None;
+                                }
+                                left_due = due_now;
+                            } else {
+                                maybe_work = true;
+                            }
+                        }
+                        Err(e) if store::claim_lost_serial_race(&e) => {
+                            tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key this claim picked; claiming again");
+                            maybe_work = true;
+                        }
+                        Err(e) => {
+                            // A shard that cannot be claimed from gives up its
+                            // share of the slots until it answers again.
+                            self.slots.set_failing(self.shard.index);
+                            tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "fetch failed; backing off");
+                            retry_at = Some(Instant::now() + error_wait);
+                            error_wait = (error_wait * 2).min(Duration::from_secs(5));
+                            maybe_work = true;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(until) => maybe_work = true,
+            }
+            // A due time that has passed is used up; the next short claim reads a new one.
+            due = due.filter(|at| *at > Instant::now());
+        }
+        // As before a stop: the jobs of claims that were in flight start on
+        // the slots free now (shutdown gives them its grace period like the
+        // other runs); the rest of the buffer is handed back.
+        while let Some((_, claimed)) = claims.next().await {
+            if let Ok(c) = claimed {
+                buffer.extend(c.jobs);
+            }
+        }
+        self.dispatch(&mut buffer);
+        self.hand_back(buffer).await;
+    }
+
+    /// Starts buffered jobs on the free slots, oldest first. Jobs told to
+    /// stop while buffered (lease lost, cancelled) are started without a
+    /// slot: their run ends at once and goes to the completer.
+    fn dispatch(&self, buffer: &mut VecDeque<Buffered>) {
+        if buffer.is_empty() {
+            return;
+        }
+        let index = self.shard.index;
+        if buffer.iter().any(|(_, stop)| stop.borrow().is_some()) {
+            let (stopped, kept): (VecDeque<Buffered>, VecDeque<Buffered>) =
+                buffer.drain(..).partition(|(_, stop)| stop.borrow().is_some());
+            *buffer = kept;
+            for b in stopped {
+                self.shard.leases.begin(b, |job, stop| {
+                    tokio::spawn(self.run_one(job, stop, false)).abort_handle()
+                });
+            }
+        }
+        // Until no slot is left or the buffer is empty: a reservation that
+        // finds no slot marks the shard hungry, so the next release wakes it.
+        while !buffer.is_empty() {
+            let got = self.slots.reserve(index, buffer.len());
+            if got == 0 {
+                return;
+            }
+            let mut started = 0;
+            for b in buffer.drain(..got) {
+                if self.shard.leases.begin(b, |job, stop| {
+                    tokio::spawn(self.run_one(job, stop, true)).abort_handle()
+                }) {
+                    started += 1;
+                }
+            }
+            if started < got {
+                self.slots.unreserve(index, got - started);
             }
         }
     }
 
-    /// Claims as many due jobs as there are free slots, and starts them:
-    /// `None` when no slot is free, else (slots reserved, jobs claimed).
-    ///
-    /// The connection comes first, with no slot reserved: a shard whose
-    /// server is down or not answering holds no slot while the node waits
-    /// on it. Each wait is bounded by `shard_timeout`; a claim that timed out
-    /// closes its connection.
-    async fn fetch(&self) -> sqlx::Result<Option<(usize, usize)>> {
+    /// Claims up to `want` due jobs in one statement and holds them as
+    /// buffered. The connection comes first; each wait is bounded by
+    /// `shard_timeout`, and a claim that timed out closes its connection.
+    /// After a short claim, reads when the queue's next job is due.
+    async fn claim(&self, want: usize) -> sqlx::Result<Claimed> {
         let opts = &self.node.options;
-        let index = self.shard.index;
-        if !self.slots.has_free(index) {
-            return Ok(None);
-        }
-        self.slots.waiting_on_shard(index);
         let mut conn = tokio::time::timeout(opts.shard_timeout, self.shard.db.pool.acquire())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        let want = self.slots.reserve(index, opts.max_batch);
-        if want == 0 {
-            return Ok(None);
-        }
         let params = FetchParams {
             queue: &self.queue,
             limit: want as i64,
@@ -139,42 +302,70 @@ impl Producer {
         };
         // Until its jobs are recorded, the orphan check leaves this node's
         // unheld running rows alone: they may be this claim's.
-        let _claiming = self.shard.leases.claiming();
+        let claiming = self.shard.leases.claiming();
         let claimed_at = Instant::now();
         let claimed = tokio::time::timeout(opts.shard_timeout, store::job_fetch_available(&mut *conn, &params)).await;
-        let jobs = match claimed {
+        let jobs: Vec<FetchedJob> = match claimed {
             Ok(Ok(jobs)) => jobs,
-            Ok(Err(e)) => {
-                self.slots.unreserve(index, want);
-                return Err(e);
-            }
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
-                self.slots.unreserve(index, want);
                 drop(conn.detach());
                 return Err(sqlx::Error::PoolTimedOut);
             }
         };
+        drop(conn);
         let got = jobs.len();
-        self.slots.unreserve(self.shard.index, want - got);
+        let (jobs, lost) = self.shard.leases.hold(jobs, claimed_at, opts.lease);
+        drop(claiming);
         self.slots.set_hungry(self.shard.index, got == want);
         if got > 0 {
             tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, got, want, "fetched");
         }
-        let lost = self.shard.leases.start(jobs, claimed_at, opts.lease, |job, stop| {
-            tokio::spawn(self.run_one(job, stop)).abort_handle()
-        });
         if lost > 0 {
             metrics::leases_lost(&self.shard.db.name, lost as u64);
         }
-        Ok(Some((want, got)))
+        let due = if got < want {
+            Some(wakeup::next_due(&self.shard, &self.queue, opts.shard_timeout).await)
+        } else {
+            None
+        };
+        Ok(Claimed { jobs, want, due })
     }
 
-    /// One job's run and the callback on its end: the slot is freed, the
-    /// lease marked ended, and the outcome sent to the completer.
+    /// Hands the buffered jobs back (the producer stopped): available at
+    /// once, their claim's attempt taken back, in one statement. If the
+    /// shard does not take it, the heartbeat's orphan check releases them
+    /// (their leases are dropped here), or rescue does once they expire.
+    async fn hand_back(&self, buffer: VecDeque<Buffered>) {
+        let (ids, attempts) = self
+            .shard
+            .leases
+            .take_buffered(buffer.iter().map(|(job, _)| (job.id, job.attempt)));
+        if ids.is_empty() {
+            return;
+        }
+        let released = store::job_release_unclaimed(&self.shard.db.pool, &ids, &attempts, &self.node.id);
+        match tokio::time::timeout(self.node.options.shard_timeout, released).await {
+            Ok(Ok(n)) => {
+                tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, handed_back = n, "buffered jobs handed back")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), jobs = ids.len(), "handing buffered jobs back failed; their leases will expire and the jobs be rescued")
+            }
+            Err(_) => {
+                tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, jobs = ids.len(), "handing buffered jobs back did not answer in time; their leases will expire and the jobs be rescued")
+            }
+        }
+    }
+
+    /// One job's run and the callback on its end: the lease is marked
+    /// ended, the outcome sent to the completer and then the slot freed
+    /// (when the run had one).
     fn run_one(
         &self,
         job: FetchedJob,
         stop: watch::Receiver<Option<CancelReason>>,
+        slotted: bool,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (node, shard, slots, queue, done_tx) = (
             self.node.clone(),
@@ -185,7 +376,6 @@ impl Producer {
         );
         async move {
             let done = executor::execute(&node, &shard, &queue, job, stop).await;
-            slots.release(shard.index, 1);
             shard.leases.run_ended(done.id, done.attempt);
             let id = done.id;
             if done_tx.send(done).await.is_err() {
@@ -193,6 +383,40 @@ impl Producer {
                 // expires and the job is rescued.
                 tracing::warn!(shard = %shard.db.name, id, "outcome not recorded: completer stopped");
             }
+            if slotted {
+                slots.release(shard.index, 1);
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_run_ahead_of_the_slots_within_bounds() {
+        let b = Bounds::new(64, 1_000);
+        assert_eq!(b.want(0, 0), 128, "an empty buffer claims twice the limit");
+        assert_eq!(
+            b.want(128 + 63, 100),
+            128,
+            "a second claim once one is in flight and the buffer is low"
+        );
+        assert_eq!(
+            b.want(128 + 64, 100),
+            0,
+            "a claim in flight and a buffer at the limit: no claim"
+        );
+        assert_eq!(b.want(0, b.held_most), 0, "held jobs at the bound hold claims back");
+        assert_eq!(b.want(0, b.held_most - 10), 10);
+        assert_eq!(Bounds::new(64, 50).want(0, 0), 50, "max_batch bounds a claim");
+        assert_eq!(Bounds::new(1, 1).want(0, 0), 1);
+        let small = Bounds::new(2, 1_000);
+        assert_eq!(
+            (small.want(0, 0), small.in_flight),
+            (2, 1),
+            "a small limit claims at most the limit"
+        );
     }
 }

@@ -60,8 +60,14 @@ impl QueueSlots {
         got
     }
 
+    /// The queue's limit on this node.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Whether `shard` could reserve a slot now; when it could not, it is
     /// marked hungry and woken by the next release, as by [`Self::reserve`].
+    #[cfg(test)]
     pub(crate) fn has_free(&self, shard: usize) -> bool {
         let Ok(mut s) = self.state.lock() else { return false };
         let free = self.allowed(&s, shard) > 0;

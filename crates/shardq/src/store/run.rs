@@ -184,11 +184,19 @@ pub async fn job_fetch_available<'c>(
 
 /// The completion statement: `$1` ids, `$2` attempts. Public so tests can
 /// check its generic plan.
+///
+/// Its transaction commits without waiting for the WAL flush
+/// (`synchronous_commit = off` for this transaction only): a completion
+/// lost in a server crash leaves the job `running` under this node, and the
+/// node's orphan check (or rescue, once the lease expires) makes it run
+/// again. At-least-once holds; the job is never lost, and a completion
+/// costs no flush wait. Claims and every other outcome stay synchronous.
 pub const JOB_COMPLETE_MANY_SQL: &str = "UPDATE shardq.jobs j
             SET state = 'completed', finalized_at = now(), locked_by = NULL, lease_expires_at = NULL,
                 serial_held = false,
                 unique_key = CASE WHEN 'completed' = ANY(j.unique_states) THEN j.unique_key END
-           FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
+           FROM (SELECT set_config('synchronous_commit', 'off', true)) AS s(sync),
+                unnest($1::bigint[], $2::int[]) AS c(id, attempt)
           WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'";
 
 /// Marks runs completed, fenced by attempt. Returns the rows changed.
@@ -244,7 +252,15 @@ pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result
 }
 
 /// Extends the leases of this node's runs `(ids[i], attempts[i])` that are
-/// still running under its name; returns those it extended.
+/// still running under its name, to `lease_secs` from now; returns every
+/// one still held, with the seconds left on its lease.
+///
+/// A lease with more than `fresh_secs` left (claimed or renewed moments
+/// ago) is not written: it is returned with what it has left. Under a
+/// steady drain nearly every held job was claimed since the last beat, so a
+/// beat writes only the leases of runs that outlast a beat, not every job
+/// in flight. The caller picks `fresh_secs` so a skipped lease still has
+/// more than a beat left at the next one.
 ///
 /// The statement changes only `lease_expires_at`, which no index covers
 /// (shard migration V7), so renewals are HOT updates when the page has room.
@@ -254,21 +270,42 @@ pub async fn job_lease_renew<'c>(
     attempts: &[i32],
     node: &str,
     lease_secs: f64,
-) -> sqlx::Result<Vec<(i64, i32)>> {
-    sqlx::query_as(
-        "UPDATE shardq.jobs j SET lease_expires_at = now() + make_interval(secs => $4)
-           FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
-          WHERE j.id = r.id AND j.attempt = r.attempt AND j.locked_by = $3
-            AND (j.state = 'running' OR j.serial_held)
-         RETURNING j.id, j.attempt",
-    )
-    .bind(ids)
-    .bind(attempts)
-    .bind(node)
-    .bind(lease_secs)
-    .fetch_all(conn)
-    .await
+    fresh_secs: f64,
+) -> sqlx::Result<Vec<(i64, i32, f64)>> {
+    sqlx::query_as(JOB_LEASE_RENEW_SQL)
+        .bind(ids)
+        .bind(attempts)
+        .bind(node)
+        .bind(lease_secs)
+        .bind(fresh_secs)
+        .fetch_all(conn)
+        .await
 }
+
+/// The renewal statement: `$1` ids, `$2` attempts, `$3` node, `$4` lease
+/// seconds, `$5` seconds left above which a lease is fresh and left alone.
+/// A fresh lease is reported from the statement's snapshot: it cannot have
+/// expired, so no rescue can have taken it meanwhile; a renewed one only if
+/// the update, which re-checks the row, wrote it. Public so tests can check
+/// its plan.
+pub const JOB_LEASE_RENEW_SQL: &str = "WITH mine AS (
+             SELECT j.id, j.attempt, j.lease_expires_at
+               FROM shardq.jobs j
+               JOIN unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+                 ON j.id = r.id AND j.attempt = r.attempt
+              WHERE j.locked_by = $3 AND (j.state = 'running' OR j.serial_held)
+         ), renewed AS (
+             UPDATE shardq.jobs j SET lease_expires_at = now() + make_interval(secs => $4)
+               FROM mine m
+              WHERE j.id = m.id AND j.attempt = m.attempt AND j.locked_by = $3
+                AND (j.state = 'running' OR j.serial_held)
+                AND m.lease_expires_at <= now() + make_interval(secs => $5)
+             RETURNING j.id, j.attempt
+         )
+         SELECT id, attempt, $4::float8 FROM renewed
+         UNION ALL
+         SELECT id, attempt, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 FROM mine
+          WHERE lease_expires_at > now() + make_interval(secs => $5)";
 
 /// Releases the serial keys the runs `(ids[i], attempts[i])` held, once
 /// they ended on this node (a run whose row was cancelled meanwhile still

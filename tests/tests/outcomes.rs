@@ -493,3 +493,99 @@ async fn retry_and_snooze_times_come_from_the_shards_clock() {
     );
     rt.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Counts its runs; the first waits for the test's go.
+#[derive(Clone)]
+struct Gated {
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+    started: Arc<tokio::sync::Notify>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+impl shardq::Worker for Gated {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "gated";
+    async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.started.notify_one();
+        if run == 1 {
+            self.go.notified().await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_stay_renewed_at_shutdown_until_the_last_outcome_is_written() {
+    let f = fleet().await;
+    let a = Account::new("slow-flush-account").unwrap();
+    let shard = f.router.shard_for(&a).await.unwrap().shard;
+    let db = f.router.shard(&shard).unwrap();
+    // Completions wait 1.2 s at the server before touching a row (a slow
+    // disk, say); renewals and rescues do not. Four leases would lapse
+    // meanwhile if renewals stopped before the completer's last flush.
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.slow_completions() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_query() LIKE '%SET state = ''completed''%' THEN PERFORM pg_sleep(1.2); END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER slow_completions BEFORE UPDATE ON shardq.jobs
+             FOR EACH STATEMENT EXECUTE FUNCTION public.slow_completions();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let options = RuntimeOptions {
+        lease: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_millis(50),
+        rescue_interval: Duration::from_millis(50),
+        fleet_heartbeat: Duration::from_millis(100),
+        ..fast_options()
+    };
+    let gated = Gated {
+        runs: Arc::default(),
+        started: Arc::default(),
+        go: Arc::default(),
+    };
+    let id = f
+        .client
+        .enqueue(&a, NewJob::from_json("gated", serde_json::json!({})))
+        .await
+        .unwrap();
+    let first = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(gated.clone())
+        .options(options.clone())
+        .start()
+        .unwrap();
+    tokio::time::timeout(WAIT, gated.started.notified())
+        .await
+        .expect("the job started");
+    // A second node rescues any lease of the first that lapses.
+    let second = Runtime::builder(f.router.clone())
+        .queue("default", 2)
+        .register(gated.clone())
+        .options(options)
+        .start()
+        .unwrap();
+    wait_for("the second node works the job's shard", WAIT, || async {
+        second.working().contains(&shard)
+    })
+    .await;
+    let stopping = tokio::spawn(first.shutdown(Duration::from_secs(5)));
+    gated.go.notify_one();
+    stopping.await.unwrap();
+    wait_for("the job completed", WAIT, || async {
+        f.client.job(&id).await.unwrap().state == "completed"
+    })
+    .await;
+    second.shutdown(Duration::from_secs(5)).await;
+    let job = f.client.job(&id).await.unwrap();
+    assert_eq!(
+        gated.runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the job ran once: its lease was renewed while its outcome was written"
+    );
+    assert_eq!(job.attempt, 1);
+}

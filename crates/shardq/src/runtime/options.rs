@@ -53,6 +53,10 @@ pub struct RuntimeOptions {
     /// higher-priority jobs cannot starve lower ones (default 5 min; `None`:
     /// strict priority order).
     pub priority_aging: Option<Duration>,
+    /// Queues that opted out of fair share across accounts: their claims
+    /// take due jobs in strict priority then run order, whichever account
+    /// they belong to (default: none; every queue is fair).
+    pub fifo_queues: Vec<String>,
 }
 
 impl Default for RuntimeOptions {
@@ -73,6 +77,7 @@ impl Default for RuntimeOptions {
             shard_timeout: Duration::from_secs(10),
             engine_connections: None,
             priority_aging: Some(Duration::from_secs(300)),
+            fifo_queues: Vec::new(),
         }
     }
 }

@@ -136,6 +136,7 @@ impl Producer {
             node: &self.node.id,
             lease_secs: opts.lease.as_secs_f64(),
             aging_secs: opts.priority_aging.map(|d| d.as_secs_f64()),
+            fair: !opts.fifo_queues.iter().any(|q| **q == *self.queue),
         };
         // Until its jobs are recorded, the orphan check leaves this node's
         // unheld running rows alone: they may be this claim's.

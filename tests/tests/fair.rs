@@ -18,6 +18,7 @@ fn fetch(limit: i64, node: &str, fair: bool) -> FetchParams<'_> {
         lease_secs: 30.0,
         aging_secs: Some(300.0),
         fair,
+        after: None,
     }
 }
 
@@ -85,6 +86,17 @@ async fn a_lone_account_takes_the_whole_claim() {
         .await
         .unwrap();
     assert_eq!(ids, lowest, "in run order within the account");
+    // The rotation comes back to the account it last served.
+    let after = store::fair_rotation_after(None, &claimed);
+    assert_eq!(after.as_deref(), Some("alone"));
+    let mut p = fetch(100, "n1", true);
+    p.after = after.as_deref();
+    let again = store::job_fetch_available(&pool, &p).await.unwrap();
+    assert_eq!(
+        again.len(),
+        100,
+        "the account the rotation resumes after is claimed too"
+    );
 }
 
 #[tokio::test]
@@ -141,4 +153,29 @@ async fn an_account_running_many_jobs_on_another_node_waits_for_those_running_fe
     let got = per_account(&second);
     assert_eq!(got.get("quiet"), Some(&12), "{got:?}");
     assert_eq!(got.get("busy"), Some(&2), "{got:?}");
+}
+
+#[tokio::test]
+async fn successive_claims_rotate_through_more_accounts_than_one_claim_reads() {
+    let f = fleet().await;
+    let pool = f.router.shards()[0].pool.clone();
+    for i in 0..100 {
+        due_jobs(&pool, &format!("acct-{i:03}"), 2, 60.0).await;
+    }
+    // Claims of 10 read a window of 32 accounts; resuming after the last
+    // account served, ten claims serve each of the 100 accounts once.
+    let mut after: Option<String> = None;
+    let mut served = BTreeMap::new();
+    for _ in 0..10 {
+        let mut p = fetch(10, "n1", true);
+        p.after = after.as_deref();
+        let claimed = store::job_fetch_available(&pool, &p).await.unwrap();
+        assert_eq!(claimed.len(), 10);
+        after = store::fair_rotation_after(after.as_deref(), &claimed);
+        for (a, n) in per_account(&claimed) {
+            *served.entry(a).or_insert(0) += n;
+        }
+    }
+    assert_eq!(served.len(), 100, "every account was served: {served:?}");
+    assert!(served.values().all(|n| *n == 1), "{served:?}");
 }

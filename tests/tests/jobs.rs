@@ -400,6 +400,7 @@ async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced
             lease_secs: 0.2,
             aging_secs: None,
             fair: true,
+            after: None,
         },
     )
     .await

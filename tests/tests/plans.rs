@@ -35,9 +35,9 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
         ),
         (
             "fair fetch",
-            "text, bigint, text, float8, float8",
+            "text, bigint, text, float8, float8, text",
             JOB_FETCH_FAIR_SQL,
-            "'default', 64, 'node', 30, 300",
+            "'default', 64, 'node', 30, 300, 'a5'",
         ),
         (
             "complete",
@@ -144,8 +144,8 @@ async fn the_fair_claim_does_not_walk_one_accounts_backlog() {
     let f = fleet().await;
     let db = f.router.shards()[0].clone();
     let mut conn = db.pool.acquire().await.unwrap();
-    let types = "text, bigint, text, float8, float8";
-    let args = "'default', 64, 'node', 30, 300";
+    let types = "text, bigint, text, float8, float8, text";
+    let args = "'default', 64, 'node', 30, 300, NULL";
     // 100 small accounts with 3 due jobs each, and one big account.
     let fill = |big: i64| {
         format!(
@@ -200,6 +200,7 @@ async fn lease_renewals_are_hot_updates() {
         lease_secs: 30.0,
         aging_secs: None,
         fair: true,
+        after: None,
     };
     let claimed = job_fetch_available(&db.pool, &params).await.unwrap();
     assert_eq!(claimed.len(), 200);

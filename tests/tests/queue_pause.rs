@@ -28,6 +28,7 @@ fn fetch(queue: &str) -> FetchParams<'_> {
         lease_secs: 30.0,
         aging_secs: None,
         fair: true,
+        after: None,
     }
 }
 

@@ -12,9 +12,12 @@
 //! (pickup latency, notification isolation), `outage` (a shard stopped
 //! or frozen, shutdown with a frozen shard) and `storage` (table and index
 //! sizes, dead rows, HOT updates) and `notify` (concurrent single-row
-//! enqueues with and without the NOTIFY trigger) hold the scenarios.
+//! enqueues with and without the NOTIFY trigger) and `fairness` (one
+//! account's backlog beside 100 small accounts, fair share on and off)
+//! hold the scenarios.
 
 mod drain;
+mod fairness;
 mod latency;
 mod moves;
 mod notify;
@@ -32,7 +35,7 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "drain",
     "floor",
     "latency",
@@ -42,6 +45,7 @@ const SCENARIOS: [&str; 9] = [
     "outage",
     "storage",
     "move",
+    "fairness",
 ];
 /// Jobs of the drain and floor scenarios when `--jobs` is not given.
 const DEFAULT_DRAIN_JOBS: usize = 200_000;
@@ -50,7 +54,8 @@ const DEFAULT_DRAIN_JOBS: usize = 200_000;
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Scenarios to run (comma-separated): drain, floor, latency, notify, shards, isolation, outage,
-    /// storage, move (an account moved while it is written to; not run by default).
+    /// storage, move (an account moved while it is written to; not run by default), fairness (one
+    /// account's backlog of `--jobs`, default 100,000, beside 100 small accounts; not run by default).
     #[arg(
         long,
         default_value = "drain,floor,latency,notify,shards,isolation,outage,storage",
@@ -275,6 +280,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("move") {
         moves::moves(&bed, &args, &mut results).await?;
+    }
+    if want("fairness") {
+        fairness::fairness(&bed, &args, &mut results).await?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);

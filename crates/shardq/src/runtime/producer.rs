@@ -46,6 +46,8 @@ impl Producer {
         let mut due: Option<Instant> = None;
         // Whether the last short claim left jobs that were already due.
         let mut left_due = false;
+        // Where this producer's next fair claim resumes its rotation over accounts.
+        let mut after: Option<String> = None;
         loop {
             let poll = opts.poll_interval.mul_f64(rand::rng().random_range(0.9..1.1));
             let sleep = wakeup::sleep_for(poll, due, Instant::now());
@@ -64,7 +66,7 @@ impl Producer {
                 tokio::time::sleep(opts.fetch_cooldown - since).await;
             }
             while !*stop.borrow() {
-                let fetched = self.fetch().await;
+                let fetched = self.fetch(&mut after).await;
                 // The cooldown counts from the end of the fetch, so slots
                 // freed while it ran gather into the next claim.
                 last_fetch = Instant::now();
@@ -116,7 +118,7 @@ impl Producer {
     /// server is down or not answering holds no slot while the node waits
     /// on it. Each wait is bounded by `shard_timeout`; a claim that timed out
     /// closes its connection.
-    async fn fetch(&self) -> sqlx::Result<Option<(usize, usize)>> {
+    async fn fetch(&self, after: &mut Option<String>) -> sqlx::Result<Option<(usize, usize)>> {
         let opts = &self.node.options;
         let index = self.shard.index;
         if !self.slots.has_free(index) {
@@ -137,6 +139,7 @@ impl Producer {
             lease_secs: opts.lease.as_secs_f64(),
             aging_secs: opts.priority_aging.map(|d| d.as_secs_f64()),
             fair: !opts.fifo_queues.iter().any(|q| **q == *self.queue),
+            after: after.as_deref(),
         };
         // Until its jobs are recorded, the orphan check leaves this node's
         // unheld running rows alone: they may be this claim's.
@@ -156,6 +159,7 @@ impl Producer {
             }
         };
         let got = jobs.len();
+        *after = store::fair_rotation_after(after.as_deref(), &jobs);
         self.slots.unreserve(self.shard.index, want - got);
         self.slots.set_hungry(self.shard.index, got == want);
         if got > 0 {

@@ -46,6 +46,10 @@ pub struct FetchParams<'a> {
     /// Fair share across accounts ([`JOB_FETCH_FAIR_SQL`]); false: strict
     /// priority then run order over the whole queue ([`JOB_FETCH_AVAILABLE_SQL`]).
     pub fair: bool,
+    /// Fair claims only: the account the rotation resumes after (the one
+    /// [`fair_rotation_after`] returned for this producer's last claim);
+    /// `None`: from the first.
+    pub after: Option<&'a str>,
 }
 
 /// How one run ended, for the batched write.
@@ -162,8 +166,9 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
          RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
                    j.serial_key IS NOT NULL AS keyed";
 
-/// The fair fetch statement, the default: the same parameters and result
-/// as [`JOB_FETCH_AVAILABLE_SQL`], and the same rules for serial keys,
+/// The fair fetch statement, the default: the parameters of
+/// [`JOB_FETCH_AVAILABLE_SQL`] plus `$6`, the account the rotation resumes
+/// after (NULL: the first); the same result, and the same rules for serial keys,
 /// priority aging, paused queues and fences; what differs is which due jobs
 /// a claim takes when several accounts have some.
 ///
@@ -183,11 +188,16 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
 /// Cost: a recursive skip scan over `jobs_fair_idx (queue, priority,
 /// account, run_at, id)` finds each (priority, account) pair's earliest
 /// job with one index seek (a backlog of 200k jobs of one account is one
-/// seek); the running counts come from `jobs_running_idx` (bounded by the
+/// seek). The walk is a window of at most `max(2 · $2, 32)` pairs that
+/// starts after account `$6` at the best priority in use and wraps around
+/// at the end, back to and including that account, so with more accounts than the window, successive claims
+/// of a producer rotate through them ([`fair_rotation_after`]), and a claim
+/// never reads more than the window. The running counts come from `jobs_running_idx` (bounded by the
 /// fleet's concurrency). Of the accounts with due jobs, the `$2` with the
 /// fewest running jobs per weight (then the oldest due job) are
-/// considered; each reads at most its quota `ceil(2 · $2 · weight / total
-/// weight)` due jobs per priority, locked with SKIP LOCKED (so concurrent
+/// considered; each reads at most its quota, its weight's share of the
+/// claim plus the running jobs of those accounts less its own running ones
+/// (at least 1), due jobs per priority, locked with SKIP LOCKED (so concurrent
 /// claims on other nodes take the next jobs of each account instead of
 /// waiting). The cost grows with the accounts and priorities in use and the
 /// rows claimed, never with one account's backlog. A claim may come back
@@ -198,18 +208,40 @@ pub const JOB_FETCH_FAIR_SQL: &str = "UPDATE shardq.jobs j
                 locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
                 serial_held = j.serial_key IS NOT NULL
           WHERE j.id = ANY(ARRAY(
-              WITH RECURSIVE pairs AS (
-                  (SELECT priority, account, run_at FROM shardq.jobs
-                    WHERE state = 'available' AND queue = $1
-                    ORDER BY priority, account, run_at LIMIT 1)
+              WITH RECURSIVE start AS (
+                  SELECT p.priority, COALESCE($6, '') AS account
+                    FROM (SELECT priority FROM shardq.jobs
+                           WHERE state = 'available' AND queue = $1
+                           ORDER BY priority LIMIT 1) AS p
+              ),
+              pairs AS (
+                  (SELECT j1.priority, j1.account, j1.run_at, j1.wrapped, 1 AS n
+                     FROM start s
+                     CROSS JOIN LATERAL (
+                         (SELECT priority, account, run_at, false AS wrapped FROM shardq.jobs
+                           WHERE state = 'available' AND queue = $1
+                             AND (priority, account) > (s.priority, s.account)
+                           ORDER BY priority, account, run_at LIMIT 1)
+                         UNION ALL
+                         (SELECT priority, account, run_at, true FROM shardq.jobs
+                           WHERE state = 'available' AND queue = $1
+                           ORDER BY priority, account, run_at LIMIT 1)
+                         LIMIT 1) AS j1)
                   UNION ALL
-                  SELECT n.priority, n.account, n.run_at
+                  SELECT n.priority, n.account, n.run_at, n.wrapped, p.n + 1
                     FROM pairs p
                     CROSS JOIN LATERAL (
-                        SELECT priority, account, run_at FROM shardq.jobs
-                         WHERE state = 'available' AND queue = $1
-                           AND (priority, account) > (p.priority, p.account)
-                         ORDER BY priority, account, run_at LIMIT 1) AS n
+                        (SELECT priority, account, run_at, p.wrapped AS wrapped FROM shardq.jobs
+                          WHERE state = 'available' AND queue = $1
+                            AND (priority, account) > (p.priority, p.account)
+                          ORDER BY priority, account, run_at LIMIT 1)
+                        UNION ALL
+                        (SELECT priority, account, run_at, true FROM shardq.jobs
+                          WHERE state = 'available' AND queue = $1 AND NOT p.wrapped
+                          ORDER BY priority, account, run_at LIMIT 1)
+                        LIMIT 1) AS n
+                   WHERE p.n < GREATEST(2 * $2, 32)
+                     AND NOT (n.wrapped AND (n.priority, n.account) > (SELECT priority, account FROM start))
               ),
               due AS (
                   SELECT priority, account, run_at FROM pairs
@@ -236,7 +268,8 @@ pub const JOB_FETCH_FAIR_SQL: &str = "UPDATE shardq.jobs j
               ),
               shares AS MATERIALIZED (
                   SELECT account, weight, running,
-                         LEAST($2, ceil(2 * $2 * weight / sum(weight) OVER ()))::bigint AS quota
+                         LEAST($2, GREATEST(1, ceil(($2 + sum(running) OVER ()) * weight / sum(weight) OVER ())
+                                             - running))::bigint AS quota
                     FROM accounts
               ),
               candidates AS (
@@ -289,19 +322,38 @@ pub async fn job_fetch_available<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     p: &FetchParams<'_>,
 ) -> sqlx::Result<Vec<FetchedJob>> {
-    let sql = if p.fair {
+    let q = sqlx::query_as(if p.fair {
         JOB_FETCH_FAIR_SQL
     } else {
         JOB_FETCH_AVAILABLE_SQL
-    };
-    sqlx::query_as(sql)
-        .bind(p.queue)
-        .bind(p.limit)
-        .bind(p.node)
-        .bind(p.lease_secs)
-        .bind(p.aging_secs)
-        .fetch_all(conn)
-        .await
+    })
+    .bind(p.queue)
+    .bind(p.limit)
+    .bind(p.node)
+    .bind(p.lease_secs)
+    .bind(p.aging_secs);
+    if p.fair {
+        q.bind(p.after).fetch_all(conn).await
+    } else {
+        q.fetch_all(conn).await
+    }
+}
+
+/// Where a producer's next fair claim resumes the rotation over accounts,
+/// given where its last one started (`after`) and what it claimed: the
+/// last account served in rotation order (the greatest claimed account
+/// after `after`, or, when the walk wrapped around, the greatest of all).
+/// Unchanged when nothing was claimed.
+pub fn fair_rotation_after(after: Option<&str>, claimed: &[FetchedJob]) -> Option<String> {
+    let beyond = claimed
+        .iter()
+        .map(|j| j.account.as_str())
+        .filter(|a| after.is_none_or(|c| *a > c))
+        .max();
+    beyond
+        .or_else(|| claimed.iter().map(|j| j.account.as_str()).max())
+        .or(after)
+        .map(str::to_string)
 }
 
 /// The completion statement: `$1` ids, `$2` attempts. Public so tests can

@@ -195,9 +195,10 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
 /// never reads more than the window. The running counts come from `jobs_running_idx` (bounded by the
 /// fleet's concurrency). Of the accounts with due jobs, the `$2` with the
 /// fewest running jobs per weight (then the oldest due job) are
-/// considered; each reads at most its quota, its weight's share of the
-/// claim plus the running jobs of those accounts less its own running ones
-/// (at least 1), due jobs per priority, locked with SKIP LOCKED (so concurrent
+/// considered; each reads at most its quota, twice its weight's share of
+/// the claim, or, when more, what fills the claim if every other account
+/// considered has one due job (`$2 - n + 1`), due jobs per priority,
+/// locked with SKIP LOCKED (so concurrent
 /// claims on other nodes take the next jobs of each account instead of
 /// waiting). The cost grows with the accounts and priorities in use and the
 /// rows claimed, never with one account's backlog. A claim may come back
@@ -268,8 +269,8 @@ pub const JOB_FETCH_FAIR_SQL: &str = "UPDATE shardq.jobs j
               ),
               shares AS MATERIALIZED (
                   SELECT account, weight, running,
-                         LEAST($2, GREATEST(1, ceil(($2 + sum(running) OVER ()) * weight / sum(weight) OVER ())
-                                             - running))::bigint AS quota
+                         LEAST($2, GREATEST(ceil(2 * $2 * weight / sum(weight) OVER ()),
+                                            $2 - count(*) OVER () + 1))::bigint AS quota
                     FROM accounts
               ),
               candidates AS (

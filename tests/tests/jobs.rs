@@ -447,6 +447,8 @@ async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced
             node: "dead-node",
             lease_secs: 0.2,
             aging_secs: None,
+            fair: true,
+            after: None,
         },
     )
     .await

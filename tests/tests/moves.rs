@@ -147,6 +147,45 @@ async fn an_account_moves_with_its_rows_and_jobs_exactly_once() {
     assert!(dup.duplicate && dup.id.shard == to, "{dup:?}");
 }
 
+/// The account's fair-share weight row on `shard`, if any.
+async fn weight_on(f: &Fleet, shard: &str, account: &Account) -> Option<i32> {
+    let db = f.router.shard(shard).unwrap();
+    sqlx::query_scalar("SELECT weight FROM shardq.account_weights WHERE account = $1")
+        .bind(account.as_str())
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_accounts_fair_share_weight_moves_with_it() {
+    let f = fleet().await;
+    create_docs(&f).await;
+    let (a, from, to) = an_account_with_data(&f, "weighed-mover").await;
+    f.client.set_account_weight(&a, Some(7)).await.unwrap();
+    assert_eq!(weight_on(&f, &from, &a).await, Some(7));
+    let mover = Mover::new(f.router.clone(), docs_table());
+    let m = mover.start(&a, &to).await.unwrap();
+    let m = mover.step(&m).await.unwrap();
+    assert_eq!(m.step, Step::Paused);
+    // Frozen while it moves: the move carries the weight it started with.
+    let refused = f.client.set_account_weight(&a, Some(2)).await.unwrap_err();
+    assert!(
+        matches!(refused, shardq::Error::AccountSetting { .. }) && refused.to_string().contains("moving"),
+        "{refused}"
+    );
+    let mut m = m;
+    while m.step != Step::Done {
+        m = mover.step(&m).await.unwrap();
+    }
+    assert_eq!(weight_on(&f, &to, &a).await, Some(7), "the weight is on the new shard");
+    assert_eq!(weight_on(&f, &from, &a).await, None, "and gone from the old one");
+    assert_eq!(f.client.account_weight(&a).await.unwrap(), 7);
+    // Settable again after the move, on the new shard.
+    f.client.set_account_weight(&a, Some(3)).await.unwrap();
+    assert_eq!(weight_on(&f, &to, &a).await, Some(3));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_router_never_writes_to_the_shard_an_account_left() {
     let f = fleet().await;

@@ -3,7 +3,9 @@
 //! a few executions when it judges that cheaper).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use shardq::store::{JOB_COMPLETE_MANY_SQL, JOB_FETCH_AVAILABLE_SQL, JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL};
+use shardq::store::{
+    JOB_COMPLETE_MANY_SQL, JOB_FETCH_AVAILABLE_SQL, JOB_FETCH_FAIR_SQL, JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL,
+};
 use shardq_tests::{assert_indexed, fleet, generic_plan};
 
 /// Rows in the table when plans are checked.
@@ -32,6 +34,12 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
             "text, bigint, text, float8, float8",
             JOB_FETCH_AVAILABLE_SQL,
             "'default', 64, 'node', 30, 300",
+        ),
+        (
+            "fair fetch",
+            "text, bigint, text, float8, float8, text",
+            JOB_FETCH_FAIR_SQL,
+            "'default', 64, 'node', 30, 300, 'a5'",
         ),
         (
             "complete",
@@ -140,6 +148,48 @@ async fn claiming_due_jobs_does_not_walk_the_future_ones() {
 }
 
 #[tokio::test]
+async fn the_fair_claim_does_not_walk_one_accounts_backlog() {
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let types = "text, bigint, text, float8, float8, text";
+    let args = "'default', 64, 'node', 30, 300, NULL";
+    // 100 small accounts with 3 due jobs each, and one big account.
+    let fill = |big: i64| {
+        format!(
+            "INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
+             SELECT 'small-' || (i % 100), 'default', 'noop', '{{}}', now() - interval '1 minute'
+               FROM generate_series(1, 300) AS i;
+             INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
+             SELECT 'big', 'default', 'noop', '{{}}', now() - interval '2 minutes'
+               FROM generate_series(1, {big}) AS i"
+        )
+    };
+    sqlx::raw_sql(&fill(100)).execute(&mut *conn).await.unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (small_backlog, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_FAIR_SQL, args).await;
+    assert_eq!(rows, 64, "a full claim");
+    sqlx::query("TRUNCATE shardq.jobs").execute(&mut *conn).await.unwrap();
+    sqlx::raw_sql(&fill(200_000)).execute(&mut *conn).await.unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (big_backlog, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_FAIR_SQL, args).await;
+    assert_eq!(rows, 64, "a full claim");
+    // The same accounts and the same rows claimed: only the depth of the
+    // big account's index range differs (a level more, at most), never a
+    // walk over its 200k entries.
+    assert!(
+        big_backlog < small_backlog * 3 / 2 + 20,
+        "the fair claim touched {small_backlog} buffers with a backlog of 100 and {big_backlog} with 200k"
+    );
+}
+
+#[tokio::test]
 async fn lease_renewals_are_hot_updates() {
     use shardq::store::{job_fetch_available, job_lease_renew, FetchParams};
     let f = fleet().await;
@@ -157,6 +207,8 @@ async fn lease_renewals_are_hot_updates() {
         node: "node",
         lease_secs: 30.0,
         aging_secs: None,
+        fair: true,
+        after: None,
     };
     let claimed = job_fetch_available(&db.pool, &params).await.unwrap();
     assert_eq!(claimed.len(), 200);
@@ -204,6 +256,8 @@ async fn a_renewal_confirms_fresh_leases_without_writing_them() {
         node: "node",
         lease_secs: 30.0,
         aging_secs: None,
+        fair: false,
+        after: None,
     };
     // 40 jobs whose lease is about to run out (claimed long ago), 60 fresh ones.
     let old = job_fetch_available(&db.pool, &claim(40)).await.unwrap();

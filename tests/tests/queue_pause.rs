@@ -27,6 +27,8 @@ fn fetch(queue: &str) -> FetchParams<'_> {
         node: "test-node",
         lease_secs: 30.0,
         aging_secs: None,
+        fair: true,
+        after: None,
     }
 }
 

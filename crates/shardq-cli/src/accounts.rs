@@ -1,4 +1,4 @@
-//! `shardq accounts move|list|show|pin`.
+//! `shardq accounts move|list|show|pin|weight`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -69,6 +69,19 @@ enum AccountsCommand {
         to: String,
         #[command(flatten)]
         options: MoveArgs,
+    },
+    /// Show or set an account's fair-share weight (1 to 10000, default 1):
+    /// while its jobs and others' are due in a queue, it gets that many
+    /// times the slots of a weight-1 account.
+    Weight {
+        /// The account.
+        account: String,
+        /// The new weight; without it, the current one is printed.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        weight: Option<u32>,
+        /// Back to the default weight (1).
+        #[arg(long, conflicts_with = "weight")]
+        reset: bool,
     },
 }
 
@@ -192,6 +205,18 @@ pub async fn run(config: &Config, args: AccountsArgs) -> anyhow::Result<ExitCode
             } else {
                 print_shown(&shown);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        AccountsCommand::Weight { account, weight, reset } => {
+            let account = Account::new(account)?;
+            if router.placement(&account).await?.is_none() {
+                anyhow::bail!("account {account} is not placed (the master has no placement for it)");
+            }
+            let client = shardq::Client::new(router.clone());
+            if weight.is_some() || reset {
+                client.set_account_weight(&account, weight).await?;
+            }
+            println!("{account}: weight {}", client.account_weight(&account).await?);
             Ok(ExitCode::SUCCESS)
         }
         AccountsCommand::Pin { account, to, options } => {

@@ -361,3 +361,22 @@ pub async fn statements_top(pool: &PgPool, n: i64) -> sqlx::Result<Vec<Statement
 pub async fn jobs_analyze(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("ANALYZE shardq.jobs").execute(pool).await.map(|_| ())
 }
+
+/// The fairness scenario's figures from the shard, once every job ran:
+/// the p99 pickup (`attempted_at - run_at`, ms) of the jobs of accounts
+/// other than `big`, and `big`'s share of the jobs claimed while those
+/// others had jobs due (between the first and the last of their run times).
+pub async fn fairness_figures(pool: &PgPool, big: &str) -> sqlx::Result<(Option<f64>, Option<f64>)> {
+    sqlx::query_as(
+        "WITH small AS (SELECT run_at, attempted_at FROM shardq.jobs WHERE account <> $1),
+              span AS (SELECT min(run_at) AS first, max(run_at) AS last FROM small)
+         SELECT (SELECT percentile_cont(0.99) WITHIN GROUP (
+                     ORDER BY EXTRACT(EPOCH FROM attempted_at - run_at) * 1000) FROM small),
+                (SELECT avg(CASE WHEN j.account = $1 THEN 1.0 ELSE 0.0 END)::float8
+                   FROM shardq.jobs j, span
+                  WHERE j.attempted_at BETWEEN span.first AND span.last)",
+    )
+    .bind(big)
+    .fetch_one(pool)
+    .await
+}

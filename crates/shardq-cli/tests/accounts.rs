@@ -623,3 +623,30 @@ async fn a_worker_reloads_shards_toml_on_sighup_and_keeps_running_on_a_bad_one()
     let status = worker.exited("the worker to stop").await;
     assert!(status.success(), "{}", worker.output());
 }
+
+#[tokio::test]
+async fn accounts_weight_sets_shows_and_resets_an_accounts_fair_share_weight() {
+    let f = fleet().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&f, dir.path(), "");
+    let pin = shardq(&config, &["accounts", "pin", "weighed", "--to", "shard_1"]).await;
+    assert!(pin.ok, "{}{}", pin.stdout, pin.stderr);
+    let a = Account::new("weighed").unwrap();
+    let set = shardq(&config, &["accounts", "weight", "weighed", "5"]).await;
+    assert!(set.ok, "{}{}", set.stdout, set.stderr);
+    assert_eq!(set.stdout.trim(), "weighed: weight 5");
+    assert_eq!(f.client.account_weight(&a).await.unwrap(), 5);
+    let show = shardq(&config, &["accounts", "weight", "weighed"]).await;
+    assert_eq!(show.stdout.trim(), "weighed: weight 5");
+    let bad = shardq(&config, &["accounts", "weight", "weighed", "0"]).await;
+    assert!(!bad.ok && bad.stderr.contains("0"), "{}", bad.stderr);
+    let reset = shardq(&config, &["accounts", "weight", "weighed", "--reset"]).await;
+    assert!(reset.ok, "{}", reset.stderr);
+    assert_eq!(reset.stdout.trim(), "weighed: weight 1");
+    let unknown = shardq(&config, &["accounts", "weight", "nobody", "2"]).await;
+    assert!(
+        !unknown.ok && unknown.stderr.contains("not placed"),
+        "{}",
+        unknown.stderr
+    );
+}

@@ -377,6 +377,50 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Sets the fair-share weight of `account` (1 to 10,000; `None`: back
+    /// to the default, 1), on its shard: while its jobs and others' are
+    /// due in a queue, it gets `weight` times the slots of a weight-1
+    /// account. Takes effect from the next claim on every node. Refused
+    /// while the account is moving (a move carries the weight it had when
+    /// it started); set it again after the move.
+    pub async fn set_account_weight(&self, account: &Account, weight: Option<u32>) -> Result<()> {
+        let db = self.router.pool_for(account).await?;
+        let w = match weight {
+            None => None,
+            Some(w @ 1..=10_000) => Some(w as i32),
+            Some(w) => {
+                return Err(Error::AccountSetting {
+                    account: account.to_string(),
+                    shard: db.name.clone(),
+                    message: format!("a weight is 1 to 10000, got {w}"),
+                })
+            }
+        };
+        if !store::account_weight_set(&db.pool, account.as_str(), w)
+            .await
+            .map_err(|e| db.error(e))?
+        {
+            return Err(Error::AccountSetting {
+                account: account.to_string(),
+                shard: db.name.clone(),
+                message: "the account is moving or has moved off this shard; set its weight after the move".into(),
+            });
+        }
+        tracing::info!(account = %account, shard = %db.name, weight = ?w, "account weight set");
+        Ok(())
+    }
+
+    /// The fair-share weight of `account` (1 when none was set).
+    pub async fn account_weight(&self, account: &Account) -> Result<u32> {
+        let db = self.router.pool_for(account).await?;
+        let w = store::account_weight_of(&db.pool, account.as_str())
+            .await
+            .map_err(|e| db.error(e))?;
+        Ok(w.map_or(1, |w| w.max(1) as u32))
+    }
+}
+
 /// A queue name as the jobs table accepts it: 1 to 128 bytes.
 fn check_queue(shard: &str, queue: &str) -> Result<()> {
     if queue.is_empty() || queue.len() > 128 {

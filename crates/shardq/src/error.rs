@@ -60,6 +60,17 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// An account's scheduling setting (its fair-share weight) is out of
+    /// range, or cannot be written on its shard now.
+    #[error("account {account:?} on shard {shard}: {message}")]
+    AccountSetting {
+        /// The account.
+        account: String,
+        /// Its shard.
+        shard: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A move of an account cannot be started or its next step failed.
     #[error("move of account {account:?}: {message}")]
     Move {

@@ -426,6 +426,14 @@ impl Mover {
                 (Step::Fenced, Step::Copied)
             }
             Step::Copied => {
+                // Scheduling settings: frozen since the pause (the fence
+                // refuses them), carried before the switch.
+                let weight = store::account_weight_of(&source.pool, &m.account)
+                    .await
+                    .map_err(|e| source.error(e))?;
+                store::account_weight_put(&target.pool, &m.account, weight)
+                    .await
+                    .map_err(|e| target.error(e))?;
                 store::move_switch(&master.pool, &m.into())
                     .await
                     .map_err(|e| master.error(e))?;

@@ -20,7 +20,7 @@ const FLOOR_BATCH: i64 = 100;
 const FLOOR_LOOPS: usize = 2;
 
 /// Enqueues `n` no-op jobs spread over `accounts` in batches; returns jobs/s.
-async fn preload(fleet: &BenchFleet, n: usize, accounts: &[Account], batch: usize) -> anyhow::Result<f64> {
+pub(super) async fn preload(fleet: &BenchFleet, n: usize, accounts: &[Account], batch: usize) -> anyhow::Result<f64> {
     let job = NewJob::from_json("noop", serde_json::json!({}));
     let started = Instant::now();
     let mut left = n;

@@ -12,11 +12,13 @@
 //! (pickup latency, notification isolation), `outage` (a shard stopped
 //! or frozen, shutdown with a frozen shard) and `storage` (table and index
 //! sizes, dead rows, HOT updates) and `notify` (concurrent single-row
-//! enqueues with and without the NOTIFY trigger) and `fleet` (ownership
-//! across nodes: moves, connections, takeover after a SIGKILL) hold the
-//! scenarios.
+//! enqueues with and without the NOTIFY trigger), `fleet` (ownership
+//! across nodes: moves, connections, takeover after a SIGKILL) and
+//! `fairness` (one account's backlog beside 100 small accounts, fair share
+//! on and off) hold the scenarios.
 
 mod drain;
+mod fairness;
 mod fleet;
 mod latency;
 mod moves;
@@ -35,7 +37,7 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "drain",
     "floor",
     "latency",
@@ -46,6 +48,7 @@ const SCENARIOS: [&str; 10] = [
     "storage",
     "move",
     "fleet",
+    "fairness",
 ];
 /// Jobs of the drain and floor scenarios when `--jobs` is not given.
 const DEFAULT_DRAIN_JOBS: usize = 200_000;
@@ -56,7 +59,8 @@ pub struct BenchArgs {
     /// Scenarios to run (comma-separated): drain, floor, latency, notify, shards, isolation, outage,
     /// storage, move (an account moved while it is written to; not run by default),
     /// fleet (nodes dividing 32 shards: ownership moves, connections, takeover
-    /// after a SIGKILL; not run by default).
+    /// after a SIGKILL; not run by default), fairness (one account's backlog of
+    /// `--jobs`, default 100,000, beside 100 small accounts; not run by default).
     #[arg(
         long,
         default_value = "drain,floor,latency,notify,shards,isolation,outage,storage",
@@ -315,6 +319,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("fleet") {
         fleet::fleet(&bed, &args, &mut results).await?;
+    }
+    if want("fairness") {
+        fairness::fairness(&bed, &args, &mut results).await?;
     }
     bar.finish_and_clear();
     if args.json {

@@ -130,6 +130,9 @@ impl Producer {
         let opts = &self.node.options;
         let bounds = Bounds::new(self.slots.limit(), opts.max_batch);
         let mut buffer: VecDeque<Buffered> = VecDeque::new();
+        // Where this producer's next fair claim resumes its rotation over
+        // accounts (claims in flight share it).
+        let after: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
         // The claims in flight, in the order sent, each with how many jobs it asked for.
         let mut claims: FuturesOrdered<BoxFuture<'_, (usize, sqlx::Result<Claimed>)>> = FuturesOrdered::new();
         // Jobs asked for by the claims in flight.
@@ -167,8 +170,8 @@ impl Producer {
                             self.slots.waiting_on_shard(self.shard.index);
                         }
                         claiming += want;
-                        let this = &self;
-                        claims.push_back(async move { (want, this.claim(want).await) }.boxed());
+                        let (this, after) = (&self, &after);
+                        claims.push_back(async move { (want, this.claim(want, after).await) }.boxed());
                     } else if buffer.len() + claiming < bounds.refill_below {
                         // Held back by outcomes not yet written: woken by
                         // their release, or shortly in case it came just now.
@@ -288,17 +291,20 @@ impl Producer {
     /// buffered. The connection comes first; each wait is bounded by
     /// `shard_timeout`, and a claim that timed out closes its connection.
     /// After a short claim, reads when the queue's next job is due.
-    async fn claim(&self, want: usize) -> sqlx::Result<Claimed> {
+    async fn claim(&self, want: usize, after: &std::sync::Mutex<Option<String>>) -> sqlx::Result<Claimed> {
         let opts = &self.node.options;
         let mut conn = tokio::time::timeout(opts.shard_timeout, self.shard.db.pool.acquire())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        let from = after.lock().map(|a| a.clone()).unwrap_or_default();
         let params = FetchParams {
             queue: &self.queue,
             limit: want as i64,
             node: &self.node.id,
             lease_secs: opts.lease.as_secs_f64(),
             aging_secs: opts.priority_aging.map(|d| d.as_secs_f64()),
+            fair: opts.fair_queues.iter().any(|q| **q == *self.queue),
+            after: from.as_deref(),
         };
         // Until its jobs are recorded, the orphan check leaves this node's
         // unheld running rows alone: they may be this claim's.
@@ -315,6 +321,9 @@ impl Producer {
         };
         drop(conn);
         let got = jobs.len();
+        if let Ok(mut a) = after.lock() {
+            *a = store::fair_rotation_after(from.as_deref(), &jobs);
+        }
         let (jobs, lost) = self.shard.leases.hold(jobs, claimed_at, opts.lease);
         drop(claiming);
         self.slots.set_hungry(self.shard.index, got == want);

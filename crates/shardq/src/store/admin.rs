@@ -332,3 +332,31 @@ pub async fn queue_pauses(pool: &PgPool) -> sqlx::Result<Vec<QueuePause>> {
         .fetch_all(pool)
         .await
 }
+
+/// Sets the fair-share weight of `account` on this shard (`None`: back to
+/// the default, 1). Refused (returns false, nothing written) while the
+/// account has a fence here: it is moving or has moved away, and a move
+/// carries the weight it had when it started.
+pub async fn account_weight_set(pool: &PgPool, account: &str, weight: Option<i32>) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "WITH open AS (SELECT NOT EXISTS (SELECT 1 FROM shardq.fences WHERE account = $1) AS ok),
+              gone AS (DELETE FROM shardq.account_weights
+                        WHERE account = $1 AND $2::int IS NULL AND (SELECT ok FROM open)),
+              put AS (INSERT INTO shardq.account_weights (account, weight)
+                      SELECT $1, $2 WHERE $2::int IS NOT NULL AND (SELECT ok FROM open)
+                      ON CONFLICT (account) DO UPDATE SET weight = EXCLUDED.weight, set_at = now())
+         SELECT ok FROM open",
+    )
+    .bind(account)
+    .bind(weight)
+    .fetch_one(pool)
+    .await
+}
+
+/// The fair-share weight of `account` on this shard, if one was set.
+pub async fn account_weight_of(pool: &PgPool, account: &str) -> sqlx::Result<Option<i32>> {
+    sqlx::query_scalar("SELECT weight FROM shardq.account_weights WHERE account = $1")
+        .bind(account)
+        .fetch_optional(pool)
+        .await
+}

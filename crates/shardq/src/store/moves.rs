@@ -460,11 +460,32 @@ pub async fn account_delete(shard: &PgPool, tables: &[(String, String)], account
         .execute(&mut *tx)
         .await?
         .rows_affected();
+    n += sqlx::query("DELETE FROM shardq.account_weights WHERE account = $1")
+        .bind(account)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     tx.commit().await?;
     Ok(n)
 }
 
 // ---- the shard the account goes to
+
+/// Writes the account's fair-share weight as the shard it leaves has it
+/// (`None`: no row there, so none here either). Idempotent.
+pub async fn account_weight_put(shard: &PgPool, account: &str, weight: Option<i32>) -> sqlx::Result<()> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM shardq.account_weights WHERE account = $1 AND $2::int IS NULL)
+         INSERT INTO shardq.account_weights (account, weight)
+         SELECT $1, $2 WHERE $2::int IS NOT NULL
+         ON CONFLICT (account) DO UPDATE SET weight = EXCLUDED.weight",
+    )
+    .bind(account)
+    .bind(weight)
+    .execute(shard)
+    .await
+    .map(drop)
+}
 
 /// Whether move `id`'s copy committed on this shard.
 pub async fn move_applied(shard: &PgPool, id: i64) -> sqlx::Result<bool> {
@@ -518,6 +539,11 @@ pub async fn target_clear(shard: &PgPool, tables: &[(String, String)], account: 
         .execute(&mut *tx)
         .await?;
     n += sqlx::query("DELETE FROM shardq.jobs WHERE account = $1")
+        .bind(account)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    n += sqlx::query("DELETE FROM shardq.account_weights WHERE account = $1")
         .bind(account)
         .execute(&mut *tx)
         .await?

@@ -43,6 +43,13 @@ pub struct FetchParams<'a> {
     /// Priority aging in seconds: a job due longer than this is claimed
     /// ahead of any priority; `None`: strict priority order.
     pub aging_secs: Option<f64>,
+    /// Fair share across accounts ([`JOB_FETCH_FAIR_SQL`]); false: strict
+    /// priority then run order over the whole queue ([`JOB_FETCH_AVAILABLE_SQL`]).
+    pub fair: bool,
+    /// Fair claims only: the account the rotation resumes after (the one
+    /// [`fair_rotation_after`] returned for this producer's last claim);
+    /// `None`: from the first.
+    pub after: Option<&'a str>,
 }
 
 /// How one run ended, for the batched write.
@@ -70,7 +77,7 @@ pub struct Finish {
 /// loop gains from JIT.
 pub const ENGINE_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
 
-/// The fetch statement: `$1` queue, `$2` limit, `$3` node id, `$4` lease
+/// The strict-order fetch statement (a queue that opted out of fair share): `$1` queue, `$2` limit, `$3` node id, `$4` lease
 /// seconds, `$5` priority aging in seconds (NULL: off). Public so tests can check its generic plan: `id = ANY(ARRAY(..))`
 /// keeps it an index scan even when the server switches to a generic plan
 /// (a CTE joined on id can become a hash join over a sequential scan).
@@ -159,6 +166,149 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
          RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
                    j.serial_key IS NOT NULL AS keyed";
 
+/// The fair fetch statement, the default: the parameters of
+/// [`JOB_FETCH_AVAILABLE_SQL`] plus `$6`, the account the rotation resumes
+/// after (NULL: the first); the same result, and the same rules for serial keys,
+/// priority aging, paused queues and fences; what differs is which due jobs
+/// a claim takes when several accounts have some.
+///
+/// Fair share (weighted fair queueing by account, work-conserving): each
+/// candidate gets a turn, `(running + k - 1) / weight`, where `running` is
+/// how many jobs of its account run in the queue now (on any node: counted
+/// in the database), `k` its place among its account's candidates (aged
+/// jobs first, then priority, run time, id) and `weight` the account's
+/// (`shardq.account_weights`, 1 without a row). The claim takes the lowest
+/// turns, ties broken by aging, priority, run time and id. So one claim
+/// interleaves the accounts with due jobs, an account with weight 2 gets
+/// twice the turns of one with weight 1, an account that already holds
+/// many slots waits for those that hold few, and a lone account takes the
+/// whole claim. A backlog delays other accounts by its share, never by its
+/// size.
+///
+/// Cost: a recursive skip scan over `jobs_fair_idx (queue, priority,
+/// account, run_at, id)` finds each (priority, account) pair's earliest
+/// job with one index seek (a backlog of 200k jobs of one account is one
+/// seek). The walk is a window of at most `max(2 · $2, 32)` pairs that
+/// starts after account `$6` at the best priority in use and wraps around
+/// at the end, back to and including that account, so with more accounts than the window, successive claims
+/// of a producer rotate through them ([`fair_rotation_after`]), and a claim
+/// never reads more than the window. The running counts come from `jobs_running_idx` (bounded by the
+/// fleet's concurrency). Of the accounts with due jobs, the `$2` with the
+/// fewest running jobs per weight (then the oldest due job) are
+/// considered; each reads at most its quota, twice its weight's share of
+/// the claim, or, when more, what fills the claim if every other account
+/// considered has one due job (`$2 - n + 1`), due jobs per priority,
+/// locked with SKIP LOCKED (so concurrent
+/// claims on other nodes take the next jobs of each account instead of
+/// waiting). The cost grows with the accounts and priorities in use and the
+/// rows claimed, never with one account's backlog. A claim may come back
+/// short while few accounts have due jobs (their quotas bound it); the
+/// producer then claims again at once.
+pub const JOB_FETCH_FAIR_SQL: &str = "UPDATE shardq.jobs j
+            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
+                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
+                serial_held = j.serial_key IS NOT NULL
+          WHERE j.id = ANY(ARRAY(
+              WITH RECURSIVE start AS (
+                  SELECT p.priority, COALESCE($6, '') AS account
+                    FROM (SELECT priority FROM shardq.jobs
+                           WHERE state = 'available' AND queue = $1
+                           ORDER BY priority LIMIT 1) AS p
+              ),
+              pairs AS (
+                  (SELECT j1.priority, j1.account, j1.run_at, j1.wrapped, 1 AS n
+                     FROM start s
+                     CROSS JOIN LATERAL (
+                         (SELECT priority, account, run_at, false AS wrapped FROM shardq.jobs
+                           WHERE state = 'available' AND queue = $1
+                             AND (priority, account) > (s.priority, s.account)
+                           ORDER BY priority, account, run_at LIMIT 1)
+                         UNION ALL
+                         (SELECT priority, account, run_at, true FROM shardq.jobs
+                           WHERE state = 'available' AND queue = $1
+                           ORDER BY priority, account, run_at LIMIT 1)
+                         LIMIT 1) AS j1)
+                  UNION ALL
+                  SELECT n.priority, n.account, n.run_at, n.wrapped, p.n + 1
+                    FROM pairs p
+                    CROSS JOIN LATERAL (
+                        (SELECT priority, account, run_at, p.wrapped AS wrapped FROM shardq.jobs
+                          WHERE state = 'available' AND queue = $1
+                            AND (priority, account) > (p.priority, p.account)
+                          ORDER BY priority, account, run_at LIMIT 1)
+                        UNION ALL
+                        (SELECT priority, account, run_at, true FROM shardq.jobs
+                          WHERE state = 'available' AND queue = $1 AND NOT p.wrapped
+                          ORDER BY priority, account, run_at LIMIT 1)
+                        LIMIT 1) AS n
+                   WHERE p.n < GREATEST(2 * $2, 32)
+                     AND NOT (n.wrapped AND (n.priority, n.account) > (SELECT priority, account FROM start))
+              ),
+              due AS (
+                  SELECT priority, account, run_at FROM pairs
+                   WHERE run_at <= now()
+                     AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
+                     AND (SELECT count(*) FROM shardq.fences f WHERE f.account = pairs.account) = 0
+              ),
+              running AS (
+                  SELECT account, count(*) AS n FROM shardq.jobs
+                   WHERE state = 'running' AND queue = $1
+                   GROUP BY account
+              ),
+              accounts AS (
+                  SELECT a.account, a.weight, a.running
+                    FROM (SELECT d.account, min(d.run_at) AS head,
+                                 COALESCE((SELECT w.weight FROM shardq.account_weights w
+                                            WHERE w.account = d.account), 1)::float8 AS weight,
+                                 COALESCE(max(r.n), 0)::float8 AS running
+                            FROM due d
+                            LEFT JOIN running r ON r.account = d.account
+                           GROUP BY d.account) AS a
+                   ORDER BY a.running / a.weight, a.head
+                   LIMIT $2
+              ),
+              shares AS MATERIALIZED (
+                  SELECT account, weight, running,
+                         LEAST($2, GREATEST(ceil(2 * $2 * weight / sum(weight) OVER ()),
+                                            $2 - count(*) OVER () + 1))::bigint AS quota
+                    FROM accounts
+              ),
+              candidates AS (
+                  SELECT c.id, c.priority, c.run_at, s.weight, s.running,
+                         COALESCE(c.run_at <= now() - make_interval(secs => $5), false) AS aged,
+                         d.account
+                    FROM due d
+                    JOIN shares s ON s.account = d.account
+                    CROSS JOIN LATERAL (
+                        SELECT id, priority, run_at FROM shardq.jobs
+                         WHERE state = 'available' AND queue = $1 AND priority = d.priority
+                           AND account = d.account AND run_at <= now()
+                           AND (serial_key IS NULL OR (
+                                NOT EXISTS (
+                                    SELECT 1 FROM shardq.jobs b
+                                     WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                                       AND b.state IN ('available', 'running'))
+                                AND NOT EXISTS (
+                                    SELECT 1 FROM shardq.jobs h
+                                     WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
+                         ORDER BY run_at, id
+                         LIMIT s.quota
+                         FOR UPDATE SKIP LOCKED) AS c
+              ),
+              ranked AS (
+                  SELECT id, priority, run_at, aged,
+                         (running + row_number() OVER (
+                              PARTITION BY account
+                              ORDER BY aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id) - 1)
+                         / weight AS turn
+                    FROM candidates
+              )
+              SELECT id FROM ranked
+               ORDER BY turn, aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id
+               LIMIT $2))
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
+                   j.serial_key IS NOT NULL AS keyed";
+
 /// Whether a claim failed because a concurrent claim took a serial key it
 /// picked a job of (`jobs_serial_held_idx`): nothing was claimed; claim again.
 pub(crate) fn claim_lost_serial_race(e: &sqlx::Error) -> bool {
@@ -166,20 +316,45 @@ pub(crate) fn claim_lost_serial_race(e: &sqlx::Error) -> bool {
         if db.code().as_deref() == Some("23505") && db.constraint() == Some("jobs_serial_held_idx"))
 }
 
-/// Claims up to `limit` due jobs of a queue, in priority then run order,
-/// skipping rows other nodes hold, and leases them to `node`.
+/// Claims up to `limit` due jobs of a queue, fair share across accounts
+/// or in strict priority then run order (`p.fair`), skipping rows other
+/// nodes hold, and leases them to `node`.
 pub async fn job_fetch_available<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     p: &FetchParams<'_>,
 ) -> sqlx::Result<Vec<FetchedJob>> {
-    sqlx::query_as(JOB_FETCH_AVAILABLE_SQL)
-        .bind(p.queue)
-        .bind(p.limit)
-        .bind(p.node)
-        .bind(p.lease_secs)
-        .bind(p.aging_secs)
-        .fetch_all(conn)
-        .await
+    let q = sqlx::query_as(if p.fair {
+        JOB_FETCH_FAIR_SQL
+    } else {
+        JOB_FETCH_AVAILABLE_SQL
+    })
+    .bind(p.queue)
+    .bind(p.limit)
+    .bind(p.node)
+    .bind(p.lease_secs)
+    .bind(p.aging_secs);
+    if p.fair {
+        q.bind(p.after).fetch_all(conn).await
+    } else {
+        q.fetch_all(conn).await
+    }
+}
+
+/// Where a producer's next fair claim resumes the rotation over accounts,
+/// given where its last one started (`after`) and what it claimed: the
+/// last account served in rotation order (the greatest claimed account
+/// after `after`, or, when the walk wrapped around, the greatest of all).
+/// Unchanged when nothing was claimed.
+pub fn fair_rotation_after(after: Option<&str>, claimed: &[FetchedJob]) -> Option<String> {
+    let beyond = claimed
+        .iter()
+        .map(|j| j.account.as_str())
+        .filter(|a| after.is_none_or(|c| *a > c))
+        .max();
+    beyond
+        .or_else(|| claimed.iter().map(|j| j.account.as_str()).max())
+        .or(after)
+        .map(str::to_string)
 }
 
 /// The completion statement: `$1` ids, `$2` attempts. Public so tests can

@@ -12,6 +12,17 @@ use shardq::{Backoff, Client, RuntimeOptions};
 use shardq_router::{Config, Migrator, Router};
 use shardq_testbed::TestBed;
 
+/// A handler of kind `noop` that succeeds at once.
+pub struct Noop;
+
+impl shardq::Worker for Noop {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "noop";
+    async fn work(&self, _: shardq::JobContext, _: serde_json::Value) -> Result<(), shardq::JobError> {
+        Ok(())
+    }
+}
+
 /// A migrated fleet of fresh databases (master + every shard of a bed).
 pub struct Fleet {
     /// Its configuration.

@@ -9,21 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardq::runtime::fleet::owners;
-use shardq::{Account, JobContext, JobError, NewJob, Runtime, RuntimeOptions, Worker};
+use shardq::{Account, NewJob, Runtime, RuntimeOptions};
 use shardq_router::Router;
 use shardq_testbed::TestBed;
-use shardq_tests::{count_state, count_state_all, fast_options, fleet, many_shards, wait_for};
+use shardq_tests::{count_state, count_state_all, fast_options, fleet, many_shards, wait_for, Noop};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Noop;
-impl Worker for Noop {
-    type Args = serde_json::Value;
-    const KIND: &'static str = "noop";
-    async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
-        Ok(())
-    }
-}
 
 fn quick(node: &str) -> RuntimeOptions {
     RuntimeOptions {

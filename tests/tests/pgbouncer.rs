@@ -10,22 +10,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardq::{Account, Client, JobContext, JobError, NewJob, Runtime, RuntimeOptions, Worker};
+use shardq::{Account, Client, NewJob, Runtime, RuntimeOptions};
 use shardq_router::migrator::Stage;
 use shardq_router::{Config, Migrator, Pooler, Router};
 use shardq_testbed::{PgBouncer, TestBed};
-use shardq_tests::{fast_options, fleet, wait_for};
+use shardq_tests::{fast_options, fleet, wait_for, Noop};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Noop;
-impl Worker for Noop {
-    type Args = serde_json::Value;
-    const KIND: &'static str = "noop";
-    async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
-        Ok(())
-    }
-}
 
 async fn bed() -> &'static TestBed {
     tokio::task::spawn_blocking(TestBed::shared).await.unwrap().unwrap()

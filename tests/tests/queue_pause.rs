@@ -6,19 +6,10 @@
 use std::time::Duration;
 
 use shardq::store::{self, FetchParams};
-use shardq::{Account, JobContext, JobError, NewJob, Runtime, Worker};
-use shardq_tests::{fast_options, fleet, wait_for};
+use shardq::{Account, NewJob, Runtime};
+use shardq_tests::{fast_options, fleet, wait_for, Noop};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-struct Noop;
-impl Worker for Noop {
-    type Args = serde_json::Value;
-    const KIND: &'static str = "noop";
-    async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
-        Ok(())
-    }
-}
 
 fn fetch(queue: &str) -> FetchParams<'_> {
     FetchParams {

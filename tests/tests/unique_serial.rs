@@ -15,7 +15,7 @@ use shardq::store::JOB_FETCH_AVAILABLE_SQL;
 use shardq::{
     Account, Backoff, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, UniqueOpts, UniqueStates, Worker,
 };
-use shardq_tests::{fleet, wait_for, Fleet};
+use shardq_tests::{fleet, wait_for, Fleet, Noop};
 use sqlx::Connection;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -46,15 +46,6 @@ async fn rows_of_kind(f: &Fleet, a: &Account, kind: &str) -> i64 {
         .fetch_one(&db.pool)
         .await
         .unwrap()
-}
-
-struct Noop;
-impl Worker for Noop {
-    type Args = serde_json::Value;
-    const KIND: &'static str = "noop";
-    async fn work(&self, _: JobContext, _: serde_json::Value) -> Result<(), JobError> {
-        Ok(())
-    }
 }
 
 // ---- unique jobs

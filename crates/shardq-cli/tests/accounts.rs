@@ -7,46 +7,20 @@
 //! shards.toml on SIGHUP.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod finished;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use finished::shardq;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use shardq::{Account, NewJob};
 use shardq_tests::{count_state, fleet, wait_for, write_config, Fleet};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// What a finished `shardq` process did.
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `shardq --config CONFIG ARGS...` to its end (off the async threads).
-async fn shardq(config: &Path, args: &[&str]) -> Run {
-    let config = config.to_path_buf();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_shardq"))
-            .arg("--config")
-            .arg(&config)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        Run {
-            ok: out.status.success(),
-            stdout: String::from_utf8(out.stdout).unwrap(),
-            stderr: String::from_utf8(out.stderr).unwrap(),
-        }
-    })
-    .await
-    .unwrap()
-}
 
 /// A `shardq` child process with its output in files; SIGKILLed and reaped
 /// on drop if still running.

@@ -4,43 +4,15 @@
 //! `up`; a master that is not migrated says to run `shardq migrate`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod finished;
+
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
+use finished::shardq;
 use shardq::{Account, NewJob};
 use shardq_testbed::TestBed;
 use shardq_tests::{fleet, write_config};
-
-/// What a finished `shardq` process did.
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `shardq --config CONFIG ARGS...` to its end (off the async threads).
-async fn shardq(config: &Path, args: &[&str]) -> Run {
-    let config = config.to_path_buf();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_shardq"))
-            .arg("--config")
-            .arg(&config)
-            .args(&args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        Run {
-            ok: out.status.success(),
-            stdout: String::from_utf8(out.stdout).unwrap(),
-            stderr: String::from_utf8(out.stderr).unwrap(),
-        }
-    })
-    .await
-    .unwrap()
-}
 
 /// Runs a command that prints a report with `--json`; its whole stdout
 /// must parse as one JSON document.

@@ -486,3 +486,107 @@ async fn shutdown_stops_the_handlers_of_the_jobs_it_hands_back() {
     })
     .await;
 }
+
+/// Whether a claim of the node's started on the shard after `since` (the
+/// server's clock), seen in `pg_stat_activity` over `conn`.
+async fn claimed_since(conn: &mut sqlx::PgConnection, since: chrono::DateTime<chrono::Utc>) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = 'shardq'
+            AND query LIKE '%SET state = ''running''%' AND query_start > $1)",
+    )
+    .bind(since)
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+/// Producers are woken once a new LISTEN is in place, never before it: a
+/// job inserted after the LISTEN connection was lost and before the new one
+/// listens (its notification reaches no one) is found by that wake, not by
+/// the next poll (an hour away here). The window is held open by freezing
+/// only the shard's postmaster: the node's open sessions keep answering,
+/// while the new LISTEN session (the shard's `listen_url` pool, which holds
+/// no other session) hangs at startup until the thaw. A notifier that woke
+/// its producers when the connection dropped would have them claim before
+/// the insert and find nothing, then listen again silently (shown by
+/// turning off sqlx's `eager_reconnect`, which makes `try_recv` report the
+/// loss before it has reconnected: the job then waits for the poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_inserted_while_the_listener_reconnects_is_claimed_once_it_listens_again() {
+    let bed = private_bed(1).await;
+    let f = fleet_on(&bed).await;
+    let shard = f.config.shard_names()[0].clone();
+    let mut config = f.config.clone();
+    let direct = config.shards[0].database.target.clone();
+    config.shards[0].database.listen = Some(direct);
+    let router = Arc::new(Router::connect(&config).await.unwrap());
+    let client = shardq::Client::new(router.clone());
+    let account = Account::new("relisten").unwrap();
+    router.place(&account, &shard).await.unwrap();
+    let outside = outside_pool(&router, &shard);
+
+    let runs = Runs::default();
+    let rt = Runtime::builder(router.clone())
+        .queue("default", 4)
+        .register(Count(runs.clone()))
+        .options(RuntimeOptions {
+            poll_interval: Duration::from_secs(3600),
+            ..fast_options()
+        })
+        .start()
+        .unwrap();
+    // A first job run leaves open sessions in the node's engine pool.
+    let first = client.enqueue(&account, count_job()).await.unwrap();
+    wait_for("the first job to complete", WAIT, || async {
+        client.job(&first).await.unwrap().state == "completed"
+    })
+    .await;
+    wait_for("the notifier's LISTEN", WAIT, || async {
+        listen_pid(&outside).await.is_some()
+    })
+    .await;
+    let listener = listen_pid(&outside).await.unwrap();
+    let mut conn = outside.acquire().await.unwrap();
+
+    on_server(&bed, "shard_1", Server::freeze_postmaster).await;
+    let cut_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(listener)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(terminated, "terminated the LISTEN backend {listener}");
+    // A wake before the new LISTEN would claim right away, over the open
+    // sessions; let such a claim run before the insert (the fixed notifier
+    // makes none, and this look ends after its deadline).
+    let look_until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < look_until && !claimed_since(&mut conn, cut_at).await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = store::job_insert(&mut conn, account.as_str(), &count_job(), "{}", store::Notify::AtCommit)
+        .await
+        .unwrap();
+    let id = JobId {
+        shard: shard.clone(),
+        id,
+    };
+    drop(conn);
+    on_server(&bed, "shard_1", Server::thaw).await;
+
+    wait_for("a new LISTEN backend", WAIT, || async {
+        listen_pid(&outside).await.is_some_and(|pid| pid != listener)
+    })
+    .await;
+    wait_for(
+        "the job inserted while the listener reconnected to complete",
+        Duration::from_secs(20),
+        || async { client.job(&id).await.unwrap().state == "completed" },
+    )
+    .await;
+    rt.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(runs.of(&id), 1, "{id} ran once");
+}

@@ -31,9 +31,9 @@ const STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// Interval between looks at a process that was sent SIGSTOP.
 const STOP_POLL: Duration = Duration::from_millis(1);
 
-/// Stops the postmaster of `data_dir` and all its descendants. `server`
-/// names the server in errors.
-pub(crate) fn freeze(server: &str, data_dir: &Path) -> Result<()> {
+/// Stops the postmaster of `data_dir` and, unless `postmaster_only`, all
+/// its descendants. `server` names the server in errors.
+pub(crate) fn freeze(server: &str, data_dir: &Path, postmaster_only: bool) -> Result<()> {
     let fail = |reason: String| Error::Freeze {
         server: server.to_owned(),
         action: "freeze",
@@ -60,6 +60,9 @@ pub(crate) fn freeze(server: &str, data_dir: &Path) -> Result<()> {
                 }
                 thread::sleep(STOP_POLL);
             }
+        }
+        if postmaster_only {
+            break;
         }
         running = descendants(postmaster)?
             .into_iter()

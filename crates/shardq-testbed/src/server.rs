@@ -271,7 +271,17 @@ impl Server {
     /// dropped or its process exits. Fails when the server is not running.
     /// Linux only (it reads `/proc`).
     pub fn freeze(&self) -> Result<()> {
-        crate::freeze::freeze(&self.name, &self.data_dir)
+        crate::freeze::freeze(&self.name, &self.data_dir, false)
+    }
+
+    /// Freezes only the postmaster (SIGSTOP), to simulate a server that
+    /// accepts no new session while the open ones keep working: a
+    /// connection attempt hangs at startup (nothing forks a backend for it),
+    /// queries on open connections are answered. Undone by
+    /// [`Server::thaw`]; [`Server::stop`], [`Server::kill`] and
+    /// [`Server::restart`] thaw first. Linux only (it reads `/proc`).
+    pub fn freeze_postmaster(&self) -> Result<()> {
+        crate::freeze::freeze(&self.name, &self.data_dir, true)
     }
 
     /// CPU time (user + system) the server's processes used since it

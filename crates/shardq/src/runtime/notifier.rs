@@ -53,6 +53,9 @@ pub(crate) async fn run(db: Database, subs: Subscriptions, mut stop: watch::Rece
     loop {
         let connected = async {
             let mut l = sqlx::postgres::PgListener::connect_with(listen_pool).await?;
+            // A lost connection is reported at once and reconnected below,
+            // where the producers are woken only after the new LISTEN.
+            l.eager_reconnect(false);
             l.listen_all(channels.iter().copied()).await?;
             Ok::<_, sqlx::Error>(l)
         };
@@ -97,7 +100,8 @@ pub(crate) async fn run(db: Database, subs: Subscriptions, mut stop: watch::Rece
                 // The connection dropped. Reconnect here rather than in the
                 // listener's next call, so producers are woken only once the
                 // new LISTEN is in place (a wake before it could miss a job
-                // inserted in between).
+                // inserted in between; tests/tests/faults.rs holds that
+                // window open).
                 Ok(None) => {
                     tracing::warn!(shard = %db.name, "LISTEN connection lost");
                     metrics::notifier_state(&db.name, NotifierState::Reconnecting);

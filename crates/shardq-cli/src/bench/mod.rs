@@ -15,7 +15,8 @@
 //! enqueues with and without the NOTIFY trigger), `fleet` (ownership
 //! across nodes: moves, connections, takeover after a SIGKILL) and
 //! `fairness` (one account's backlog beside 100 small accounts, fair share
-//! on and off) hold the scenarios.
+//! on and off) and `steady` (table and index sizes over a long steady
+//! load with pruning) hold the scenarios.
 
 mod drain;
 mod fairness;
@@ -24,6 +25,7 @@ mod latency;
 mod moves;
 mod notify;
 mod outage;
+mod steady;
 mod storage;
 
 use std::process::ExitCode;
@@ -37,7 +39,7 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "drain",
     "floor",
     "latency",
@@ -49,6 +51,7 @@ const SCENARIOS: [&str; 11] = [
     "move",
     "fleet",
     "fairness",
+    "steady",
 ];
 /// Jobs of the drain and floor scenarios when `--jobs` is not given.
 const DEFAULT_DRAIN_JOBS: usize = 200_000;
@@ -60,7 +63,9 @@ pub struct BenchArgs {
     /// storage, move (an account moved while it is written to; not run by default),
     /// fleet (nodes dividing 32 shards: ownership moves, connections, takeover
     /// after a SIGKILL; not run by default), fairness (one account's backlog of
-    /// `--jobs`, default 100,000, beside 100 small accounts; not run by default).
+    /// `--jobs`, default 100,000, beside 100 small accounts; not run by default),
+    /// steady (`--rate` jobs/s for `--steady-seconds` with pruning: table and
+    /// index sizes and dead rows over time; not run by default).
     #[arg(
         long,
         default_value = "drain,floor,latency,notify,shards,isolation,outage,storage",
@@ -88,6 +93,9 @@ pub struct BenchArgs {
     /// what production runs); by default they are durable.
     #[arg(long)]
     fast: bool,
+    /// Length of the steady scenario, seconds (default 30 minutes).
+    #[arg(long, default_value_t = 1800)]
+    steady_seconds: u64,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -322,6 +330,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("fairness") {
         fairness::fairness(&bed, &args, &mut results).await?;
+    }
+    if want("steady") {
+        steady::steady(&bed, &args, &mut results).await?;
     }
     bar.finish_and_clear();
     if args.json {

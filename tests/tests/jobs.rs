@@ -197,6 +197,46 @@ async fn a_notification_wakes_the_producer_without_polling() {
     rt.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A client's wake-ups are coalesced (one task per shard sends the
+/// NOTIFYs of concurrent enqueues together): none is lost on the way. In
+/// each of 20 rounds, 16 concurrent enqueues of one client put one job
+/// each into two queues, and the round waits until all 16 have run; with
+/// the poll an hour away, only wake-ups can start them, so a queue's
+/// wake-up dropped in the coalescing leaves its jobs waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueues_into_two_queues_all_wake_the_producers() {
+    let f = fleet().await;
+    let a = account(8);
+    let shard = f.router.shard_for(&a).await.unwrap().shard;
+    let opts = RuntimeOptions {
+        poll_interval: Duration::from_secs(3600),
+        ..fast_options()
+    };
+    let runs = Counting::default();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 8)
+        .queue("other", 8)
+        .register(runs.clone())
+        .options(opts)
+        .start()
+        .unwrap();
+    wait_listening(&f, &shard).await;
+    for round in 0..20 {
+        let enqueues = (0..16).map(|i| {
+            let queue = if i % 2 == 0 { "default" } else { "other" };
+            f.client
+                .enqueue(&a, NewJob::from_json("count", serde_json::json!({})).queue(queue))
+        });
+        let ids: Vec<JobId> = futures::future::try_join_all(enqueues).await.unwrap();
+        wait_for(&format!("round {round}: its 16 woken jobs completed"), WAIT, || async {
+            let runs = runs.0.lock().unwrap();
+            ids.iter().all(|id| runs.get(id) == Some(&1))
+        })
+        .await;
+    }
+    rt.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn the_poll_picks_up_jobs_when_notifications_are_lost() {
     let f = fleet().await;

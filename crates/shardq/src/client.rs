@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use shardq_router::router::{fenced, Database};
+use shardq_router::router::fenced;
 use shardq_router::{Account, Router};
 use sqlx::PgConnection;
 use tracing::Instrument;
@@ -13,6 +13,7 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::job::{Enqueued, JobId, JobRecord, JobState, NewJob};
 use crate::store::{self, JobChange, Notify, QueuePause, RetryChange};
+use crate::wakeups::Wakeups;
 
 /// How long an enqueue waits for a move that fenced its account off the old
 /// shard to switch the placement.
@@ -41,12 +42,16 @@ async fn insert_keyed(
 #[derive(Clone)]
 pub struct Client {
     router: Arc<Router>,
+    wakeups: Arc<Wakeups>,
 }
 
 impl Client {
     /// A client routing through `router`.
     pub fn new(router: Arc<Router>) -> Client {
-        Client { router }
+        Client {
+            router,
+            wakeups: Arc::default(),
+        }
     }
 
     /// The router this client uses.
@@ -76,7 +81,8 @@ impl Client {
                 let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
                 match store::job_insert(&mut conn, account.as_str(), &job, &args, Notify::Deferred).await {
                     Ok(id) => {
-                        wake(&mut conn, db, &[job.queue.as_str()]).await;
+                        drop(conn);
+                        self.wakeups.wake(db, &[job.queue.as_str()]);
                         return Ok(JobId {
                             shard: db.name.clone(),
                             id,
@@ -200,7 +206,7 @@ impl Client {
             };
             if plain_ids.is_ok() && !plain.is_empty() {
                 let queues: Vec<&str> = plain.iter().map(|r| r.1.queue.as_str()).collect();
-                wake(&mut conn, db, &queues).await;
+                self.wakeups.wake(db, &queues);
             }
             let mut plain_ids = match plain_ids {
                 Ok(ids) => ids.into_iter(),
@@ -431,13 +437,4 @@ fn check_queue(shard: &str, queue: &str) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// Wakes the producers of `queues` on `db` after a deferred-notify insert
-/// committed. A failure only costs the jobs a poll interval, so it is
-/// logged, not returned: the jobs are in.
-async fn wake(conn: &mut PgConnection, db: &Database, queues: &[&str]) {
-    if let Err(e) = store::jobs_notify(conn, queues).await {
-        tracing::warn!(shard = %db.name, error = %db.error(e), "jobs enqueued, but their wake-up was not sent; producers find them at their next poll");
-    }
 }

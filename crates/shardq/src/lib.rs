@@ -7,6 +7,8 @@
 //! - [`client`]: [`Client`]: enqueue (one INSERT, or one per shard for a
 //!   batch; or inside the application's transaction), look jobs up, cancel, retry,
 //!   pause and resume a queue on a shard ([`QueuePause`]).
+//! - `wakeups`: the client's coalesced wake-ups after its inserts (one task
+//!   per shard sends the NOTIFYs of concurrent enqueues in one statement).
 //! - [`worker`]: the [`Worker`] trait handlers implement, [`JobContext`], [`JobError`].
 //! - [`unique`]: unique jobs' options and key texts ([`UniqueOpts`]).
 //! - [`periodic`]: cron-scheduled jobs, enqueued once per occurrence across nodes.
@@ -52,6 +54,7 @@ mod store;
 #[doc(hidden)]
 pub mod store;
 pub mod unique;
+mod wakeups;
 pub mod worker;
 
 pub use client::Client;

@@ -319,9 +319,15 @@ async fn a_node_whose_connections_are_all_terminated_reconnects_listens_again_an
                 }
                 let (a, s) = &accounts[i % accounts.len()];
                 let mut conn = outside[s].acquire().await.unwrap();
-                let id = store::job_insert(&mut conn, a.as_str(), &count_job(), "{}", store::Notify::AtCommit)
-                    .await
-                    .unwrap();
+                let id = store::job_insert(
+                    &mut shardq_router::Conn::new(&mut conn, shardq_router::Pooler::None),
+                    a.as_str(),
+                    &count_job(),
+                    "{}",
+                    store::Notify::AtCommit,
+                )
+                .await
+                .unwrap();
                 ids.push(JobId { shard: s.clone(), id });
             }
             ids

@@ -36,6 +36,10 @@ impl Database {
         if !settings.is_empty() && db.pooler == Pooler::None {
             connect = connect.options(settings);
         }
+        if db.pooler == Pooler::Transaction {
+            // Statements run unnamed there (see `executor`): nothing to cache.
+            connect = connect.statement_cache_capacity(0);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(db.pool.max_connections)
             .min_connections(db.pool.min_connections)

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use shardq_router::router::{fenced, Database};
+use shardq_router::Conn;
 use shardq_router::{Account, Router};
 use sqlx::PgConnection;
 use tracing::Instrument;
@@ -24,7 +25,7 @@ const CANCEL_REASON: &str = "cancelled on request";
 /// Inserts a unique or serial job: `Ok(Ok((id, inserted)))`; the outer
 /// error is the database's, the inner one a duplicate that kept vanishing.
 async fn insert_keyed(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     account: &str,
     job: &NewJob,
     args: &str,
@@ -74,6 +75,7 @@ impl Client {
                 let db = self.router.pool_for(account).await?;
                 tracing::Span::current().record("shard", db.name.as_str());
                 let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+                let mut conn = db.conn(&mut conn);
                 match store::job_insert(&mut conn, account.as_str(), &job, &args, Notify::Deferred).await {
                     Ok(id) => {
                         wake(&mut conn, db, &[job.queue.as_str()]).await;
@@ -105,6 +107,7 @@ impl Client {
                 let db = self.router.pool_for(account).await?;
                 tracing::Span::current().record("shard", db.name.as_str());
                 let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+                let mut conn = db.conn(&mut conn);
                 match insert_keyed(&mut conn, account.as_str(), &job, &args).await {
                     Ok(inserted) => {
                         let (id, inserted) = inserted?;
@@ -138,13 +141,14 @@ impl Client {
     pub async fn enqueue_in(&self, tx: &mut PgConnection, account: &Account, job: NewJob) -> Result<JobId> {
         let args = job.validate()?;
         let db = self.router.pool_for(account).await?;
+        let mut tx = db.conn(tx);
         let id = if job.is_keyed() {
-            insert_keyed(tx, account.as_str(), &job, &args)
+            insert_keyed(&mut tx, account.as_str(), &job, &args)
                 .await
                 .map_err(|e| db.error(e))??
                 .0
         } else {
-            store::job_insert(tx, account.as_str(), &job, &args, Notify::AtCommit)
+            store::job_insert(&mut tx, account.as_str(), &job, &args, Notify::AtCommit)
                 .await
                 .map_err(|e| db.error(e))?
         };
@@ -191,7 +195,8 @@ impl Client {
                 id,
             };
             let input: Vec<(&str, &NewJob, String)> = rows.iter().map(|r| (r.1, r.2, r.3.clone())).collect();
-            let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+            let mut pooled = db.pool.acquire().await.map_err(|e| db.error(e))?;
+            let mut conn = db.conn(&mut pooled);
             let plain: Vec<(&str, &NewJob, String)> = input.iter().filter(|r| !r.1.is_keyed()).cloned().collect();
             let plain_ids = if plain.is_empty() {
                 Ok(Vec::new())
@@ -207,7 +212,7 @@ impl Client {
                 // An account of the batch moved off this shard: nothing of
                 // the batch was written; each job goes on its own, rerouted.
                 Err(e) if fenced(&e).is_some() => {
-                    drop(conn);
+                    drop(pooled);
                     let mut out = Vec::with_capacity(rows.len());
                     for (i, _, job, _) in &rows {
                         out.push((*i, self.enqueue(&jobs[*i].0, (*job).clone()).await?));
@@ -244,7 +249,7 @@ impl Client {
     /// One job by id.
     pub async fn job(&self, id: &JobId) -> Result<JobRecord> {
         let db = self.router.shard(&id.shard)?;
-        store::job_get(&db.pool, &id.shard, id.id)
+        store::job_get(db, &id.shard, id.id)
             .await
             .map_err(|e| db.error(e))?
             .ok_or_else(|| Error::JobNotFound(id.to_string()))
@@ -255,7 +260,7 @@ impl Client {
     pub async fn jobs_of(&self, account: &Account, state: Option<&str>, limit: i64) -> Result<Vec<JobRecord>> {
         let state = state.map(str::parse::<JobState>).transpose()?;
         let db = self.router.pool_for(account).await?;
-        store::job_list_for_account(&db.pool, &db.name, account.as_str(), state, limit)
+        store::job_list_for_account(db, &db.name, account.as_str(), state, limit)
             .await
             .map_err(|e| db.error(e).into())
     }
@@ -270,7 +275,7 @@ impl Client {
     /// Returns the job as it is afterwards.
     pub async fn cancel(&self, id: &JobId) -> Result<JobRecord> {
         let db = self.router().shard(&id.shard)?;
-        let change = store::job_cancel(&db.pool, id.id, CANCEL_REASON)
+        let change = store::job_cancel(db, id.id, CANCEL_REASON)
             .await
             .map_err(|e| db.error(e))?;
         match change {
@@ -307,9 +312,7 @@ impl Client {
     /// key never leaves two jobs holding it.
     pub async fn retry(&self, id: &JobId) -> Result<JobRecord> {
         let db = self.router().shard(&id.shard)?;
-        let change = store::job_retry(&db.pool, &id.shard, id.id)
-            .await
-            .map_err(|e| db.error(e))?;
+        let change = store::job_retry(db, &id.shard, id.id).await.map_err(|e| db.error(e))?;
         match change {
             RetryChange::Retried { was, job } => {
                 tracing::info!(job = %id, was = %was, "job retried by hand");
@@ -351,7 +354,7 @@ impl Client {
     pub async fn pause_queue(&self, shard: &str, queue: &str, by: &str) -> Result<bool> {
         let db = self.router.shard(shard)?;
         check_queue(shard, queue)?;
-        let paused = store::queue_pause(&db.pool, queue, by).await.map_err(|e| db.error(e))?;
+        let paused = store::queue_pause(db, queue, by).await.map_err(|e| db.error(e))?;
         if paused {
             tracing::info!(shard, queue, by, "queue paused");
         }
@@ -363,7 +366,7 @@ impl Client {
     pub async fn resume_queue(&self, shard: &str, queue: &str) -> Result<bool> {
         let db = self.router.shard(shard)?;
         check_queue(shard, queue)?;
-        let resumed = store::queue_resume(&db.pool, queue).await.map_err(|e| db.error(e))?;
+        let resumed = store::queue_resume(db, queue).await.map_err(|e| db.error(e))?;
         if resumed {
             tracing::info!(shard, queue, "queue resumed");
         }
@@ -373,7 +376,7 @@ impl Client {
     /// The queues paused on `shard`, by name.
     pub async fn paused_queues(&self, shard: &str) -> Result<Vec<QueuePause>> {
         let db = self.router.shard(shard)?;
-        store::queue_pauses(&db.pool).await.map_err(|e| db.error(e).into())
+        store::queue_pauses(db).await.map_err(|e| db.error(e).into())
     }
 }
 
@@ -397,7 +400,7 @@ impl Client {
                 })
             }
         };
-        if !store::account_weight_set(&db.pool, account.as_str(), w)
+        if !store::account_weight_set(db, account.as_str(), w)
             .await
             .map_err(|e| db.error(e))?
         {
@@ -414,7 +417,7 @@ impl Client {
     /// The fair-share weight of `account` (1 when none was set).
     pub async fn account_weight(&self, account: &Account) -> Result<u32> {
         let db = self.router.pool_for(account).await?;
-        let w = store::account_weight_of(&db.pool, account.as_str())
+        let w = store::account_weight_of(db, account.as_str())
             .await
             .map_err(|e| db.error(e))?;
         Ok(w.map_or(1, |w| w.max(1) as u32))
@@ -436,7 +439,7 @@ fn check_queue(shard: &str, queue: &str) -> Result<()> {
 /// Wakes the producers of `queues` on `db` after a deferred-notify insert
 /// committed. A failure only costs the jobs a poll interval, so it is
 /// logged, not returned: the jobs are in.
-async fn wake(conn: &mut PgConnection, db: &Database, queues: &[&str]) {
+async fn wake(conn: &mut Conn<'_>, db: &Database, queues: &[&str]) {
     if let Err(e) = store::jobs_notify(conn, queues).await {
         tracing::warn!(shard = %db.name, error = %db.error(e), "jobs enqueued, but their wake-up was not sent; producers find them at their next poll");
     }

@@ -3,7 +3,9 @@
 //! migrator against a real PgBouncer in transaction mode (refused without a
 //! direct `listen_url`, migrated over it with one), and the worker node's
 //! wake-ups for a pooled shard: LISTEN over `listen_url` when set, polling
-//! only when not.
+//! only when not; the whole job lifecycle, and the application's
+//! statements through `pool_for` and `begin`, through a PgBouncer with
+//! fewer server connections than clients.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::Path;
@@ -496,4 +498,74 @@ async fn behind_pgbouncer_in_transaction_mode_every_job_of_the_lifecycle_complet
     let completed = rows.iter().filter(|(_, s)| s == "completed").count();
     assert!(completed >= completing.len() + 2, "{completed} completed");
     drop((master_bouncer, shard_bouncer));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_pgbouncer_the_applications_statements_run_on_pool_for_and_begin() {
+    let bed = bed().await;
+    let f = fleet().await;
+    let bouncer = tokio::task::spawn_blocking(move || {
+        let server = bed.server("shard_1").map_err(|e| e.to_string())?;
+        PgBouncer::start_with_pool_size(server, 2).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let direct = f.router.shard("shard_1").unwrap().clone();
+    sqlx::query("CREATE TABLE notes (account text NOT NULL, n int NOT NULL)")
+        .execute(&direct.pool)
+        .await
+        .unwrap();
+    let mut config = f.config.clone();
+    config.shards.truncate(1);
+    let db = &mut config.shards[0].database;
+    db.target.port = bouncer.port();
+    db.pooler = Pooler::Transaction;
+    db.pool.max_connections = 8;
+    let router = Arc::new(Router::connect(&config).await.unwrap());
+    // More tasks than the pooler's two server connections, each writing
+    // through the shard's Database, a fenced transaction, and a wrapped
+    // pool connection.
+    let writers = (0..24).map(|i| {
+        let router = router.clone();
+        async move {
+            let a = Account::new(format!("notes-{}", i % 4)).unwrap();
+            let db = router.pool_for(&a).await.unwrap();
+            sqlx::query("INSERT INTO notes (account, n) VALUES ($1, $2)")
+                .bind(a.as_str())
+                .bind(i)
+                .execute(db)
+                .await
+                .unwrap();
+            let mut tx = router.begin(&a).await.unwrap();
+            sqlx::query("INSERT INTO notes (account, n) VALUES ($1, $2)")
+                .bind(a.as_str())
+                .bind(i)
+                .execute(&mut tx)
+                .await
+                .unwrap();
+            let mine: i64 = sqlx::query_scalar("SELECT count(*) FROM notes WHERE account = $1 AND n = $2")
+                .bind(a.as_str())
+                .bind(i)
+                .fetch_one(&mut tx)
+                .await
+                .unwrap();
+            assert_eq!(mine, 2, "the transaction sees both rows of writer {i}");
+            tx.commit().await.unwrap();
+            let mut pooled = db.pool.acquire().await.unwrap();
+            sqlx::query("INSERT INTO notes (account, n) VALUES ($1, $2)")
+                .bind(a.as_str())
+                .bind(i)
+                .execute(&mut db.conn(&mut pooled))
+                .await
+                .unwrap();
+        }
+    });
+    futures::future::join_all(writers).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&direct.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 72);
+    drop(bouncer);
 }

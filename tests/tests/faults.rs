@@ -319,9 +319,15 @@ async fn a_node_whose_connections_are_all_terminated_reconnects_listens_again_an
                 }
                 let (a, s) = &accounts[i % accounts.len()];
                 let mut conn = outside[s].acquire().await.unwrap();
-                let id = store::job_insert(&mut conn, a.as_str(), &count_job(), "{}", store::Notify::AtCommit)
-                    .await
-                    .unwrap();
+                let id = store::job_insert(
+                    &mut shardq_router::Conn::new(&mut conn, shardq_router::Pooler::None),
+                    a.as_str(),
+                    &count_job(),
+                    "{}",
+                    store::Notify::AtCommit,
+                )
+                .await
+                .unwrap();
                 ids.push(JobId { shard: s.clone(), id });
             }
             ids
@@ -567,9 +573,16 @@ async fn a_job_inserted_while_the_listener_reconnects_is_claimed_once_it_listens
     while tokio::time::Instant::now() < look_until && !claimed_since(&mut conn, cut_at).await {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let id = store::job_insert(&mut conn, account.as_str(), &count_job(), "{}", store::Notify::AtCommit)
-        .await
-        .unwrap();
+    let mut direct = shardq_router::Conn::new(&mut conn, shardq_router::Pooler::None);
+    let id = store::job_insert(
+        &mut direct,
+        account.as_str(),
+        &count_job(),
+        "{}",
+        store::Notify::AtCommit,
+    )
+    .await
+    .unwrap();
     let id = JobId {
         shard: shard.clone(),
         id,

@@ -253,7 +253,7 @@ async fn the_poll_picks_up_jobs_when_notifications_are_lost() {
     // between its insert and its NOTIFY): only the poll can find this job.
     let mut conn = db.pool.acquire().await.unwrap();
     let job = NewJob::from_json("count", serde_json::json!({}));
-    let id = store::job_insert(&mut conn, a.as_str(), &job, "{}", store::Notify::Deferred)
+    let id = store::job_insert(&mut db.conn(&mut conn), a.as_str(), &job, "{}", store::Notify::Deferred)
         .await
         .unwrap();
     let id = JobId {
@@ -522,8 +522,8 @@ async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced
         error: Some("late".into()),
         extra_attempts: 0,
     };
-    assert_eq!(store::job_finish_many(&db.pool, &[finish]).await.unwrap(), 0);
-    assert_eq!(store::job_complete_many(&db.pool, &[id.id], &[1]).await.unwrap(), 0);
+    assert_eq!(store::job_finish_many(db, &[finish]).await.unwrap(), 0);
+    assert_eq!(store::job_complete_many(db, &[id.id], &[1]).await.unwrap(), 0);
     assert_eq!(f.client.job(&id).await.unwrap().state, "completed");
     assert_eq!(runs.0.lock().unwrap().get(&id), Some(&1));
 }

@@ -326,12 +326,12 @@ async fn sampler_and_status_statements_stay_index_reads_on_a_large_backlog() {
     sqlx::query("ANALYZE shardq.jobs").execute(&mut *conn).await.unwrap();
 
     // What the statements report on it, within their bounds.
-    let depth = shardq::store::queue_depth(&db.pool, "default", QUEUE_DEPTH_CAP)
+    let depth = shardq::store::queue_depth(&db, "default", QUEUE_DEPTH_CAP)
         .await
         .unwrap();
     assert!(depth.capped(QUEUE_DEPTH_CAP), "{depth:?}");
     assert!(depth.oldest_secs >= 60.0, "{depth:?}");
-    assert_eq!(shardq::store::queue_names_waiting(&db.pool).await.unwrap(), ["default"]);
+    assert_eq!(shardq::store::queue_names_waiting(&db).await.unwrap(), ["default"]);
 
     let mut tx = conn.begin().await.unwrap();
     for mode in ["force_custom_plan", "force_generic_plan"] {

@@ -239,7 +239,7 @@ async fn a_job_handed_back_at_shutdown_wakes_another_node_at_once() {
     // Let the second node's first fetch (at start) find nothing.
     wait_for("the second node is listening", WAIT, || async {
         let db = f.router.shard(&id.shard).unwrap();
-        shardq::store::listener_count(&db.pool).await.unwrap() >= 2
+        shardq::store::listener_count(db).await.unwrap() >= 2
     })
     .await;
     first.shutdown(Duration::from_millis(100)).await;

@@ -3,7 +3,9 @@
 //! migrator against a real PgBouncer in transaction mode (refused without a
 //! direct `listen_url`, migrated over it with one), and the worker node's
 //! wake-ups for a pooled shard: LISTEN over `listen_url` when set, polling
-//! only when not.
+//! only when not; the whole job lifecycle, and the application's
+//! statements through `pool_for` and `begin`, through a PgBouncer with
+//! fewer server connections than clients.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::Path;
@@ -248,5 +250,322 @@ async fn behind_a_transaction_pooler_no_settings_are_sent_at_connect() {
         .await
         .unwrap();
     assert_eq!(one, 1);
+    drop(bouncer);
+}
+
+/// What [`Mixed`] does with a job, from its args' `mode`.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+enum Mode {
+    /// Succeeds.
+    Ok,
+    /// Fails its first attempt, succeeds its second (an automatic retry).
+    Flaky,
+    /// Fails (it has one attempt: discarded, then retried by hand).
+    FailsFirst,
+    /// Runs until the test releases it (its lease is renewed meanwhile).
+    Hold,
+    /// Runs until it is cancelled.
+    UntilCancelled,
+}
+
+/// Records every successful run per job id.
+#[derive(Clone, Default)]
+struct Mixed {
+    succeeded: Arc<std::sync::Mutex<std::collections::HashMap<i64, u32>>>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl shardq::Worker for Mixed {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "mixed";
+    async fn work(&self, ctx: shardq::JobContext, args: serde_json::Value) -> Result<(), shardq::JobError> {
+        let mode: Mode = serde_json::from_value(args["mode"].clone()).unwrap_or(Mode::Ok);
+        match mode {
+            Mode::Ok => {}
+            Mode::Flaky if ctx.attempt == 1 => return Err(shardq::JobError::failed("first attempt fails")),
+            Mode::Flaky => {}
+            Mode::FailsFirst if ctx.attempt == 1 => return Err(shardq::JobError::failed("fails until retried")),
+            Mode::FailsFirst => {}
+            Mode::Hold => self.release.notified().await,
+            Mode::UntilCancelled => {
+                ctx.cancelled().await;
+                return Err(shardq::JobError::failed("cancelled"));
+            }
+        }
+        *self.succeeded.lock().unwrap().entry(ctx.id.id).or_default() += 1;
+        Ok(())
+    }
+}
+
+fn mixed(mode: Mode) -> NewJob {
+    NewJob::from_json("mixed", serde_json::json!({ "mode": mode }))
+}
+
+/// `f`'s master and shard_1, each through its own PgBouncer (transaction
+/// mode, `pool_size` server connections), with their direct addresses as
+/// `listen_url`; the other shards are left out.
+fn through_bouncers(f: &shardq_tests::Fleet, master: &PgBouncer, shard: &PgBouncer) -> Config {
+    let mut c = f.config.clone();
+    c.shards.truncate(1);
+    for (db, bouncer) in [(&mut c.master, master), (&mut c.shards[0].database, shard)] {
+        db.listen = Some(db.target.clone());
+        db.target.port = bouncer.port();
+        db.pooler = Pooler::Transaction;
+        db.pool.max_connections = 8;
+        db.pool.statement_timeout = Duration::ZERO;
+        db.pool.lock_timeout = Duration::ZERO;
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_pgbouncer_in_transaction_mode_every_job_of_the_lifecycle_completes_exactly_once() {
+    let bed = bed().await;
+    let f = fleet().await;
+    let start = |name: &'static str| async move {
+        tokio::task::spawn_blocking(move || {
+            let server = bed.server(name).map_err(|e| e.to_string())?;
+            PgBouncer::start_with_pool_size(server, 2).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    let (master_bouncer, shard_bouncer) = (start("master").await, start("shard_1").await);
+    assert_eq!(
+        f.config.shards[0].database.target.port,
+        bed.server("shard_1").unwrap().port()
+    );
+    let config = through_bouncers(&f, &master_bouncer, &shard_bouncer);
+    let router = Arc::new(Router::connect(&config).await.unwrap());
+    let client = Client::new(router.clone());
+    let direct = f.router.shard("shard_1").unwrap().clone();
+    let pooled = router.shard("shard_1").unwrap().clone();
+    let a = Account::new("pooled-lifecycle").unwrap();
+    let b = Account::new("pooled-lifecycle-b").unwrap();
+
+    // A node that claimed a job with a short lease and died: rescued later.
+    let rescued = client.enqueue(&a, mixed(Mode::Ok)).await.unwrap();
+    let dead = shardq::store::job_fetch_available(
+        &pooled,
+        &shardq::store::FetchParams {
+            queue: "default",
+            limit: 10,
+            node: "dead-node",
+            lease_secs: 0.2,
+            aging_secs: None,
+            fair: false,
+            after: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 1);
+
+    let worker = Mixed::default();
+    let every_second = shardq::PeriodicJob::new("tick", "* * * * * *", shardq::periodic::Tz::UTC, mixed(Mode::Ok))
+        .unwrap()
+        .global(b.clone());
+    let rt = Runtime::builder(router.clone())
+        .queue("default", 16)
+        .register(worker.clone())
+        .periodic(every_second)
+        .options(fast_options())
+        .start()
+        .unwrap();
+
+    // Enqueues from many tasks at once, more than the pooler's two server
+    // connections: one by one, a batch, unique, and in the application's
+    // own transaction.
+    let mut completing: Vec<shardq::JobId> = vec![rescued];
+    let singles = (0..40).map(|i| {
+        let client = client.clone();
+        let account = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let mode = if i % 8 == 0 { Mode::Flaky } else { Mode::Ok };
+        async move { client.enqueue(&account, mixed(mode)).await.unwrap() }
+    });
+    completing.extend(futures::future::join_all(singles).await);
+    completing.extend(
+        client
+            .enqueue_many((0..20).map(|i| (if i % 2 == 0 { a.clone() } else { b.clone() }, mixed(Mode::Ok))))
+            .await
+            .unwrap(),
+    );
+    let unique = || mixed(Mode::Ok).unique(shardq::UniqueOpts::new().key("once"));
+    let first = client.enqueue_unique(&a, unique()).await.unwrap();
+    let again = client.enqueue_unique(&a, unique()).await.unwrap();
+    assert!(!first.duplicate && again.duplicate && again.id == first.id);
+    completing.push(first.id);
+    let mut tx = router.begin(&a).await.unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT $1::int")
+        .bind(1)
+        .fetch_one(&mut tx)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    completing.push(client.enqueue_in(&mut tx, &a, mixed(Mode::Ok)).await.unwrap());
+    tx.commit().await.unwrap();
+
+    // A discarded job retried by hand.
+    let fails = client
+        .enqueue(&a, mixed(Mode::FailsFirst).max_attempts(1))
+        .await
+        .unwrap();
+    wait_for("the failing job discarded", WAIT, || async {
+        client.job(&fails).await.unwrap().state == "discarded"
+    })
+    .await;
+    client.retry(&fails).await.unwrap();
+    completing.push(fails);
+
+    // A long job whose lease is renewed through the pooler.
+    let held = client.enqueue(&a, mixed(Mode::Hold)).await.unwrap();
+    let lease = || async {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT lease_expires_at FROM shardq.jobs WHERE id = $1 AND state = 'running'",
+        )
+        .bind(held.id)
+        .fetch_optional(&direct.pool)
+        .await
+        .unwrap()
+        .flatten()
+    };
+    wait_for("the long job running", WAIT, || async { lease().await.is_some() }).await;
+    let first_lease = lease().await.unwrap();
+    wait_for("the long job's lease renewed", WAIT, || async {
+        lease().await.is_some_and(|l| l > first_lease)
+    })
+    .await;
+    worker.release.notify_one();
+    completing.push(held);
+
+    // Cancels: a scheduled job, and a running one.
+    let later = client
+        .enqueue(&a, mixed(Mode::Ok).delay(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(client.cancel(&later).await.unwrap().state, "cancelled");
+    let running = client.enqueue(&b, mixed(Mode::UntilCancelled)).await.unwrap();
+    wait_for("the cancellable job running", WAIT, || async {
+        client.job(&running).await.unwrap().state == "running"
+    })
+    .await;
+    client.cancel(&running).await.unwrap();
+    wait_for("the running job cancelled", WAIT, || async {
+        client.job(&running).await.unwrap().state == "cancelled"
+    })
+    .await;
+
+    // Periodic occurrences, enqueued by the node's scheduler through the pooler.
+    let ticks = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM shardq.periodic_runs WHERE name = 'tick' AND job_id IS NOT NULL",
+        )
+        .fetch_one(&direct.pool)
+        .await
+        .unwrap()
+    };
+    wait_for("two periodic occurrences", WAIT, || async { ticks().await >= 2 }).await;
+
+    wait_for("every job completed", WAIT, || async {
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM shardq.jobs WHERE state NOT IN ('completed', 'cancelled')")
+                .fetch_one(&direct.pool)
+                .await
+                .unwrap();
+        open == 0
+    })
+    .await;
+    rt.shutdown(Duration::from_secs(5)).await;
+
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, state FROM shardq.jobs ORDER BY id")
+        .fetch_all(&direct.pool)
+        .await
+        .unwrap();
+    let succeeded = worker.succeeded.lock().unwrap().clone();
+    for (id, state) in &rows {
+        let runs = succeeded.get(id).copied().unwrap_or(0);
+        match state.as_str() {
+            "completed" => assert_eq!(runs, 1, "job {id} completed after {runs} successful runs"),
+            "cancelled" => assert!([later.id, running.id].contains(id) && runs == 0, "job {id} cancelled"),
+            other => panic!("job {id} ended {other}"),
+        }
+    }
+    for id in &completing {
+        assert_eq!(client.job(id).await.unwrap().state, "completed", "job {}", id.id);
+    }
+    let completed = rows.iter().filter(|(_, s)| s == "completed").count();
+    assert!(completed >= completing.len() + 2, "{completed} completed");
+    drop((master_bouncer, shard_bouncer));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_pgbouncer_the_applications_statements_run_on_pool_for_and_begin() {
+    let bed = bed().await;
+    let f = fleet().await;
+    let bouncer = tokio::task::spawn_blocking(move || {
+        let server = bed.server("shard_1").map_err(|e| e.to_string())?;
+        PgBouncer::start_with_pool_size(server, 2).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let direct = f.router.shard("shard_1").unwrap().clone();
+    sqlx::query("CREATE TABLE notes (account text NOT NULL, n int NOT NULL)")
+        .execute(&direct.pool)
+        .await
+        .unwrap();
+    let mut config = f.config.clone();
+    config.shards.truncate(1);
+    let db = &mut config.shards[0].database;
+    db.target.port = bouncer.port();
+    db.pooler = Pooler::Transaction;
+    db.pool.max_connections = 8;
+    let router = Arc::new(Router::connect(&config).await.unwrap());
+    // More tasks than the pooler's two server connections, each writing
+    // through the shard's Database, a fenced transaction, and a wrapped
+    // pool connection.
+    let writers = (0..24).map(|i| {
+        let router = router.clone();
+        async move {
+            let a = Account::new(format!("notes-{}", i % 4)).unwrap();
+            let db = router.pool_for(&a).await.unwrap();
+            sqlx::query("INSERT INTO notes (account, n) VALUES ($1, $2)")
+                .bind(a.as_str())
+                .bind(i)
+                .execute(db)
+                .await
+                .unwrap();
+            let mut tx = router.begin(&a).await.unwrap();
+            sqlx::query("INSERT INTO notes (account, n) VALUES ($1, $2)")
+                .bind(a.as_str())
+                .bind(i)
+                .execute(&mut tx)
+                .await
+                .unwrap();
+            let mine: i64 = sqlx::query_scalar("SELECT count(*) FROM notes WHERE account = $1 AND n = $2")
+                .bind(a.as_str())
+                .bind(i)
+                .fetch_one(&mut tx)
+                .await
+                .unwrap();
+            assert_eq!(mine, 2, "the transaction sees both rows of writer {i}");
+            tx.commit().await.unwrap();
+            let mut pooled = db.pool.acquire().await.unwrap();
+            sqlx::query("INSERT INTO notes (account, n) VALUES ($1, $2)")
+                .bind(a.as_str())
+                .bind(i)
+                .execute(&mut db.conn(&mut pooled))
+                .await
+                .unwrap();
+        }
+    });
+    futures::future::join_all(writers).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&direct.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 72);
     drop(bouncer);
 }

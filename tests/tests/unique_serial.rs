@@ -285,7 +285,7 @@ async fn concurrent_retries_of_jobs_sharing_a_key_let_exactly_one_through() {
 async fn rescue_hand_back_and_release_keep_the_key_of_a_job_they_make_available() {
     let f = fleet().await;
     let a = account("unique-rescue");
-    let pool = f.router.pool_for(&a).await.unwrap().pool.clone();
+    let pool = f.router.pool_for(&a).await.unwrap().clone();
     // Running on node n, attempt 1, lease expired.
     let run = |id: i64| {
         sqlx::query(

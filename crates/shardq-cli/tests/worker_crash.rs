@@ -283,7 +283,7 @@ async fn a_worker_sigkilled_mid_batch_loses_no_job_and_its_running_jobs_are_resc
             .map(|id| id.id)
             .collect();
         let ones = vec![1; late.len()];
-        assert_eq!(store::job_complete_many(&db.pool, &late, &ones).await.unwrap(), 0);
+        assert_eq!(store::job_complete_many(db, &late, &ones).await.unwrap(), 0);
         let finishes: Vec<Finish> = late
             .iter()
             .map(|id| Finish {
@@ -295,7 +295,7 @@ async fn a_worker_sigkilled_mid_batch_loses_no_job_and_its_running_jobs_are_resc
                 extra_attempts: 0,
             })
             .collect();
-        assert_eq!(store::job_finish_many(&db.pool, &finishes).await.unwrap(), 0);
+        assert_eq!(store::job_finish_many(db, &finishes).await.unwrap(), 0);
     }
     assert_eq!(all_jobs(&f).await, end, "late writes of the dead node regress nothing");
 }

@@ -18,7 +18,9 @@ pub struct Database {
     pub target: String,
     /// The pooler between this process and the server (`pooler` in
     /// shards.toml): with one in transaction mode no session settings are
-    /// sent at connect, and LISTEN goes over [`Database::listen_pool`].
+    /// sent at connect, LISTEN goes over [`Database::listen_pool`], and
+    /// statements run through `&Database` (an sqlx executor) are unnamed
+    /// and each inside a transaction (the crate's `executor` module).
     pub pooler: Pooler,
     /// A lazy one-connection pool on the direct address (`listen_url`),
     /// when one is configured.
@@ -35,6 +37,10 @@ impl Database {
         let settings = session_settings(&db.pool);
         if !settings.is_empty() && db.pooler == Pooler::None {
             connect = connect.options(settings);
+        }
+        if db.pooler == Pooler::Transaction {
+            // Statements run unnamed there (see `executor`): nothing to cache.
+            connect = connect.statement_cache_capacity(0);
         }
         let pool = PgPoolOptions::new()
             .max_connections(db.pool.max_connections)

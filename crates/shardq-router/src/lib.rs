@@ -9,6 +9,9 @@
 //!   shard registry (draining, pins), and [`router::AccountTx`], the fenced
 //!   transaction for an account's writes.
 //! - `database`: one database's lazy pool ([`router::Database`]).
+//! - `executor`: how statements run on a database, prepared and cached or,
+//!   behind a transaction pooler, unnamed and inside a transaction
+//!   (`&Database` and [`Conn`] are sqlx executors).
 //! - `topology`: the router's live configuration and pools, what it knows of
 //!   each shard (draining, schema), and which shards new accounts are
 //!   offered (ring or least loaded).
@@ -40,6 +43,7 @@ pub mod account;
 pub mod config;
 mod database;
 pub mod error;
+mod executor;
 pub mod migrator;
 mod placement_watch;
 pub mod planner;
@@ -56,5 +60,6 @@ pub use config::{
     AccountTable, Config, ConnectOptions, DatabaseConfig, PlacementStrategy, PoolConfig, Pooler, ShardConfig, Target,
 };
 pub use error::{Error, Result};
+pub use executor::{Conn, Tx};
 pub use migrator::{MigrationReport, Migrator};
 pub use router::{AccountTx, Placement, Reloaded, Router, SchemaState, ShardState};

@@ -19,6 +19,7 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 
 use crate::account::Account;
+use crate::database::Database;
 use crate::store;
 use crate::topology::Live;
 
@@ -34,7 +35,7 @@ pub(crate) const COUNT_EVERY: u64 = 10;
 
 /// Watches the master's placements and evicts changed ones from `cache`,
 /// and refreshes `live`, until the router is dropped.
-pub(crate) async fn run(master: PgPool, cache: Weak<Cache>, live: Weak<Live>) {
+pub(crate) async fn run(master: Database, cache: Weak<Cache>, live: Weak<Live>) {
     let mut since = None;
     let mut looks: u64 = 0;
     let mut listener: Option<PgListener> = None;
@@ -43,7 +44,10 @@ pub(crate) async fn run(master: PgPool, cache: Weak<Cache>, live: Weak<Live>) {
             return;
         }
         if listener.is_none() {
-            listener = listen(&master).await;
+            // Behind a transaction pooler without listen_url: polls only.
+            if let Some(pool) = master.listen_pool() {
+                listener = listen(pool).await;
+            }
         }
         // Wait for a notification or the poll, whichever comes first.
         let notified = match listener.as_mut() {

@@ -11,9 +11,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use sqlx::postgres::{PgQueryResult, PgRow, PgStatement, PgTypeInfo};
+use sqlx::{Either, Executor};
+
 use crate::account::Account;
-use crate::config::Config;
+use crate::config::{Config, Pooler};
 use crate::error::{Error, Result};
+use crate::executor::Conn;
 use crate::placement_watch::{self, Cache};
 use crate::stamp;
 use crate::store;
@@ -131,17 +137,33 @@ pub struct Router {
 /// A transaction on the shard an account lives on, opened by
 /// [`Router::begin`]: the shard was checked to still own the account after
 /// the transaction began, and a move of the account waits for this
-/// transaction to end and carries what it wrote. Derefs to the sqlx
-/// transaction; end it with [`AccountTx::commit`] (dropping it rolls back).
+/// transaction to end and carries what it wrote. End it with
+/// [`AccountTx::commit`] (dropping it rolls back).
+///
+/// Run statements on `&mut tx` (it is an sqlx executor): behind a
+/// transaction pooler (`pooler = "transaction"`) they then run unnamed, as
+/// the pooler requires (see [`Conn`]). It also derefs to the sqlx
+/// connection (`&mut *tx`), whose statements are prepared and cached by
+/// name, which works only without such a pooler.
+#[derive(Debug)]
 pub struct AccountTx {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     shard: String,
+    /// The shard's pooler, which decides how statements run.
+    pooler: Pooler,
 }
 
 impl AccountTx {
     /// The shard this transaction runs on.
     pub fn shard(&self) -> &str {
         &self.shard
+    }
+
+    /// The transaction's connection for statements that run the way the
+    /// shard's pooler allows, e.g. to pass on to a function taking a
+    /// [`Conn`].
+    pub fn conn(&mut self) -> Conn<'_> {
+        Conn::new(&mut self.tx, self.pooler)
     }
 
     /// Commits the transaction.
@@ -152,6 +174,44 @@ impl AccountTx {
     /// Rolls the transaction back.
     pub async fn rollback(self) -> std::result::Result<(), sqlx::Error> {
         self.tx.rollback().await
+    }
+}
+
+impl<'c> Executor<'c> for &'c mut AccountTx {
+    type Database = sqlx::Postgres;
+
+    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, sqlx::Result<Either<PgQueryResult, PgRow>>>
+    where
+        'c: 'e,
+        E: 'q + sqlx::Execute<'q, sqlx::Postgres>,
+    {
+        self.conn().fetch_many(query)
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, sqlx::Result<Option<PgRow>>>
+    where
+        'c: 'e,
+        E: 'q + sqlx::Execute<'q, sqlx::Postgres>,
+    {
+        self.conn().fetch_optional(query)
+    }
+
+    fn prepare_with<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+        parameters: &'e [PgTypeInfo],
+    ) -> BoxFuture<'e, sqlx::Result<PgStatement<'q>>>
+    where
+        'c: 'e,
+    {
+        self.conn().prepare_with(sql, parameters)
+    }
+
+    fn describe<'e, 'q: 'e>(self, sql: &'q str) -> BoxFuture<'e, sqlx::Result<sqlx::Describe<sqlx::Postgres>>>
+    where
+        'c: 'e,
+    {
+        self.conn().describe(sql)
     }
 }
 
@@ -232,9 +292,9 @@ impl Router {
         }
         stamp::check(&router.master, router.shards()).await?;
         router.register_shards(&config.shard_names()).await;
-        router.live.refresh(&router.master.pool, true).await;
+        router.live.refresh(&router.master, true).await;
         tokio::spawn(placement_watch::run(
-            router.master.pool.clone(),
+            router.master.clone(),
             Arc::downgrade(&router.cache),
             Arc::downgrade(&router.live),
         ));
@@ -247,7 +307,7 @@ impl Router {
     /// logged: the owner registers them (any owner command that connects a
     /// router does, e.g. `shardq shards list`).
     async fn register_shards(&self, names: &[String]) {
-        let registered = match store::shard_registry(&self.master.pool).await {
+        let registered = match store::shard_registry(&self.master).await {
             Ok(rows) => rows.into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
             Err(e) => {
                 tracing::debug!(error = %e, "shard registry not read; registration skipped");
@@ -258,7 +318,7 @@ impl Router {
         if missing.is_empty() {
             return;
         }
-        match store::shard_register(&self.master.pool, &missing).await {
+        match store::shard_register(&self.master, &missing).await {
             Ok(added) if !added.is_empty() => {
                 tracing::info!(shards = %added.join(", "), "shards registered in the master")
             }
@@ -280,7 +340,7 @@ impl Router {
     /// start-up does not depend on it (accounts whose placement is cached
     /// keep working; routing a new one fails with the connection error).
     pub async fn check_placements(&self) -> Result<()> {
-        let unknown = match store::placement_unknown_shards(&self.master.pool, &self.config().shard_names())
+        let unknown = match store::placement_unknown_shards(&self.master, &self.config().shard_names())
             .await
             .map_err(crate::tls::classify)
         {
@@ -339,7 +399,7 @@ impl Router {
         let names = config.shard_names();
         let dropped: Vec<String> = old.shard_names().into_iter().filter(|n| !names.contains(n)).collect();
         if !dropped.is_empty() {
-            let held = store::placement_counts(&self.master.pool)
+            let held = store::placement_counts(&self.master)
                 .await
                 .map_err(|e| self.master.error(e))?;
             if let Some((shard, accounts)) = held.into_iter().find(|(s, n)| dropped.contains(s) && *n > 0) {
@@ -406,7 +466,7 @@ impl Router {
         if !report.added.is_empty() {
             self.register_shards(&report.added).await;
         }
-        self.live.refresh(&self.master.pool, true).await;
+        self.live.refresh(&self.master, true).await;
         for name in &report.unchanged_pools {
             tracing::warn!(shard = %name, "the shard's address or pool settings changed; they apply after a restart");
         }
@@ -418,7 +478,7 @@ impl Router {
     /// schema of shards not seen current, so that new accounts go where
     /// they may now (the placement watch does this every second).
     pub async fn refresh(&self) {
-        self.live.refresh(&self.master.pool, true).await;
+        self.live.refresh(&self.master, true).await;
     }
 
     /// The configuration in force (the last one `reload` took).
@@ -478,10 +538,10 @@ impl Router {
     /// now; the schema as last checked).
     pub async fn shard_states(&self) -> Result<Vec<ShardState>> {
         self.refresh().await;
-        let registry = store::shard_registry(&self.master.pool)
+        let registry = store::shard_registry(&self.master)
             .await
             .map_err(|e| self.master.error(e))?;
-        let counts = store::placement_counts_pinned(&self.master.pool)
+        let counts = store::placement_counts_pinned(&self.master)
             .await
             .map_err(|e| self.master.error(e))?;
         let offer = self.live.offer();
@@ -521,7 +581,7 @@ impl Router {
     pub async fn set_draining(&self, name: &str, draining: bool) -> Result<()> {
         self.shard(name)?;
         self.register_shards(&[name.to_string()]).await;
-        let found = store::shard_set_draining(&self.master.pool, name, draining)
+        let found = store::shard_set_draining(&self.master, name, draining)
             .await
             .map_err(|e| self.master.error(e))?;
         if !found {
@@ -545,7 +605,7 @@ impl Router {
         let master = &self.master;
         let mut tries = 0;
         let placement = loop {
-            if let Some((shard, epoch)) = store::placement_get_epoch(&master.pool, account.as_str())
+            if let Some((shard, epoch)) = store::placement_get_epoch(master, account.as_str())
                 .await
                 .map_err(|e| master.error(e))?
             {
@@ -622,7 +682,7 @@ impl Router {
         let master = &self.master;
         let mut tries = 0;
         while !missing.is_empty() {
-            let found = store::placements_get_many(&master.pool, &missing)
+            let found = store::placements_get_many(master, &missing)
                 .await
                 .map_err(|e| master.error(e))?;
             for (account, shard, epoch) in found {
@@ -666,7 +726,7 @@ impl Router {
                 shards.push(shard);
             }
             let names: Vec<&str> = shards.iter().map(String::as_str).collect();
-            let placed = match store::placements_insert_many(&master.pool, &missing, &names).await {
+            let placed = match store::placements_insert_many(master, &missing, &names).await {
                 Ok(placed) => placed,
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(FOREIGN_KEY_VIOLATION) => {
                     let mut named = names.clone();
@@ -701,7 +761,7 @@ impl Router {
     /// `store::placement_insert_if_absent`), turning a shard missing from
     /// the registry into [`Error::ShardNotRegistered`].
     async fn insert_placement(&self, account: &Account, shard: &str, pinned: bool) -> Result<Option<(String, bool)>> {
-        match store::placement_insert_if_absent(&self.master.pool, account.as_str(), shard, pinned).await {
+        match store::placement_insert_if_absent(&self.master, account.as_str(), shard, pinned).await {
             Ok(r) => Ok(r),
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(FOREIGN_KEY_VIOLATION) => {
                 Err(Error::ShardNotRegistered {
@@ -718,7 +778,7 @@ impl Router {
     /// places the account and neither reads nor fills the cache (for
     /// inspection, e.g. `shardq route`; writers use [`Router::shard_for`]).
     pub async fn placement(&self, account: &Account) -> Result<Option<(String, i64)>> {
-        store::placement_get_epoch(&self.master.pool, account.as_str())
+        store::placement_get_epoch(&self.master, account.as_str())
             .await
             .map_err(|e| self.master.error(e))
     }
@@ -747,7 +807,7 @@ impl Router {
     pub async fn pin(&self, account: &Account, shard: &str) -> Result<Placement> {
         let placement = self.place_as(account, shard, true).await?;
         if !placement.placed_now {
-            let marked = store::placement_set_pinned(&self.master.pool, account.as_str(), shard, true)
+            let marked = store::placement_set_pinned(&self.master, account.as_str(), shard, true)
                 .await
                 .map_err(|e| self.master.error(e))?;
             if !marked {
@@ -768,7 +828,7 @@ impl Router {
 
     /// Whether `account` is pinned (false when it is not placed).
     pub async fn pinned(&self, account: &Account) -> Result<bool> {
-        store::placement_pinned(&self.master.pool, account.as_str())
+        store::placement_pinned(&self.master, account.as_str())
             .await
             .map(|p| p.unwrap_or(false))
             .map_err(|e| self.master.error(e))
@@ -785,7 +845,7 @@ impl Router {
         }
         let mut looked_again = false;
         let (placement, epoch) = loop {
-            if let Some((current, epoch)) = store::placement_get_epoch(&master.pool, account.as_str())
+            if let Some((current, epoch)) = store::placement_get_epoch(master, account.as_str())
                 .await
                 .map_err(|e| master.error(e))?
             {
@@ -847,17 +907,17 @@ impl Router {
         let deadline = tokio::time::Instant::now() + MOVE_WAIT;
         loop {
             let db = self.pool_for(account).await?;
-            let mut tx = db.pool.begin().await.map_err(|e| db.error(e))?;
-            let fenced = store::fence_get(&mut tx, account.as_str())
+            let tx = db.pool.begin().await.map_err(|e| db.error(e))?;
+            let mut tx = AccountTx {
+                tx,
+                shard: db.name.clone(),
+                pooler: db.pooler,
+            };
+            let fenced = store::fence_get(&mut tx.conn(), account.as_str())
                 .await
                 .map_err(|e| db.error(e))?;
             match fenced {
-                None => {
-                    return Ok(AccountTx {
-                        tx,
-                        shard: db.name.clone(),
-                    })
-                }
+                None => return Ok(tx),
                 Some(_) => {
                     let from = db.name.clone();
                     drop(tx);
@@ -901,7 +961,7 @@ impl Router {
 
     /// Number of placed accounts per shard, from the master.
     pub async fn placement_counts(&self) -> Result<Vec<(String, i64)>> {
-        store::placement_counts(&self.master.pool)
+        store::placement_counts(&self.master)
             .await
             .map_err(|e| self.master.error(e))
     }
@@ -910,7 +970,7 @@ impl Router {
     /// those on `shard` when given. Reads the whole directory (or the
     /// shard's part of it) into memory: for planning, not for routing.
     pub async fn placements(&self, shard: Option<&str>) -> Result<Vec<(String, String, bool)>> {
-        store::placements_all(&self.master.pool, shard)
+        store::placements_all(&self.master, shard)
             .await
             .map_err(|e| self.master.error(e))
     }

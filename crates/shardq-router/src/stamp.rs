@@ -70,7 +70,7 @@ pub(crate) fn compare(name: &str, fleet: Option<&str>, found: &Stamp) -> Option<
 /// none, cannot be reached, or does not answer in time (those are the
 /// schema check's to report).
 async fn read(db: &Database) -> Option<Stamp> {
-    match tokio::time::timeout(CHECK_TIMEOUT, store::fleet_stamp(&db.pool)).await {
+    match tokio::time::timeout(CHECK_TIMEOUT, store::fleet_stamp(db)).await {
         Ok(Ok(found)) => found.map(Stamp::from),
         Ok(Err(e)) => {
             tracing::debug!(database = %db.name, error = %e, "stamp not read");

@@ -1,11 +1,12 @@
 //! Every SQL statement of the router crate, as noun-first functions.
 
-use sqlx::PgPool;
+use crate::database::Database;
+use crate::executor::Conn;
 
 // ---- placements (master) ---------------------------------------------------------
 
 /// The shard and epoch of an account's placement, if it has one.
-pub(crate) async fn placement_get_epoch(master: &PgPool, account: &str) -> sqlx::Result<Option<(String, i64)>> {
+pub(crate) async fn placement_get_epoch(master: &Database, account: &str) -> sqlx::Result<Option<(String, i64)>> {
     sqlx::query_as("SELECT shard, epoch FROM shardq.placements WHERE account = $1")
         .bind(account)
         .fetch_optional(master)
@@ -14,7 +15,7 @@ pub(crate) async fn placement_get_epoch(master: &PgPool, account: &str) -> sqlx:
 
 /// The shard and epoch of each of `accounts` that is placed, in one round trip.
 pub(crate) async fn placements_get_many(
-    master: &PgPool,
+    master: &Database,
     accounts: &[&str],
 ) -> sqlx::Result<Vec<(String, String, i64)>> {
     sqlx::query_as("SELECT account, shard, epoch FROM shardq.placements WHERE account = ANY($1)")
@@ -28,7 +29,7 @@ pub(crate) async fn placements_get_many(
 /// call placed. A shard missing from the registry fails the statement
 /// (foreign key).
 pub(crate) async fn placements_insert_many(
-    master: &PgPool,
+    master: &Database,
     accounts: &[&str],
     shards: &[&str],
 ) -> sqlx::Result<Vec<String>> {
@@ -48,7 +49,7 @@ pub(crate) async fn placements_insert_many(
 /// Accounts whose placement moved after `since` (the master's clock; `None`:
 /// none yet), and the master's clock now, to pass as `since` next time.
 pub(crate) async fn placements_moved_since(
-    master: &PgPool,
+    master: &Database,
     since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> sqlx::Result<(Vec<String>, chrono::DateTime<chrono::Utc>)> {
     let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()").fetch_one(master).await?;
@@ -74,7 +75,7 @@ pub(crate) const FENCED_SQLSTATE: &str = "SQ001";
 
 /// Where `account` goes, if this shard refuses its writes (it moved away, or
 /// a move is switching it).
-pub(crate) async fn fence_get(conn: &mut sqlx::PgConnection, account: &str) -> sqlx::Result<Option<String>> {
+pub(crate) async fn fence_get(conn: &mut Conn<'_>, account: &str) -> sqlx::Result<Option<String>> {
     sqlx::query_scalar("SELECT moved_to FROM shardq.fences WHERE account = $1 AND fenced_at IS NOT NULL")
         .bind(account)
         .fetch_optional(conn)
@@ -87,7 +88,7 @@ pub(crate) async fn fence_get(conn: &mut sqlx::PgConnection, account: &str) -> s
 /// snapshot (look again) or the shard is draining. The shard must be in the
 /// registry (the foreign key; only the schema owner registers shards).
 pub(crate) async fn placement_insert_if_absent(
-    master: &PgPool,
+    master: &Database,
     account: &str,
     shard: &str,
     pinned: bool,
@@ -115,7 +116,7 @@ pub(crate) async fn placement_insert_if_absent(
 /// Marks an account's placement on `shard` pinned (or not); false when the
 /// account is not placed there.
 pub(crate) async fn placement_set_pinned(
-    master: &PgPool,
+    master: &Database,
     account: &str,
     shard: &str,
     pinned: bool,
@@ -131,7 +132,10 @@ pub(crate) async fn placement_set_pinned(
 
 /// Every placement (account, shard, pinned), in account order, only those
 /// on `shard` when given.
-pub(crate) async fn placements_all(master: &PgPool, shard: Option<&str>) -> sqlx::Result<Vec<(String, String, bool)>> {
+pub(crate) async fn placements_all(
+    master: &Database,
+    shard: Option<&str>,
+) -> sqlx::Result<Vec<(String, String, bool)>> {
     sqlx::query_as(
         "SELECT account, shard, pinned FROM shardq.placements
           WHERE $1::text IS NULL OR shard = $1 ORDER BY account",
@@ -142,7 +146,7 @@ pub(crate) async fn placements_all(master: &PgPool, shard: Option<&str>) -> sqlx
 }
 
 /// Whether an account's placement is pinned; `None` when it has none.
-pub(crate) async fn placement_pinned(master: &PgPool, account: &str) -> sqlx::Result<Option<bool>> {
+pub(crate) async fn placement_pinned(master: &Database, account: &str) -> sqlx::Result<Option<bool>> {
     sqlx::query_scalar("SELECT pinned FROM shardq.placements WHERE account = $1")
         .bind(account)
         .fetch_optional(master)
@@ -150,7 +154,7 @@ pub(crate) async fn placement_pinned(master: &PgPool, account: &str) -> sqlx::Re
 }
 
 /// Placements and pinned placements per shard.
-pub(crate) async fn placement_counts_pinned(master: &PgPool) -> sqlx::Result<Vec<(String, i64, i64)>> {
+pub(crate) async fn placement_counts_pinned(master: &Database) -> sqlx::Result<Vec<(String, i64, i64)>> {
     sqlx::query_as(
         "SELECT shard, count(*), count(*) FILTER (WHERE pinned) FROM shardq.placements GROUP BY shard ORDER BY shard",
     )
@@ -161,7 +165,7 @@ pub(crate) async fn placement_counts_pinned(master: &PgPool) -> sqlx::Result<Vec
 // ---- shard registry (master) ------------------------------------------------------
 
 /// The registry: every registered shard's name and whether it is draining.
-pub(crate) async fn shard_registry(master: &PgPool) -> sqlx::Result<Vec<(String, bool)>> {
+pub(crate) async fn shard_registry(master: &Database) -> sqlx::Result<Vec<(String, bool)>> {
     sqlx::query_as("SELECT name, draining FROM shardq.shards ORDER BY name")
         .fetch_all(master)
         .await
@@ -169,7 +173,7 @@ pub(crate) async fn shard_registry(master: &PgPool) -> sqlx::Result<Vec<(String,
 
 /// Registers the shards of `names` the registry lacks (the schema owner's
 /// job: other roles get SQLSTATE 42501). Returns those registered now.
-pub(crate) async fn shard_register(master: &PgPool, names: &[String]) -> sqlx::Result<Vec<String>> {
+pub(crate) async fn shard_register(master: &Database, names: &[String]) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "INSERT INTO shardq.shards (name) SELECT unnest($1::text[])
          ON CONFLICT (name) DO NOTHING RETURNING name",
@@ -181,7 +185,7 @@ pub(crate) async fn shard_register(master: &PgPool, names: &[String]) -> sqlx::R
 
 /// Sets a registered shard draining (or accepting again); false when the
 /// registry has no such shard.
-pub(crate) async fn shard_set_draining(master: &PgPool, name: &str, draining: bool) -> sqlx::Result<bool> {
+pub(crate) async fn shard_set_draining(master: &Database, name: &str, draining: bool) -> sqlx::Result<bool> {
     sqlx::query("UPDATE shardq.shards SET draining = $2 WHERE name = $1")
         .bind(name)
         .bind(draining)
@@ -192,7 +196,7 @@ pub(crate) async fn shard_set_draining(master: &PgPool, name: &str, draining: bo
 
 /// The highest platform migration applied on a shard (`None`: none, or no
 /// history table yet).
-pub(crate) async fn shard_schema_version(shard: &PgPool) -> sqlx::Result<Option<i32>> {
+pub(crate) async fn shard_schema_version(shard: &Database) -> sqlx::Result<Option<i32>> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.shardq_schema_history') IS NOT NULL")
         .fetch_one(shard)
         .await?;
@@ -206,7 +210,7 @@ pub(crate) async fn shard_schema_version(shard: &PgPool) -> sqlx::Result<Option<
 
 /// The fleet stamp of a database: (fleet id, name); `None` when it has
 /// none (not migrated that far, or the migrator has not stamped it yet).
-pub(crate) async fn fleet_stamp(db: &PgPool) -> sqlx::Result<Option<(String, String)>> {
+pub(crate) async fn fleet_stamp(db: &Database) -> sqlx::Result<Option<(String, String)>> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('shardq.fleet_stamp') IS NOT NULL")
         .fetch_one(db)
         .await?;
@@ -219,7 +223,7 @@ pub(crate) async fn fleet_stamp(db: &PgPool) -> sqlx::Result<Option<(String, Str
 }
 
 /// Registered shards that hold placements but are not in `known`.
-pub(crate) async fn placement_unknown_shards(master: &PgPool, known: &[String]) -> sqlx::Result<Vec<String>> {
+pub(crate) async fn placement_unknown_shards(master: &Database, known: &[String]) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "SELECT s.name FROM shardq.shards s
           WHERE s.name <> ALL($1)
@@ -232,7 +236,7 @@ pub(crate) async fn placement_unknown_shards(master: &PgPool, known: &[String]) 
 }
 
 /// Number of placements per shard.
-pub(crate) async fn placement_counts(master: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+pub(crate) async fn placement_counts(master: &Database) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as("SELECT shard, count(*) FROM shardq.placements GROUP BY shard ORDER BY shard")
         .fetch_all(master)
         .await

@@ -18,8 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use sqlx::PgPool;
-
 use crate::config::{Config, PlacementStrategy};
 use crate::database::Database;
 use crate::migrator::Role;
@@ -275,7 +273,7 @@ impl Live {
     /// `count`, the placement counts; checks the schema of every shard not
     /// yet seen current; rebuilds the offer. What cannot be read keeps its
     /// last value.
-    pub(crate) async fn refresh(&self, master: &PgPool, count: bool) {
+    pub(crate) async fn refresh(&self, master: &Database, count: bool) {
         let topology = self.versions.current();
         let registry = store::shard_registry(master).await;
         let unchecked: Vec<&Database> = {
@@ -331,9 +329,9 @@ async fn check_schema(db: &Database) -> SchemaState {
     let Some(expected) = Role::Shard.platform_latest().and_then(|v| i32::try_from(v).ok()) else {
         return SchemaState::Current;
     };
-    match tokio::time::timeout(SCHEMA_CHECK_TIMEOUT, store::shard_schema_version(&db.pool)).await {
+    match tokio::time::timeout(SCHEMA_CHECK_TIMEOUT, store::shard_schema_version(db)).await {
         Ok(Ok(Some(applied))) if applied >= expected => {
-            match tokio::time::timeout(SCHEMA_CHECK_TIMEOUT, store::fleet_stamp(&db.pool)).await {
+            match tokio::time::timeout(SCHEMA_CHECK_TIMEOUT, store::fleet_stamp(db)).await {
                 Ok(Ok(Some(_))) => SchemaState::Current,
                 Ok(Ok(None)) => SchemaState::Unstamped,
                 Ok(Err(e)) => SchemaState::Unknown(crate::tls::classify(e).to_string()),

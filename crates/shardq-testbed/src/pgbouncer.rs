@@ -3,7 +3,8 @@
 //! with its config, userlist, log and pid file in its own temp dir. It
 //! trusts the test bed's `postgres` user (listed in its userlist, as
 //! PgBouncer requires even for `trust`), accepts sqlx's startup parameters
-//! and keeps at most 20 server connections per database and user.
+//! and keeps at most 20 server connections per database and user (or as
+//! many as [`PgBouncer::start_with_pool_size`] says).
 //! Dropping it kills it.
 
 use std::fmt::Write as _;
@@ -45,6 +46,13 @@ impl PgBouncer {
     /// database of it, by the same name) and waits until it accepts TCP
     /// connections.
     pub fn start(server: &Server) -> Result<PgBouncer> {
+        PgBouncer::start_with_pool_size(server, POOL_SIZE)
+    }
+
+    /// Like [`PgBouncer::start`], keeping at most `pool_size` server
+    /// connections per database and user: with fewer than its clients,
+    /// clients share server connections transaction by transaction.
+    pub fn start_with_pool_size(server: &Server, pool_size: u32) -> Result<PgBouncer> {
         let binary = find()?;
         let user = ServerUser::resolve()?;
         let dir = tempfile::Builder::new()
@@ -63,7 +71,7 @@ impl PgBouncer {
         let _ = writeln!(text, "auth_type = trust\nauth_file = {}", userlist.display());
         let _ = writeln!(
             text,
-            "pool_mode = transaction\nmax_client_conn = 500\ndefault_pool_size = {POOL_SIZE}"
+            "pool_mode = transaction\nmax_client_conn = 500\ndefault_pool_size = {pool_size}"
         );
         let _ = writeln!(text, "ignore_startup_parameters = extra_float_digits");
         let _ = writeln!(text, "logfile = {}", log.display());

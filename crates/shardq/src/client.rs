@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use shardq_router::router::fenced;
+use shardq_router::Conn;
 use shardq_router::{Account, Router};
 use sqlx::PgConnection;
 use tracing::Instrument;
@@ -25,7 +26,7 @@ const CANCEL_REASON: &str = "cancelled on request";
 /// Inserts a unique or serial job: `Ok(Ok((id, inserted)))`; the outer
 /// error is the database's, the inner one a duplicate that kept vanishing.
 async fn insert_keyed(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     account: &str,
     job: &NewJob,
     args: &str,
@@ -79,6 +80,7 @@ impl Client {
                 let db = self.router.pool_for(account).await?;
                 tracing::Span::current().record("shard", db.name.as_str());
                 let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+                let mut conn = db.conn(&mut conn);
                 match store::job_insert(&mut conn, account.as_str(), &job, &args, Notify::Deferred).await {
                     Ok(id) => {
                         drop(conn);
@@ -111,6 +113,7 @@ impl Client {
                 let db = self.router.pool_for(account).await?;
                 tracing::Span::current().record("shard", db.name.as_str());
                 let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+                let mut conn = db.conn(&mut conn);
                 match insert_keyed(&mut conn, account.as_str(), &job, &args).await {
                     Ok(inserted) => {
                         let (id, inserted) = inserted?;
@@ -144,13 +147,14 @@ impl Client {
     pub async fn enqueue_in(&self, tx: &mut PgConnection, account: &Account, job: NewJob) -> Result<JobId> {
         let args = job.validate()?;
         let db = self.router.pool_for(account).await?;
+        let mut tx = db.conn(tx);
         let id = if job.is_keyed() {
-            insert_keyed(tx, account.as_str(), &job, &args)
+            insert_keyed(&mut tx, account.as_str(), &job, &args)
                 .await
                 .map_err(|e| db.error(e))??
                 .0
         } else {
-            store::job_insert(tx, account.as_str(), &job, &args, Notify::AtCommit)
+            store::job_insert(&mut tx, account.as_str(), &job, &args, Notify::AtCommit)
                 .await
                 .map_err(|e| db.error(e))?
         };
@@ -197,7 +201,8 @@ impl Client {
                 id,
             };
             let input: Vec<(&str, &NewJob, String)> = rows.iter().map(|r| (r.1, r.2, r.3.clone())).collect();
-            let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
+            let mut pooled = db.pool.acquire().await.map_err(|e| db.error(e))?;
+            let mut conn = db.conn(&mut pooled);
             let plain: Vec<(&str, &NewJob, String)> = input.iter().filter(|r| !r.1.is_keyed()).cloned().collect();
             let plain_ids = if plain.is_empty() {
                 Ok(Vec::new())
@@ -213,7 +218,7 @@ impl Client {
                 // An account of the batch moved off this shard: nothing of
                 // the batch was written; each job goes on its own, rerouted.
                 Err(e) if fenced(&e).is_some() => {
-                    drop(conn);
+                    drop(pooled);
                     let mut out = Vec::with_capacity(rows.len());
                     for (i, _, job, _) in &rows {
                         out.push((*i, self.enqueue(&jobs[*i].0, (*job).clone()).await?));
@@ -250,7 +255,7 @@ impl Client {
     /// One job by id.
     pub async fn job(&self, id: &JobId) -> Result<JobRecord> {
         let db = self.router.shard(&id.shard)?;
-        store::job_get(&db.pool, &id.shard, id.id)
+        store::job_get(db, &id.shard, id.id)
             .await
             .map_err(|e| db.error(e))?
             .ok_or_else(|| Error::JobNotFound(id.to_string()))
@@ -261,7 +266,7 @@ impl Client {
     pub async fn jobs_of(&self, account: &Account, state: Option<&str>, limit: i64) -> Result<Vec<JobRecord>> {
         let state = state.map(str::parse::<JobState>).transpose()?;
         let db = self.router.pool_for(account).await?;
-        store::job_list_for_account(&db.pool, &db.name, account.as_str(), state, limit)
+        store::job_list_for_account(db, &db.name, account.as_str(), state, limit)
             .await
             .map_err(|e| db.error(e).into())
     }
@@ -276,7 +281,7 @@ impl Client {
     /// Returns the job as it is afterwards.
     pub async fn cancel(&self, id: &JobId) -> Result<JobRecord> {
         let db = self.router().shard(&id.shard)?;
-        let change = store::job_cancel(&db.pool, id.id, CANCEL_REASON)
+        let change = store::job_cancel(db, id.id, CANCEL_REASON)
             .await
             .map_err(|e| db.error(e))?;
         match change {
@@ -313,9 +318,7 @@ impl Client {
     /// key never leaves two jobs holding it.
     pub async fn retry(&self, id: &JobId) -> Result<JobRecord> {
         let db = self.router().shard(&id.shard)?;
-        let change = store::job_retry(&db.pool, &id.shard, id.id)
-            .await
-            .map_err(|e| db.error(e))?;
+        let change = store::job_retry(db, &id.shard, id.id).await.map_err(|e| db.error(e))?;
         match change {
             RetryChange::Retried { was, job } => {
                 tracing::info!(job = %id, was = %was, "job retried by hand");
@@ -357,7 +360,7 @@ impl Client {
     pub async fn pause_queue(&self, shard: &str, queue: &str, by: &str) -> Result<bool> {
         let db = self.router.shard(shard)?;
         check_queue(shard, queue)?;
-        let paused = store::queue_pause(&db.pool, queue, by).await.map_err(|e| db.error(e))?;
+        let paused = store::queue_pause(db, queue, by).await.map_err(|e| db.error(e))?;
         if paused {
             tracing::info!(shard, queue, by, "queue paused");
         }
@@ -369,7 +372,7 @@ impl Client {
     pub async fn resume_queue(&self, shard: &str, queue: &str) -> Result<bool> {
         let db = self.router.shard(shard)?;
         check_queue(shard, queue)?;
-        let resumed = store::queue_resume(&db.pool, queue).await.map_err(|e| db.error(e))?;
+        let resumed = store::queue_resume(db, queue).await.map_err(|e| db.error(e))?;
         if resumed {
             tracing::info!(shard, queue, "queue resumed");
         }
@@ -379,7 +382,7 @@ impl Client {
     /// The queues paused on `shard`, by name.
     pub async fn paused_queues(&self, shard: &str) -> Result<Vec<QueuePause>> {
         let db = self.router.shard(shard)?;
-        store::queue_pauses(&db.pool).await.map_err(|e| db.error(e).into())
+        store::queue_pauses(db).await.map_err(|e| db.error(e).into())
     }
 }
 
@@ -403,7 +406,7 @@ impl Client {
                 })
             }
         };
-        if !store::account_weight_set(&db.pool, account.as_str(), w)
+        if !store::account_weight_set(db, account.as_str(), w)
             .await
             .map_err(|e| db.error(e))?
         {
@@ -420,7 +423,7 @@ impl Client {
     /// The fair-share weight of `account` (1 when none was set).
     pub async fn account_weight(&self, account: &Account) -> Result<u32> {
         let db = self.router.pool_for(account).await?;
-        let w = store::account_weight_of(&db.pool, account.as_str())
+        let w = store::account_weight_of(db, account.as_str())
             .await
             .map_err(|e| db.error(e))?;
         Ok(w.map_or(1, |w| w.max(1) as u32))

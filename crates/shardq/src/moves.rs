@@ -296,10 +296,10 @@ impl Mover {
         }
         let source = self.router.shard(&from)?;
         for t in &self.options.tables {
-            let here = store::table_columns(&source.pool, &t.table)
+            let here = store::table_columns(source, &t.table)
                 .await
                 .map_err(|e| source.error(e))?;
-            let there = store::table_columns(&target.pool, &t.table)
+            let there = store::table_columns(target, &t.table)
                 .await
                 .map_err(|e| target.error(e))?;
             if here.is_empty() || there.is_empty() {
@@ -321,9 +321,7 @@ impl Mover {
                     t.table, t.column
                 )));
             }
-            let key = store::table_key(&source.pool, &t.table)
-                .await
-                .map_err(|e| source.error(e))?;
+            let key = store::table_key(source, &t.table).await.map_err(|e| source.error(e))?;
             if key.is_empty() {
                 return Err(bad(format!(
                     "account-scoped table {} has no primary key on shard {from} (a move copies and catches up rows by key)",
@@ -333,7 +331,7 @@ impl Mover {
         }
         let master = self.router.master();
         let tables = tables_json(&self.options.tables);
-        match store::move_start(&master.pool, account.as_str(), to, &tables).await {
+        match store::move_start(master, account.as_str(), to, &tables).await {
             Ok(Some(row)) => {
                 tracing::info!(account = %account, from = %from, to, id = row.id, "move started");
                 Ok(row.into())
@@ -357,7 +355,7 @@ impl Mover {
             if let Err(e) = self.step(&m).await {
                 let master = self.router.master();
                 let text = crate::error::ErrorChain(&e).to_string();
-                let _ = store::move_fail(&master.pool, m.id, &text).await;
+                let _ = store::move_fail(master, m.id, &text).await;
                 return Err(e);
             }
         }
@@ -372,14 +370,14 @@ impl Mover {
         let (done, next) = match m.step {
             Step::Started => {
                 for t in self.carried(m, source).await? {
-                    store::capture_attach(&source.pool, &t.table, &t.column, &t.key)
+                    store::capture_attach(source, &t.table, &t.column, &t.key)
                         .await
                         .map_err(|e| source.error(e))?;
                 }
-                store::capture_start(&source.pool, &m.account, m.id)
+                store::capture_start(source, &m.account, m.id)
                     .await
                     .map_err(|e| source.error(e))?;
-                store::fence_pause(&source.pool, &m.account, &m.to, m.epoch + 1)
+                store::fence_pause(source, &m.account, &m.to, m.epoch + 1)
                     .await
                     .map_err(|e| source.error(e))?;
                 (Step::Started, Step::Paused)
@@ -388,13 +386,13 @@ impl Mover {
                 // Claims in flight when the pause committed, and writes whose
                 // statements began before the capture, have ended once every
                 // transaction older than now has.
-                let cutoff = store::shard_now(&source.pool).await.map_err(|e| source.error(e))?;
-                self.wait_writers(m, &source.pool, cutoff, "the pause").await?;
+                let cutoff = store::shard_now(source).await.map_err(|e| source.error(e))?;
+                self.wait_writers(m, source, cutoff, "the pause").await?;
                 // The account's running jobs end next: their handlers may
                 // write the account's rows (through `Router::begin`), which
                 // the write fence would make wait for this very move.
                 let done = wait_until(self.options.running_wait, || async {
-                    store::jobs_running_of_account(&source.pool, &m.account)
+                    store::jobs_running_of_account(source, &m.account)
                         .await
                         .map(|n| n == 0)
                         .map_err(|e| source.error(e).into())
@@ -416,7 +414,7 @@ impl Mover {
                         break;
                     }
                 }
-                store::fence_writes(&source.pool, &m.account, &m.to, m.epoch + 1)
+                store::fence_writes(source, &m.account, &m.to, m.epoch + 1)
                     .await
                     .map_err(|e| source.error(e))?;
                 (Step::Precopied, Step::Fenced)
@@ -428,33 +426,33 @@ impl Mover {
             Step::Copied => {
                 // Scheduling settings: frozen since the pause (the fence
                 // refuses them), carried before the switch.
-                let weight = store::account_weight_of(&source.pool, &m.account)
+                let weight = store::account_weight_of(source, &m.account)
                     .await
                     .map_err(|e| source.error(e))?;
-                store::account_weight_put(&target.pool, &m.account, weight)
+                store::account_weight_put(target, &m.account, weight)
                     .await
                     .map_err(|e| target.error(e))?;
-                store::move_switch(&master.pool, &m.into())
+                store::move_switch(master, &m.into())
                     .await
                     .map_err(|e| master.error(e))?;
                 self.router.forget(&account(m)?);
                 tracing::info!(account = %m.account, from = %m.from, to = %m.to, epoch = m.epoch + 1, "placement switched");
                 // Its jobs run on the new shard from here (done again by
                 // the next step if this fails).
-                if let Err(e) = store::target_release(&target.pool, &m.account, m.id).await {
+                if let Err(e) = store::target_release(target, &m.account, m.id).await {
                     tracing::warn!(account = %m.account, shard = %m.to, error = %e, "lifting the hold failed; the next step lifts it");
                 }
                 return self.get(m.id).await;
             }
             Step::Switched => {
-                store::target_release(&target.pool, &m.account, m.id)
+                store::target_release(target, &m.account, m.id)
                     .await
                     .map_err(|e| target.error(e))?;
-                store::capture_stop(&source.pool, &m.account, m.id)
+                store::capture_stop(source, &m.account, m.id)
                     .await
                     .map_err(|e| source.error(e))?;
                 let tables = self.table_pairs(m);
-                let n = store::account_delete(&source.pool, &tables, &m.account)
+                let n = store::account_delete(source, &tables, &m.account)
                     .await
                     .map_err(|e| source.error(e))?;
                 tracing::info!(account = %m.account, shard = %m.from, rows = n, "old copy deleted");
@@ -462,7 +460,7 @@ impl Mover {
             }
             Step::Done | Step::Aborted => return Ok(m.clone()),
         };
-        store::move_advance(&master.pool, m.id, done.as_str(), next.as_str())
+        store::move_advance(master, m.id, done.as_str(), next.as_str())
             .await
             .map_err(|e| master.error(e))?;
         self.get(m.id).await
@@ -487,20 +485,20 @@ impl Mover {
         let source = self.router.shard(&m.from)?;
         let target = self.router.shard(&m.to)?;
         let tables = self.table_pairs(&m);
-        let n = store::target_clear(&target.pool, &tables, &m.account, m.id)
+        let n = store::target_clear(target, &tables, &m.account, m.id)
             .await
             .map_err(|e| target.error(e))?;
-        store::target_refuse(&target.pool, &m.account, &m.from)
+        store::target_refuse(target, &m.account, &m.from)
             .await
             .map_err(|e| target.error(e))?;
-        store::capture_stop(&source.pool, &m.account, m.id)
+        store::capture_stop(source, &m.account, m.id)
             .await
             .map_err(|e| source.error(e))?;
-        store::fence_delete(&source.pool, &m.account, &m.to, m.epoch + 1)
+        store::fence_delete(source, &m.account, &m.to, m.epoch + 1)
             .await
             .map_err(|e| source.error(e))?;
         let master = self.router.master();
-        store::move_advance(&master.pool, id, m.step.as_str(), Step::Aborted.as_str())
+        store::move_advance(master, id, m.step.as_str(), Step::Aborted.as_str())
             .await
             .map_err(|e| master.error(e))?;
         tracing::info!(account = %m.account, id, copied_rows_deleted = n, "move aborted");
@@ -510,7 +508,7 @@ impl Mover {
     /// Move `id`.
     pub async fn get(&self, id: i64) -> Result<Move> {
         let master = self.router.master();
-        store::move_get(&master.pool, id)
+        store::move_get(master, id)
             .await
             .map_err(|e| master.error(e))?
             .map(Move::from)
@@ -523,7 +521,7 @@ impl Mover {
     /// Moves in progress, then the last `recent` finished ones.
     pub async fn list(&self, recent: i64) -> Result<Vec<Move>> {
         let master = self.router.master();
-        Ok(store::move_list(&master.pool, recent)
+        Ok(store::move_list(master, recent)
             .await
             .map_err(|e| master.error(e))?
             .into_iter()
@@ -536,7 +534,7 @@ impl Mover {
     async fn wait_writers(
         &self,
         m: &Move,
-        pool: &sqlx::PgPool,
+        pool: &Database,
         cutoff: chrono::DateTime<chrono::Utc>,
         what: &str,
     ) -> Result<()> {
@@ -566,7 +564,7 @@ impl Mover {
     async fn carried(&self, m: &Move, db: &Database) -> Result<Vec<Carried>> {
         let mut out = Vec::new();
         for t in self.tables_of(m) {
-            let key = store::table_key(&db.pool, &t.table).await.map_err(|e| db.error(e))?;
+            let key = store::table_key(db, &t.table).await.map_err(|e| db.error(e))?;
             if key.is_empty() {
                 return Err(Error::Move {
                     account: m.account.clone(),
@@ -576,7 +574,7 @@ impl Mover {
                     ),
                 });
             }
-            let columns = store::table_columns(&db.pool, &t.table)
+            let columns = store::table_columns(db, &t.table)
                 .await
                 .map_err(|e| db.error(e))?
                 .into_iter()
@@ -601,16 +599,16 @@ impl Mover {
         let source = self.router.shard(&m.from)?;
         let target = self.router.shard(&m.to)?;
         let tables = self.carried(m, target).await?;
-        store::target_hold(&target.pool, &m.account, &m.from, m.epoch + 1)
+        store::target_hold(target, &m.account, &m.from, m.epoch + 1)
             .await
             .map_err(|e| target.error(e))?;
-        store::target_clear(&target.pool, &self.table_pairs(m), &m.account, m.id)
+        store::target_clear(target, &self.table_pairs(m), &m.account, m.id)
             .await
             .map_err(|e| target.error(e))?;
         let started = std::time::Instant::now();
-        let mut read = source.pool.begin().await.map_err(|e| source.error(e))?;
+        let mut read = source.begin().await.map_err(|e| source.error(e))?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *read)
+            .execute(&mut read)
             .await
             .map_err(|e| source.error(e))?;
         let (mut rows, mut jobs) = (0usize, 0usize);
@@ -618,7 +616,7 @@ impl Mover {
             let mut after: Option<serde_json::Value> = None;
             loop {
                 let batch = store::rows_batch(
-                    &mut read,
+                    &mut read.conn(),
                     &t.table,
                     &t.column,
                     &t.key,
@@ -635,8 +633,8 @@ impl Mover {
                 after = Some(serde_json::Value::Object(
                     t.key.iter().map(|k| (k.clone(), last[k.as_str()].clone())).collect(),
                 ));
-                let mut write = target.pool.begin().await.map_err(|e| target.error(e))?;
-                store::rows_upsert(&mut write, &t.table, &t.key, &t.columns, &batch)
+                let mut write = target.begin().await.map_err(|e| target.error(e))?;
+                store::rows_upsert(&mut write.conn(), &t.table, &t.key, &t.columns, &batch)
                     .await
                     .map_err(|e| target.error(e))?;
                 write.commit().await.map_err(|e| target.error(e))?;
@@ -648,7 +646,7 @@ impl Mover {
         }
         let mut after = 0i64;
         loop {
-            let batch = store::jobs_batch(&mut read, &m.account, after, self.options.batch)
+            let batch = store::jobs_batch(&mut read.conn(), &m.account, after, self.options.batch)
                 .await
                 .map_err(|e| source.error(e))?;
             let ids: Vec<i64> = batch
@@ -657,11 +655,11 @@ impl Mover {
                 .unwrap_or_default();
             let Some(&last) = ids.last() else { break };
             after = last;
-            let runs = store::periodic_runs_of_jobs(&mut read, &ids)
+            let runs = store::periodic_runs_of_jobs(&mut read.conn(), &ids)
                 .await
                 .map_err(|e| source.error(e))?;
-            let mut write = target.pool.begin().await.map_err(|e| target.error(e))?;
-            store::jobs_apply(&mut write, m.id, &batch, &[], &runs)
+            let mut write = target.begin().await.map_err(|e| target.error(e))?;
+            store::jobs_apply(&mut write.conn(), m.id, &batch, &[], &runs)
                 .await
                 .map_err(|e| target.error(e))?;
             write.commit().await.map_err(|e| target.error(e))?;
@@ -685,28 +683,28 @@ impl Mover {
     async fn catch_up(&self, m: &Move, tables: &[Carried], last: bool) -> Result<usize> {
         let source = self.router.shard(&m.from)?;
         let target = self.router.shard(&m.to)?;
-        let mut read = source.pool.begin().await.map_err(|e| source.error(e))?;
+        let mut read = source.begin().await.map_err(|e| source.error(e))?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *read)
+            .execute(&mut read)
             .await
             .map_err(|e| source.error(e))?;
         let mut seqs = Vec::new();
         let mut changed = Vec::new();
         for t in tables {
-            let (keys, s) = store::changes_of(&mut read, m.id, &t.table)
+            let (keys, s) = store::changes_of(&mut read.conn(), m.id, &t.table)
                 .await
                 .map_err(|e| source.error(e))?;
             let rows = if s.is_empty() {
                 serde_json::json!([])
             } else {
-                store::rows_by_keys(&mut read, &t.table, &t.column, &t.key, &m.account, &keys)
+                store::rows_by_keys(&mut read.conn(), &t.table, &t.column, &t.key, &m.account, &keys)
                     .await
                     .map_err(|e| source.error(e))?
             };
             seqs.extend(s);
             changed.push((keys, rows));
         }
-        let (keys, s) = store::changes_of(&mut read, m.id, JOBS_TABLE)
+        let (keys, s) = store::changes_of(&mut read.conn(), m.id, JOBS_TABLE)
             .await
             .map_err(|e| source.error(e))?;
         let ids: Vec<i64> = keys
@@ -718,10 +716,10 @@ impl Mover {
             (serde_json::json!([]), serde_json::json!([]))
         } else {
             let id_key = ["id".to_string()];
-            let jobs = store::rows_by_keys(&mut read, JOBS_TABLE, "account", &id_key, &m.account, &keys)
+            let jobs = store::rows_by_keys(&mut read.conn(), JOBS_TABLE, "account", &id_key, &m.account, &keys)
                 .await
                 .map_err(|e| source.error(e))?;
-            let runs = store::periodic_runs_of_jobs(&mut read, &ids)
+            let runs = store::periodic_runs_of_jobs(&mut read.conn(), &ids)
                 .await
                 .map_err(|e| source.error(e))?;
             (jobs, runs)
@@ -730,32 +728,32 @@ impl Mover {
         if seqs.is_empty() && !last {
             return Ok(0);
         }
-        let mut write = target.pool.begin().await.map_err(|e| target.error(e))?;
+        let mut write = target.begin().await.map_err(|e| target.error(e))?;
         sqlx::query("SET CONSTRAINTS ALL DEFERRED")
-            .execute(&mut *write)
+            .execute(&mut write)
             .await
             .map_err(|e| target.error(e))?;
         for (t, (_, rows)) in tables.iter().zip(&changed) {
-            store::rows_upsert(&mut write, &t.table, &t.key, &t.columns, rows)
+            store::rows_upsert(&mut write.conn(), &t.table, &t.key, &t.columns, rows)
                 .await
                 .map_err(|e| target.error(e))?;
         }
-        store::jobs_apply(&mut write, m.id, &jobs, &ids, &runs)
+        store::jobs_apply(&mut write.conn(), m.id, &jobs, &ids, &runs)
             .await
             .map_err(|e| target.error(e))?;
         for (t, (keys, rows)) in tables.iter().zip(&changed).rev() {
-            store::rows_delete_missing(&mut write, &t.table, &t.column, &t.key, &m.account, keys, rows)
+            store::rows_delete_missing(&mut write.conn(), &t.table, &t.column, &t.key, &m.account, keys, rows)
                 .await
                 .map_err(|e| target.error(e))?;
         }
         if last {
-            store::copy_applied(&mut write, m.id, &m.account)
+            store::copy_applied(&mut write.conn(), m.id, &m.account)
                 .await
                 .map_err(|e| target.error(e))?;
         }
         write.commit().await.map_err(|e| target.error(e))?;
         if !last {
-            store::changes_done(&source.pool, m.id, &seqs)
+            store::changes_done(source, m.id, &seqs)
                 .await
                 .map_err(|e| source.error(e))?;
         }
@@ -769,20 +767,17 @@ impl Mover {
     async fn final_catch_up(&self, m: &Move) -> Result<()> {
         let source = self.router.shard(&m.from)?;
         let target = self.router.shard(&m.to)?;
-        if store::move_applied(&target.pool, m.id)
-            .await
-            .map_err(|e| target.error(e))?
-        {
+        if store::move_applied(target, m.id).await.map_err(|e| target.error(e))? {
             return Ok(());
         }
         // Every transaction the write fence did not refuse began before
         // this moment (read after the fence committed; a resumed move reads
         // a later one, which waits for more, never less).
-        let cutoff = store::shard_now(&source.pool).await.map_err(|e| source.error(e))?;
-        self.wait_writers(m, &source.pool, cutoff, "the fence").await?;
+        let cutoff = store::shard_now(source).await.map_err(|e| source.error(e))?;
+        self.wait_writers(m, source, cutoff, "the fence").await?;
         // Jobs claimed before the pause have ended (step `precopied`) and
         // none is claimed since; a running one here would be copied mid-run.
-        let running = store::jobs_running_of_account(&source.pool, &m.account)
+        let running = store::jobs_running_of_account(source, &m.account)
             .await
             .map_err(|e| source.error(e))?;
         if running > 0 {

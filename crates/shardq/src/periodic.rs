@@ -455,8 +455,8 @@ impl PeriodicJob {
             job.unique = Some(UniqueOpts::new().key(format!("periodic:{}", self.name)));
         }
         let args = job.validate()?;
-        let mut tx = db.pool.begin().await.map_err(|e| db.error(e))?;
-        let recorded = store::periodic_runs_record(&mut tx, &self.name, due)
+        let mut tx = db.begin().await.map_err(|e| db.error(e))?;
+        let recorded = store::periodic_runs_record(&mut tx.conn(), &self.name, due)
             .await
             .map_err(|e| db.error(e))?;
         let mut out = Vec::with_capacity(recorded.len());
@@ -468,19 +468,19 @@ impl PeriodicJob {
             };
             job.run_at = Some(at + chrono::Duration::from_std(offset).unwrap_or_default());
             let id = if job.is_keyed() {
-                store::job_insert_keyed(&mut tx, account, &job, &args)
+                store::job_insert_keyed(&mut tx.conn(), account, &job, &args)
                     .await
                     .map_err(|e| db.error(e))?
                     .and_then(|(id, inserted)| inserted.then_some(id))
             } else {
                 Some(
-                    store::job_insert(&mut tx, account, &job, &args, store::Notify::AtCommit)
+                    store::job_insert(&mut tx.conn(), account, &job, &args, store::Notify::AtCommit)
                         .await
                         .map_err(|e| db.error(e))?,
                 )
             };
             if let Some(id) = id {
-                store::periodic_run_set_job(&mut tx, &self.name, at, id)
+                store::periodic_run_set_job(&mut tx.conn(), &self.name, at, id)
                     .await
                     .map_err(|e| db.error(e))?;
             }
@@ -517,7 +517,7 @@ impl PeriodicJob {
     pub async fn prune_on(&self, router: &Router, target: &Target, before: DateTime<Utc>) -> Result<u64> {
         let prune = async {
             let (db, _) = self.resolve(router, target).await?;
-            store::periodic_runs_prune(&db.pool, &self.name, before)
+            store::periodic_runs_prune(db, &self.name, before)
                 .await
                 .map_err(|e| Error::from(db.error(e)))
         };

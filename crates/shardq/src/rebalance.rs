@@ -194,8 +194,8 @@ impl Rebalancer {
             for chunk in on.chunks_mut(MEASURE_BATCH) {
                 let names: Vec<String> = chunk.iter().map(|a| a.account.clone()).collect();
                 let measured = match by {
-                    LoadBy::Jobs => store::rebalance_job_counts(&db.pool, &names).await,
-                    _ => store::rebalance_bytes(&db.pool, &names, &tables).await,
+                    LoadBy::Jobs => store::rebalance_job_counts(db, &names).await,
+                    _ => store::rebalance_bytes(db, &names, &tables).await,
                 }
                 .map_err(|e| db.error(e))?;
                 let measured: std::collections::HashMap<String, i64> = measured.into_iter().collect();
@@ -210,7 +210,7 @@ impl Rebalancer {
     /// The estimated bytes of `account` on `shard` ([`LoadBy::Bytes`]).
     pub async fn size_of(&self, account: &Account, shard: &str) -> Result<u64> {
         let db = self.router.shard(shard)?;
-        let measured = store::rebalance_bytes(&db.pool, &[account.to_string()], &self.tables())
+        let measured = store::rebalance_bytes(db, &[account.to_string()], &self.tables())
             .await
             .map_err(|e| db.error(e))?;
         Ok(measured.first().map(|(_, b)| (*b).max(0) as u64).unwrap_or(0))

@@ -55,7 +55,7 @@ fn start(db: Database) -> mpsc::UnboundedSender<String> {
             }
             let queues: Vec<&str> = queues.iter().map(String::as_str).collect();
             let sent = match db.pool.acquire().await {
-                Ok(mut conn) => store::jobs_notify(&mut conn, &queues).await,
+                Ok(mut conn) => store::jobs_notify(&mut db.conn(&mut conn), &queues).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = sent {

@@ -131,7 +131,7 @@ pub async fn database(db: &Database, role: Role, timeout: Duration) -> DatabaseH
         return health;
     }
     health.reachable = true;
-    match tokio::time::timeout(timeout, store::schema_version(&db.pool)).await {
+    match tokio::time::timeout(timeout, store::schema_version(db)).await {
         Ok(Ok(version)) => {
             health.version = version;
             if let Some(expected) = health.expected {

@@ -113,7 +113,7 @@ pub async fn fleet(router: &Router, timeout: Duration) -> FleetStatus {
     let master = health::database(router.master(), Role::Master, timeout);
     let shards = futures::future::join_all(router.shards().iter().map(|db| shard(db, timeout)));
     let nodes = async {
-        match tokio::time::timeout(timeout, store::nodes_list(&router.master().pool)).await {
+        match tokio::time::timeout(timeout, store::nodes_list(router.master())).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => Err(ErrorChain(&router.master().error(e)).to_string()),
             Err(_) => Err(format!("node registry: no answer within {timeout:?}")),
@@ -195,7 +195,7 @@ pub async fn shard(db: &Database, timeout: Duration) -> ShardStatus {
 }
 
 async fn queues(db: &Database) -> sqlx::Result<(i64, Vec<QueueStatus>)> {
-    let pool = &db.pool;
+    let pool = db;
     let listeners = store::listener_count(pool).await?;
     let mut by_queue: BTreeMap<String, QueueStatus> = BTreeMap::new();
     for (queue, n) in store::queue_running(pool).await? {

@@ -55,7 +55,7 @@ pub(crate) async fn sweeper(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: wa
         if running.is_empty() {
             continue;
         }
-        match store::job_cancelled_among(&shard.db.pool, &running).await {
+        match store::job_cancelled_among(&shard.db, &running).await {
             Ok(cancelled) => signal(&shard, &cancelled),
             Err(e) => tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "cancel sweep failed"),
         }

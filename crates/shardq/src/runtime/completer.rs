@@ -199,7 +199,7 @@ async fn release_serial_keys(shard: &ShardWork, batch: &[Done]) {
     }
     let mut wait = Duration::from_millis(50);
     for _ in 0..8 {
-        match store::job_serial_release(&shard.db.pool, &ids, &attempts).await {
+        match store::job_serial_release(&shard.db, &ids, &attempts).await {
             Ok(_) => return,
             Err(e) if store::error_is_transient(&e) => {
                 tokio::time::sleep(wait).await;
@@ -226,10 +226,10 @@ async fn write_rows(shard: &ShardWork, rows: &[Row]) -> sqlx::Result<()> {
         }
     }
     if !ids.is_empty() {
-        store::job_complete_many(&shard.db.pool, &ids, &attempts).await?;
+        store::job_complete_many(&shard.db, &ids, &attempts).await?;
     }
     if !finishes.is_empty() {
-        store::job_finish_many(&shard.db.pool, &finishes).await?;
+        store::job_finish_many(&shard.db, &finishes).await?;
     }
     Ok(())
 }

@@ -121,7 +121,7 @@ impl Membership {
     ) -> Option<Vec<(String, Vec<String>)>> {
         let working: Vec<String> = working.iter().cloned().collect();
         let beat = store::node_beat(
-            &self.master.pool,
+            &self.master,
             &node.id,
             self.started_at,
             node.options.node_ttl().as_secs_f64(),
@@ -155,11 +155,7 @@ impl Membership {
     /// Removes this node's row (it is stopping), so the others take its
     /// shards at their next heartbeat instead of after its time to live.
     pub(crate) async fn leave(&self, node: &Node) {
-        let left = tokio::time::timeout(
-            node.options.fleet_heartbeat,
-            store::node_leave(&self.master.pool, &node.id),
-        )
-        .await;
+        let left = tokio::time::timeout(node.options.fleet_heartbeat, store::node_leave(&self.master, &node.id)).await;
         if let Ok(Err(e)) = left {
             tracing::warn!(node = %node.id, error = %ErrorChain(&self.master.error(e)), "leaving the node registry failed; the entry lapses after its time to live");
         }

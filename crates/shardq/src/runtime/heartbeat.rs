@@ -43,7 +43,7 @@ async fn renew(node: &Node, shard: &ShardWork) {
     let lease = node.options.lease;
     let fresh = fresh_secs(lease, node.options.heartbeat_interval);
     let sent_at = Instant::now();
-    let renewal = store::job_lease_renew(&shard.db.pool, &ids, &attempts, &node.id, lease.as_secs_f64(), fresh);
+    let renewal = store::job_lease_renew(&shard.db, &ids, &attempts, &node.id, lease.as_secs_f64(), fresh);
     // A renewal that outlasts the lease is as good as failed.
     let lost = match tokio::time::timeout(lease, renewal).await {
         Ok(Ok(held)) => {
@@ -92,7 +92,7 @@ async fn release_orphans(node: &Node, shard: &ShardWork) {
     let (held_ids, held_attempts) = shard.leases.held();
     let held: std::collections::HashSet<(i64, i32)> = held_ids.into_iter().zip(held_attempts).collect();
     let timeout = node.options.shard_timeout;
-    let Ok(Ok(mine)) = tokio::time::timeout(timeout, store::job_running_of_node(&shard.db.pool, &node.id)).await else {
+    let Ok(Ok(mine)) = tokio::time::timeout(timeout, store::job_running_of_node(&shard.db, &node.id)).await else {
         return;
     };
     let (ids, attempts): (Vec<i64>, Vec<i32>) = mine.into_iter().filter(|r| !held.contains(r)).unzip();
@@ -101,7 +101,7 @@ async fn release_orphans(node: &Node, shard: &ShardWork) {
     }
     match tokio::time::timeout(
         timeout,
-        store::job_release_unclaimed(&shard.db.pool, &ids, &attempts, &node.id),
+        store::job_release_unclaimed(&shard.db, &ids, &attempts, &node.id),
     )
     .await
     {
@@ -123,7 +123,7 @@ pub(crate) async fn hand_back(node: &Node, shard: &ShardWork) {
     if ids.is_empty() {
         return;
     }
-    match store::job_give_back(&shard.db.pool, &ids, &attempts, &node.id).await {
+    match store::job_give_back(&shard.db, &ids, &attempts, &node.id).await {
         Ok(n) => tracing::info!(shard = %shard.db.name, given_back = n, "handed running jobs back"),
         Err(e) => {
             tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "hand-back failed; leases will expire and the jobs be rescued")

@@ -310,7 +310,11 @@ impl Producer {
         // unheld running rows alone: they may be this claim's.
         let claiming = self.shard.leases.claiming();
         let claimed_at = Instant::now();
-        let claimed = tokio::time::timeout(opts.shard_timeout, store::job_fetch_available(&mut *conn, &params)).await;
+        let claimed = tokio::time::timeout(
+            opts.shard_timeout,
+            store::job_fetch_available(self.shard.db.conn(&mut conn), &params),
+        )
+        .await;
         let jobs: Vec<FetchedJob> = match claimed {
             Ok(Ok(jobs)) => jobs,
             Ok(Err(e)) => return Err(e),
@@ -353,7 +357,7 @@ impl Producer {
         if ids.is_empty() {
             return;
         }
-        let released = store::job_release_unclaimed(&self.shard.db.pool, &ids, &attempts, &self.node.id);
+        let released = store::job_release_unclaimed(&self.shard.db, &ids, &attempts, &self.node.id);
         match tokio::time::timeout(self.node.options.shard_timeout, released).await {
             Ok(Ok(n)) => {
                 tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, handed_back = n, "buffered jobs handed back")

@@ -24,7 +24,7 @@ pub(crate) async fn run(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch:
             _ = tokio::time::sleep(wait) => {}
         }
         loop {
-            match store::job_rescue_expired(&shard.db.pool, BATCH).await {
+            match store::job_rescue_expired(&shard.db, BATCH).await {
                 Ok(n) => {
                     if n > 0 {
                         metrics::jobs_rescued(&shard.db.name, n);
@@ -40,7 +40,7 @@ pub(crate) async fn run(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch:
                 }
             }
         }
-        match store::job_serial_release_expired(&shard.db.pool, BATCH).await {
+        match store::job_serial_release_expired(&shard.db, BATCH).await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(shard = %shard.db.name, released = n, "released serial keys of runs whose lease expired")

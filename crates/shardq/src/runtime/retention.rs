@@ -52,7 +52,7 @@ async fn prune(shard: &ShardWork, state: Finished, keep: Duration) -> u64 {
     let secs = keep.as_secs_f64().min(MAX_RETAIN_SECS);
     let mut total = 0;
     loop {
-        match store::job_prune_finished(&shard.db.pool, state, secs, BATCH).await {
+        match store::job_prune_finished(&shard.db, state, secs, BATCH).await {
             Ok(n) => {
                 total += n;
                 if n < BATCH as u64 {

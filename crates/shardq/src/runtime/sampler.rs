@@ -25,8 +25,8 @@ pub(crate) async fn shard(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let pool = &shard.db.pool;
-        metrics::pool_connections(&shard.db.name, pool.size(), pool.num_idle());
+        let pool = &shard.db;
+        metrics::pool_connections(&shard.db.name, pool.pool.size(), pool.pool.num_idle());
         for queue in &queues {
             match store::queue_depth(pool, queue, store::QUEUE_DEPTH_CAP).await {
                 Ok(d) => metrics::queue_depth(

@@ -32,7 +32,7 @@ pub(crate) const MIN_WAIT: Duration = Duration::from_millis(10);
 /// available job or the lookup failed or took longer than `timeout` (the
 /// poll covers it).
 pub(crate) async fn next_due(shard: &ShardWork, queue: &str, timeout: Duration) -> Option<Instant> {
-    let Ok(found) = tokio::time::timeout(timeout, store::job_next_due(&shard.db.pool, queue)).await else {
+    let Ok(found) = tokio::time::timeout(timeout, store::job_next_due(&shard.db, queue)).await else {
         tracing::debug!(shard = %shard.db.name, queue, "next due time unknown (shard not answering); polling");
         return None;
     };

@@ -3,7 +3,7 @@
 //! client.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use shardq_router::router::Database;
 
 use crate::job::{JobId, JobRecord, JobState};
 
@@ -55,7 +55,7 @@ impl JobRow {
 }
 
 /// One job by id.
-pub async fn job_get(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Option<JobRecord>> {
+pub async fn job_get(pool: &Database, shard: &str, id: i64) -> sqlx::Result<Option<JobRecord>> {
     let row: Option<JobRow> = sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM shardq.jobs WHERE id = $1"))
         .bind(id)
         .fetch_optional(pool)
@@ -65,7 +65,7 @@ pub async fn job_get(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Option
 
 /// An account's jobs on a shard, newest first, optionally of one state.
 pub async fn job_list_for_account(
-    pool: &PgPool,
+    pool: &Database,
     shard: &str,
     account: &str,
     state: Option<JobState>,
@@ -118,11 +118,11 @@ pub enum JobChange {
 /// appended to the job's errors. A cancelled job is left alone; a completed
 /// or discarded one is refused. The row is locked first, so a cancel that
 /// races a claim waits for it and then sees the job running.
-pub async fn job_cancel(pool: &PgPool, id: i64, reason: &str) -> sqlx::Result<JobChange> {
+pub async fn job_cancel(pool: &Database, id: i64, reason: &str) -> sqlx::Result<JobChange> {
     let mut tx = pool.begin().await?;
     let state: Option<String> = sqlx::query_scalar("SELECT state FROM shardq.jobs WHERE id = $1 FOR UPDATE")
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut tx)
         .await?;
     let Some(state) = state else {
         return Ok(JobChange::NotFound);
@@ -147,13 +147,13 @@ pub async fn job_cancel(pool: &PgPool, id: i64, reason: &str) -> sqlx::Result<Jo
     )
     .bind(id)
     .bind(reason)
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     if state == JobState::Running {
         sqlx::query("SELECT pg_notify($1, $2::bigint::text)")
             .bind(CANCEL_CHANNEL)
             .bind(id)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
     }
     tx.commit().await?;
@@ -223,12 +223,16 @@ fn is_unique_key_taken(e: &sqlx::Error) -> bool {
 /// One try of [`job_retry`]: the change, or `Err((state, hash))` when the
 /// key `hash` could not be restored because another job held it (the
 /// transaction was rolled back).
-async fn job_retry_once(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Result<RetryChange, (JobState, String)>> {
+async fn job_retry_once(
+    pool: &Database,
+    shard: &str,
+    id: i64,
+) -> sqlx::Result<Result<RetryChange, (JobState, String)>> {
     let mut tx = pool.begin().await?;
     let row: Option<(String, Option<String>)> =
         sqlx::query_as("SELECT state, unique_hash FROM shardq.jobs WHERE id = $1 FOR UPDATE")
             .bind(id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut tx)
             .await?;
     let Some((state, hash)) = row else {
         return Ok(Ok(RetryChange::NotFound));
@@ -237,7 +241,7 @@ async fn job_retry_once(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Res
     if !matches!(state, JobState::Discarded | JobState::Cancelled) {
         return Ok(Ok(RetryChange::Refused { state }));
     }
-    let retried: sqlx::Result<JobRow> = sqlx::query_as(JOB_RETRY_SQL).bind(id).fetch_one(&mut *tx).await;
+    let retried: sqlx::Result<JobRow> = sqlx::query_as(JOB_RETRY_SQL).bind(id).fetch_one(&mut tx).await;
     match (retried, hash) {
         (Ok(row), _) => {
             tx.commit().await?;
@@ -265,7 +269,7 @@ async fn job_retry_once(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<Res
 /// against again while available. When another job holds the key by then,
 /// the retry is refused ([`RetryChange::KeyHeld`], with the holder's id) and
 /// nothing is written: the retried job would otherwise duplicate it.
-pub async fn job_retry(pool: &PgPool, shard: &str, id: i64) -> sqlx::Result<RetryChange> {
+pub async fn job_retry(pool: &Database, shard: &str, id: i64) -> sqlx::Result<RetryChange> {
     let mut tries = 0;
     loop {
         let (state, hash) = match job_retry_once(pool, shard, id).await? {
@@ -301,7 +305,7 @@ pub struct QueuePause {
 /// Pauses `queue` on this shard: no node claims its jobs here until it is
 /// resumed. Returns false when it was paused already (the first pause's
 /// time and author are kept).
-pub async fn queue_pause(pool: &PgPool, queue: &str, by: &str) -> sqlx::Result<bool> {
+pub async fn queue_pause(pool: &Database, queue: &str, by: &str) -> sqlx::Result<bool> {
     let written = sqlx::query(
         "INSERT INTO shardq.queue_pauses (queue, paused_by) VALUES ($1, $2) ON CONFLICT (queue) DO NOTHING",
     )
@@ -314,7 +318,7 @@ pub async fn queue_pause(pool: &PgPool, queue: &str, by: &str) -> sqlx::Result<b
 
 /// Resumes `queue` on this shard and wakes its producers (`NOTIFY
 /// shardq_jobs, '<queue>'`). Returns false when it was not paused.
-pub async fn queue_resume(pool: &PgPool, queue: &str) -> sqlx::Result<bool> {
+pub async fn queue_resume(pool: &Database, queue: &str) -> sqlx::Result<bool> {
     let resumed: bool = sqlx::query_scalar(
         "WITH gone AS (DELETE FROM shardq.queue_pauses WHERE queue = $1 RETURNING queue),
               woken AS (SELECT count(pg_notify('shardq_jobs', queue)) AS n FROM gone)
@@ -327,7 +331,7 @@ pub async fn queue_resume(pool: &PgPool, queue: &str) -> sqlx::Result<bool> {
 }
 
 /// The queues paused on this shard, by name.
-pub async fn queue_pauses(pool: &PgPool) -> sqlx::Result<Vec<QueuePause>> {
+pub async fn queue_pauses(pool: &Database) -> sqlx::Result<Vec<QueuePause>> {
     sqlx::query_as("SELECT queue, paused_at, paused_by FROM shardq.queue_pauses ORDER BY queue")
         .fetch_all(pool)
         .await
@@ -337,7 +341,7 @@ pub async fn queue_pauses(pool: &PgPool) -> sqlx::Result<Vec<QueuePause>> {
 /// the default, 1). Refused (returns false, nothing written) while the
 /// account has a fence here: it is moving or has moved away, and a move
 /// carries the weight it had when it started.
-pub async fn account_weight_set(pool: &PgPool, account: &str, weight: Option<i32>) -> sqlx::Result<bool> {
+pub async fn account_weight_set(pool: &Database, account: &str, weight: Option<i32>) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "WITH open AS (SELECT NOT EXISTS (SELECT 1 FROM shardq.fences WHERE account = $1) AS ok),
               gone AS (DELETE FROM shardq.account_weights
@@ -354,7 +358,7 @@ pub async fn account_weight_set(pool: &PgPool, account: &str, weight: Option<i32
 }
 
 /// The fair-share weight of `account` on this shard, if one was set.
-pub async fn account_weight_of(pool: &PgPool, account: &str) -> sqlx::Result<Option<i32>> {
+pub async fn account_weight_of(pool: &Database, account: &str) -> sqlx::Result<Option<i32>> {
     sqlx::query_scalar("SELECT weight FROM shardq.account_weights WHERE account = $1")
         .bind(account)
         .fetch_optional(pool)

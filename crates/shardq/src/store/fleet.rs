@@ -4,7 +4,7 @@
 //! `observe::status`.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use shardq_router::router::Database;
 
 /// A node as the registry records it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -31,7 +31,7 @@ pub struct NodeRow {
 /// works.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn node_beat(
-    master: &PgPool,
+    master: &Database,
     id: &str,
     started_at: DateTime<Utc>,
     ttl_secs: f64,
@@ -68,7 +68,7 @@ pub(crate) async fn node_beat(
 }
 
 /// Removes node `id` from the registry (it is leaving); true when it was there.
-pub(crate) async fn node_leave(master: &PgPool, id: &str) -> sqlx::Result<bool> {
+pub(crate) async fn node_leave(master: &Database, id: &str) -> sqlx::Result<bool> {
     sqlx::query("DELETE FROM shardq.nodes WHERE id = $1")
         .bind(id)
         .execute(master)
@@ -77,7 +77,7 @@ pub(crate) async fn node_leave(master: &PgPool, id: &str) -> sqlx::Result<bool> 
 }
 
 /// Every node in the registry, live or lapsed, by id.
-pub(crate) async fn nodes_list(master: &PgPool) -> sqlx::Result<Vec<NodeRow>> {
+pub(crate) async fn nodes_list(master: &Database) -> sqlx::Result<Vec<NodeRow>> {
     sqlx::query_as(
         "SELECT id, started_at, heartbeat_at,
                 heartbeat_at >= now() - make_interval(secs => ttl_secs) AS live,

@@ -4,7 +4,7 @@
 //! inside the application's transaction.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use shardq_router::Conn;
 
 use crate::job::NewJob;
 use crate::unique;
@@ -37,7 +37,7 @@ impl Notify {
 
 /// Inserts one job on the connection (the caller's transaction, or a pool connection).
 pub async fn job_insert(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     account: &str,
     job: &NewJob,
     args: &str,
@@ -61,7 +61,7 @@ pub async fn job_insert(
 /// committed: one NOTIFY per queue, in a transaction that does not wait for
 /// its commit to be flushed (a lost wake-up only leaves the job to the
 /// poll).
-pub async fn jobs_notify(conn: &mut PgConnection, queues: &[&str]) -> sqlx::Result<()> {
+pub async fn jobs_notify(conn: &mut Conn<'_>, queues: &[&str]) -> sqlx::Result<()> {
     sqlx::query(
         "SELECT set_config('synchronous_commit', 'off', true),
                 (SELECT count(pg_notify('shardq_jobs', q)) FROM (SELECT DISTINCT q FROM unnest($1::text[]) AS t(q)) AS d)",
@@ -75,7 +75,7 @@ pub async fn jobs_notify(conn: &mut PgConnection, queues: &[&str]) -> sqlx::Resu
 /// Inserts many jobs in one statement; ids come back in input order.
 /// The batch is a one-statement insert on a pool connection: its NOTIFY is
 /// [`Notify::Deferred`] (call [`jobs_notify`] after it).
-pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, String)]) -> sqlx::Result<Vec<i64>> {
+pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, String)]) -> sqlx::Result<Vec<i64>> {
     let accounts: Vec<&str> = rows.iter().map(|r| r.0).collect();
     let queues: Vec<&str> = rows.iter().map(|r| r.1.queue.as_str()).collect();
     let kinds: Vec<&str> = rows.iter().map(|r| r.1.kind.as_str()).collect();
@@ -138,7 +138,7 @@ struct JobKeys<'a> {
 /// Inserts one unique and/or serial job; `None` when a job with the same
 /// unique key exists (nothing inserted).
 async fn job_insert_keyed_once(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     account: &str,
     job: &NewJob,
     args: &str,
@@ -162,7 +162,7 @@ async fn job_insert_keyed_once(
 
 /// The job holding the unique key whose text is `unique_text`, if any
 /// (through `jobs_unique_idx`).
-async fn job_find_unique(conn: &mut PgConnection, unique_text: &str) -> sqlx::Result<Option<i64>> {
+async fn job_find_unique(conn: &mut Conn<'_>, unique_text: &str) -> sqlx::Result<Option<i64>> {
     sqlx::query_scalar(
         "SELECT id FROM shardq.jobs
           WHERE unique_key = encode(sha256(convert_to($1::text, 'UTF8')), 'hex') AND unique_key IS NOT NULL",
@@ -184,7 +184,7 @@ const INSERT_TRIES: usize = 5;
 /// the row whose committed insert made `ON CONFLICT` do nothing (a
 /// statement's snapshot predates the conflicting commit it waited for).
 pub async fn job_insert_keyed(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     account: &str,
     job: &NewJob,
     args: &str,

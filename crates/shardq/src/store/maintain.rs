@@ -2,7 +2,7 @@
 //! finished jobs past their retention. Called by the runtime's rescuer and
 //! retention stages.
 
-use sqlx::PgPool;
+use shardq_router::router::Database;
 
 use crate::job::JobState;
 
@@ -33,7 +33,7 @@ pub const JOB_RESCUE_EXPIRED_SQL: &str = concat!(
 /// Makes running jobs whose lease expired available again (or discards them
 /// when they had no attempts left), recording the lost attempt as an error;
 /// the queues of the jobs made available are notified.
-pub async fn job_rescue_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> {
+pub async fn job_rescue_expired(pool: &Database, limit: i64) -> sqlx::Result<u64> {
     sqlx::query_as(JOB_RESCUE_EXPIRED_SQL)
         .bind(limit)
         .fetch_one(pool)
@@ -44,7 +44,7 @@ pub async fn job_rescue_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> 
 /// Releases serial keys still held by runs that ended without their node
 /// saying so (a cancelled job's node died, or its handler ran on past its
 /// lease): `$1` limit. Their queues are notified.
-pub async fn job_serial_release_expired(pool: &PgPool, limit: i64) -> sqlx::Result<u64> {
+pub async fn job_serial_release_expired(pool: &Database, limit: i64) -> sqlx::Result<u64> {
     sqlx::query_as(concat!(
         "WITH changed AS (
          UPDATE shardq.jobs j SET serial_held = false, lease_expires_at = NULL
@@ -131,7 +131,12 @@ const JOB_PRUNE_DISCARDED_SQL: &str = prune_sql!("discarded");
 
 /// Deletes up to `limit` jobs in state `state` finalized more than
 /// `older_than_secs` ago, oldest first. Returns the rows deleted.
-pub async fn job_prune_finished(pool: &PgPool, state: Finished, older_than_secs: f64, limit: i64) -> sqlx::Result<u64> {
+pub async fn job_prune_finished(
+    pool: &Database,
+    state: Finished,
+    older_than_secs: f64,
+    limit: i64,
+) -> sqlx::Result<u64> {
     sqlx::query(state.prune_sql())
         .bind(older_than_secs)
         .bind(limit)

@@ -5,7 +5,8 @@
 //! `moves` for the steps).
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use shardq_router::router::Database;
+use shardq_router::Conn;
 
 /// One move as recorded in the master.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -42,7 +43,7 @@ const MOVE_COLUMNS: &str = "id, account, from_shard, to_shard, epoch, step, tabl
 /// move already in progress for the account is a unique violation
 /// (`moves_active_idx`).
 pub async fn move_start(
-    master: &PgPool,
+    master: &Database,
     account: &str,
     to: &str,
     tables: &serde_json::Value,
@@ -60,7 +61,7 @@ pub async fn move_start(
 }
 
 /// One move by id.
-pub async fn move_get(master: &PgPool, id: i64) -> sqlx::Result<Option<MoveRow>> {
+pub async fn move_get(master: &Database, id: i64) -> sqlx::Result<Option<MoveRow>> {
     sqlx::query_as(&format!("SELECT {MOVE_COLUMNS} FROM shardq.moves WHERE id = $1"))
         .bind(id)
         .fetch_optional(master)
@@ -68,7 +69,7 @@ pub async fn move_get(master: &PgPool, id: i64) -> sqlx::Result<Option<MoveRow>>
 }
 
 /// The moves not done or aborted, oldest first, then the last `recent` finished.
-pub async fn move_list(master: &PgPool, recent: i64) -> sqlx::Result<Vec<MoveRow>> {
+pub async fn move_list(master: &Database, recent: i64) -> sqlx::Result<Vec<MoveRow>> {
     sqlx::query_as(&format!(
         "(SELECT {MOVE_COLUMNS} FROM shardq.moves WHERE step NOT IN ('done', 'aborted') ORDER BY id)
          UNION ALL
@@ -81,7 +82,7 @@ pub async fn move_list(master: &PgPool, recent: i64) -> sqlx::Result<Vec<MoveRow
 
 /// Records that move `id` finished step `from` and is now at `to`, clearing
 /// its error; false when it was not at `from` (another mover got there).
-pub async fn move_advance(master: &PgPool, id: i64, from: &str, to: &str) -> sqlx::Result<bool> {
+pub async fn move_advance(master: &Database, id: i64, from: &str, to: &str) -> sqlx::Result<bool> {
     sqlx::query(
         "UPDATE shardq.moves SET step = $3, error = NULL, updated_at = now()
           WHERE id = $1 AND step = $2",
@@ -95,7 +96,7 @@ pub async fn move_advance(master: &PgPool, id: i64, from: &str, to: &str) -> sql
 }
 
 /// Records why move `id`'s next step failed (it stays where it is).
-pub async fn move_fail(master: &PgPool, id: i64, error: &str) -> sqlx::Result<()> {
+pub async fn move_fail(master: &Database, id: i64, error: &str) -> sqlx::Result<()> {
     sqlx::query("UPDATE shardq.moves SET error = $2, updated_at = now() WHERE id = $1")
         .bind(id)
         .bind(error)
@@ -107,14 +108,14 @@ pub async fn move_fail(master: &PgPool, id: i64, error: &str) -> sqlx::Result<()
 /// The switch: in one master transaction, places the account on `to` with
 /// epoch + 1 (only if it is still on `from` at `epoch`) and records the move
 /// as switched. False when the move was not at `copied`.
-pub async fn move_switch(master: &PgPool, m: &MoveRow) -> sqlx::Result<bool> {
+pub async fn move_switch(master: &Database, m: &MoveRow) -> sqlx::Result<bool> {
     let mut tx = master.begin().await?;
     let advanced = sqlx::query(
         "UPDATE shardq.moves SET step = 'switched', error = NULL, updated_at = now()
           WHERE id = $1 AND step = 'copied'",
     )
     .bind(m.id)
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?
     .rows_affected()
         == 1;
@@ -130,7 +131,7 @@ pub async fn move_switch(master: &PgPool, m: &MoveRow) -> sqlx::Result<bool> {
     .bind(&m.to_shard)
     .bind(&m.from_shard)
     .bind(m.epoch)
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     tx.commit().await?;
     Ok(true)
@@ -140,7 +141,7 @@ pub async fn move_switch(master: &PgPool, m: &MoveRow) -> sqlx::Result<bool> {
 
 /// Stops `account`'s jobs from being claimed on this shard (it goes to `to`
 /// at `epoch`); its writes are still taken. Keeps an existing fence as it is.
-pub async fn fence_pause(shard: &PgPool, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
+pub async fn fence_pause(shard: &Database, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO shardq.fences (account, moved_to, epoch) VALUES ($1, $2, $3)
          ON CONFLICT (account) DO NOTHING",
@@ -157,7 +158,7 @@ pub async fn fence_pause(shard: &PgPool, account: &str, to: &str, epoch: i64) ->
 /// rows of tables with the fence trigger) by transactions that begin from
 /// now on are refused, and `Router::begin` goes elsewhere. Keeps the first
 /// time it was fenced.
-pub async fn fence_writes(shard: &PgPool, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
+pub async fn fence_writes(shard: &Database, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE shardq.fences SET fenced_at = now()
           WHERE account = $1 AND moved_to = $2 AND epoch = $3 AND fenced_at IS NULL",
@@ -171,7 +172,7 @@ pub async fn fence_writes(shard: &PgPool, account: &str, to: &str, epoch: i64) -
 }
 
 /// Lifts the fence a move to `to` at `epoch` put up (an aborted move).
-pub async fn fence_delete(shard: &PgPool, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
+pub async fn fence_delete(shard: &Database, account: &str, to: &str, epoch: i64) -> sqlx::Result<()> {
     sqlx::query("DELETE FROM shardq.fences WHERE account = $1 AND moved_to = $2 AND epoch = $3")
         .bind(account)
         .bind(to)
@@ -183,14 +184,14 @@ pub async fn fence_delete(shard: &PgPool, account: &str, to: &str, epoch: i64) -
 
 /// This shard's clock now: read after the write fence committed, it is a
 /// time before which every transaction the fence did not refuse began.
-pub async fn shard_now(shard: &PgPool) -> sqlx::Result<DateTime<Utc>> {
+pub async fn shard_now(shard: &Database) -> sqlx::Result<DateTime<Utc>> {
     sqlx::query_scalar("SELECT now()").fetch_one(shard).await
 }
 
 /// Transactions on this shard's database that began before `cutoff` and are
 /// still open (other than this session's): their writes must be waited for,
 /// so the move carries them.
-pub async fn writers_before(shard: &PgPool, cutoff: DateTime<Utc>) -> sqlx::Result<i64> {
+pub async fn writers_before(shard: &Database, cutoff: DateTime<Utc>) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity a
           WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
@@ -202,7 +203,7 @@ pub async fn writers_before(shard: &PgPool, cutoff: DateTime<Utc>) -> sqlx::Resu
 }
 
 /// The account's jobs running on this shard.
-pub async fn jobs_running_of_account(shard: &PgPool, account: &str) -> sqlx::Result<i64> {
+pub async fn jobs_running_of_account(shard: &Database, account: &str) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT count(*) FROM shardq.jobs WHERE account = $1 AND state = 'running'")
         .bind(account)
         .fetch_one(shard)
@@ -211,7 +212,7 @@ pub async fn jobs_running_of_account(shard: &PgPool, account: &str) -> sqlx::Res
 
 /// The columns of `table` in order (name and type), to check that both
 /// shards hold the same table. Empty when the table does not exist.
-pub async fn table_columns(shard: &PgPool, table: &str) -> sqlx::Result<Vec<(String, String)>> {
+pub async fn table_columns(shard: &Database, table: &str) -> sqlx::Result<Vec<(String, String)>> {
     sqlx::query_as(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
            FROM pg_attribute a
@@ -225,7 +226,7 @@ pub async fn table_columns(shard: &PgPool, table: &str) -> sqlx::Result<Vec<(Str
 
 /// The columns of `table`'s primary key, in key order; empty when it has
 /// none (a move copies rows by key).
-pub async fn table_key(shard: &PgPool, table: &str) -> sqlx::Result<Vec<String>> {
+pub async fn table_key(shard: &Database, table: &str) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "SELECT a.attname::text
            FROM pg_index i
@@ -243,7 +244,7 @@ pub async fn table_key(shard: &PgPool, table: &str) -> sqlx::Result<Vec<String>>
 /// to `table`, whose account column is `column` and primary key `key`,
 /// unless it has them. They stay: for accounts not moving they cost one
 /// probe of the empty `shardq.move_captures` per statement.
-pub async fn capture_attach(shard: &PgPool, table: &str, column: &str, key: &[String]) -> sqlx::Result<()> {
+pub async fn capture_attach(shard: &Database, table: &str, column: &str, key: &[String]) -> sqlx::Result<()> {
     let attached: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_trigger
                          WHERE tgrelid = to_regclass($1) AND tgname = 'shardq_capture_delete')",
@@ -281,7 +282,7 @@ pub async fn capture_attach(shard: &PgPool, table: &str, column: &str, key: &[St
 }
 
 /// Starts capturing the changes of `account`'s rows for move `id`.
-pub async fn capture_start(shard: &PgPool, account: &str, id: i64) -> sqlx::Result<()> {
+pub async fn capture_start(shard: &Database, account: &str, id: i64) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO shardq.move_captures (account, move_id) VALUES ($1, $2)
          ON CONFLICT (account) DO UPDATE SET move_id = EXCLUDED.move_id",
@@ -294,16 +295,16 @@ pub async fn capture_start(shard: &PgPool, account: &str, id: i64) -> sqlx::Resu
 }
 
 /// Stops capturing `account`'s changes for move `id` and forgets those captured.
-pub async fn capture_stop(shard: &PgPool, account: &str, id: i64) -> sqlx::Result<()> {
+pub async fn capture_stop(shard: &Database, account: &str, id: i64) -> sqlx::Result<()> {
     let mut tx = shard.begin().await?;
     sqlx::query("DELETE FROM shardq.move_captures WHERE account = $1 AND move_id = $2")
         .bind(account)
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
     sqlx::query("DELETE FROM shardq.move_changes WHERE move_id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
     tx.commit().await
 }
@@ -312,7 +313,7 @@ pub async fn capture_stop(shard: &PgPool, account: &str, id: i64) -> sqlx::Resul
 /// primary key `key`) after the key `after` (a JSON object of the key's
 /// columns; `None`: from the first), in key order, as one JSON array.
 pub async fn rows_batch(
-    tx: &mut PgConnection,
+    tx: &mut Conn<'_>,
     table: &str,
     column: &str,
     key: &[String],
@@ -347,12 +348,7 @@ pub async fn rows_batch(
 
 /// Up to `limit` of the account's jobs with an id above `after`, in id
 /// order, as one JSON array (with their ids here).
-pub async fn jobs_batch(
-    tx: &mut PgConnection,
-    account: &str,
-    after: i64,
-    limit: i64,
-) -> sqlx::Result<serde_json::Value> {
+pub async fn jobs_batch(tx: &mut Conn<'_>, account: &str, after: i64, limit: i64) -> sqlx::Result<serde_json::Value> {
     let rows: sqlx::types::Json<serde_json::Value> = sqlx::query_scalar(
         "SELECT coalesce(jsonb_agg(to_jsonb(j) ORDER BY j.id), '[]')
            FROM (SELECT * FROM shardq.jobs WHERE account = $1 AND id > $2 ORDER BY id LIMIT $3) AS j",
@@ -368,7 +364,7 @@ pub async fn jobs_batch(
 /// The keys of `table`'s rows changed since move `id` began capturing (or
 /// since the last catch-up removed them), as a JSON array of key objects,
 /// with the sequence number of each one's last change.
-pub async fn changes_of(tx: &mut PgConnection, id: i64, table: &str) -> sqlx::Result<(serde_json::Value, Vec<i64>)> {
+pub async fn changes_of(tx: &mut Conn<'_>, id: i64, table: &str) -> sqlx::Result<(serde_json::Value, Vec<i64>)> {
     let (keys, seqs): (sqlx::types::Json<serde_json::Value>, Vec<i64>) = sqlx::query_as(
         "SELECT coalesce(jsonb_agg(key ORDER BY seq), '[]'), coalesce(array_agg(seq ORDER BY seq), '{}')
            FROM shardq.move_changes WHERE move_id = $1 AND tbl = to_regclass($2)::oid",
@@ -382,7 +378,7 @@ pub async fn changes_of(tx: &mut PgConnection, id: i64, table: &str) -> sqlx::Re
 
 /// Removes the captured changes `seqs` of move `id` (copied by a catch-up;
 /// a row changed again since has a newer sequence number and stays).
-pub async fn changes_done(shard: &PgPool, id: i64, seqs: &[i64]) -> sqlx::Result<()> {
+pub async fn changes_done(shard: &Database, id: i64, seqs: &[i64]) -> sqlx::Result<()> {
     sqlx::query("DELETE FROM shardq.move_changes WHERE move_id = $1 AND seq = ANY($2)")
         .bind(id)
         .bind(seqs)
@@ -394,7 +390,7 @@ pub async fn changes_done(shard: &PgPool, id: i64, seqs: &[i64]) -> sqlx::Result
 /// The account's rows of `table` whose keys are among `keys` (a JSON array
 /// of key objects), as one JSON array: those of the keys that still exist.
 pub async fn rows_by_keys(
-    tx: &mut PgConnection,
+    tx: &mut Conn<'_>,
     table: &str,
     column: &str,
     key: &[String],
@@ -425,7 +421,7 @@ pub async fn rows_by_keys(
 }
 
 /// The periodic records of the jobs `ids` (an account's global periodic jobs).
-pub async fn periodic_runs_of_jobs(tx: &mut PgConnection, ids: &[i64]) -> sqlx::Result<serde_json::Value> {
+pub async fn periodic_runs_of_jobs(tx: &mut Conn<'_>, ids: &[i64]) -> sqlx::Result<serde_json::Value> {
     let rows: Option<sqlx::types::Json<serde_json::Value>> =
         sqlx::query_scalar("SELECT jsonb_agg(to_jsonb(p)) FROM shardq.periodic_runs p WHERE p.job_id = ANY($1)")
             .bind(ids)
@@ -438,9 +434,9 @@ pub async fn periodic_runs_of_jobs(tx: &mut PgConnection, ids: &[i64]) -> sqlx::
 /// before the parents declared first; deferrable constraints are checked
 /// at commit) and its jobs on the shard it left (the fence stays). Returns
 /// the rows deleted.
-pub async fn account_delete(shard: &PgPool, tables: &[(String, String)], account: &str) -> sqlx::Result<u64> {
+pub async fn account_delete(shard: &Database, tables: &[(String, String)], account: &str) -> sqlx::Result<u64> {
     let mut tx = shard.begin().await?;
-    sqlx::query("SET CONSTRAINTS ALL DEFERRED").execute(&mut *tx).await?;
+    sqlx::query("SET CONSTRAINTS ALL DEFERRED").execute(&mut tx).await?;
     let mut n = 0;
     // Children before parents: the tables are declared parents first.
     for (table, column) in tables.iter().rev() {
@@ -451,18 +447,18 @@ pub async fn account_delete(shard: &PgPool, tables: &[(String, String)], account
             quote(column)
         ))
         .bind(account)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected();
     }
     n += sqlx::query("DELETE FROM shardq.jobs WHERE account = $1")
         .bind(account)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected();
     n += sqlx::query("DELETE FROM shardq.account_weights WHERE account = $1")
         .bind(account)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected();
     tx.commit().await?;
@@ -473,7 +469,7 @@ pub async fn account_delete(shard: &PgPool, tables: &[(String, String)], account
 
 /// Writes the account's fair-share weight as the shard it leaves has it
 /// (`None`: no row there, so none here either). Idempotent.
-pub async fn account_weight_put(shard: &PgPool, account: &str, weight: Option<i32>) -> sqlx::Result<()> {
+pub async fn account_weight_put(shard: &Database, account: &str, weight: Option<i32>) -> sqlx::Result<()> {
     sqlx::query(
         "WITH gone AS (DELETE FROM shardq.account_weights WHERE account = $1 AND $2::int IS NULL)
          INSERT INTO shardq.account_weights (account, weight)
@@ -488,7 +484,7 @@ pub async fn account_weight_put(shard: &PgPool, account: &str, weight: Option<i3
 }
 
 /// Whether move `id`'s copy committed on this shard.
-pub async fn move_applied(shard: &PgPool, id: i64) -> sqlx::Result<bool> {
+pub async fn move_applied(shard: &Database, id: i64) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM shardq.moves_applied WHERE move_id = $1)")
         .bind(id)
         .fetch_one(shard)
@@ -500,7 +496,7 @@ pub async fn move_applied(shard: &PgPool, id: i64) -> sqlx::Result<bool> {
 /// shard the account is on (`from`), while the copy's inserts are taken
 /// (its time is never reached). Replaces a fence left by an earlier move
 /// away.
-pub async fn target_hold(shard: &PgPool, account: &str, from: &str, epoch: i64) -> sqlx::Result<()> {
+pub async fn target_hold(shard: &Database, account: &str, from: &str, epoch: i64) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO shardq.fences (account, moved_to, epoch, fenced_at) VALUES ($1, $2, $3, 'infinity')
          ON CONFLICT (account) DO UPDATE
@@ -518,9 +514,9 @@ pub async fn target_hold(shard: &PgPool, account: &str, from: &str, epoch: i64) 
 /// to: the account's rows of `tables` (children first), its jobs and their
 /// periodic records, the job mapping and the applied mark. Returns the rows
 /// deleted. The account is not placed here, so nothing else is its.
-pub async fn target_clear(shard: &PgPool, tables: &[(String, String)], account: &str, id: i64) -> sqlx::Result<u64> {
+pub async fn target_clear(shard: &Database, tables: &[(String, String)], account: &str, id: i64) -> sqlx::Result<u64> {
     let mut tx = shard.begin().await?;
-    sqlx::query("SET CONSTRAINTS ALL DEFERRED").execute(&mut *tx).await?;
+    sqlx::query("SET CONSTRAINTS ALL DEFERRED").execute(&mut tx).await?;
     let mut n = 0;
     for (table, column) in tables.iter().rev() {
         let (schema, name) = split_table(table);
@@ -530,31 +526,31 @@ pub async fn target_clear(shard: &PgPool, tables: &[(String, String)], account: 
             quote(column)
         ))
         .bind(account)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected();
     }
     sqlx::query("DELETE FROM shardq.periodic_runs WHERE job_id IN (SELECT id FROM shardq.jobs WHERE account = $1)")
         .bind(account)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
     n += sqlx::query("DELETE FROM shardq.jobs WHERE account = $1")
         .bind(account)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected();
     n += sqlx::query("DELETE FROM shardq.account_weights WHERE account = $1")
         .bind(account)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected();
     sqlx::query("DELETE FROM shardq.move_jobs WHERE move_id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
     sqlx::query("DELETE FROM shardq.moves_applied WHERE move_id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
     tx.commit().await?;
     Ok(n)
@@ -562,7 +558,7 @@ pub async fn target_clear(shard: &PgPool, tables: &[(String, String)], account: 
 
 /// After an abort: the fence the copy held the account's jobs with on the
 /// shard it was going to now refuses its writes (they belong on `from`).
-pub async fn target_refuse(shard: &PgPool, account: &str, from: &str) -> sqlx::Result<()> {
+pub async fn target_refuse(shard: &Database, account: &str, from: &str) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE shardq.fences SET fenced_at = now(), moved_to = $2
           WHERE account = $1 AND (fenced_at IS NULL OR fenced_at = 'infinity')",
@@ -578,7 +574,7 @@ pub async fn target_refuse(shard: &PgPool, account: &str, from: &str) -> sqlx::R
 /// columns `columns`: inserts the new ones and overwrites those already
 /// copied (keys kept).
 pub async fn rows_upsert(
-    tx: &mut PgConnection,
+    tx: &mut Conn<'_>,
     table: &str,
     key: &[String],
     columns: &[String],
@@ -609,7 +605,7 @@ pub async fn rows_upsert(
 /// Deletes the account's rows of `table` whose keys are among `keys` but
 /// not among `rows` (changed rows the old shard no longer has).
 pub async fn rows_delete_missing(
-    tx: &mut PgConnection,
+    tx: &mut Conn<'_>,
     table: &str,
     column: &str,
     key: &[String],
@@ -651,7 +647,7 @@ pub async fn rows_delete_missing(
 /// `runs` of these jobs are written with the new ids. Returns the jobs
 /// inserted.
 pub async fn jobs_apply(
-    tx: &mut PgConnection,
+    tx: &mut Conn<'_>,
     id: i64,
     jobs: &serde_json::Value,
     changed: &[i64],
@@ -733,7 +729,7 @@ pub async fn jobs_apply(
 /// applied and turns the fence holding the account's jobs into a hold of
 /// claims only (writes are taken, for writers that see the switch before
 /// the hold is lifted).
-pub async fn copy_applied(tx: &mut PgConnection, id: i64, account: &str) -> sqlx::Result<()> {
+pub async fn copy_applied(tx: &mut Conn<'_>, id: i64, account: &str) -> sqlx::Result<()> {
     sqlx::query("INSERT INTO shardq.moves_applied (move_id, account) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(id)
         .bind(account)
@@ -748,15 +744,15 @@ pub async fn copy_applied(tx: &mut PgConnection, id: i64, account: &str) -> sqlx
 
 /// After the switch: lifts the hold on the account's jobs on the shard it
 /// went to (they run from now) and forgets move `id`'s job mapping.
-pub async fn target_release(shard: &PgPool, account: &str, id: i64) -> sqlx::Result<()> {
+pub async fn target_release(shard: &Database, account: &str, id: i64) -> sqlx::Result<()> {
     let mut tx = shard.begin().await?;
     sqlx::query("DELETE FROM shardq.fences WHERE account = $1 AND fenced_at IS NULL")
         .bind(account)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
     sqlx::query("DELETE FROM shardq.move_jobs WHERE move_id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
     tx.commit().await
 }

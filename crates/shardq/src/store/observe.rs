@@ -2,7 +2,7 @@
 //! work, running and recently finished counts, schema version, listeners.
 //! Called by the runtime's sampler, `observe::health` and `observe::status`.
 
-use sqlx::PgPool;
+use shardq_router::router::Database;
 
 // ---- observability
 //
@@ -79,7 +79,7 @@ impl QueueDepth {
 }
 
 /// The depth of `queue` on a shard, counting at most `cap` jobs.
-pub async fn queue_depth(pool: &PgPool, queue: &str, cap: i64) -> sqlx::Result<QueueDepth> {
+pub async fn queue_depth(pool: &Database, queue: &str, cap: i64) -> sqlx::Result<QueueDepth> {
     sqlx::query_as(QUEUE_DEPTH_SQL)
         .bind(queue)
         .bind(cap)
@@ -88,23 +88,23 @@ pub async fn queue_depth(pool: &PgPool, queue: &str, cap: i64) -> sqlx::Result<Q
 }
 
 /// The queues with available jobs on a shard, in name order.
-pub async fn queue_names_waiting(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+pub async fn queue_names_waiting(pool: &Database) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(QUEUE_NAMES_SQL).fetch_all(pool).await
 }
 
 /// Running jobs per queue on a shard.
-pub async fn queue_running(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+pub async fn queue_running(pool: &Database) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(QUEUE_RUNNING_SQL).fetch_all(pool).await
 }
 
 /// Jobs finished per queue and final state: (queue, state, last minute, last hour).
-pub async fn queue_finished_recent(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64, i64)>> {
+pub async fn queue_finished_recent(pool: &Database) -> sqlx::Result<Vec<(String, String, i64, i64)>> {
     sqlx::query_as(QUEUE_FINISHED_RECENT_SQL).fetch_all(pool).await
 }
 
 /// The highest applied platform migration of a database, `None` when none
 /// is (or the history table does not exist yet).
-pub async fn schema_version(pool: &PgPool) -> sqlx::Result<Option<i32>> {
+pub async fn schema_version(pool: &Database) -> sqlx::Result<Option<i32>> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('shardq_schema_history') IS NOT NULL")
         .fetch_one(pool)
         .await?;
@@ -117,7 +117,7 @@ pub async fn schema_version(pool: &PgPool) -> sqlx::Result<Option<i32>> {
 }
 
 /// Backends on this database holding a LISTEN (any node's notifier).
-pub async fn listener_count(pool: &PgPool) -> sqlx::Result<i64> {
+pub async fn listener_count(pool: &Database) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
     )

@@ -3,14 +3,15 @@
 //! occurrence is enqueued once across nodes. Called by `periodic`.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use shardq_router::router::Database;
+use shardq_router::Conn;
 
 /// Records occurrences of periodic job `name` as handled; returns those
 /// this call recorded (the others were recorded before, by any node), in
 /// time order. Waits for a concurrent recorder of the same occurrence to
 /// commit or roll back, so each occurrence is recorded once.
 pub async fn periodic_runs_record(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     name: &str,
     occurrences: &[DateTime<Utc>],
 ) -> sqlx::Result<Vec<DateTime<Utc>>> {
@@ -30,7 +31,7 @@ pub async fn periodic_runs_record(
 
 /// Sets the job enqueued for an occurrence recorded by [`periodic_runs_record`].
 pub async fn periodic_run_set_job(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     name: &str,
     occurrence: DateTime<Utc>,
     job_id: i64,
@@ -46,7 +47,7 @@ pub async fn periodic_run_set_job(
 
 /// Forgets occurrences of `name` before `before` (older than any catch-up
 /// window, so never looked at again).
-pub async fn periodic_runs_prune(pool: &PgPool, name: &str, before: DateTime<Utc>) -> sqlx::Result<u64> {
+pub async fn periodic_runs_prune(pool: &Database, name: &str, before: DateTime<Utc>) -> sqlx::Result<u64> {
     sqlx::query("DELETE FROM shardq.periodic_runs WHERE name = $1 AND occurrence < $2")
         .bind(name)
         .bind(before)

@@ -1,11 +1,11 @@
 //! The loads of a rebalance (`crate::rebalance`): how many jobs and how many
 //! bytes each account has on its shard.
 
-use sqlx::PgPool;
+use shardq_router::router::Database;
 
 /// Jobs per account among `accounts`, on one shard (0 for an account
 /// without jobs). One index range per account (`jobs_account_idx`).
-pub async fn rebalance_job_counts(shard: &PgPool, accounts: &[String]) -> sqlx::Result<Vec<(String, i64)>> {
+pub async fn rebalance_job_counts(shard: &Database, accounts: &[String]) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(
         "SELECT a.account, (SELECT count(*) FROM shardq.jobs j WHERE j.account = a.account)
            FROM unnest($1::text[]) AS a(account)",
@@ -21,7 +21,7 @@ pub async fn rebalance_job_counts(shard: &PgPool, accounts: &[String]) -> sqlx::
 /// counted compressed; indexes and page overhead left out). `tables` are
 /// validated identifiers (`schema.name` or `name`, and a column).
 pub async fn rebalance_bytes(
-    shard: &PgPool,
+    shard: &Database,
     accounts: &[String],
     tables: &[(String, String)],
 ) -> sqlx::Result<Vec<(String, i64)>> {

@@ -5,7 +5,7 @@
 //! a run is fenced as the module `store` describes.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use shardq_router::router::Database;
 
 use crate::job::JobState;
 
@@ -375,7 +375,7 @@ pub const JOB_COMPLETE_MANY_SQL: &str = "UPDATE shardq.jobs j
           WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'";
 
 /// Marks runs completed, fenced by attempt. Returns the rows changed.
-pub async fn job_complete_many(pool: &PgPool, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
+pub async fn job_complete_many(pool: &Database, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
     sqlx::query(JOB_COMPLETE_MANY_SQL)
         .bind(ids)
         .bind(attempts)
@@ -388,7 +388,7 @@ pub async fn job_complete_many(pool: &PgPool, ids: &[i64], attempts: &[i32]) -> 
 /// Jobs made available again (retry, snooze) notify their queue, so every
 /// node's producer re-reads the queue's next run time and wakes at the
 /// retry's `run_at` rather than up to a poll later.
-pub async fn job_finish_many(pool: &PgPool, finishes: &[Finish]) -> sqlx::Result<u64> {
+pub async fn job_finish_many(pool: &Database, finishes: &[Finish]) -> sqlx::Result<u64> {
     let ids: Vec<i64> = finishes.iter().map(|f| f.id).collect();
     let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
     let states: Vec<&str> = finishes.iter().map(|f| f.state.as_str()).collect();
@@ -486,7 +486,7 @@ pub const JOB_LEASE_RENEW_SQL: &str = "WITH mine AS (
 /// they ended on this node (a run whose row was cancelled meanwhile still
 /// holds its key until here), and notifies the queues of every given job,
 /// so a producer waiting on the key's next job wakes.
-pub async fn job_serial_release(pool: &PgPool, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
+pub async fn job_serial_release(pool: &Database, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
     sqlx::query_as(
         "WITH released AS (
              UPDATE shardq.jobs j SET serial_held = false
@@ -506,7 +506,7 @@ pub async fn job_serial_release(pool: &PgPool, ids: &[i64], attempts: &[i32]) ->
 }
 
 /// The runs `(id, attempt)` of this node on the shard, as the shard sees them.
-pub async fn job_running_of_node(pool: &PgPool, node: &str) -> sqlx::Result<Vec<(i64, i32)>> {
+pub async fn job_running_of_node(pool: &Database, node: &str) -> sqlx::Result<Vec<(i64, i32)>> {
     sqlx::query_as("SELECT id, attempt FROM shardq.jobs WHERE state = 'running' AND locked_by = $1")
         .bind(node)
         .fetch_all(pool)
@@ -515,14 +515,14 @@ pub async fn job_running_of_node(pool: &PgPool, node: &str) -> sqlx::Result<Vec<
 
 /// Makes claims of this node that it never received available again, with
 /// the attempt given back (it never ran); their queues are notified.
-pub async fn job_release_unclaimed(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
+pub async fn job_release_unclaimed(pool: &Database, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
     give_back(pool, ids, attempts, node, false).await
 }
 
 /// Hands running jobs of this node back (shutdown): available now, and the
 /// interrupted attempt does not count against `max_attempts`; their queues
 /// are notified, so another node takes them at once.
-pub async fn job_give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
+pub async fn job_give_back(pool: &Database, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
     give_back(pool, ids, attempts, node, true).await
 }
 
@@ -530,7 +530,7 @@ pub async fn job_give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &
 /// counting their attempt: an attempt that `ran` stays recorded and one more
 /// is allowed (`max_attempts + 1`); one that never ran is taken back
 /// (`attempt - 1`). Their queues are notified.
-async fn give_back(pool: &PgPool, ids: &[i64], attempts: &[i32], node: &str, ran: bool) -> sqlx::Result<u64> {
+async fn give_back(pool: &Database, ids: &[i64], attempts: &[i32], node: &str, ran: bool) -> sqlx::Result<u64> {
     sqlx::query_as(concat!(
         "WITH changed AS (
          UPDATE shardq.jobs j
@@ -572,13 +572,13 @@ pub const JOB_NEXT_DUE_SQL: &str = concat!(
 /// Seconds until the earliest available job of `queue` is due (negative if
 /// one is due now), or `None` when the queue has no available job. Read by a
 /// producer whose fetch came back short, to set its next wake-up.
-pub async fn job_next_due(pool: &PgPool, queue: &str) -> sqlx::Result<Option<f64>> {
+pub async fn job_next_due(pool: &Database, queue: &str) -> sqlx::Result<Option<f64>> {
     sqlx::query_scalar(JOB_NEXT_DUE_SQL).bind(queue).fetch_one(pool).await
 }
 
 /// Of `ids` (jobs this node runs), those that are now `cancelled`: the
 /// fallback for a `shardq_cancel` notification lost across a reconnect.
-pub async fn job_cancelled_among(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<i64>> {
+pub async fn job_cancelled_among(pool: &Database, ids: &[i64]) -> sqlx::Result<Vec<i64>> {
     sqlx::query_scalar("SELECT id FROM shardq.jobs WHERE id = ANY($1) AND state = 'cancelled'")
         .bind(ids)
         .fetch_all(pool)

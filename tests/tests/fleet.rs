@@ -1,5 +1,6 @@
 //! A fleet of worker nodes dividing the shards: a running node starts work
-//! for a shard a router reload adds; 16 in-process nodes over 64 shard
+//! for a shard a router reload adds, also when the reload adds many more
+//! shards than it started with; 16 in-process nodes over 64 shard
 //! databases keep every shard owned, their connections per server within
 //! the bound, and move few ownerships when a node joins or leaves.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -67,6 +68,57 @@ async fn a_shard_added_by_reload_gets_its_jobs_worked_without_restart() {
     .await;
     assert_eq!(rt.working(), ["shard_1", "shard_2", "shard_3"]);
     rt.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A node started with 2 shards and reloaded to 42 works every one: its
+/// slot positions grow with the shards it works (they were sized at start).
+#[tokio::test]
+async fn a_reload_that_adds_forty_shards_to_two_gets_every_shard_worked() {
+    let bed = tokio::task::spawn_blocking(TestBed::shared).await.unwrap().unwrap();
+    let (config, _) = many_shards(bed, 42).await;
+    let shards = config.shard_names();
+    let full = Arc::new(Router::connect(&config).await.unwrap());
+    let client = shardq::Client::new(full.clone());
+    for (i, shard) in shards.iter().enumerate() {
+        let a = Account::new(format!("grow-{i}")).unwrap();
+        full.place(&a, shard).await.unwrap();
+        for _ in 0..2 {
+            client
+                .enqueue(&a, NewJob::new("noop", &serde_json::json!({})).unwrap())
+                .await
+                .unwrap();
+        }
+    }
+    let mut two = config.clone();
+    two.shards.truncate(2);
+    let router = Arc::new(Router::connect(&two).await.unwrap());
+    let rt = Runtime::builder(router.clone())
+        .queue("default", 4)
+        .register(Noop)
+        .options(RuntimeOptions {
+            engine_connections: Some(3),
+            ..quick("grow-node")
+        })
+        .start()
+        .unwrap();
+    wait_for("the first two shards worked", WAIT, || async {
+        count_state(&full, &shards[0], "completed").await + count_state(&full, &shards[1], "completed").await == 4
+    })
+    .await;
+    let reloaded = router.reload(&config).await.unwrap();
+    assert_eq!(reloaded.added.len(), 40);
+    wait_for("every shard's jobs completed after the reload", WAIT, || async {
+        count_state_all(&full, "completed").await == 2 * 42
+    })
+    .await;
+    for shard in &shards {
+        assert_eq!(count_state(&full, shard, "completed").await, 2, "shard {shard}");
+    }
+    assert_eq!(rt.working().len(), 42);
+    rt.shutdown(Duration::from_secs(1)).await;
+    for db in full.shards() {
+        db.pool.close().await;
+    }
 }
 
 /// Shard → the nodes working it, over `nodes`.

@@ -56,7 +56,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardq_router::Router;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
@@ -163,30 +163,18 @@ impl RuntimeBuilder {
         // The engine's own connections per shard, apart from the pools the
         // application's handlers use through the router.
         let engine_connections = node.options.engine_connections.unwrap_or(self.queues.len() as u32 + 4);
-        // Slot positions: room for the shards a reload may add; a stopped
-        // shard's position serves the next one started.
         let n = self.router.shards().len();
-        let positions = (2 * n).max(n + 16);
         let queues: Vec<Arc<str>> = self.queues.keys().map(|q| Arc::from(q.as_str())).collect();
-        let wakes: BTreeMap<Arc<str>, Vec<Arc<Notify>>> = queues
-            .iter()
-            .map(|q| (q.clone(), (0..positions).map(|_| Arc::new(Notify::new())).collect()))
-            .collect();
+        // Slot tables grow with the positions the shard set hands out.
         let slots: BTreeMap<Arc<str>, Arc<QueueSlots>> = queues
             .iter()
-            .map(|q| {
-                (
-                    q.clone(),
-                    Arc::new(QueueSlots::new(self.queues[&**q], wakes[q].clone())),
-                )
-            })
+            .map(|q| (q.clone(), Arc::new(QueueSlots::new(self.queues[&**q]))))
             .collect();
         let queue_slots: Vec<(Arc<str>, Arc<QueueSlots>)> = slots.iter().map(|(q, s)| (q.clone(), s.clone())).collect();
         let plant = Arc::new(Plant {
             node: node.clone(),
             queues,
             slots,
-            wakes,
             engine_connections,
         });
         let membership = (node.options.nodes_per_shard > 0).then(|| {

@@ -44,8 +44,11 @@ pub(crate) struct ShardSet {
     running: BTreeMap<String, ShardUnit>,
     /// Units stopping in the background; each returns its slot position.
     stopping: Vec<(Arc<ShardWork>, JoinHandle<usize>)>,
-    /// Slot positions no unit uses.
+    /// Slot positions given out before whose unit stopped (reused first).
     free: Vec<usize>,
+    /// The next position never given out: positions grow past it when no
+    /// freed one is left.
+    next_position: usize,
     works: Arc<Works>,
     /// Whether the registry answered once (until then every shard is worked).
     registered: bool,
@@ -68,14 +71,14 @@ impl ShardSet {
         membership: Option<Membership>,
         works: Arc<Works>,
     ) -> ShardSet {
-        let free = (0..plant.positions()).rev().collect();
         ShardSet {
             plant,
             router,
             membership,
             running: BTreeMap::new(),
             stopping: Vec::new(),
-            free,
+            free: Vec::new(),
+            next_position: 0,
             works,
             registered: false,
             handing_over: BTreeMap::new(),
@@ -181,10 +184,10 @@ impl ShardSet {
         let gaining: Vec<&String> = wanted.iter().filter(|s| !self.running.contains_key(*s)).collect();
         for name in gaining {
             let Ok(db) = self.router.shard(name) else { continue };
-            let Some(position) = self.free.pop() else {
-                tracing::error!(shard = %name, positions = self.plant.positions(), "no free slot position for another shard on this node; restart the node to work it");
-                continue;
-            };
+            let position = self.free.pop().unwrap_or_else(|| {
+                self.next_position += 1;
+                self.next_position - 1
+            });
             let unit = ShardUnit::start(&self.plant, db, position);
             if let Ok(mut all) = self.works.all.lock() {
                 all.push(unit.shard.clone());

@@ -9,6 +9,12 @@
 //! jobs on the same queue; when no one else is hungry it may use every slot.
 //! A shard whose fetch fails is not hungry ([`QueueSlots::set_failing`]):
 //! a shard that is down must not keep a share of the slots for its outage.
+//!
+//! Shards are known by their *position* on this node (`ShardWork::index`):
+//! the tables grow when a unit starts at a position not seen yet
+//! ([`QueueSlots::waker`]), and a position whose unit stopped
+//! ([`QueueSlots::forget`]) serves the next unit started, so a node whose
+//! router gains shards later never runs out.
 
 use std::sync::{Arc, Mutex};
 
@@ -20,12 +26,14 @@ pub(crate) struct QueueSlots {
     limit: usize,
     /// Written by reserve/release/set_hungry, under the lock.
     state: Mutex<SlotState>,
-    /// One wake-up per shard producer of this queue (index = shard index);
-    /// released slots call `notify_one` on each, which stores a permit.
-    wakers: Vec<Arc<Notify>>,
 }
 
+/// Per position: the tables below all have one entry per position seen.
 struct SlotState {
+    /// One wake-up per shard producer of this queue (index = position);
+    /// released slots call `notify_one` on the hungry ones, which stores a
+    /// permit.
+    wakers: Vec<Arc<Notify>>,
     running: Vec<usize>,
     hungry: Vec<bool>,
     /// Set when a shard's fetch failed, cleared by its next successful
@@ -34,17 +42,28 @@ struct SlotState {
 }
 
 impl QueueSlots {
-    /// Slots for `limit` concurrent runs across the producers woken by `wakers`.
-    pub(crate) fn new(limit: usize, wakers: Vec<Arc<Notify>>) -> QueueSlots {
-        let n = wakers.len();
+    /// Slots for `limit` concurrent runs, no position known yet.
+    pub(crate) fn new(limit: usize) -> QueueSlots {
         QueueSlots {
             limit,
             state: Mutex::new(SlotState {
-                running: vec![0; n],
-                hungry: vec![false; n],
-                failing: vec![false; n],
+                wakers: Vec::new(),
+                running: Vec::new(),
+                hungry: Vec::new(),
+                failing: Vec::new(),
             }),
-            wakers,
+        }
+    }
+
+    /// The wake-up of the producer at `position` (the tables grow to hold
+    /// it): released slots notify it while it is hungry.
+    pub(crate) fn waker(&self, position: usize) -> Arc<Notify> {
+        match self.state.lock() {
+            Ok(mut s) => {
+                s.grow(position);
+                s.wakers[position].clone()
+            }
+            Err(_) => Arc::new(Notify::new()),
         }
     }
 
@@ -52,6 +71,7 @@ impl QueueSlots {
     /// shard that gets none is marked hungry and woken by the next release.
     pub(crate) fn reserve(&self, shard: usize, max: usize) -> usize {
         let Ok(mut s) = self.state.lock() else { return 0 };
+        s.grow(shard);
         let got = self.allowed(&s, shard).min(max);
         s.running[shard] += got;
         if got == 0 && !s.failing[shard] {
@@ -70,6 +90,7 @@ impl QueueSlots {
     #[cfg(test)]
     pub(crate) fn has_free(&self, shard: usize) -> bool {
         let Ok(mut s) = self.state.lock() else { return false };
+        s.grow(shard);
         let free = self.allowed(&s, shard) > 0;
         if !free && !s.failing[shard] {
             s.hungry[shard] = true;
@@ -95,12 +116,9 @@ impl QueueSlots {
     /// producers of the queue (those likely to have work waiting).
     pub(crate) fn release(&self, shard: usize, n: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
         s.running[shard] = s.running[shard].saturating_sub(n);
-        for (w, hungry) in self.wakers.iter().zip(&s.hungry) {
-            if *hungry {
-                w.notify_one();
-            }
-        }
+        s.wake_hungry(None);
     }
 
     /// Returns `n` reserved slots that a fetch did not fill, and wakes the
@@ -109,20 +127,18 @@ impl QueueSlots {
     /// the poll) with slots free.
     pub(crate) fn unreserve(&self, shard: usize, n: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
         s.running[shard] = s.running[shard].saturating_sub(n);
         if n == 0 {
             return;
         }
-        for (i, (w, hungry)) in self.wakers.iter().zip(&s.hungry).enumerate() {
-            if *hungry && i != shard {
-                w.notify_one();
-            }
-        }
+        s.wake_hungry(Some(shard));
     }
 
     /// Records whether `shard` likely has more work waiting.
     pub(crate) fn set_hungry(&self, shard: usize, hungry: bool) {
         if let Ok(mut s) = self.state.lock() {
+            s.grow(shard);
             s.hungry[shard] = hungry;
             s.failing[shard] = false;
         }
@@ -134,15 +150,11 @@ impl QueueSlots {
     /// slots it leaves.
     pub(crate) fn set_failing(&self, shard: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
         s.failing[shard] = true;
         let was_hungry = std::mem::replace(&mut s.hungry[shard], false);
-        if !was_hungry {
-            return;
-        }
-        for (i, (w, hungry)) in self.wakers.iter().zip(&s.hungry).enumerate() {
-            if *hungry && i != shard {
-                w.notify_one();
-            }
+        if was_hungry {
+            s.wake_hungry(Some(shard));
         }
     }
 
@@ -152,6 +164,7 @@ impl QueueSlots {
     /// reservation after the wait marks it hungry again if it finds none.
     pub(crate) fn waiting_on_shard(&self, shard: usize) {
         if let Ok(mut s) = self.state.lock() {
+            s.grow(shard);
             s.hungry[shard] = false;
         }
     }
@@ -162,14 +175,11 @@ impl QueueSlots {
     /// Wakes the hungry producers of the queue.
     pub(crate) fn forget(&self, shard: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
         s.running[shard] = 0;
         s.hungry[shard] = false;
         s.failing[shard] = false;
-        for (w, hungry) in self.wakers.iter().zip(&s.hungry) {
-            if *hungry {
-                w.notify_one();
-            }
-        }
+        s.wake_hungry(None);
     }
 
     /// Slots neither running nor reserved on any shard (read by the sampler).
@@ -183,7 +193,33 @@ impl QueueSlots {
     /// Runs in progress for `shard`.
     #[cfg(test)]
     fn running(&self, shard: usize) -> usize {
-        self.state.lock().map(|s| s.running[shard]).unwrap_or(0)
+        self.state
+            .lock()
+            .map(|s| s.running.get(shard).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl SlotState {
+    /// Makes room for `position` in every table.
+    fn grow(&mut self, position: usize) {
+        if position < self.running.len() {
+            return;
+        }
+        let n = position + 1;
+        self.wakers.resize_with(n, || Arc::new(Notify::new()));
+        self.running.resize(n, 0);
+        self.hungry.resize(n, false);
+        self.failing.resize(n, false);
+    }
+
+    /// Wakes the hungry producers, but `except`.
+    fn wake_hungry(&self, except: Option<usize>) {
+        for (i, (w, hungry)) in self.wakers.iter().zip(&self.hungry).enumerate() {
+            if *hungry && Some(i) != except {
+                w.notify_one();
+            }
+        }
     }
 }
 
@@ -192,7 +228,22 @@ mod tests {
     use super::*;
 
     fn slots(limit: usize, shards: usize) -> QueueSlots {
-        QueueSlots::new(limit, (0..shards).map(|_| Arc::new(Notify::new())).collect())
+        let s = QueueSlots::new(limit);
+        for position in 0..shards {
+            s.waker(position);
+        }
+        s
+    }
+
+    #[test]
+    fn positions_grow_past_any_initial_count_and_keep_their_wakers() {
+        let s = slots(4, 2);
+        let far = s.waker(100);
+        assert!(Arc::ptr_eq(&far, &s.waker(100)), "one waker per position");
+        assert_eq!(s.reserve(100, 4), 4);
+        assert_eq!(s.reserve(0, 4), 0, "the limit holds across grown positions");
+        s.release(100, 4);
+        assert_eq!(s.free(), 4);
     }
 
     #[test]
@@ -239,7 +290,7 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(5), s.wakers[1].notified())
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.waker(1).notified())
                 .await
                 .expect("shard 1 woken");
         });
@@ -287,7 +338,7 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            for w in &s.wakers {
+            for w in [s.waker(0), s.waker(1)] {
                 tokio::time::timeout(std::time::Duration::from_secs(5), w.notified())
                     .await
                     .expect("woken");

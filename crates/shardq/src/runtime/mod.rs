@@ -190,6 +190,7 @@ impl RuntimeBuilder {
             tasks.push(tokio::spawn(scheduler::run(
                 self.router.clone(),
                 Arc::new(self.periodic),
+                worked(&works),
                 stop_rx.clone(),
             )));
         }
@@ -204,12 +205,15 @@ impl RuntimeBuilder {
         if let Some((listener, handle)) = endpoint {
             metrics_addr = listener.local_addr().ok();
             let router = self.router.clone();
+            let works_read = works.clone();
             let mut stop = end_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                if let Err(e) = crate::observe::http::serve(listener, router, handle, stopped).await {
+                let shards = worked(&works_read);
+                let served = crate::observe::http::serve_node(listener, router, handle, shards, stopped);
+                if let Err(e) = served.await {
                     tracing::warn!(error = %crate::error::ErrorChain(&e), "metrics endpoint stopped");
                 }
             }));
@@ -378,6 +382,19 @@ impl Runtime {
             t.abort();
         }
         tracing::info!(took = ?start.elapsed(), "worker node stopped");
+    }
+}
+
+/// Reads the names of the shards this node works now (owned, or still
+/// handed over): what the scheduler and `/healthz` reach.
+fn worked(works: &Arc<Works>) -> impl Fn() -> std::collections::BTreeSet<String> + Send + Sync + 'static {
+    let works = works.clone();
+    move || {
+        works
+            .active
+            .lock()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 

@@ -23,6 +23,8 @@
 //!   callback hands the outcome on.
 //! - `wakeup`: a producer's next wake-up, from its queue's earliest scheduled job.
 //! - `slots`: a queue's node-wide limit, shared fairly across shards.
+//! - `adaptive`: the gradient limiter that sizes a queue's limit when
+//!   adaptive concurrency is on.
 //! - `executor`: runs a handler with timeout and panic capture.
 //! - `completer`: per shard, writes outcomes in batches, fenced by attempt.
 //! - `heartbeat`: renews this node's leases; hands running jobs back at shutdown.
@@ -32,6 +34,7 @@
 //! - `sampler`: depth, oldest-job, pool and slot gauges.
 //! - `scheduler`: enqueues periodic jobs' occurrences.
 
+mod adaptive;
 mod cancel;
 mod completer;
 mod executor;
@@ -65,7 +68,7 @@ use crate::worker::{Registry, Worker};
 use node::Node;
 pub use node::ShardRunStats;
 pub use notifier::CHANNEL;
-pub use options::{Backoff, RuntimeOptions};
+pub use options::{AdaptiveConcurrency, Backoff, RuntimeOptions};
 use shard_set::{ShardSet, Works};
 use shard_work::{Plant, STOP_AFTER_GRACE};
 use slots::QueueSlots;
@@ -166,11 +169,20 @@ impl RuntimeBuilder {
         let n = self.router.shards().len();
         let queues: Vec<Arc<str>> = self.queues.keys().map(|q| Arc::from(q.as_str())).collect();
         // Slot tables grow with the positions the shard set hands out.
+        let adaptive = node.options.adaptive.clone();
         let slots: BTreeMap<Arc<str>, Arc<QueueSlots>> = queues
             .iter()
-            .map(|q| (q.clone(), Arc::new(QueueSlots::new(self.queues[&**q]))))
+            .map(|q| {
+                let limit = self.queues[&**q];
+                let limiter = adaptive
+                    .as_ref()
+                    .filter(|a| a.covers(q))
+                    .map(|a| adaptive::Limiter::new(a.min, limit, a.window, a.tolerance, tokio::time::Instant::now()));
+                (q.clone(), Arc::new(QueueSlots::new(q.clone(), limit, limiter)))
+            })
             .collect();
         let queue_slots: Vec<(Arc<str>, Arc<QueueSlots>)> = slots.iter().map(|(q, s)| (q.clone(), s.clone())).collect();
+        let limits = queue_slots.clone();
         let plant = Arc::new(Plant {
             node: node.clone(),
             queues,
@@ -195,7 +207,12 @@ impl RuntimeBuilder {
             )));
         }
         tasks.push(tokio::spawn(sampler::slots(
-            move || queue_slots.iter().map(|(q, s)| (q.clone(), s.free())).collect(),
+            move || {
+                queue_slots
+                    .iter()
+                    .map(|(q, s)| (q.clone(), s.free(), s.limit()))
+                    .collect()
+            },
             sampler::INTERVAL,
             stop_rx.clone(),
         )));
@@ -222,6 +239,7 @@ impl RuntimeBuilder {
         tracing::info!(node = %node.id, shards = n, nodes_per_shard = node.options.nodes_per_shard, queues = ?self.queues, "worker node started");
         Ok(Runtime {
             node,
+            limits,
             works,
             stop_tx,
             end_tx,
@@ -236,6 +254,8 @@ impl RuntimeBuilder {
 /// A running worker node. Call [`Runtime::shutdown`] to stop it cleanly.
 pub struct Runtime {
     node: Arc<Node>,
+    /// Each queue's slots (read for its limit now); set at start.
+    limits: Vec<(Arc<str>, Arc<QueueSlots>)>,
     /// The shards worked now and every shard unit started so far.
     works: Arc<Works>,
     /// Stops the scheduler and the slot sampler.
@@ -303,6 +323,12 @@ impl Runtime {
             }
         }
         order.into_iter().filter_map(|n| by_shard.remove(&n)).collect()
+    }
+
+    /// Each queue's concurrency limit on this node now: the configured one,
+    /// or where adaptive concurrency put it (see [`AdaptiveConcurrency`]).
+    pub fn concurrency(&self) -> BTreeMap<String, usize> {
+        self.limits.iter().map(|(q, s)| (q.to_string(), s.limit())).collect()
     }
 
     /// Jobs this node holds leases on right now.

@@ -164,6 +164,7 @@ impl ShardSet {
         let wanted: BTreeSet<String> = match &mut self.membership {
             None => shards.iter().cloned().collect(),
             Some(m) => {
+                m.set_queues(queue_limits(&self.plant));
                 let connections = self.running.values().map(|u| u.shard.db.pool.size()).sum();
                 match m.beat(&self.plant.node, &working, connections).await {
                     Some(others) => {
@@ -274,6 +275,20 @@ impl ShardSet {
             *releasing = self.stopping.iter().map(|(s, _)| s.clone()).collect();
         }
     }
+}
+
+/// Each queue's limit now as the registry records it: a number, or for an
+/// adaptive queue `{"limit": now, "min": least, "max": most}`.
+fn queue_limits(plant: &Plant) -> serde_json::Value {
+    let entries = plant.slots.iter().map(|(q, s)| {
+        let limit = s.limit();
+        let value = match s.adaptive_range() {
+            Some((min, max)) => serde_json::json!({ "limit": limit, "min": min, "max": max }),
+            None => serde_json::Value::from(limit),
+        };
+        (q.to_string(), value)
+    });
+    serde_json::Value::Object(entries.collect())
 }
 
 /// Closes the connections idle in `pool` now (those in use are left alone;

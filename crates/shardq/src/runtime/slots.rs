@@ -10,6 +10,11 @@
 //! A shard whose fetch fails is not hungry ([`QueueSlots::set_failing`]):
 //! a shard that is down must not keep a share of the slots for its outage.
 //!
+//! With adaptive concurrency on for the queue, the limit moves between a
+//! least one and the configured one as the `adaptive` limiter decides from
+//! the runs that end ([`QueueSlots::finished`]) and whether claimed jobs
+//! waited for a slot (a reservation that found too few).
+//!
 //! Shards are known by their *position* on this node (`ShardWork::index`):
 //! the tables grow when a unit starts at a position not seen yet
 //! ([`QueueSlots::waker`]), and a position whose unit stopped
@@ -17,19 +22,30 @@
 //! router gains shards later never runs out.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::adaptive::Limiter;
+use crate::observe::metrics;
 
 /// Slots of one queue on this node.
 pub(crate) struct QueueSlots {
-    /// The node's limit for this queue; fixed at start.
-    limit: usize,
+    /// The queue's name, for its metrics.
+    queue: Arc<str>,
     /// Written by reserve/release/set_hungry, under the lock.
     state: Mutex<SlotState>,
 }
 
-/// Per position: the tables below all have one entry per position seen.
+/// The limit and, per position, the tables below (one entry per position seen).
 struct SlotState {
+    /// The node's limit for this queue now: the configured one, or where
+    /// the limiter put it.
+    limit: usize,
+    /// Sizes the limit when adaptive concurrency is on for the queue; fed
+    /// by reservations and ended runs.
+    limiter: Option<Limiter>,
     /// One wake-up per shard producer of this queue (index = position);
     /// released slots call `notify_one` on the hungry ones, which stores a
     /// permit.
@@ -42,11 +58,16 @@ struct SlotState {
 }
 
 impl QueueSlots {
-    /// Slots for `limit` concurrent runs, no position known yet.
-    pub(crate) fn new(limit: usize) -> QueueSlots {
+    /// Slots of `queue` for `limit` concurrent runs, no position known yet;
+    /// with a `limiter`, the limit is the limiter's (its most is `limit`).
+    pub(crate) fn new(queue: Arc<str>, limit: usize, limiter: Option<Limiter>) -> QueueSlots {
+        let limit = limiter.as_ref().map_or(limit, Limiter::limit);
+        metrics::queue_concurrency(&queue, limit);
         QueueSlots {
-            limit,
+            queue,
             state: Mutex::new(SlotState {
+                limit,
+                limiter,
                 wakers: Vec::new(),
                 running: Vec::new(),
                 hungry: Vec::new(),
@@ -74,15 +95,26 @@ impl QueueSlots {
         s.grow(shard);
         let got = self.allowed(&s, shard).min(max);
         s.running[shard] += got;
+        if got < max && s.running.iter().sum::<usize>() >= s.limit {
+            if let Some(l) = &mut s.limiter {
+                l.saturated();
+            }
+        }
         if got == 0 && !s.failing[shard] {
             s.hungry[shard] = true;
         }
         got
     }
 
-    /// The queue's limit on this node.
+    /// The queue's limit on this node now.
     pub(crate) fn limit(&self) -> usize {
-        self.limit
+        self.state.lock().map(|s| s.limit).unwrap_or(1)
+    }
+
+    /// The adaptive range (least, most) when the limit is adaptive.
+    pub(crate) fn adaptive_range(&self) -> Option<(usize, usize)> {
+        let s = self.state.lock().ok()?;
+        s.limiter.as_ref().map(|l| (l.min(), l.max()))
     }
 
     /// Whether `shard` could reserve a slot now; when it could not, it is
@@ -102,22 +134,43 @@ impl QueueSlots {
     /// while other shards are hungry.
     fn allowed(&self, s: &SlotState, shard: usize) -> usize {
         let total: usize = s.running.iter().sum();
-        let free = self.limit.saturating_sub(total);
+        let free = s.limit.saturating_sub(total);
         let others_hungry = s.hungry.iter().enumerate().filter(|(i, h)| **h && *i != shard).count();
         if others_hungry == 0 {
             free
         } else {
-            let share = self.limit.div_ceil(others_hungry + 1);
+            let share = s.limit.div_ceil(others_hungry + 1);
             free.min(share.saturating_sub(s.running[shard]))
         }
     }
 
     /// Returns `n` slots of `shard` after runs ended and wakes the hungry
-    /// producers of the queue (those likely to have work waiting).
+    /// producers of the queue (those likely to have work waiting); the
+    /// runtime frees slots through [`Self::finished`].
+    #[cfg(test)]
     pub(crate) fn release(&self, shard: usize, n: usize) {
         let Ok(mut s) = self.state.lock() else { return };
         s.grow(shard);
         s.running[shard] = s.running[shard].saturating_sub(n);
+        s.wake_hungry(None);
+    }
+
+    /// A run of `shard` that held a slot ended after `latency` (`failed`:
+    /// its handler failed): frees the slot as [`Self::release`] does, and
+    /// feeds the limiter, whose decision applies at once.
+    pub(crate) fn finished(&self, shard: usize, latency: Duration, failed: bool) {
+        let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
+        s.running[shard] = s.running[shard].saturating_sub(1);
+        let decided = s
+            .limiter
+            .as_mut()
+            .and_then(|l| l.ended(Instant::now(), latency, failed));
+        if let Some(limit) = decided {
+            tracing::debug!(queue = %self.queue, from = s.limit, to = limit, "adaptive concurrency moved the limit");
+            s.limit = limit;
+            metrics::queue_concurrency(&self.queue, limit);
+        }
         s.wake_hungry(None);
     }
 
@@ -186,7 +239,7 @@ impl QueueSlots {
     pub(crate) fn free(&self) -> usize {
         self.state
             .lock()
-            .map(|s| self.limit.saturating_sub(s.running.iter().sum()))
+            .map(|s| s.limit.saturating_sub(s.running.iter().sum()))
             .unwrap_or(0)
     }
 
@@ -228,11 +281,28 @@ mod tests {
     use super::*;
 
     fn slots(limit: usize, shards: usize) -> QueueSlots {
-        let s = QueueSlots::new(limit);
+        let s = QueueSlots::new(Arc::from("q"), limit, None);
         for position in 0..shards {
             s.waker(position);
         }
         s
+    }
+
+    #[test]
+    fn an_adaptive_limit_starts_at_its_least_and_grows_with_a_backlog() {
+        let limiter = Limiter::new(1, 8, Duration::ZERO, 1.5, Instant::now());
+        let s = QueueSlots::new(Arc::from("q"), 8, Some(limiter));
+        assert_eq!((s.limit(), s.adaptive_range()), (1, Some((1, 8))));
+        let mut seen = Vec::new();
+        for _ in 0..40 {
+            let got = s.reserve(0, 8); // more claimed than fits: saturated
+            for _ in 0..got.max(1) {
+                s.finished(0, Duration::from_millis(10), false);
+            }
+            seen.push(s.limit());
+        }
+        assert!(seen.iter().all(|n| (1..=8).contains(n)), "{seen:?}");
+        assert_eq!(s.limit(), 8, "{seen:?}");
     }
 
     #[test]

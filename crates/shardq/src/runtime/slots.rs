@@ -95,7 +95,8 @@ impl QueueSlots {
         s.grow(shard);
         let got = self.allowed(&s, shard).min(max);
         s.running[shard] += got;
-        if got < max && s.running.iter().sum::<usize>() >= s.limit {
+        // Claimed jobs wait for a slot the limit holds back: a backlog.
+        if got < max && s.limiter.is_some() && s.running.iter().sum::<usize>() >= s.limit {
             if let Some(l) = &mut s.limiter {
                 l.saturated();
             }

@@ -127,10 +127,30 @@ fn owned_by(shards: &[String], ids: &[&str], id: &str) -> Vec<String> {
     shards.iter().filter(|s| owners(s, ids, 1) == [id]).cloned().collect()
 }
 
+/// A node with its own router over `config`, one owner per shard, that
+/// schedules `tick` and serves `/healthz`.
+async fn start_owner(config: &shardq::Config, id: &str, tick: &PeriodicJob) -> (Arc<Router>, Runtime) {
+    let router = Arc::new(Router::connect(config).await.unwrap());
+    let rt = Runtime::builder(router.clone())
+        .queue("default", 4)
+        .register(Noop)
+        .periodic(tick.clone())
+        .metrics_addr("127.0.0.1:0".parse().unwrap())
+        .options(RuntimeOptions {
+            nodes_per_shard: 1,
+            engine_connections: Some(3),
+            ..quick(id)
+        })
+        .start()
+        .unwrap();
+    (router, rt)
+}
+
 /// With ownership on (one node per shard, 2 nodes, 4 shards), a node
 /// reaches only the shards it owns: its scheduler and `/healthz` leave its
-/// router's pools to the other shards without a connection, and every
-/// periodic occurrence is still enqueued exactly once on every shard.
+/// router's pools to the other shards without a connection, also after a
+/// third node joins and takes some of its shards, and every periodic
+/// occurrence is still enqueued exactly once on every shard.
 #[tokio::test]
 async fn a_node_reaches_only_its_own_shards_for_periodic_jobs_and_health() {
     let bed = tokio::task::spawn_blocking(TestBed::shared).await.unwrap().unwrap();
@@ -154,19 +174,7 @@ async fn a_node_reaches_only_its_own_shards_for_periodic_jobs_and_health() {
     .catch_up(Duration::from_secs(5));
     let mut nodes = Vec::new();
     for id in [&a, &b] {
-        let router = Arc::new(Router::connect(&config).await.unwrap());
-        let rt = Runtime::builder(router.clone())
-            .queue("default", 4)
-            .register(Noop)
-            .periodic(tick.clone())
-            .metrics_addr("127.0.0.1:0".parse().unwrap())
-            .options(RuntimeOptions {
-                nodes_per_shard: 1,
-                engine_connections: Some(3),
-                ..quick(id)
-            })
-            .start()
-            .unwrap();
+        let (router, rt) = start_owner(&config, id, &tick).await;
         let mine = owned_by(&shards, &[&a, &b], id);
         nodes.push((router, rt, mine));
     }
@@ -244,6 +252,55 @@ async fn a_node_reaches_only_its_own_shards_for_periodic_jobs_and_health() {
             unowned_connections(router, mine),
             0,
             "node {} opened router connections to shards it does not own",
+            rt.node_id()
+        );
+    }
+
+    // A third node joins: the shards it takes leave their old owner, which
+    // closes its router connections to them once their work stopped.
+    let c = (0..)
+        .map(|i| format!("own-c{i}"))
+        .find(|c| !owned_by(&shards, &[&a, &b, c], c).is_empty())
+        .unwrap();
+    let (router, rt) = start_owner(&config, &c, &tick).await;
+    nodes.push((router, rt, Vec::new()));
+    for (_, rt, mine) in &mut nodes {
+        *mine = owned_by(&shards, &[&a, &b, &c], rt.node_id());
+    }
+    wait_for(
+        "after the join each node works exactly the shards it owns",
+        WAIT,
+        || async { nodes.iter().all(|(_, rt, mine)| rt.working() == *mine) },
+    )
+    .await;
+    wait_for(
+        "no router connection left to a shard a node no longer owns",
+        WAIT,
+        || async {
+            nodes
+                .iter()
+                .all(|(router, _, mine)| unowned_connections(router, mine) == 0)
+        },
+    )
+    .await;
+    let mut before = BTreeMap::new();
+    for s in &shards {
+        before.insert(s.clone(), runs(s.clone()).await);
+    }
+    wait_for("two more occurrences on every shard after the join", WAIT, || async {
+        for s in &shards {
+            if runs(s.clone()).await < before[s] + 2 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    for (router, rt, mine) in &nodes {
+        assert_eq!(
+            unowned_connections(router, mine),
+            0,
+            "node {} holds router connections to shards it does not own after the join",
             rt.node_id()
         );
     }

@@ -1,5 +1,6 @@
 //! A fleet of worker nodes dividing the shards: a running node starts work
-//! for a shard a router reload adds; 16 in-process nodes over 64 shard
+//! for a shard a router reload adds, also when the reload adds many more
+//! shards than it started with; 16 in-process nodes over 64 shard
 //! databases keep every shard owned, their connections per server within
 //! the bound, and move few ownerships when a node joins or leaves.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -8,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardq::periodic::Tz;
 use shardq::runtime::fleet::owners;
-use shardq::{Account, NewJob, Runtime, RuntimeOptions};
+use shardq::{Account, NewJob, PeriodicJob, Runtime, RuntimeOptions};
 use shardq_router::Router;
 use shardq_testbed::TestBed;
 use shardq_tests::{count_state, count_state_all, fast_options, fleet, many_shards, wait_for, Noop};
@@ -67,6 +69,264 @@ async fn a_shard_added_by_reload_gets_its_jobs_worked_without_restart() {
     .await;
     assert_eq!(rt.working(), ["shard_1", "shard_2", "shard_3"]);
     rt.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A node started with 2 shards and reloaded to 42 works every one: its
+/// slot positions grow with the shards it works (they were sized at start).
+#[tokio::test]
+async fn a_reload_that_adds_forty_shards_to_two_gets_every_shard_worked() {
+    let bed = tokio::task::spawn_blocking(TestBed::shared).await.unwrap().unwrap();
+    let (config, _) = many_shards(bed, 42).await;
+    let shards = config.shard_names();
+    let full = Arc::new(Router::connect(&config).await.unwrap());
+    let client = shardq::Client::new(full.clone());
+    for (i, shard) in shards.iter().enumerate() {
+        let a = Account::new(format!("grow-{i}")).unwrap();
+        full.place(&a, shard).await.unwrap();
+        for _ in 0..2 {
+            client
+                .enqueue(&a, NewJob::new("noop", &serde_json::json!({})).unwrap())
+                .await
+                .unwrap();
+        }
+    }
+    let mut two = config.clone();
+    two.shards.truncate(2);
+    let router = Arc::new(Router::connect(&two).await.unwrap());
+    let rt = Runtime::builder(router.clone())
+        .queue("default", 4)
+        .register(Noop)
+        .options(RuntimeOptions {
+            engine_connections: Some(3),
+            ..quick("grow-node")
+        })
+        .start()
+        .unwrap();
+    wait_for("the first two shards worked", WAIT, || async {
+        count_state(&full, &shards[0], "completed").await + count_state(&full, &shards[1], "completed").await == 4
+    })
+    .await;
+    let reloaded = router.reload(&config).await.unwrap();
+    assert_eq!(reloaded.added.len(), 40);
+    wait_for("every shard's jobs completed after the reload", WAIT, || async {
+        count_state_all(&full, "completed").await == 2 * 42
+    })
+    .await;
+    for shard in &shards {
+        assert_eq!(count_state(&full, shard, "completed").await, 2, "shard {shard}");
+    }
+    assert_eq!(rt.working().len(), 42);
+    rt.shutdown(Duration::from_secs(1)).await;
+    for db in full.shards() {
+        db.pool.close().await;
+    }
+}
+
+/// The shards `id` owns among `ids` with one owner per shard.
+fn owned_by(shards: &[String], ids: &[&str], id: &str) -> Vec<String> {
+    shards.iter().filter(|s| owners(s, ids, 1) == [id]).cloned().collect()
+}
+
+/// A node with its own router over `config`, one owner per shard, that
+/// schedules `tick` and serves `/healthz`.
+async fn start_owner(config: &shardq::Config, id: &str, tick: &PeriodicJob) -> (Arc<Router>, Runtime) {
+    let router = Arc::new(Router::connect(config).await.unwrap());
+    let rt = Runtime::builder(router.clone())
+        .queue("default", 4)
+        .register(Noop)
+        .periodic(tick.clone())
+        .metrics_addr("127.0.0.1:0".parse().unwrap())
+        .options(RuntimeOptions {
+            nodes_per_shard: 1,
+            engine_connections: Some(3),
+            ..quick(id)
+        })
+        .start()
+        .unwrap();
+    (router, rt)
+}
+
+/// With ownership on (one node per shard, 2 nodes, 4 shards), a node
+/// reaches only the shards it owns: its scheduler and `/healthz` leave its
+/// router's pools to the other shards without a connection, also after a
+/// third node joins and takes some of its shards, and every periodic
+/// occurrence is still enqueued exactly once on every shard.
+#[tokio::test]
+async fn a_node_reaches_only_its_own_shards_for_periodic_jobs_and_health() {
+    let bed = tokio::task::spawn_blocking(TestBed::shared).await.unwrap().unwrap();
+    let (config, _) = many_shards(bed, 4).await;
+    let shards = config.shard_names();
+    // Two node ids that split the shards between them.
+    let (a, b) = (0..)
+        .map(|i| (format!("own-a{i}"), format!("own-b{i}")))
+        .find(|(a, b)| {
+            let n = owned_by(&shards, &[a, b], a).len();
+            n > 0 && n < shards.len()
+        })
+        .unwrap();
+    let tick = PeriodicJob::new(
+        "tick",
+        "* * * * * *",
+        Tz::UTC,
+        NewJob::from_json("noop", serde_json::json!({})),
+    )
+    .unwrap()
+    .catch_up(Duration::from_secs(5));
+    let mut nodes = Vec::new();
+    for id in [&a, &b] {
+        let (router, rt) = start_owner(&config, id, &tick).await;
+        let mine = owned_by(&shards, &[&a, &b], id);
+        nodes.push((router, rt, mine));
+    }
+    wait_for("each node works exactly the shards it owns", WAIT, || async {
+        nodes.iter().all(|(_, rt, mine)| rt.working() == *mine)
+    })
+    .await;
+    let others = |mine: &[String]| -> Vec<String> { shards.iter().filter(|s| !mine.contains(s)).cloned().collect() };
+    let unowned_connections = |router: &Router, mine: &[String]| -> u32 {
+        others(mine).iter().map(|s| router.shard(s).unwrap().pool.size()).sum()
+    };
+    wait_for(
+        "no router connection left to a shard a node does not own",
+        WAIT,
+        || async {
+            nodes
+                .iter()
+                .all(|(router, _, mine)| unowned_connections(router, mine) == 0)
+        },
+    )
+    .await;
+
+    let full = Router::connect(&config).await.unwrap();
+    let runs = |shard: String| {
+        let pool = full.shard(&shard).unwrap().pool.clone();
+        async move {
+            let (runs,): (i64,) = sqlx::query_as("SELECT count(*) FROM shardq.periodic_runs WHERE name = 'tick'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            runs
+        }
+    };
+    let mut before = BTreeMap::new();
+    for s in &shards {
+        before.insert(s.clone(), runs(s.clone()).await);
+    }
+    // Health checks and a few occurrences on every shard meanwhile.
+    for (_, rt, mine) in &nodes {
+        let addr = rt.metrics_addr().unwrap();
+        let body = reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(health["status"], "ready", "{body}");
+        let checked: Vec<String> = health["databases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .collect();
+        let mut want = vec!["master".to_string()];
+        want.extend(mine.iter().cloned());
+        assert_eq!(
+            checked,
+            want,
+            "/healthz of {} checks only the master and its shards",
+            rt.node_id()
+        );
+    }
+    wait_for("three more occurrences recorded on every shard", WAIT, || async {
+        for s in &shards {
+            if runs(s.clone()).await < before[s] + 3 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    for (router, rt, mine) in &nodes {
+        assert_eq!(
+            unowned_connections(router, mine),
+            0,
+            "node {} opened router connections to shards it does not own",
+            rt.node_id()
+        );
+    }
+
+    // A third node joins: the shards it takes leave their old owner, which
+    // closes its router connections to them once their work stopped.
+    let c = (0..)
+        .map(|i| format!("own-c{i}"))
+        .find(|c| !owned_by(&shards, &[&a, &b, c], c).is_empty())
+        .unwrap();
+    let (router, rt) = start_owner(&config, &c, &tick).await;
+    nodes.push((router, rt, Vec::new()));
+    for (_, rt, mine) in &mut nodes {
+        *mine = owned_by(&shards, &[&a, &b, &c], rt.node_id());
+    }
+    wait_for(
+        "after the join each node works exactly the shards it owns",
+        WAIT,
+        || async { nodes.iter().all(|(_, rt, mine)| rt.working() == *mine) },
+    )
+    .await;
+    wait_for(
+        "no router connection left to a shard a node no longer owns",
+        WAIT,
+        || async {
+            nodes
+                .iter()
+                .all(|(router, _, mine)| unowned_connections(router, mine) == 0)
+        },
+    )
+    .await;
+    let mut before = BTreeMap::new();
+    for s in &shards {
+        before.insert(s.clone(), runs(s.clone()).await);
+    }
+    wait_for("two more occurrences on every shard after the join", WAIT, || async {
+        for s in &shards {
+            if runs(s.clone()).await < before[s] + 2 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    for (router, rt, mine) in &nodes {
+        assert_eq!(
+            unowned_connections(router, mine),
+            0,
+            "node {} holds router connections to shards it does not own after the join",
+            rt.node_id()
+        );
+    }
+    for s in &shards {
+        let pool = &full.shard(s).unwrap().pool;
+        let (runs, first, last): (i64, f64, f64) = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM min(occurrence))::float8, extract(epoch FROM max(occurrence))::float8
+               FROM shardq.periodic_runs WHERE name = 'tick'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM shardq.jobs WHERE kind = 'noop'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(jobs, runs, "shard {s}: one job per occurrence");
+        assert_eq!(
+            (last - first).round() as i64 + 1,
+            runs,
+            "shard {s}: every second from the first occurrence to the last, none missed"
+        );
+    }
+    for (_, rt, _) in nodes {
+        rt.shutdown(Duration::from_secs(1)).await;
+    }
 }
 
 /// Shard → the nodes working it, over `nodes`.

@@ -97,7 +97,14 @@ fn node_table(out: &mut String, fleet: &FleetStatus) {
         "node", "state", "shards", "connections", "queues"
     );
     for n in &fleet.nodes {
-        let queues: Vec<String> = n.queues.iter().map(|(q, l)| format!("{q}={l}")).collect();
+        let queues: Vec<String> = n
+            .queues
+            .iter()
+            .map(|(q, l)| match n.adaptive.get(q) {
+                Some((min, max)) => format!("{q}={l} (adaptive {min}..{max})"),
+                None => format!("{q}={l}"),
+            })
+            .collect();
         let _ = writeln!(
             out,
             "  {:<28} {:<7} {:>6} {:>11}  {:<24} {}",

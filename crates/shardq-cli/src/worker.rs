@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardq::runtime::AdaptiveConcurrency;
 use shardq::{Runtime, RuntimeOptions};
 use shardq_router::{Config, Router};
 
@@ -49,6 +50,15 @@ pub struct WorkerArgs {
     /// (comma-separated; default: none, strict priority then due order).
     #[arg(long, value_delimiter = ',', value_name = "QUEUE,...")]
     pub fair_queues: Vec<String>,
+    /// Size these queues' concurrency adaptively between
+    /// `--adaptive-min` and their `--queues` limit, from their handlers'
+    /// latency, failures and backlog (comma-separated; `*`: every queue;
+    /// default: none, fixed limits).
+    #[arg(long, value_delimiter = ',', value_name = "QUEUE,...")]
+    pub adaptive_queues: Vec<String>,
+    /// The least concurrency of an adaptive queue.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub adaptive_min: u32,
     /// Serve `/metrics` (Prometheus) and `/healthz` on this address; given
     /// without a value, on loopback only: 127.0.0.1:9187.
     #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9187")]
@@ -88,6 +98,16 @@ impl WorkerArgs {
             fleet_heartbeat: self.fleet_heartbeat,
             handover_grace: self.handover_grace,
             fair_queues: self.fair_queues.clone(),
+            adaptive: (!self.adaptive_queues.is_empty()).then(|| AdaptiveConcurrency {
+                // `*` names every queue: an empty list.
+                queues: if self.adaptive_queues.iter().any(|q| q == "*") {
+                    Vec::new()
+                } else {
+                    self.adaptive_queues.clone()
+                },
+                min: self.adaptive_min as usize,
+                ..AdaptiveConcurrency::default()
+            }),
             ..RuntimeOptions::default()
         }
     }

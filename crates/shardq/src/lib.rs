@@ -13,7 +13,7 @@
 //! - [`unique`]: unique jobs' options and key texts ([`UniqueOpts`]).
 //! - [`periodic`]: cron-scheduled jobs, enqueued once per occurrence across nodes.
 //! - [`runtime`]: [`Runtime`], a worker node: builder, options, shutdown; one
-//!   file per stage (notifier, producer, wakeup, slots, executor, completer,
+//!   file per stage (notifier, producer, wakeup, slots, adaptive, executor, completer,
 //!   heartbeat, rescuer, cancel, retention, sampler, scheduler) over `node`,
 //!   the shared per-shard state; `shard_work` (one shard's stages as a unit
 //!   started and stopped while the node runs), `shard_set` (which units

@@ -1,6 +1,7 @@
 //! Readiness of the fleet, for embedding applications, `/healthz` and
 //! `shardq status`: is the master and every shard reachable, and is its
-//! platform schema at the version this code expects?
+//! platform schema at the version this code expects? A worker node's
+//! `/healthz` asks only about the shards it works ([`check_shards`]).
 //!
 //! ```no_run
 //! # async fn demo(router: &shardq::Router) {
@@ -95,8 +96,17 @@ pub async fn check(router: &Router) -> Health {
 
 /// Checks the master and every shard concurrently, waiting `timeout` for each.
 pub async fn check_within(router: &Router, timeout: Duration) -> Health {
+    check_shards(router, |_| true, timeout).await
+}
+
+/// Checks the master and the shards whose name `include` accepts (a worker
+/// node's: those it works), concurrently, waiting `timeout` for each; no
+/// other shard is reached. With no shard included, the status is the
+/// master's (see [`summarize`]).
+pub async fn check_shards(router: &Router, include: impl Fn(&str) -> bool, timeout: Duration) -> Health {
     let master = database(router.master(), Role::Master, timeout);
-    let shards = futures::future::join_all(router.shards().iter().map(|db| database(db, Role::Shard, timeout)));
+    let included = router.shards().iter().filter(|db| include(&db.name));
+    let shards = futures::future::join_all(included.map(|db| database(db, Role::Shard, timeout)));
     let (master, shards) = futures::join!(master, shards);
     let status = summarize(&master, &shards);
     let mut databases = vec![master];
@@ -104,8 +114,17 @@ pub async fn check_within(router: &Router, timeout: Duration) -> Health {
     Health { status, databases }
 }
 
-/// The readiness of a fleet whose master and shards are as given.
+/// The readiness of a fleet whose master and shards are as given. With no
+/// shard given (a node that works none yet), ready when the master is,
+/// else degraded.
 pub fn summarize(master: &DatabaseHealth, shards: &[DatabaseHealth]) -> Readiness {
+    if shards.is_empty() {
+        return if master.ok() {
+            Readiness::Ready
+        } else {
+            Readiness::Degraded
+        };
+    }
     if !shards.iter().any(DatabaseHealth::ok) {
         Readiness::Unavailable
     } else if master.ok() && shards.iter().all(DatabaseHealth::ok) {

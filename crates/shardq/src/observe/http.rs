@@ -8,10 +8,15 @@
 //! **503** when it is `unavailable` (no shard works). Read `status` in the
 //! body to tell ready from degraded.
 //!
-//! A worker node serves it with `RuntimeBuilder::metrics_addr`; an
-//! application that wants it elsewhere calls [`install_prometheus`] before
-//! starting its runtime and spawns [`serve`].
+//! A worker node serves it with `RuntimeBuilder::metrics_addr`
+//! ([`serve_node`]): its `/healthz` checks the master and the shards the
+//! node works (owns, or still hands over), never a shard it does not own,
+//! so it opens no connection there; a node that works no shard yet is ready
+//! when the master is. An application that wants it elsewhere calls
+//! [`install_prometheus`] before starting its runtime and spawns [`serve`],
+//! which checks every shard.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -60,11 +65,16 @@ pub fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(listener).map_err(|e| Error::Metrics(format!("{addr}: {e}")))
 }
 
-/// What the handlers read: set once in [`serve`].
+/// The names of the shards `/healthz` checks, read at every request.
+type Shards = Arc<dyn Fn() -> BTreeSet<String> + Send + Sync>;
+
+/// What the handlers read: set once in [`serve`] or [`serve_node`].
 #[derive(Clone)]
 struct Endpoint {
     router: Arc<Router>,
     metrics: PrometheusHandle,
+    /// `None`: every shard of the router.
+    shards: Option<Shards>,
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown` resolves.
@@ -76,6 +86,43 @@ pub async fn serve(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        Endpoint {
+            router,
+            metrics,
+            shards: None,
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// As [`serve`], for a worker node: `/healthz` checks the master and the
+/// shards `shards` names at each request (those the node works), so it
+/// never connects to another shard.
+pub async fn serve_node(
+    listener: tokio::net::TcpListener,
+    router: Arc<Router>,
+    metrics: PrometheusHandle,
+    shards: impl Fn() -> BTreeSet<String> + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let shards: Shards = Arc::new(shards);
+    let endpoint = Endpoint {
+        router,
+        metrics,
+        shards: Some(shards),
+    };
+    serve_with(listener, endpoint, shutdown).await
+}
+
+async fn serve_with(
+    listener: tokio::net::TcpListener,
+    endpoint: Endpoint,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let metrics = endpoint.metrics.clone();
     let upkeep = {
         let handle = metrics.clone();
         tokio::spawn(async move {
@@ -88,7 +135,7 @@ pub async fn serve(
     let app = axum::Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
-        .with_state(Endpoint { router, metrics });
+        .with_state(endpoint);
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     upkeep.abort();
     served
@@ -103,7 +150,13 @@ async fn render_metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
 }
 
 async fn healthz(State(endpoint): State<Endpoint>) -> impl IntoResponse {
-    let health = health::check(&endpoint.router).await;
+    let health = match &endpoint.shards {
+        None => health::check(&endpoint.router).await,
+        Some(shards) => {
+            let names = shards();
+            health::check_shards(&endpoint.router, |name| names.contains(name), health::DEFAULT_TIMEOUT).await
+        }
+    };
     let code = match health.status {
         Readiness::Ready | Readiness::Degraded => StatusCode::OK,
         Readiness::Unavailable => StatusCode::SERVICE_UNAVAILABLE,

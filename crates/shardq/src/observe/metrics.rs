@@ -46,6 +46,9 @@ pub const JOB_LATENCY_SECONDS: &str = "shardq_job_latency_seconds";
 pub const JOBS_RUNNING: &str = "shardq_jobs_running";
 /// Free slots of a queue on this node (its limit minus running and reserved). Label: queue.
 pub const QUEUE_FREE_SLOTS: &str = "shardq_queue_free_slots";
+/// A queue's concurrency limit on this node now: its configured limit, or
+/// where adaptive concurrency put it. Label: queue.
+pub const QUEUE_CONCURRENCY: &str = "shardq_queue_concurrency";
 /// Due jobs waiting, sampled (capped at `sampler::DEPTH_CAP`, shared with scheduled). Labels: shard, queue.
 pub const QUEUE_AVAILABLE: &str = "shardq_queue_available";
 /// Available jobs not yet due (scheduled, or retrying after a backoff), sampled and capped. Labels: shard, queue.
@@ -97,6 +100,10 @@ pub fn describe() {
     describe_histogram!(JOB_LATENCY_SECONDS, Unit::Seconds, "Due time to outcome written");
     describe_gauge!(JOBS_RUNNING, "Jobs running on this node");
     describe_gauge!(QUEUE_FREE_SLOTS, "Free slots of the queue on this node");
+    describe_gauge!(
+        QUEUE_CONCURRENCY,
+        "Concurrency limit of the queue on this node now (adaptive or configured)"
+    );
     describe_gauge!(QUEUE_AVAILABLE, "Due jobs waiting (sampled, capped)");
     describe_gauge!(QUEUE_SCHEDULED, "Jobs waiting for a future run_at (sampled, capped)");
     describe_gauge!(
@@ -293,6 +300,11 @@ pub(crate) fn jobs_rescued(shard: &str, n: u64) {
 /// A queue's free slots on this node.
 pub(crate) fn queue_free_slots(queue: &str, free: usize) {
     metrics::gauge!(QUEUE_FREE_SLOTS, "queue" => queue.to_string()).set(free as f64);
+}
+
+/// `queue`'s concurrency limit on this node is `limit` now.
+pub(crate) fn queue_concurrency(queue: &str, limit: usize) {
+    metrics::gauge!(QUEUE_CONCURRENCY, "queue" => queue.to_string()).set(limit as f64);
 }
 
 /// A sampled depth of (`shard`, `queue`): due and scheduled jobs (capped),

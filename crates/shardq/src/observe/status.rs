@@ -53,8 +53,11 @@ pub struct NodeStatus {
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// Its last heartbeat (the master's clock).
     pub heartbeat_at: chrono::DateTime<chrono::Utc>,
-    /// Queue → the node's concurrency limit for it.
+    /// Queue → the node's concurrency limit for it now (where adaptive
+    /// concurrency put it, for the queues in `adaptive`).
     pub queues: BTreeMap<String, i64>,
+    /// Queue → the (least, most) limit of each adaptive queue of the node.
+    pub adaptive: BTreeMap<String, (i64, i64)>,
     /// The shards it works (owns, or still hands over).
     pub shards: Vec<String>,
     /// Its open engine connections over all those shards.
@@ -124,14 +127,18 @@ pub async fn fleet(router: &Router, timeout: Duration) -> FleetStatus {
     let (nodes, nodes_error) = match nodes {
         Ok(rows) => (
             rows.into_iter()
-                .map(|r| NodeStatus {
-                    id: r.id,
-                    live: r.live,
-                    started_at: r.started_at,
-                    heartbeat_at: r.heartbeat_at,
-                    queues: r.queues.0,
-                    shards: r.working,
-                    connections: r.connections,
+                .map(|r| {
+                    let (queues, adaptive) = queue_limits(r.queues.0);
+                    NodeStatus {
+                        id: r.id,
+                        live: r.live,
+                        started_at: r.started_at,
+                        heartbeat_at: r.heartbeat_at,
+                        queues,
+                        adaptive,
+                        shards: r.working,
+                        connections: r.connections,
+                    }
                 })
                 .collect::<Vec<_>>(),
             None,
@@ -152,6 +159,29 @@ pub async fn fleet(router: &Router, timeout: Duration) -> FleetStatus {
         nodes,
         nodes_error,
     }
+}
+
+/// A registry entry's queues: each one's limit now, and the range of the
+/// adaptive ones (recorded as `{"limit", "min", "max"}`).
+fn queue_limits(
+    recorded: BTreeMap<String, serde_json::Value>,
+) -> (BTreeMap<String, i64>, BTreeMap<String, (i64, i64)>) {
+    let mut limits = BTreeMap::new();
+    let mut adaptive = BTreeMap::new();
+    for (queue, value) in recorded {
+        let field = |name: &str| value.get(name).and_then(serde_json::Value::as_i64);
+        match (value.as_i64(), field("limit"), field("min"), field("max")) {
+            (Some(limit), ..) => {
+                limits.insert(queue, limit);
+            }
+            (None, Some(limit), Some(min), Some(max)) => {
+                limits.insert(queue.clone(), limit);
+                adaptive.insert(queue, (min, max));
+            }
+            _ => {}
+        }
+    }
+    (limits, adaptive)
 }
 
 /// How nodes learn of `db`'s new jobs (see [`ShardStatus::wakeups`]).

@@ -87,7 +87,7 @@ pub(crate) fn wanted(
 pub(crate) struct Membership {
     master: Database,
     started_at: DateTime<Utc>,
-    /// Queue → limit, as the registry stores it.
+    /// Queue → limit, as the registry stores it (see [`Membership::set_queues`]).
     queues: serde_json::Value,
     /// Whether the last heartbeat failed (to log a change once).
     failing: bool,
@@ -107,6 +107,12 @@ impl Membership {
             ),
             failing: false,
         }
+    }
+
+    /// Replaces the queues the next heartbeats record (queue → limit now,
+    /// or `{"limit", "min", "max"}` for an adaptive one).
+    pub(crate) fn set_queues(&mut self, queues: serde_json::Value) {
+        self.queues = queues;
     }
 
     /// Renews this node's row with the shards it works and its open engine

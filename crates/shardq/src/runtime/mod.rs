@@ -23,6 +23,8 @@
 //!   callback hands the outcome on.
 //! - `wakeup`: a producer's next wake-up, from its queue's earliest scheduled job.
 //! - `slots`: a queue's node-wide limit, shared fairly across shards.
+//! - `adaptive`: the gradient limiter that sizes a queue's limit when
+//!   adaptive concurrency is on.
 //! - `executor`: runs a handler with timeout and panic capture.
 //! - `completer`: per shard, writes outcomes in batches, fenced by attempt.
 //! - `heartbeat`: renews this node's leases; hands running jobs back at shutdown.
@@ -32,6 +34,7 @@
 //! - `sampler`: depth, oldest-job, pool and slot gauges.
 //! - `scheduler`: enqueues periodic jobs' occurrences.
 
+mod adaptive;
 mod cancel;
 mod completer;
 mod executor;
@@ -56,7 +59,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardq_router::Router;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
@@ -65,7 +68,7 @@ use crate::worker::{Registry, Worker};
 use node::Node;
 pub use node::ShardRunStats;
 pub use notifier::CHANNEL;
-pub use options::{Backoff, RuntimeOptions};
+pub use options::{AdaptiveConcurrency, Backoff, RuntimeOptions};
 use shard_set::{ShardSet, Works};
 use shard_work::{Plant, STOP_AFTER_GRACE};
 use slots::QueueSlots;
@@ -163,30 +166,27 @@ impl RuntimeBuilder {
         // The engine's own connections per shard, apart from the pools the
         // application's handlers use through the router.
         let engine_connections = node.options.engine_connections.unwrap_or(self.queues.len() as u32 + 4);
-        // Slot positions: room for the shards a reload may add; a stopped
-        // shard's position serves the next one started.
         let n = self.router.shards().len();
-        let positions = (2 * n).max(n + 16);
         let queues: Vec<Arc<str>> = self.queues.keys().map(|q| Arc::from(q.as_str())).collect();
-        let wakes: BTreeMap<Arc<str>, Vec<Arc<Notify>>> = queues
-            .iter()
-            .map(|q| (q.clone(), (0..positions).map(|_| Arc::new(Notify::new())).collect()))
-            .collect();
+        // Slot tables grow with the positions the shard set hands out.
+        let adaptive = node.options.adaptive.clone();
         let slots: BTreeMap<Arc<str>, Arc<QueueSlots>> = queues
             .iter()
             .map(|q| {
-                (
-                    q.clone(),
-                    Arc::new(QueueSlots::new(self.queues[&**q], wakes[q].clone())),
-                )
+                let limit = self.queues[&**q];
+                let limiter = adaptive
+                    .as_ref()
+                    .filter(|a| a.covers(q))
+                    .map(|a| adaptive::Limiter::new(a.min, limit, a.window, a.tolerance, tokio::time::Instant::now()));
+                (q.clone(), Arc::new(QueueSlots::new(q.clone(), limit, limiter)))
             })
             .collect();
         let queue_slots: Vec<(Arc<str>, Arc<QueueSlots>)> = slots.iter().map(|(q, s)| (q.clone(), s.clone())).collect();
+        let limits = queue_slots.clone();
         let plant = Arc::new(Plant {
             node: node.clone(),
             queues,
             slots,
-            wakes,
             engine_connections,
         });
         let membership = (node.options.nodes_per_shard > 0).then(|| {
@@ -202,11 +202,17 @@ impl RuntimeBuilder {
             tasks.push(tokio::spawn(scheduler::run(
                 self.router.clone(),
                 Arc::new(self.periodic),
+                worked(&works),
                 stop_rx.clone(),
             )));
         }
         tasks.push(tokio::spawn(sampler::slots(
-            move || queue_slots.iter().map(|(q, s)| (q.clone(), s.free())).collect(),
+            move || {
+                queue_slots
+                    .iter()
+                    .map(|(q, s)| (q.clone(), s.free(), s.limit()))
+                    .collect()
+            },
             sampler::INTERVAL,
             stop_rx.clone(),
         )));
@@ -216,12 +222,15 @@ impl RuntimeBuilder {
         if let Some((listener, handle)) = endpoint {
             metrics_addr = listener.local_addr().ok();
             let router = self.router.clone();
+            let works_read = works.clone();
             let mut stop = end_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                if let Err(e) = crate::observe::http::serve(listener, router, handle, stopped).await {
+                let shards = worked(&works_read);
+                let served = crate::observe::http::serve_node(listener, router, handle, shards, stopped);
+                if let Err(e) = served.await {
                     tracing::warn!(error = %crate::error::ErrorChain(&e), "metrics endpoint stopped");
                 }
             }));
@@ -230,6 +239,7 @@ impl RuntimeBuilder {
         tracing::info!(node = %node.id, shards = n, nodes_per_shard = node.options.nodes_per_shard, queues = ?self.queues, "worker node started");
         Ok(Runtime {
             node,
+            limits,
             works,
             stop_tx,
             end_tx,
@@ -244,6 +254,8 @@ impl RuntimeBuilder {
 /// A running worker node. Call [`Runtime::shutdown`] to stop it cleanly.
 pub struct Runtime {
     node: Arc<Node>,
+    /// Each queue's slots (read for its limit now); set at start.
+    limits: Vec<(Arc<str>, Arc<QueueSlots>)>,
     /// The shards worked now and every shard unit started so far.
     works: Arc<Works>,
     /// Stops the scheduler and the slot sampler.
@@ -311,6 +323,12 @@ impl Runtime {
             }
         }
         order.into_iter().filter_map(|n| by_shard.remove(&n)).collect()
+    }
+
+    /// Each queue's concurrency limit on this node now: the configured one,
+    /// or where adaptive concurrency put it (see [`AdaptiveConcurrency`]).
+    pub fn concurrency(&self) -> BTreeMap<String, usize> {
+        self.limits.iter().map(|(q, s)| (q.to_string(), s.limit())).collect()
     }
 
     /// Jobs this node holds leases on right now.
@@ -390,6 +408,19 @@ impl Runtime {
             t.abort();
         }
         tracing::info!(took = ?start.elapsed(), "worker node stopped");
+    }
+}
+
+/// Reads the names of the shards this node works now (owned, or still
+/// handed over): what the scheduler and `/healthz` reach.
+fn worked(works: &Arc<Works>) -> impl Fn() -> std::collections::BTreeSet<String> + Send + Sync + 'static {
+    let works = works.clone();
+    move || {
+        works
+            .active
+            .lock()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 

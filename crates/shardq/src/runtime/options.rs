@@ -73,6 +73,52 @@ pub struct RuntimeOptions {
     /// none, for now: the fair claim costs about 40 % of a one-queue drain
     /// on this release (README, "Fair scheduling").
     pub fair_queues: Vec<String>,
+    /// Adaptive concurrency (default `None`: off): the queues it names are
+    /// sized between a least limit and their configured one from what
+    /// their runs show (handler latency against its best, failures, whether
+    /// claimed jobs wait for slots). See [`AdaptiveConcurrency`].
+    pub adaptive: Option<AdaptiveConcurrency>,
+}
+
+/// Adaptive concurrency for some queues of a node: a gradient limiter (see
+/// `runtime::adaptive`) moves each queue's limit between `min` and the
+/// limit the queue was given (`RuntimeBuilder::queue`), starting at `min`.
+/// Fast handlers with a backlog raise it to that limit; handlers that get
+/// slower when more run at once (a contended lock, pool or provider) bring
+/// it down to where they keep their pace; a window where more than a
+/// quarter of the runs failed cuts it to 0.8 of itself. Its decisions show
+/// as the gauge `shardq_queue_concurrency{queue}`, in `Runtime::concurrency`
+/// and in `shardq status` (the node's queues).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptiveConcurrency {
+    /// The queues sized adaptively (empty: every queue of the node).
+    pub queues: Vec<String>,
+    /// Least limit of each (default 1; at most the queue's limit).
+    pub min: usize,
+    /// Shortest stretch of ended runs judged at once (default 1 s; a window
+    /// also waits for at least 4 runs).
+    pub window: Duration,
+    /// How much slower than its best a window's mean handler latency may
+    /// be before the limit comes down (default 1.5, at least 1).
+    pub tolerance: f64,
+}
+
+impl Default for AdaptiveConcurrency {
+    fn default() -> Self {
+        AdaptiveConcurrency {
+            queues: Vec::new(),
+            min: 1,
+            window: Duration::from_secs(1),
+            tolerance: 1.5,
+        }
+    }
+}
+
+impl AdaptiveConcurrency {
+    /// Whether `queue` is sized adaptively.
+    pub fn covers(&self, queue: &str) -> bool {
+        self.queues.is_empty() || self.queues.iter().any(|q| q == queue)
+    }
 }
 
 impl Default for RuntimeOptions {
@@ -97,6 +143,7 @@ impl Default for RuntimeOptions {
             fleet_heartbeat: Duration::from_secs(2),
             handover_grace: Duration::from_secs(10),
             fair_queues: Vec::new(),
+            adaptive: None,
         }
     }
 }
@@ -128,6 +175,17 @@ impl RuntimeOptions {
         }
         if self.fleet_heartbeat.is_zero() {
             return bad("fleet_heartbeat must be more than 0");
+        }
+        if let Some(a) = &self.adaptive {
+            if a.min == 0 {
+                return bad("adaptive.min must be at least 1");
+            }
+            if a.window.is_zero() {
+                return bad("adaptive.window must be more than 0");
+            }
+            if !(a.tolerance.is_finite() && a.tolerance >= 1.0) {
+                return bad("adaptive.tolerance must be a number of at least 1");
+            }
         }
         Ok(())
     }

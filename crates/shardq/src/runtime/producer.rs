@@ -44,7 +44,7 @@ use super::slots::QueueSlots;
 use super::wakeup;
 use crate::observe::metrics;
 use crate::store::{self, FetchParams, FetchedJob};
-use crate::worker::CancelReason;
+use crate::worker::{CancelReason, Outcome};
 
 /// One producer's fixed inputs.
 pub(crate) struct Producer {
@@ -128,7 +128,6 @@ impl Producer {
     /// buffered.
     pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
         let opts = &self.node.options;
-        let bounds = Bounds::new(self.slots.limit(), opts.max_batch);
         let mut buffer: VecDeque<Buffered> = VecDeque::new();
         // Where this producer's next fair claim resumes its rotation over
         // accounts (claims in flight share it).
@@ -153,6 +152,8 @@ impl Producer {
                 break;
             }
             self.dispatch(&mut buffer);
+            // From the limit now (adaptive concurrency may move it).
+            let bounds = Bounds::new(self.slots.limit(), opts.max_batch);
             let now = Instant::now();
             let mut held_back = false;
             let mut wake_at = None;
@@ -388,7 +389,9 @@ impl Producer {
             self.done.clone(),
         );
         async move {
+            let started = Instant::now();
             let done = executor::execute(&node, &shard, &queue, job, stop).await;
+            let (took, failed) = (started.elapsed(), matches!(done.outcome, Outcome::Failed(_)));
             shard.leases.run_ended(done.id, done.attempt);
             let id = done.id;
             if done_tx.send(done).await.is_err() {
@@ -397,7 +400,7 @@ impl Producer {
                 tracing::warn!(shard = %shard.db.name, id, "outcome not recorded: completer stopped");
             }
             if slotted {
-                slots.release(shard.index, 1);
+                slots.finished(shard.index, took, failed);
             }
         }
     }

@@ -1,8 +1,8 @@
 //! The sampler: gauges that are read rather than counted. Per shard, a
 //! cheap periodic query gives each queue's depth and the age of its oldest
 //! due job (bounded index reads, see `store::QUEUE_DEPTH_SQL`), plus the
-//! pool's connections in use; per node, each queue's free slots (read
-//! through a callback the composer gives it). Spawned by the composer.
+//! pool's connections in use; per node, each queue's free slots and
+//! concurrency limit (read through a callback the composer gives it). Spawned by the composer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,16 +49,17 @@ pub(crate) async fn shard(
     }
 }
 
-/// Sets each queue's free slots on this node every `interval` until `stop`;
-/// `free` reads them as (queue, free slots).
+/// Sets each queue's free slots and concurrency limit on this node every
+/// `interval` until `stop`; `read` reads them as (queue, free slots, limit).
 pub(crate) async fn slots(
-    free: impl Fn() -> Vec<(Arc<str>, usize)>,
+    read: impl Fn() -> Vec<(Arc<str>, usize, usize)>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        for (queue, n) in free() {
-            metrics::queue_free_slots(&queue, n);
+        for (queue, free, limit) in read() {
+            metrics::queue_free_slots(&queue, free);
+            metrics::queue_concurrency(&queue, limit);
         }
         tokio::select! {
             _ = stop.changed() => return,

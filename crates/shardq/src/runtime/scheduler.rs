@@ -3,6 +3,14 @@
 //! minutes, and sleeps until the next occurrence (at most 30 s). Spawned by
 //! the composer when the node declares periodic jobs.
 //!
+//! Only what the node works: a pass writes to the shards this node works
+//! now (owned, or still handed over; read through a callback at every
+//! pass), and a global job's target only while its account's shard is one
+//! of them, so a node opens no connection to a shard it does not own. Each
+//! occurrence is still enqueued once per shard: the shard's owners write
+//! it, and a shard a node starts to own gets the occurrences of its
+//! catch-up window that no one recorded (its cursor stayed where it was).
+//!
 //! One sick shard never slows the healthy ones. The scheduler keeps one
 //! [`Progress`] per job (a cursor per target shard), and each write of a
 //! pass, one per (job, target), runs as its own task, bounded by the job's
@@ -15,7 +23,7 @@
 //! the scheduler at once: the writes in flight are abandoned, their
 //! transactions roll back, and their cursors did not move.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,11 +65,17 @@ enum Outcome {
     Pruned(Result<u64>),
 }
 
-/// A node's scheduler: enqueues due occurrences of `jobs` until `stop`.
-/// Starts `catch_up` back for each job. A write that fails or times out on
-/// one target is repeated for that target only, from its own cursor, by the
+/// A node's scheduler: enqueues due occurrences of `jobs` until `stop`, on
+/// the shards `worked` names at each pass (see the module doc). Starts
+/// `catch_up` back for each job. A write that fails or times out on one
+/// target is repeated for that target only, from its own cursor, by the
 /// next pass; the other targets go on without waiting for it.
-pub(crate) async fn run(router: Arc<Router>, jobs: Arc<Vec<PeriodicJob>>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(
+    router: Arc<Router>,
+    jobs: Arc<Vec<PeriodicJob>>,
+    worked: impl Fn() -> BTreeSet<String>,
+    mut stop: watch::Receiver<bool>,
+) {
     let start = Utc::now();
     let mut progress: Vec<Progress> = jobs.iter().map(|j| j.progress(start)).collect();
     // Who reads and writes these: this loop only; tasks return their outcome.
@@ -74,8 +88,20 @@ pub(crate) async fn run(router: Arc<Router>, jobs: Arc<Vec<PeriodicJob>>, mut st
             return;
         }
         let now = Utc::now();
-        for (index, job) in jobs.iter().enumerate() {
+        let worked = worked();
+        let mut targets = Vec::with_capacity(jobs.len());
+        for job in jobs.iter() {
+            let mut mine = Vec::new();
             for target in job.targets(&router) {
+                if works_on(&router, &target, &worked).await {
+                    mine.push(target);
+                }
+            }
+            targets.push(mine);
+        }
+        for (index, (job, mine)) in jobs.iter().zip(&targets).enumerate() {
+            for target in mine {
+                let target = target.clone();
                 let key = (index, target.clone(), Work::Write);
                 if running.contains(&key) {
                     continue;
@@ -100,8 +126,9 @@ pub(crate) async fn run(router: Arc<Router>, jobs: Arc<Vec<PeriodicJob>>, mut st
             }
         }
         if last_prune.is_none_or(|at| now - at > PRUNE_EVERY) {
-            for (index, job) in jobs.iter().enumerate() {
-                for target in job.targets(&router) {
+            for (index, mine) in targets.iter().enumerate() {
+                for target in mine {
+                    let target = target.clone();
                     let key = (index, target.clone(), Work::Prune);
                     let Some(p) = progress.get(index) else { continue };
                     if running.contains(&key) {
@@ -170,6 +197,19 @@ pub(crate) async fn run(router: Arc<Router>, jobs: Arc<Vec<PeriodicJob>>, mut st
     }
 }
 
+/// Whether `target` is on a shard of `worked`. A global job's account is
+/// looked up through the router (its cache, else the master); when that
+/// fails the target is kept, and its write reports the error.
+async fn works_on(router: &Router, target: &Target, worked: &BTreeSet<String>) -> bool {
+    match target {
+        Target::Shard(name) => worked.contains(name),
+        Target::Account(account) => match router.shard_for(account).await {
+            Ok(placement) => worked.contains(&placement.shard),
+            Err(_) => true,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -219,7 +259,8 @@ mod tests {
         .catch_up(Duration::from_secs(10))
         .write_timeout(Duration::from_secs(3600));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let scheduler = tokio::spawn(run(router, Arc::new(vec![job]), stop_rx));
+        let every = || BTreeSet::from(["shard_1".to_string()]);
+        let scheduler = tokio::spawn(run(router, Arc::new(vec![job]), every, stop_rx));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while accepted.load(Ordering::SeqCst) == 0 {
             assert!(

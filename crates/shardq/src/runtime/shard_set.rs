@@ -7,6 +7,14 @@
 //! `handover_grace`). At shutdown it leaves the registry and stops every
 //! unit with the shutdown's grace.
 //!
+//! The router's application pools (what handlers, the scheduler and
+//! `/healthz` use) open lazily, and the router's own checks at connect and
+//! reload touch every shard: once a shard is neither worked here nor still
+//! stopping, the shard set closes that pool's idle connections (once per
+//! time it stops being worked), so a node keeps connections only to the
+//! shards it owns. A handler that reaches another shard reopens one, which
+//! sqlx closes after its idle timeout.
+//!
 //! [`Works`] is what the runtime's handle reads meanwhile: the shards
 //! worked now and every unit ever started (for statistics).
 
@@ -44,11 +52,17 @@ pub(crate) struct ShardSet {
     running: BTreeMap<String, ShardUnit>,
     /// Units stopping in the background; each returns its slot position.
     stopping: Vec<(Arc<ShardWork>, JoinHandle<usize>)>,
-    /// Slot positions no unit uses.
+    /// Slot positions given out before whose unit stopped (reused first).
     free: Vec<usize>,
+    /// The next position never given out: positions grow past it when no
+    /// freed one is left.
+    next_position: usize,
     works: Arc<Works>,
     /// Whether the registry answered once (until then every shard is worked).
     registered: bool,
+    /// Shards not worked here whose router pool's idle connections were
+    /// closed since they stopped being worked (or since start).
+    idle_closed: BTreeSet<String>,
     /// Shards worked here but owned by others, since when: kept until their
     /// owners work them, for at most [`HANDOVER_HEARTBEATS`] heartbeats.
     handing_over: BTreeMap<String, tokio::time::Instant>,
@@ -68,16 +82,17 @@ impl ShardSet {
         membership: Option<Membership>,
         works: Arc<Works>,
     ) -> ShardSet {
-        let free = (0..plant.positions()).rev().collect();
         ShardSet {
             plant,
             router,
             membership,
             running: BTreeMap::new(),
             stopping: Vec::new(),
-            free,
+            free: Vec::new(),
+            next_position: 0,
             works,
             registered: false,
+            idle_closed: BTreeSet::new(),
             handing_over: BTreeMap::new(),
         }
     }
@@ -149,6 +164,7 @@ impl ShardSet {
         let wanted: BTreeSet<String> = match &mut self.membership {
             None => shards.iter().cloned().collect(),
             Some(m) => {
+                m.set_queues(queue_limits(&self.plant));
                 let connections = self.running.values().map(|u| u.shard.db.pool.size()).sum();
                 match m.beat(&self.plant.node, &working, connections).await {
                     Some(others) => {
@@ -181,10 +197,10 @@ impl ShardSet {
         let gaining: Vec<&String> = wanted.iter().filter(|s| !self.running.contains_key(*s)).collect();
         for name in gaining {
             let Ok(db) = self.router.shard(name) else { continue };
-            let Some(position) = self.free.pop() else {
-                tracing::error!(shard = %name, positions = self.plant.positions(), "no free slot position for another shard on this node; restart the node to work it");
-                continue;
-            };
+            let position = self.free.pop().unwrap_or_else(|| {
+                self.next_position += 1;
+                self.next_position - 1
+            });
             let unit = ShardUnit::start(&self.plant, db, position);
             if let Ok(mut all) = self.works.all.lock() {
                 all.push(unit.shard.clone());
@@ -216,6 +232,29 @@ impl ShardSet {
             *active = self.running.iter().map(|(n, u)| (n.clone(), u.shard.clone())).collect();
         }
         self.publish_releasing();
+        self.close_idle_unworked().await;
+    }
+
+    /// Closes the idle connections of the router's pools of the shards
+    /// neither worked here nor still stopping, once per time each stopped
+    /// being worked.
+    async fn close_idle_unworked(&mut self) {
+        let stopping: BTreeSet<&str> = self.stopping.iter().map(|(s, _)| s.db.name.as_str()).collect();
+        let running = &self.running;
+        self.idle_closed.retain(|s| !running.contains_key(s));
+        for db in self.router.shards() {
+            if running.contains_key(&db.name)
+                || stopping.contains(db.name.as_str())
+                || self.idle_closed.contains(&db.name)
+            {
+                continue;
+            }
+            let closed = close_idle(&db.pool).await;
+            if closed > 0 {
+                tracing::debug!(shard = %db.name, closed, "idle router connections closed: the shard is not worked here");
+            }
+            self.idle_closed.insert(db.name.clone());
+        }
     }
 
     /// Takes back the slot positions of units that finished stopping.
@@ -230,9 +269,36 @@ impl ShardSet {
         self.publish_releasing();
     }
 
+    /// Publishes the units still stopping.
     fn publish_releasing(&self) {
         if let Ok(mut releasing) = self.works.releasing.lock() {
             *releasing = self.stopping.iter().map(|(s, _)| s.clone()).collect();
         }
     }
+}
+
+/// Each queue's limit now as the registry records it: a number, or for an
+/// adaptive queue `{"limit": now, "min": least, "max": most}`.
+fn queue_limits(plant: &Plant) -> serde_json::Value {
+    let entries = plant.slots.iter().map(|(q, s)| {
+        let limit = s.limit();
+        let value = match s.adaptive_range() {
+            Some((min, max)) => serde_json::json!({ "limit": limit, "min": min, "max": max }),
+            None => serde_json::Value::from(limit),
+        };
+        (q.to_string(), value)
+    });
+    serde_json::Value::Object(entries.collect())
+}
+
+/// Closes the connections idle in `pool` now (those in use are left alone;
+/// the pool reopens lazily); returns how many.
+async fn close_idle(pool: &sqlx::PgPool) -> usize {
+    let mut closed = 0;
+    for _ in 0..pool.size() {
+        let Some(conn) = pool.try_acquire() else { break };
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
+        closed += 1;
+    }
+    closed
 }

@@ -6,8 +6,8 @@
 //! the rest back, flush outcomes, release the connections.
 //!
 //! [`Plant`] holds what every unit of a node is started with: the node, its
-//! queues, their node-wide slots and the producers' wake-ups by slot
-//! position (a unit takes a free position; the shard set hands them out).
+//! queues and their node-wide slots, where each unit's producers get their
+//! wake-ups by the unit's slot position (the shard set hands positions out).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -36,20 +36,11 @@ pub(crate) struct Plant {
     pub node: Arc<Node>,
     /// The queues this node works, in order.
     pub queues: Vec<Arc<str>>,
-    /// Each queue's node-wide slots, shared by its producers on every shard.
+    /// Each queue's node-wide slots, shared by its producers on every
+    /// shard; they hold the producers' wake-ups by slot position.
     pub slots: BTreeMap<Arc<str>, Arc<QueueSlots>>,
-    /// `wakes[queue][position]`: the producer wake-up the queue's slots
-    /// notify for the unit at that position.
-    pub wakes: BTreeMap<Arc<str>, Vec<Arc<Notify>>>,
     /// Most connections of a unit's engine pool.
     pub engine_connections: u32,
-}
-
-impl Plant {
-    /// How many units may run at once (the slot tables' positions).
-    pub(crate) fn positions(&self) -> usize {
-        self.wakes.values().next().map_or(0, Vec::len)
-    }
 }
 
 /// One shard's running work on this node.
@@ -88,7 +79,7 @@ impl ShardUnit {
         let mut producers = Vec::new();
         let mut wakes = HashMap::new();
         for q in &plant.queues {
-            let wake = plant.wakes[q][position].clone();
+            let wake = plant.slots[q].waker(position);
             wakes.insert(q.to_string(), wake.clone());
             let p = Producer {
                 node: node.clone(),

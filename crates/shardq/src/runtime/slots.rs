@@ -9,23 +9,47 @@
 //! jobs on the same queue; when no one else is hungry it may use every slot.
 //! A shard whose fetch fails is not hungry ([`QueueSlots::set_failing`]):
 //! a shard that is down must not keep a share of the slots for its outage.
+//!
+//! With adaptive concurrency on for the queue, the limit moves between a
+//! least one and the configured one as the `adaptive` limiter decides from
+//! the runs that end ([`QueueSlots::finished`]) and whether claimed jobs
+//! waited for a slot (a reservation that found too few).
+//!
+//! Shards are known by their *position* on this node (`ShardWork::index`):
+//! the tables grow when a unit starts at a position not seen yet
+//! ([`QueueSlots::waker`]), and a position whose unit stopped
+//! ([`QueueSlots::forget`]) serves the next unit started, so a node whose
+//! router gains shards later never runs out.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::adaptive::Limiter;
+use crate::observe::metrics;
 
 /// Slots of one queue on this node.
 pub(crate) struct QueueSlots {
-    /// The node's limit for this queue; fixed at start.
-    limit: usize,
+    /// The queue's name, for its metrics.
+    queue: Arc<str>,
     /// Written by reserve/release/set_hungry, under the lock.
     state: Mutex<SlotState>,
-    /// One wake-up per shard producer of this queue (index = shard index);
-    /// released slots call `notify_one` on each, which stores a permit.
-    wakers: Vec<Arc<Notify>>,
 }
 
+/// The limit and, per position, the tables below (one entry per position seen).
 struct SlotState {
+    /// The node's limit for this queue now: the configured one, or where
+    /// the limiter put it.
+    limit: usize,
+    /// Sizes the limit when adaptive concurrency is on for the queue; fed
+    /// by reservations and ended runs.
+    limiter: Option<Limiter>,
+    /// One wake-up per shard producer of this queue (index = position);
+    /// released slots call `notify_one` on the hungry ones, which stores a
+    /// permit.
+    wakers: Vec<Arc<Notify>>,
     running: Vec<usize>,
     hungry: Vec<bool>,
     /// Set when a shard's fetch failed, cleared by its next successful
@@ -34,17 +58,33 @@ struct SlotState {
 }
 
 impl QueueSlots {
-    /// Slots for `limit` concurrent runs across the producers woken by `wakers`.
-    pub(crate) fn new(limit: usize, wakers: Vec<Arc<Notify>>) -> QueueSlots {
-        let n = wakers.len();
+    /// Slots of `queue` for `limit` concurrent runs, no position known yet;
+    /// with a `limiter`, the limit is the limiter's (its most is `limit`).
+    pub(crate) fn new(queue: Arc<str>, limit: usize, limiter: Option<Limiter>) -> QueueSlots {
+        let limit = limiter.as_ref().map_or(limit, Limiter::limit);
+        metrics::queue_concurrency(&queue, limit);
         QueueSlots {
-            limit,
+            queue,
             state: Mutex::new(SlotState {
-                running: vec![0; n],
-                hungry: vec![false; n],
-                failing: vec![false; n],
+                limit,
+                limiter,
+                wakers: Vec::new(),
+                running: Vec::new(),
+                hungry: Vec::new(),
+                failing: Vec::new(),
             }),
-            wakers,
+        }
+    }
+
+    /// The wake-up of the producer at `position` (the tables grow to hold
+    /// it): released slots notify it while it is hungry.
+    pub(crate) fn waker(&self, position: usize) -> Arc<Notify> {
+        match self.state.lock() {
+            Ok(mut s) => {
+                s.grow(position);
+                s.wakers[position].clone()
+            }
+            Err(_) => Arc::new(Notify::new()),
         }
     }
 
@@ -52,17 +92,30 @@ impl QueueSlots {
     /// shard that gets none is marked hungry and woken by the next release.
     pub(crate) fn reserve(&self, shard: usize, max: usize) -> usize {
         let Ok(mut s) = self.state.lock() else { return 0 };
+        s.grow(shard);
         let got = self.allowed(&s, shard).min(max);
         s.running[shard] += got;
+        // Claimed jobs wait for a slot the limit holds back: a backlog.
+        if got < max && s.limiter.is_some() && s.running.iter().sum::<usize>() >= s.limit {
+            if let Some(l) = &mut s.limiter {
+                l.saturated();
+            }
+        }
         if got == 0 && !s.failing[shard] {
             s.hungry[shard] = true;
         }
         got
     }
 
-    /// The queue's limit on this node.
+    /// The queue's limit on this node now.
     pub(crate) fn limit(&self) -> usize {
-        self.limit
+        self.state.lock().map(|s| s.limit).unwrap_or(1)
+    }
+
+    /// The adaptive range (least, most) when the limit is adaptive.
+    pub(crate) fn adaptive_range(&self) -> Option<(usize, usize)> {
+        let s = self.state.lock().ok()?;
+        s.limiter.as_ref().map(|l| (l.min(), l.max()))
     }
 
     /// Whether `shard` could reserve a slot now; when it could not, it is
@@ -70,6 +123,7 @@ impl QueueSlots {
     #[cfg(test)]
     pub(crate) fn has_free(&self, shard: usize) -> bool {
         let Ok(mut s) = self.state.lock() else { return false };
+        s.grow(shard);
         let free = self.allowed(&s, shard) > 0;
         if !free && !s.failing[shard] {
             s.hungry[shard] = true;
@@ -81,26 +135,44 @@ impl QueueSlots {
     /// while other shards are hungry.
     fn allowed(&self, s: &SlotState, shard: usize) -> usize {
         let total: usize = s.running.iter().sum();
-        let free = self.limit.saturating_sub(total);
+        let free = s.limit.saturating_sub(total);
         let others_hungry = s.hungry.iter().enumerate().filter(|(i, h)| **h && *i != shard).count();
         if others_hungry == 0 {
             free
         } else {
-            let share = self.limit.div_ceil(others_hungry + 1);
+            let share = s.limit.div_ceil(others_hungry + 1);
             free.min(share.saturating_sub(s.running[shard]))
         }
     }
 
     /// Returns `n` slots of `shard` after runs ended and wakes the hungry
-    /// producers of the queue (those likely to have work waiting).
+    /// producers of the queue (those likely to have work waiting); the
+    /// runtime frees slots through [`Self::finished`].
+    #[cfg(test)]
     pub(crate) fn release(&self, shard: usize, n: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
         s.running[shard] = s.running[shard].saturating_sub(n);
-        for (w, hungry) in self.wakers.iter().zip(&s.hungry) {
-            if *hungry {
-                w.notify_one();
-            }
+        s.wake_hungry(None);
+    }
+
+    /// A run of `shard` that held a slot ended after `latency` (`failed`:
+    /// its handler failed): frees the slot as [`Self::release`] does, and
+    /// feeds the limiter, whose decision applies at once.
+    pub(crate) fn finished(&self, shard: usize, latency: Duration, failed: bool) {
+        let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
+        s.running[shard] = s.running[shard].saturating_sub(1);
+        let decided = s
+            .limiter
+            .as_mut()
+            .and_then(|l| l.ended(Instant::now(), latency, failed));
+        if let Some(limit) = decided {
+            tracing::debug!(queue = %self.queue, from = s.limit, to = limit, "adaptive concurrency moved the limit");
+            s.limit = limit;
+            metrics::queue_concurrency(&self.queue, limit);
         }
+        s.wake_hungry(None);
     }
 
     /// Returns `n` reserved slots that a fetch did not fill, and wakes the
@@ -109,20 +181,18 @@ impl QueueSlots {
     /// the poll) with slots free.
     pub(crate) fn unreserve(&self, shard: usize, n: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
         s.running[shard] = s.running[shard].saturating_sub(n);
         if n == 0 {
             return;
         }
-        for (i, (w, hungry)) in self.wakers.iter().zip(&s.hungry).enumerate() {
-            if *hungry && i != shard {
-                w.notify_one();
-            }
-        }
+        s.wake_hungry(Some(shard));
     }
 
     /// Records whether `shard` likely has more work waiting.
     pub(crate) fn set_hungry(&self, shard: usize, hungry: bool) {
         if let Ok(mut s) = self.state.lock() {
+            s.grow(shard);
             s.hungry[shard] = hungry;
             s.failing[shard] = false;
         }
@@ -134,15 +204,11 @@ impl QueueSlots {
     /// slots it leaves.
     pub(crate) fn set_failing(&self, shard: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
         s.failing[shard] = true;
         let was_hungry = std::mem::replace(&mut s.hungry[shard], false);
-        if !was_hungry {
-            return;
-        }
-        for (i, (w, hungry)) in self.wakers.iter().zip(&s.hungry).enumerate() {
-            if *hungry && i != shard {
-                w.notify_one();
-            }
+        if was_hungry {
+            s.wake_hungry(Some(shard));
         }
     }
 
@@ -152,6 +218,7 @@ impl QueueSlots {
     /// reservation after the wait marks it hungry again if it finds none.
     pub(crate) fn waiting_on_shard(&self, shard: usize) {
         if let Ok(mut s) = self.state.lock() {
+            s.grow(shard);
             s.hungry[shard] = false;
         }
     }
@@ -162,28 +229,51 @@ impl QueueSlots {
     /// Wakes the hungry producers of the queue.
     pub(crate) fn forget(&self, shard: usize) {
         let Ok(mut s) = self.state.lock() else { return };
+        s.grow(shard);
         s.running[shard] = 0;
         s.hungry[shard] = false;
         s.failing[shard] = false;
-        for (w, hungry) in self.wakers.iter().zip(&s.hungry) {
-            if *hungry {
-                w.notify_one();
-            }
-        }
+        s.wake_hungry(None);
     }
 
     /// Slots neither running nor reserved on any shard (read by the sampler).
     pub(crate) fn free(&self) -> usize {
         self.state
             .lock()
-            .map(|s| self.limit.saturating_sub(s.running.iter().sum()))
+            .map(|s| s.limit.saturating_sub(s.running.iter().sum()))
             .unwrap_or(0)
     }
 
     /// Runs in progress for `shard`.
     #[cfg(test)]
     fn running(&self, shard: usize) -> usize {
-        self.state.lock().map(|s| s.running[shard]).unwrap_or(0)
+        self.state
+            .lock()
+            .map(|s| s.running.get(shard).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl SlotState {
+    /// Makes room for `position` in every table.
+    fn grow(&mut self, position: usize) {
+        if position < self.running.len() {
+            return;
+        }
+        let n = position + 1;
+        self.wakers.resize_with(n, || Arc::new(Notify::new()));
+        self.running.resize(n, 0);
+        self.hungry.resize(n, false);
+        self.failing.resize(n, false);
+    }
+
+    /// Wakes the hungry producers, but `except`.
+    fn wake_hungry(&self, except: Option<usize>) {
+        for (i, (w, hungry)) in self.wakers.iter().zip(&self.hungry).enumerate() {
+            if *hungry && Some(i) != except {
+                w.notify_one();
+            }
+        }
     }
 }
 
@@ -192,7 +282,39 @@ mod tests {
     use super::*;
 
     fn slots(limit: usize, shards: usize) -> QueueSlots {
-        QueueSlots::new(limit, (0..shards).map(|_| Arc::new(Notify::new())).collect())
+        let s = QueueSlots::new(Arc::from("q"), limit, None);
+        for position in 0..shards {
+            s.waker(position);
+        }
+        s
+    }
+
+    #[test]
+    fn an_adaptive_limit_starts_at_its_least_and_grows_with_a_backlog() {
+        let limiter = Limiter::new(1, 8, Duration::ZERO, 1.5, Instant::now());
+        let s = QueueSlots::new(Arc::from("q"), 8, Some(limiter));
+        assert_eq!((s.limit(), s.adaptive_range()), (1, Some((1, 8))));
+        let mut seen = Vec::new();
+        for _ in 0..40 {
+            let got = s.reserve(0, 8); // more claimed than fits: saturated
+            for _ in 0..got.max(1) {
+                s.finished(0, Duration::from_millis(10), false);
+            }
+            seen.push(s.limit());
+        }
+        assert!(seen.iter().all(|n| (1..=8).contains(n)), "{seen:?}");
+        assert_eq!(s.limit(), 8, "{seen:?}");
+    }
+
+    #[test]
+    fn positions_grow_past_any_initial_count_and_keep_their_wakers() {
+        let s = slots(4, 2);
+        let far = s.waker(100);
+        assert!(Arc::ptr_eq(&far, &s.waker(100)), "one waker per position");
+        assert_eq!(s.reserve(100, 4), 4);
+        assert_eq!(s.reserve(0, 4), 0, "the limit holds across grown positions");
+        s.release(100, 4);
+        assert_eq!(s.free(), 4);
     }
 
     #[test]
@@ -239,7 +361,7 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(5), s.wakers[1].notified())
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.waker(1).notified())
                 .await
                 .expect("shard 1 woken");
         });
@@ -287,7 +409,7 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            for w in &s.wakers {
+            for w in [s.waker(0), s.waker(1)] {
                 tokio::time::timeout(std::time::Duration::from_secs(5), w.notified())
                     .await
                     .expect("woken");

@@ -17,8 +17,9 @@ pub struct NodeRow {
     pub heartbeat_at: DateTime<Utc>,
     /// Whether that heartbeat is within the node's time to live.
     pub live: bool,
-    /// Queue name → the node's limit for it.
-    pub queues: sqlx::types::Json<std::collections::BTreeMap<String, i64>>,
+    /// Queue name → the node's limit for it now: a number, or for an
+    /// adaptive queue `{"limit": now, "min": least, "max": most}`.
+    pub queues: sqlx::types::Json<std::collections::BTreeMap<String, serde_json::Value>>,
     /// The shards it works.
     pub working: Vec<String>,
     /// Its open engine connections over all shards.

@@ -45,10 +45,11 @@ pub struct WorkerArgs {
     /// before handing the rest back.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handover_grace: Duration,
-    /// Queues whose claims share due jobs fairly across accounts
-    /// (comma-separated; default: none, strict priority then due order).
+    /// Queues that opt out of fair share across accounts and are claimed
+    /// in strict priority then due order (comma-separated; default: none,
+    /// every queue shares fairly).
     #[arg(long, value_delimiter = ',', value_name = "QUEUE,...")]
-    pub fair_queues: Vec<String>,
+    pub strict_queues: Vec<String>,
     /// Serve `/metrics` (Prometheus) and `/healthz` on this address; given
     /// without a value, on loopback only: 127.0.0.1:9187.
     #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9187")]
@@ -87,7 +88,7 @@ impl WorkerArgs {
             nodes_per_shard: self.nodes_per_shard,
             fleet_heartbeat: self.fleet_heartbeat,
             handover_grace: self.handover_grace,
-            fair_queues: self.fair_queues.clone(),
+            strict_queues: self.strict_queues.clone(),
             ..RuntimeOptions::default()
         }
     }

@@ -229,6 +229,59 @@ macro_rules! fair_running_cte {
     };
 }
 
+/// `priorities`: the distinct priorities with available jobs in queue
+/// `$1`, by a recursive skip scan over `jobs_fetch_idx` (one seek each).
+macro_rules! strict_priorities_cte {
+    () => {
+        "priorities AS (
+              (SELECT priority FROM shardq.jobs
+                WHERE state = 'available' AND queue = $1
+                ORDER BY priority LIMIT 1)
+              UNION ALL
+              SELECT n.priority
+                FROM priorities p
+                CROSS JOIN LATERAL (
+                    SELECT priority FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1 AND priority > p.priority
+                     ORDER BY priority LIMIT 1) AS n
+          )"
+    };
+}
+
+/// The head of queue `$1` in strict order (`id`, `account`): per priority
+/// of `priorities` (`strict_priorities_cte!`), the due range of
+/// `jobs_fetch_idx` read oldest first, up to `$2` rows, locked with SKIP
+/// LOCKED, without paused queues, fenced accounts or blocked serial keys;
+/// of those, the first `$2` by aging, priority, run time and id.
+macro_rules! strict_head_select {
+    () => {
+        concat!(
+            "SELECT c.id, c.account
+               FROM priorities p
+               CROSS JOIN LATERAL (
+                   SELECT id, account, priority, run_at FROM shardq.jobs
+                    WHERE state = 'available' AND queue = $1 AND priority = p.priority
+                      AND run_at <= now()
+                      AND ",
+            claim_queue_open!(),
+            "
+                      AND ",
+            claim_account_unfenced!("jobs.account"),
+            "
+                      AND ",
+            claim_serial_free!(),
+            "
+                    ORDER BY run_at, id
+                    LIMIT $2
+                    FOR UPDATE SKIP LOCKED) AS c
+               CROSS JOIN LATERAL (
+                   SELECT COALESCE(c.run_at <= now() - make_interval(secs => $5), false) AS aged) AS a
+              ORDER BY a.aged DESC, CASE WHEN a.aged THEN c.run_at END, c.priority, c.run_at, c.id
+              LIMIT $2"
+        )
+    };
+}
+
 /// The strict-order fetch statement (a queue that opted out of fair share): `$1` queue, `$2` limit, `$3` node id, `$4` lease
 /// seconds, `$5` priority aging in seconds (NULL: off). Public so tests can check its generic plan.
 ///
@@ -271,40 +324,12 @@ macro_rules! fair_running_cte {
 /// candidates; those beyond the limit are released when the statement ends.
 pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
     claim_open!(),
-    "WITH RECURSIVE priorities AS (
-         (SELECT priority FROM shardq.jobs
-           WHERE state = 'available' AND queue = $1
-           ORDER BY priority LIMIT 1)
-         UNION ALL
-         SELECT n.priority
-           FROM priorities p
-           CROSS JOIN LATERAL (
-               SELECT priority FROM shardq.jobs
-                WHERE state = 'available' AND queue = $1 AND priority > p.priority
-                ORDER BY priority LIMIT 1) AS n
-     )
-     SELECT c.id
-       FROM priorities p
-       CROSS JOIN LATERAL (
-           SELECT id, priority, run_at FROM shardq.jobs
-            WHERE state = 'available' AND queue = $1 AND priority = p.priority
-              AND run_at <= now()
-              AND ",
-    claim_queue_open!(),
+    "WITH RECURSIVE ",
+    strict_priorities_cte!(),
     "
-              AND ",
-    claim_account_unfenced!("jobs.account"),
-    "
-              AND ",
-    claim_serial_free!(),
-    "
-            ORDER BY run_at, id
-            LIMIT $2
-            FOR UPDATE SKIP LOCKED) AS c
-       CROSS JOIN LATERAL (
-           SELECT COALESCE(c.run_at <= now() - make_interval(secs => $5), false) AS aged) AS a
-      ORDER BY a.aged DESC, CASE WHEN a.aged THEN c.run_at END, c.priority, c.run_at, c.id
-      LIMIT $2",
+     SELECT h.id FROM (",
+    strict_head_select!(),
+    ") AS h",
     claim_close!()
 );
 
@@ -327,6 +352,17 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
 /// whole claim. A backlog delays other accounts by its share, never by its
 /// size.
 ///
+/// The strict head first: the claim reads the queue's head in strict order
+/// (`strict_head_select!`, what [`JOB_FETCH_AVAILABLE_SQL`] claims) and
+/// takes it as it is when that is already fair: no account on the shard
+/// has a weight set, and either the head holds at most one job of each
+/// account and none of them runs a job in the queue now, or it holds jobs
+/// of one account only and the window finds no other account with due
+/// jobs. That is the usual case while many accounts enqueue in turn, or
+/// one account alone, and it costs what the strict claim costs. Otherwise
+/// (a backlog at the head, or accounts that already run jobs) the head's
+/// rows stay locked until the statement ends and the turns below decide.
+///
 /// Cost: the window (`fair_window_ctes!`) is at most `max($2, 32)`
 /// (priority, account) pairs, one seek each in `jobs_fair_idx` (a backlog
 /// of 200k jobs of one account is one seek), starting after the account the
@@ -347,6 +383,12 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
 pub const JOB_FETCH_FAIR_SQL: &str = concat!(
     claim_open!(),
     "WITH RECURSIVE ",
+    strict_priorities_cte!(),
+    ",
+     head AS MATERIALIZED (",
+    strict_head_select!(),
+    "),
+     ",
     fair_window_ctes!(),
     ",
      ",
@@ -354,13 +396,14 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
     ",
      accounts AS (
          SELECT a.account, a.priorities, a.weight, a.running
-           FROM (SELECT d.account, array_agg(d.priority) AS priorities, min(d.run_at) AS head,
+           FROM (SELECT g.account, g.priorities, g.head, g.weight,
+                        COALESCE((r.counts ->> g.account)::float8, 0) AS running
+                   FROM running r
+                   CROSS JOIN (SELECT d.account, array_agg(d.priority) AS priorities, min(d.run_at) AS head,
                 ",
     claim_account_weight!("d.account"),
-    " AS weight,
-                COALESCE((min(r.counts ->> d.account))::float8, 0) AS running
+    " AS weight
            FROM pairs d
-           CROSS JOIN running r
           WHERE d.run_at <= now()
             AND ",
     claim_queue_open!(),
@@ -368,7 +411,7 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
             AND ",
     claim_account_unfenced!("d.account"),
     "
-          GROUP BY d.account) AS a
+          GROUP BY d.account) AS g) AS a
           ORDER BY a.running / a.weight, a.head
           LIMIT $2
      ),
@@ -401,10 +444,23 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
                      ORDER BY aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id) - 1)
                 / weight AS turn
            FROM candidates
+     ),
+     fast AS MATERIALIZED (
+         SELECT CASE WHEN (SELECT min(account) FROM shardq.account_weights) IS NOT NULL THEN false
+                     WHEN count(*) = count(DISTINCT h.account)
+                          THEN NOT COALESCE(bool_or(r.counts ? h.account), false)
+                     WHEN count(DISTINCT h.account) = 1 THEN NOT EXISTS (
+                          SELECT 1 FROM pairs
+                           WHERE pairs.run_at <= now() AND pairs.account <> min(h.account))
+                     ELSE false END AS head_is_fair
+           FROM head h
+           CROSS JOIN running r
      )
-     SELECT id FROM ranked
-      ORDER BY turn, aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id
-      LIMIT $2",
+     SELECT id FROM head WHERE (SELECT head_is_fair FROM fast)
+     UNION ALL
+     (SELECT id FROM ranked WHERE NOT (SELECT head_is_fair FROM fast)
+       ORDER BY turn, aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id
+       LIMIT $2)",
     claim_close!()
 );
 

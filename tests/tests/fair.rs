@@ -179,3 +179,29 @@ async fn successive_claims_rotate_through_more_accounts_than_one_claim_reads() {
     assert_eq!(served.len(), 100, "every account was served: {served:?}");
     assert!(served.values().all(|n| *n == 1), "{served:?}");
 }
+
+#[tokio::test]
+async fn neither_claim_takes_the_jobs_of_an_account_fenced_off_the_shard() {
+    let f = fleet().await;
+    let pool = f.router.shards()[0].pool.clone();
+    due_jobs(&pool, "staying", 5, 60.0).await;
+    due_jobs(&pool, "leaving", 5, 120.0).await;
+    sqlx::query(
+        "INSERT INTO shardq.fences (account, moved_to, epoch, fenced_at) VALUES ('leaving', 'elsewhere', 2, now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for fair in [false, true] {
+        let mut tx = pool.begin().await.unwrap();
+        let claimed = store::job_fetch_available(&mut *tx, &fetch(20, "n1", fair))
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(
+            per_account(&claimed),
+            BTreeMap::from([("staying".to_string(), 5)]),
+            "fair: {fair}"
+        );
+    }
+}

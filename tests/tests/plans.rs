@@ -148,6 +148,49 @@ async fn claiming_due_jobs_does_not_walk_the_future_ones() {
 }
 
 #[tokio::test]
+async fn the_fair_claim_costs_what_the_strict_claim_does_while_accounts_interleave() {
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    let mut conn = db.pool.acquire().await.unwrap();
+    // 1,000 accounts whose jobs were enqueued in turn (as many tenants
+    // enqueueing at once do): the strict head already holds one job each.
+    sqlx::query(
+        "INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
+         SELECT 'a' || (i % 1000), 'default', 'noop', '{}', now() - interval '1 minute'
+           FROM generate_series(1, 20000) AS i",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (strict, rows) = buffers_and_rows(
+        &mut conn,
+        "text, bigint, text, float8, float8",
+        JOB_FETCH_AVAILABLE_SQL,
+        "'default', 100, 'node', 30, 300",
+    )
+    .await;
+    assert_eq!(rows, 100, "a full strict claim");
+    let (fair, rows) = buffers_and_rows(
+        &mut conn,
+        "text, bigint, text, float8, float8, text",
+        JOB_FETCH_FAIR_SQL,
+        "'default', 100, 'node', 30, 300, NULL",
+    )
+    .await;
+    assert_eq!(rows, 100, "a full fair claim");
+    // The fair claim takes the strict head (one job of each of 100
+    // accounts) instead of walking 100 accounts with two seeks each.
+    assert!(
+        fair < strict * 3 / 2 + 20,
+        "the strict claim touched {strict} buffers and the fair one {fair}"
+    );
+}
+
+#[tokio::test]
 async fn the_fair_claim_does_not_walk_one_accounts_backlog() {
     let f = fleet().await;
     let db = f.router.shards()[0].clone();

@@ -46,10 +46,11 @@ pub struct WorkerArgs {
     /// before handing the rest back.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handover_grace: Duration,
-    /// Queues whose claims share due jobs fairly across accounts
-    /// (comma-separated; default: none, strict priority then due order).
+    /// Queues that opt out of fair share across accounts and are claimed
+    /// in strict priority then due order (comma-separated; default: none,
+    /// every queue shares fairly).
     #[arg(long, value_delimiter = ',', value_name = "QUEUE,...")]
-    pub fair_queues: Vec<String>,
+    pub strict_queues: Vec<String>,
     /// Size these queues' concurrency adaptively between
     /// `--adaptive-min` and their `--queues` limit, from their handlers'
     /// latency, failures and backlog (comma-separated; `*`: every queue;
@@ -97,7 +98,7 @@ impl WorkerArgs {
             nodes_per_shard: self.nodes_per_shard,
             fleet_heartbeat: self.fleet_heartbeat,
             handover_grace: self.handover_grace,
-            fair_queues: self.fair_queues.clone(),
+            strict_queues: self.strict_queues.clone(),
             adaptive: (!self.adaptive_queues.is_empty()).then(|| AdaptiveConcurrency {
                 // `*` names every queue: an empty list.
                 queues: if self.adaptive_queues.iter().any(|q| q == "*") {

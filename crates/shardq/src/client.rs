@@ -200,10 +200,10 @@ impl Client {
                 shard: shard.clone(),
                 id,
             };
-            let input: Vec<(&str, &NewJob, String)> = rows.iter().map(|r| (r.1, r.2, r.3.clone())).collect();
+            let input: Vec<(&str, &NewJob, &str)> = rows.iter().map(|r| (r.1, r.2, r.3.as_str())).collect();
             let mut pooled = db.pool.acquire().await.map_err(|e| db.error(e))?;
             let mut conn = db.conn(&mut pooled);
-            let plain: Vec<(&str, &NewJob, String)> = input.iter().filter(|r| !r.1.is_keyed()).cloned().collect();
+            let plain: Vec<(&str, &NewJob, &str)> = input.iter().filter(|r| !r.1.is_keyed()).copied().collect();
             let plain_ids = if plain.is_empty() {
                 Ok(Vec::new())
             } else {

@@ -47,10 +47,10 @@ async fn run_once(bed: &TestBed, backlog: usize, seconds: u64, fifo: bool) -> an
         preload(&fleet, backlog, std::slice::from_ref(&big), 1_000).await?;
     }
     let options = RuntimeOptions {
-        fair_queues: if fifo {
-            Vec::new()
-        } else {
+        strict_queues: if fifo {
             vec![shardq::job::DEFAULT_QUEUE.to_string()]
+        } else {
+            Vec::new()
         },
         ..RuntimeOptions::default()
     };

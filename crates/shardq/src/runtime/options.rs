@@ -67,12 +67,12 @@ pub struct RuntimeOptions {
     /// How long a shard this node stops owning lets its running jobs finish
     /// before handing the rest back (default 10 s).
     pub handover_grace: Duration,
-    /// Queues whose claims share due jobs fairly across accounts (weighted
-    /// by `Client::set_account_weight`); the others take due jobs in strict
-    /// priority then run order, whichever account they belong to. Default:
-    /// none, for now: the fair claim costs about 40 % of a one-queue drain
-    /// on this release (README, "Fair scheduling").
-    pub fair_queues: Vec<String>,
+    /// Queues that opt out of fair share and take due jobs in strict
+    /// priority then run order, whichever account they belong to (strict
+    /// FIFO across accounts). Every other queue's claims share due jobs
+    /// fairly across accounts, weighted by `Client::set_account_weight`
+    /// (README, "Fair scheduling"). Default: none.
+    pub strict_queues: Vec<String>,
     /// Adaptive concurrency (default `None`: off): the queues it names are
     /// sized between a least limit and their configured one from what
     /// their runs show (handler latency against its best, failures, whether
@@ -142,7 +142,7 @@ impl Default for RuntimeOptions {
             nodes_per_shard: 3,
             fleet_heartbeat: Duration::from_secs(2),
             handover_grace: Duration::from_secs(10),
-            fair_queues: Vec::new(),
+            strict_queues: Vec::new(),
             adaptive: None,
         }
     }

@@ -304,7 +304,7 @@ impl Producer {
             node: &self.node.id,
             lease_secs: opts.lease.as_secs_f64(),
             aging_secs: opts.priority_aging.map(|d| d.as_secs_f64()),
-            fair: opts.fair_queues.iter().any(|q| **q == *self.queue),
+            fair: !opts.strict_queues.iter().any(|q| **q == *self.queue),
             after: from.as_deref(),
         };
         // Until its jobs are recorded, the orphan check leaves this node's

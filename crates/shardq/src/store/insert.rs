@@ -72,38 +72,89 @@ pub async fn jobs_notify(conn: &mut Conn<'_>, queues: &[&str]) -> sqlx::Result<(
     .map(|_| ())
 }
 
-/// Inserts many jobs in one statement; ids come back in input order.
-/// The batch is a one-statement insert on a pool connection: its NOTIFY is
-/// [`Notify::Deferred`] (call [`jobs_notify`] after it).
-pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, String)]) -> sqlx::Result<Vec<i64>> {
-    let accounts: Vec<&str> = rows.iter().map(|r| r.0).collect();
-    let queues: Vec<&str> = rows.iter().map(|r| r.1.queue.as_str()).collect();
-    let kinds: Vec<&str> = rows.iter().map(|r| r.1.kind.as_str()).collect();
-    let args: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
-    let priorities: Vec<i16> = rows.iter().map(|r| r.1.priority).collect();
-    let max_attempts: Vec<i32> = rows.iter().map(|r| r.1.max_attempts).collect();
-    let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.1.run_at).collect();
-    let delays: Vec<Option<f64>> = rows.iter().map(|r| r.1.delay_secs()).collect();
-    sqlx::query_scalar(
-        "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
+/// The batch insert when its rows differ only in account and args (the
+/// usual batch): `$1` accounts, `$2` args (JSON text), one value each for
+/// `$3` queue, `$4` kind, `$5` priority, `$6` max attempts, `$7` run time
+/// and `$8` delay in seconds. Per row, the server decodes two array
+/// elements and writes the row, as the floor's `UNNEST` insert does; the
+/// run time is computed once. The ids come back as one array in input
+/// order: rows are inserted in input order (`ORDER BY n`), so their
+/// identity values rise in it.
+const JOB_INSERT_MANY_UNIFORM: &str = "WITH inserted AS (
+         INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
+         SELECT t.a, $3, $4, t.g::jsonb, $5, $6, c.run_at
+           FROM (SELECT set_config('shardq.notify', 'deferred', true) AS notify,
+                        COALESCE($7, now() + make_interval(secs => COALESCE($8, 0))) AS run_at) AS c,
+                unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(a, g, n)
+          ORDER BY t.n
+         RETURNING id
+     )
+     SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM inserted";
+
+/// The batch insert of rows that differ in more than account and args: one
+/// array per column; ids as in [`JOB_INSERT_MANY_UNIFORM`].
+const JOB_INSERT_MANY: &str = "WITH inserted AS (
+         INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
          SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now() + make_interval(secs => COALESCE(d, 0)))
            FROM (SELECT set_config('shardq.notify', 'deferred', true)) AS notify,
                 unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::int[],
                        $7::timestamptz[], $8::float8[])
                 WITH ORDINALITY AS t(a, q, k, g, p, m, r, d, n)
           ORDER BY n
-         RETURNING id",
-    )
-    .bind(accounts)
-    .bind(queues)
-    .bind(kinds)
-    .bind(args)
-    .bind(priorities)
-    .bind(max_attempts)
-    .bind(run_ats)
-    .bind(delays)
-    .fetch_all(conn)
-    .await
+         RETURNING id
+     )
+     SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM inserted";
+
+/// Whether job `b` is inserted with the same values as `a` in every column
+/// but account and args.
+fn same_columns(a: &NewJob, b: &NewJob) -> bool {
+    a.queue == b.queue
+        && a.kind == b.kind
+        && a.priority == b.priority
+        && a.max_attempts == b.max_attempts
+        && a.run_at == b.run_at
+        && a.delay_secs() == b.delay_secs()
+}
+
+/// Inserts many jobs in one statement; ids come back in input order.
+/// The batch is a one-statement insert on a pool connection: its NOTIFY is
+/// [`Notify::Deferred`] (call [`jobs_notify`] after it).
+pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]) -> sqlx::Result<Vec<i64>> {
+    let accounts: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    let args: Vec<&str> = rows.iter().map(|r| r.2).collect();
+    let Some(first) = rows.first().map(|r| r.1) else {
+        return Ok(Vec::new());
+    };
+    if rows.iter().all(|r| same_columns(first, r.1)) {
+        return sqlx::query_scalar(JOB_INSERT_MANY_UNIFORM)
+            .bind(accounts)
+            .bind(args)
+            .bind(&first.queue)
+            .bind(&first.kind)
+            .bind(first.priority)
+            .bind(first.max_attempts)
+            .bind(first.run_at)
+            .bind(first.delay_secs())
+            .fetch_one(conn)
+            .await;
+    }
+    let queues: Vec<&str> = rows.iter().map(|r| r.1.queue.as_str()).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.1.kind.as_str()).collect();
+    let priorities: Vec<i16> = rows.iter().map(|r| r.1.priority).collect();
+    let max_attempts: Vec<i32> = rows.iter().map(|r| r.1.max_attempts).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.1.run_at).collect();
+    let delays: Vec<Option<f64>> = rows.iter().map(|r| r.1.delay_secs()).collect();
+    sqlx::query_scalar(JOB_INSERT_MANY)
+        .bind(accounts)
+        .bind(queues)
+        .bind(kinds)
+        .bind(args)
+        .bind(priorities)
+        .bind(max_attempts)
+        .bind(run_ats)
+        .bind(delays)
+        .fetch_one(conn)
+        .await
 }
 
 // ---- unique jobs, serial keys, periodic jobs

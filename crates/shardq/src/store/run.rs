@@ -77,18 +77,219 @@ pub struct Finish {
 /// loop gains from JIT.
 pub const ENGINE_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
 
+/// The claim's outer statement up to its candidates: `UPDATE .. WHERE
+/// j.id = ANY(ARRAY(` (closed by `claim_close!`). The claimed rows become
+/// `running` under node `$3` with a lease of `$4` seconds; a keyed job's
+/// run holds its serial key. `id = ANY(ARRAY(..))` keeps the statement an
+/// index scan on the primary key under a generic plan (a CTE joined on id
+/// can become a hash join over a sequential scan).
+macro_rules! claim_open {
+    () => {
+        "UPDATE shardq.jobs j
+            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
+                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
+                serial_held = j.serial_key IS NOT NULL
+          WHERE j.id = ANY(ARRAY("
+    };
+}
+
+/// The end of a claim opened by `claim_open!`: the row every claim returns
+/// ([`FetchedJob`]).
+macro_rules! claim_close {
+    () => {
+        "))
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
+                   j.serial_key IS NOT NULL AS keyed"
+    };
+}
+
+/// Condition: queue `$1` is not paused on this shard (one primary-key probe
+/// of `shardq.queue_pauses`).
+macro_rules! claim_queue_open {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)"
+    };
+}
+
+/// Condition: the account in column `$account` is not fenced off this shard
+/// (it is not moving or moved away). While no account is fenced (nearly
+/// always), one probe of the empty `shardq.fences` per claim (`min` of its
+/// primary key: one index seek) decides it for every row (`OR` evaluates
+/// its left side first); otherwise one seek per row (a count, which the
+/// planner cannot turn into a hashed subplan over the whole table).
+macro_rules! claim_account_unfenced {
+    ($account:literal) => {
+        concat!(
+            "((SELECT min(account) FROM shardq.fences) IS NULL
+              OR (SELECT count(*) FROM shardq.fences f WHERE f.account = ",
+            $account,
+            ") = 0)"
+        )
+    };
+}
+
+/// Condition on a candidate row of `shardq.jobs` (aliased `jobs`): its
+/// serial key, if any, is free: no earlier job of the key (lower id) is
+/// `available` or `running` (one seek in `jobs_serial_idx`) and no run
+/// still holds it (one seek in `jobs_serial_held_idx`). Jobs without a key
+/// skip both probes, as `OR` evaluates its left side first.
+macro_rules! claim_serial_free {
+    () => {
+        "(serial_key IS NULL OR (
+              NOT EXISTS (
+                  SELECT 1 FROM shardq.jobs b
+                   WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                     AND b.state IN ('available', 'running'))
+              AND NOT EXISTS (
+                  SELECT 1 FROM shardq.jobs h
+                   WHERE h.serial_key = jobs.serial_key AND h.serial_held)))"
+    };
+}
+
+/// The weight of the account in column `$account` as float8: its row in
+/// `shardq.account_weights`, 1 without one. While no account on the shard
+/// has a weight set, one probe of the empty table per claim (one index
+/// seek) decides it
+/// (`CASE` evaluates lazily); otherwise one primary-key seek per account.
+macro_rules! claim_account_weight {
+    ($account:literal) => {
+        concat!(
+            "CASE WHEN (SELECT min(account) FROM shardq.account_weights) IS NULL THEN 1
+                  ELSE COALESCE((SELECT w.weight FROM shardq.account_weights w
+                                  WHERE w.account = ",
+            $account,
+            "), 1) END::float8"
+        )
+    };
+}
+
+/// `start` and `pairs`, the fair claim's window: a recursive skip scan over
+/// `jobs_fair_idx (queue, priority, account, run_at, id)` that finds, one
+/// index seek each, the earliest job of at most `max($2, 32)` (priority,
+/// account) pairs of queue `$1` (`priority`, `account`, `run_at`): as
+/// many as the claim takes jobs, and never fewer than 32, so that a small
+/// claim still sees every priority of the accounts nearby. It starts after
+/// account `$6` (NULL: the first) at the best priority in use and wraps
+/// around at the end, back to and including that account.
+macro_rules! fair_window_ctes {
+    () => {
+        "start AS (
+              SELECT p.priority, COALESCE($6, '') AS account
+                FROM (SELECT priority FROM shardq.jobs
+                       WHERE state = 'available' AND queue = $1
+                       ORDER BY priority LIMIT 1) AS p
+          ),
+          pairs AS (
+              (SELECT j1.priority, j1.account, j1.run_at, j1.wrapped, 1 AS n
+                 FROM start s
+                 CROSS JOIN LATERAL (
+                     (SELECT priority, account, run_at, false AS wrapped FROM shardq.jobs
+                       WHERE state = 'available' AND queue = $1
+                         AND (priority, account) > (s.priority, s.account)
+                       ORDER BY priority, account, run_at LIMIT 1)
+                     UNION ALL
+                     (SELECT priority, account, run_at, true FROM shardq.jobs
+                       WHERE state = 'available' AND queue = $1
+                       ORDER BY priority, account, run_at LIMIT 1)
+                     LIMIT 1) AS j1)
+              UNION ALL
+              SELECT n.priority, n.account, n.run_at, n.wrapped, p.n + 1
+                FROM pairs p
+                CROSS JOIN LATERAL (
+                    (SELECT priority, account, run_at, p.wrapped AS wrapped FROM shardq.jobs
+                      WHERE state = 'available' AND queue = $1
+                        AND (priority, account) > (p.priority, p.account)
+                      ORDER BY priority, account, run_at LIMIT 1)
+                    UNION ALL
+                    (SELECT priority, account, run_at, true FROM shardq.jobs
+                      WHERE state = 'available' AND queue = $1 AND NOT p.wrapped
+                      ORDER BY priority, account, run_at LIMIT 1)
+                    LIMIT 1) AS n
+               WHERE p.n < GREATEST($2, 32)
+                 AND NOT (n.wrapped AND (n.priority, n.account) > (SELECT priority, account FROM start))
+          )"
+    };
+}
+
+/// `running`: one row, `counts`, a JSON object from account to how many of
+/// its jobs run in queue `$1` now, on any node; read through
+/// `jobs_running_idx`, so bounded by the fleet's concurrency on the shard.
+/// One object looked up per account (a binary search over its keys)
+/// instead of a join, which the planner, misled by the window's row
+/// estimate, would run as a nested loop over every running account per
+/// window row.
+macro_rules! fair_running_cte {
+    () => {
+        "running AS MATERIALIZED (
+              SELECT COALESCE(jsonb_object_agg(account, n), '{}') AS counts
+                FROM (SELECT account, count(*) AS n FROM shardq.jobs
+                       WHERE state = 'running' AND queue = $1
+                       GROUP BY account) AS r
+          )"
+    };
+}
+
+/// `priorities`: the distinct priorities with available jobs in queue
+/// `$1`, by a recursive skip scan over `jobs_fetch_idx` (one seek each).
+macro_rules! strict_priorities_cte {
+    () => {
+        "priorities AS (
+              (SELECT priority FROM shardq.jobs
+                WHERE state = 'available' AND queue = $1
+                ORDER BY priority LIMIT 1)
+              UNION ALL
+              SELECT n.priority
+                FROM priorities p
+                CROSS JOIN LATERAL (
+                    SELECT priority FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1 AND priority > p.priority
+                     ORDER BY priority LIMIT 1) AS n
+          )"
+    };
+}
+
+/// The head of queue `$1` in strict order (`id`, `account`): per priority
+/// of `priorities` (`strict_priorities_cte!`), the due range of
+/// `jobs_fetch_idx` read oldest first, up to `$2` rows, locked with SKIP
+/// LOCKED, without paused queues, fenced accounts or blocked serial keys;
+/// of those, the first `$2` by aging, priority, run time and id.
+macro_rules! strict_head_select {
+    () => {
+        concat!(
+            "SELECT c.id, c.account
+               FROM priorities p
+               CROSS JOIN LATERAL (
+                   SELECT id, account, priority, run_at FROM shardq.jobs
+                    WHERE state = 'available' AND queue = $1 AND priority = p.priority
+                      AND run_at <= now()
+                      AND ",
+            claim_queue_open!(),
+            "
+                      AND ",
+            claim_account_unfenced!("jobs.account"),
+            "
+                      AND ",
+            claim_serial_free!(),
+            "
+                    ORDER BY run_at, id
+                    LIMIT $2
+                    FOR UPDATE SKIP LOCKED) AS c
+               CROSS JOIN LATERAL (
+                   SELECT COALESCE(c.run_at <= now() - make_interval(secs => $5), false) AS aged) AS a
+              ORDER BY a.aged DESC, CASE WHEN a.aged THEN c.run_at END, c.priority, c.run_at, c.id
+              LIMIT $2"
+        )
+    };
+}
+
 /// The strict-order fetch statement (a queue that opted out of fair share): `$1` queue, `$2` limit, `$3` node id, `$4` lease
-/// seconds, `$5` priority aging in seconds (NULL: off). Public so tests can check its generic plan: `id = ANY(ARRAY(..))`
-/// keeps it an index scan even when the server switches to a generic plan
-/// (a CTE joined on id can become a hash join over a sequential scan).
+/// seconds, `$5` priority aging in seconds (NULL: off). Public so tests can check its generic plan.
 ///
-/// Serial keys: a job with a `serial_key` is claimed only when no earlier
-/// job (lower id) of the same key is `available` or `running` (one seek in
-/// `jobs_serial_idx`) and no run of the key still holds it (one seek in
-/// `jobs_serial_held_idx`; a run holds its key from its claim until it has
-/// ended on its node: a cancelled job whose handler goes on still holds
-/// it). Jobs without a key skip both probes, as `OR` evaluates its left
-/// side first. The unique index on held keys is the rule itself: a claim
+/// Serial keys (`claim_serial_free!`): a job with a `serial_key` is
+/// claimed only when no earlier job of the key is waiting or running and
+/// no run of the key still holds it (a run holds its key from its claim
+/// until it has ended on its node: a cancelled job whose handler goes on
+/// still holds it). The unique index on held keys is the rule itself: a claim
 /// racing another for a key the probes could not yet see held (an older
 /// job that became visible late, or was retried by hand) fails instead of
 /// running two at once, and the producer claims again. Why two concurrent fetches cannot both claim jobs
@@ -106,12 +307,10 @@ pub const ENGINE_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
 /// priority's due range is read oldest first already, so the aged jobs are
 /// among the rows read and aging costs nothing more.
 ///
-/// Paused queues: nothing is claimed from a queue paused on this shard
-/// (`shardq.queue_pauses`, one primary-key probe per priority).
-///
-/// Fences: the jobs of an account fenced off this shard (it is moving or
-/// has moved away) are never claimed here; one seek in the tiny
-/// `shardq.fences` per candidate.
+/// Paused queues (`claim_queue_open!`): nothing is claimed from a queue
+/// paused on this shard. Fences (`claim_account_unfenced!`): the jobs of
+/// an account fenced off this shard (it is moving or has moved away) are
+/// never claimed here.
 ///
 /// Future jobs (scheduled, or retrying after a backoff) stay `available` in
 /// `jobs_fetch_idx (queue, priority, run_at, id)`, which leads with
@@ -123,48 +322,16 @@ pub const ENGINE_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
 /// the limit. Its cost grows with the priorities in use and the rows
 /// claimed, never with future jobs. Each priority locks at most `$2`
 /// candidates; those beyond the limit are released when the statement ends.
-pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
-            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
-                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
-                serial_held = j.serial_key IS NOT NULL
-          WHERE j.id = ANY(ARRAY(
-              WITH RECURSIVE priorities AS (
-                  (SELECT priority FROM shardq.jobs
-                    WHERE state = 'available' AND queue = $1
-                    ORDER BY priority LIMIT 1)
-                  UNION ALL
-                  SELECT n.priority
-                    FROM priorities p
-                    CROSS JOIN LATERAL (
-                        SELECT priority FROM shardq.jobs
-                         WHERE state = 'available' AND queue = $1 AND priority > p.priority
-                         ORDER BY priority LIMIT 1) AS n
-              )
-              SELECT c.id
-                FROM priorities p
-                CROSS JOIN LATERAL (
-                    SELECT id, priority, run_at FROM shardq.jobs
-                     WHERE state = 'available' AND queue = $1 AND priority = p.priority
-                       AND run_at <= now()
-                       AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
-                       AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)
-                       AND (serial_key IS NULL OR (
-                            NOT EXISTS (
-                                SELECT 1 FROM shardq.jobs b
-                                 WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
-                                   AND b.state IN ('available', 'running'))
-                            AND NOT EXISTS (
-                                SELECT 1 FROM shardq.jobs h
-                                 WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
-                     ORDER BY run_at, id
-                     LIMIT $2
-                     FOR UPDATE SKIP LOCKED) AS c
-                CROSS JOIN LATERAL (
-                    SELECT COALESCE(c.run_at <= now() - make_interval(secs => $5), false) AS aged) AS a
-               ORDER BY a.aged DESC, CASE WHEN a.aged THEN c.run_at END, c.priority, c.run_at, c.id
-               LIMIT $2))
-         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
-                   j.serial_key IS NOT NULL AS keyed";
+pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
+    claim_open!(),
+    "WITH RECURSIVE ",
+    strict_priorities_cte!(),
+    "
+     SELECT h.id FROM (",
+    strict_head_select!(),
+    ") AS h",
+    claim_close!()
+);
 
 /// The fair fetch statement, the default: the parameters of
 /// [`JOB_FETCH_AVAILABLE_SQL`] plus `$6`, the account the rotation resumes
@@ -175,9 +342,9 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
 /// Fair share (weighted fair queueing by account, work-conserving): each
 /// candidate gets a turn, `(running + k - 1) / weight`, where `running` is
 /// how many jobs of its account run in the queue now (on any node: counted
-/// in the database), `k` its place among its account's candidates (aged
+/// in the database, `fair_running_cte!`), `k` its place among its account's candidates (aged
 /// jobs first, then priority, run time, id) and `weight` the account's
-/// (`shardq.account_weights`, 1 without a row). The claim takes the lowest
+/// (`claim_account_weight!`). The claim takes the lowest
 /// turns, ties broken by aging, priority, run time and id. So one claim
 /// interleaves the accounts with due jobs, an account with weight 2 gets
 /// twice the turns of one with weight 1, an account that already holds
@@ -185,129 +352,117 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
 /// whole claim. A backlog delays other accounts by its share, never by its
 /// size.
 ///
-/// Cost: a recursive skip scan over `jobs_fair_idx (queue, priority,
-/// account, run_at, id)` finds each (priority, account) pair's earliest
-/// job with one index seek (a backlog of 200k jobs of one account is one
-/// seek). The walk is a window of at most `max(2 · $2, 32)` pairs that
-/// starts after account `$6` at the best priority in use and wraps around
-/// at the end, back to and including that account, so with more accounts than the window, successive claims
-/// of a producer rotate through them ([`fair_rotation_after`]), and a claim
-/// never reads more than the window. The running counts come from `jobs_running_idx` (bounded by the
-/// fleet's concurrency). Of the accounts with due jobs, the `$2` with the
-/// fewest running jobs per weight (then the oldest due job) are
-/// considered; each reads at most its quota, twice its weight's share of
-/// the claim, or, when more, what fills the claim if every other account
-/// considered has one due job (`$2 - n + 1`), due jobs per priority,
-/// locked with SKIP LOCKED (so concurrent
-/// claims on other nodes take the next jobs of each account instead of
-/// waiting). The cost grows with the accounts and priorities in use and the
+/// The strict head first: the claim reads the queue's head in strict order
+/// (`strict_head_select!`, what [`JOB_FETCH_AVAILABLE_SQL`] claims) and
+/// takes it as it is when that is already fair: no account on the shard
+/// has a weight set, and either the head holds at most one job of each
+/// account and none of them runs a job in the queue now, or it holds jobs
+/// of one account only and the window finds no other account with due
+/// jobs. That is the usual case while many accounts enqueue in turn, or
+/// one account alone, and it costs what the strict claim costs. Otherwise
+/// (a backlog at the head, or accounts that already run jobs) the head's
+/// rows stay locked until the statement ends and the turns below decide.
+///
+/// Cost: the window (`fair_window_ctes!`) is at most `max($2, 32)`
+/// (priority, account) pairs, one seek each in `jobs_fair_idx` (a backlog
+/// of 200k jobs of one account is one seek), starting after the account the
+/// producer served last, so with more accounts than the window successive
+/// claims rotate through them ([`fair_rotation_after`]) and a claim never
+/// reads more than the window. Of the accounts with due jobs in the window,
+/// the `n ≤ $2` with the fewest running jobs per weight (then the oldest
+/// due job) each read, per priority, at most a quota of due jobs: its
+/// weight's share of the claim, or, when more, what fills the claim if
+/// every other account has one due job (`$2 - n + 1`), locked with SKIP
+/// LOCKED (so concurrent claims on other nodes take the next jobs of each
+/// account instead of waiting). With as many accounts as the claim takes
+/// jobs, that is one job each: the claim locks no more rows than it
+/// returns. The cost grows with the accounts and priorities in use and the
 /// rows claimed, never with one account's backlog. A claim may come back
 /// short while few accounts have due jobs (their quotas bound it); the
 /// producer then claims again at once.
-pub const JOB_FETCH_FAIR_SQL: &str = "UPDATE shardq.jobs j
-            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
-                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
-                serial_held = j.serial_key IS NOT NULL
-          WHERE j.id = ANY(ARRAY(
-              WITH RECURSIVE start AS (
-                  SELECT p.priority, COALESCE($6, '') AS account
-                    FROM (SELECT priority FROM shardq.jobs
-                           WHERE state = 'available' AND queue = $1
-                           ORDER BY priority LIMIT 1) AS p
-              ),
-              pairs AS (
-                  (SELECT j1.priority, j1.account, j1.run_at, j1.wrapped, 1 AS n
-                     FROM start s
-                     CROSS JOIN LATERAL (
-                         (SELECT priority, account, run_at, false AS wrapped FROM shardq.jobs
-                           WHERE state = 'available' AND queue = $1
-                             AND (priority, account) > (s.priority, s.account)
-                           ORDER BY priority, account, run_at LIMIT 1)
-                         UNION ALL
-                         (SELECT priority, account, run_at, true FROM shardq.jobs
-                           WHERE state = 'available' AND queue = $1
-                           ORDER BY priority, account, run_at LIMIT 1)
-                         LIMIT 1) AS j1)
-                  UNION ALL
-                  SELECT n.priority, n.account, n.run_at, n.wrapped, p.n + 1
-                    FROM pairs p
-                    CROSS JOIN LATERAL (
-                        (SELECT priority, account, run_at, p.wrapped AS wrapped FROM shardq.jobs
-                          WHERE state = 'available' AND queue = $1
-                            AND (priority, account) > (p.priority, p.account)
-                          ORDER BY priority, account, run_at LIMIT 1)
-                        UNION ALL
-                        (SELECT priority, account, run_at, true FROM shardq.jobs
-                          WHERE state = 'available' AND queue = $1 AND NOT p.wrapped
-                          ORDER BY priority, account, run_at LIMIT 1)
-                        LIMIT 1) AS n
-                   WHERE p.n < GREATEST(2 * $2, 32)
-                     AND NOT (n.wrapped AND (n.priority, n.account) > (SELECT priority, account FROM start))
-              ),
-              due AS (
-                  SELECT priority, account, run_at FROM pairs
-                   WHERE run_at <= now()
-                     AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
-                     AND (SELECT count(*) FROM shardq.fences f WHERE f.account = pairs.account) = 0
-              ),
-              running AS (
-                  SELECT account, count(*) AS n FROM shardq.jobs
-                   WHERE state = 'running' AND queue = $1
-                   GROUP BY account
-              ),
-              accounts AS (
-                  SELECT a.account, a.weight, a.running
-                    FROM (SELECT d.account, min(d.run_at) AS head,
-                                 COALESCE((SELECT w.weight FROM shardq.account_weights w
-                                            WHERE w.account = d.account), 1)::float8 AS weight,
-                                 COALESCE(max(r.n), 0)::float8 AS running
-                            FROM due d
-                            LEFT JOIN running r ON r.account = d.account
-                           GROUP BY d.account) AS a
-                   ORDER BY a.running / a.weight, a.head
-                   LIMIT $2
-              ),
-              shares AS MATERIALIZED (
-                  SELECT account, weight, running,
-                         LEAST($2, GREATEST(ceil(2 * $2 * weight / sum(weight) OVER ()),
-                                            $2 - count(*) OVER () + 1))::bigint AS quota
-                    FROM accounts
-              ),
-              candidates AS (
-                  SELECT c.id, c.priority, c.run_at, s.weight, s.running,
-                         COALESCE(c.run_at <= now() - make_interval(secs => $5), false) AS aged,
-                         d.account
-                    FROM due d
-                    JOIN shares s ON s.account = d.account
-                    CROSS JOIN LATERAL (
-                        SELECT id, priority, run_at FROM shardq.jobs
-                         WHERE state = 'available' AND queue = $1 AND priority = d.priority
-                           AND account = d.account AND run_at <= now()
-                           AND (serial_key IS NULL OR (
-                                NOT EXISTS (
-                                    SELECT 1 FROM shardq.jobs b
-                                     WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
-                                       AND b.state IN ('available', 'running'))
-                                AND NOT EXISTS (
-                                    SELECT 1 FROM shardq.jobs h
-                                     WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
-                         ORDER BY run_at, id
-                         LIMIT s.quota
-                         FOR UPDATE SKIP LOCKED) AS c
-              ),
-              ranked AS (
-                  SELECT id, priority, run_at, aged,
-                         (running + row_number() OVER (
-                              PARTITION BY account
-                              ORDER BY aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id) - 1)
-                         / weight AS turn
-                    FROM candidates
-              )
-              SELECT id FROM ranked
-               ORDER BY turn, aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id
-               LIMIT $2))
-         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
-                   j.serial_key IS NOT NULL AS keyed";
+pub const JOB_FETCH_FAIR_SQL: &str = concat!(
+    claim_open!(),
+    "WITH RECURSIVE ",
+    strict_priorities_cte!(),
+    ",
+     head AS MATERIALIZED (",
+    strict_head_select!(),
+    "),
+     ",
+    fair_window_ctes!(),
+    ",
+     ",
+    fair_running_cte!(),
+    ",
+     accounts AS (
+         SELECT a.account, a.priorities, a.weight, a.running
+           FROM (SELECT g.account, g.priorities, g.head, g.weight,
+                        COALESCE((r.counts ->> g.account)::float8, 0) AS running
+                   FROM running r
+                   CROSS JOIN (SELECT d.account, array_agg(d.priority) AS priorities, min(d.run_at) AS head,
+                ",
+    claim_account_weight!("d.account"),
+    " AS weight
+           FROM pairs d
+          WHERE d.run_at <= now()
+            AND ",
+    claim_queue_open!(),
+    "
+            AND ",
+    claim_account_unfenced!("d.account"),
+    "
+          GROUP BY d.account) AS g) AS a
+          ORDER BY a.running / a.weight, a.head
+          LIMIT $2
+     ),
+     shares AS MATERIALIZED (
+         SELECT account, priorities, weight, running,
+                LEAST($2, GREATEST(ceil($2 * weight / sum(weight) OVER ()),
+                                   $2 - count(*) OVER () + 1))::bigint AS quota
+           FROM accounts
+     ),
+     candidates AS (
+         SELECT c.id, c.priority, c.run_at, s.weight, s.running, s.account,
+                COALESCE(c.run_at <= now() - make_interval(secs => $5), false) AS aged
+           FROM shares s
+           CROSS JOIN LATERAL unnest(s.priorities) AS pr(priority)
+           CROSS JOIN LATERAL (
+               SELECT id, priority, run_at FROM shardq.jobs
+                WHERE state = 'available' AND queue = $1 AND priority = pr.priority
+                  AND account = s.account AND run_at <= now()
+                  AND ",
+    claim_serial_free!(),
+    "
+                ORDER BY run_at, id
+                LIMIT s.quota
+                FOR UPDATE SKIP LOCKED) AS c
+     ),
+     ranked AS (
+         SELECT id, priority, run_at, aged,
+                (running + row_number() OVER (
+                     PARTITION BY account
+                     ORDER BY aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id) - 1)
+                / weight AS turn
+           FROM candidates
+     ),
+     fast AS MATERIALIZED (
+         SELECT CASE WHEN (SELECT min(account) FROM shardq.account_weights) IS NOT NULL THEN false
+                     WHEN count(*) = count(DISTINCT h.account)
+                          THEN NOT COALESCE(bool_or(r.counts ? h.account), false)
+                     WHEN count(DISTINCT h.account) = 1 THEN NOT EXISTS (
+                          SELECT 1 FROM pairs
+                           WHERE pairs.run_at <= now() AND pairs.account <> min(h.account))
+                     ELSE false END AS head_is_fair
+           FROM head h
+           CROSS JOIN running r
+     )
+     SELECT id FROM head WHERE (SELECT head_is_fair FROM fast)
+     UNION ALL
+     (SELECT id FROM ranked WHERE NOT (SELECT head_is_fair FROM fast)
+       ORDER BY turn, aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id
+       LIMIT $2)",
+    claim_close!()
+);
 
 /// Whether a claim failed because a concurrent claim took a serial key it
 /// picked a job of (`jobs_serial_held_idx`): nothing was claimed; claim again.

@@ -35,7 +35,9 @@
 //!
 //! Wake-ups: an insert into a shard's jobs table fires a statement trigger
 //! that sends `NOTIFY shardq_jobs, '<queue>'` once per queue per statement
-//! (Postgres folds duplicates within a transaction). Producers also poll
+//! (Postgres folds duplicates within a transaction); the client's own
+//! inserts skip the trigger and have `wakeups` send the NOTIFY after their
+//! commit, coalesced across concurrent enqueues. Producers also poll
 //! (default every second, jittered), because notifications are lost across
 //! reconnects and through transaction-mode poolers.
 

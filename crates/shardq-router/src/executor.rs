@@ -37,6 +37,64 @@ use crate::database::Database;
 /// One result of a statement, as sqlx streams it.
 type Step = Either<PgQueryResult, PgRow>;
 
+/// Implements sqlx's `Executor` for `$ty` by handing every call to the
+/// [`Conn`] that `self.$conn()` returns, so the wrapper runs statements the
+/// way its database's pooler allows.
+macro_rules! executor_through_conn {
+    ($ty:ty, $conn:ident) => {
+        impl<'c> sqlx::Executor<'c> for $ty {
+            type Database = sqlx::Postgres;
+
+            fn fetch_many<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> futures::stream::BoxStream<
+                'e,
+                sqlx::Result<sqlx::Either<sqlx::postgres::PgQueryResult, sqlx::postgres::PgRow>>,
+            >
+            where
+                'c: 'e,
+                E: 'q + sqlx::Execute<'q, sqlx::Postgres>,
+            {
+                sqlx::Executor::fetch_many(self.$conn(), query)
+            }
+
+            fn fetch_optional<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> futures::future::BoxFuture<'e, sqlx::Result<Option<sqlx::postgres::PgRow>>>
+            where
+                'c: 'e,
+                E: 'q + sqlx::Execute<'q, sqlx::Postgres>,
+            {
+                sqlx::Executor::fetch_optional(self.$conn(), query)
+            }
+
+            fn prepare_with<'e, 'q: 'e>(
+                self,
+                sql: &'q str,
+                parameters: &'e [sqlx::postgres::PgTypeInfo],
+            ) -> futures::future::BoxFuture<'e, sqlx::Result<sqlx::postgres::PgStatement<'q>>>
+            where
+                'c: 'e,
+            {
+                sqlx::Executor::prepare_with(self.$conn(), sql, parameters)
+            }
+
+            fn describe<'e, 'q: 'e>(
+                self,
+                sql: &'q str,
+            ) -> futures::future::BoxFuture<'e, sqlx::Result<sqlx::Describe<sqlx::Postgres>>>
+            where
+                'c: 'e,
+            {
+                sqlx::Executor::describe(self.$conn(), sql)
+            }
+        }
+    };
+}
+pub(crate) use executor_through_conn;
+
 /// A connection of a database borrowed for statements that run the way
 /// the database's pooler allows (see the module doc). Made by
 /// [`Database::conn`]; run statements on `&mut conn` (or on `conn`, which
@@ -124,43 +182,7 @@ impl Tx {
     }
 }
 
-impl<'c> Executor<'c> for &'c mut Tx {
-    type Database = Postgres;
-
-    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, sqlx::Result<Step>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        self.conn().fetch_many(query)
-    }
-
-    fn fetch_optional<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, sqlx::Result<Option<PgRow>>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        self.conn().fetch_optional(query)
-    }
-
-    fn prepare_with<'e, 'q: 'e>(
-        self,
-        sql: &'q str,
-        parameters: &'e [PgTypeInfo],
-    ) -> BoxFuture<'e, sqlx::Result<PgStatement<'q>>>
-    where
-        'c: 'e,
-    {
-        self.conn().prepare_with(sql, parameters)
-    }
-
-    fn describe<'e, 'q: 'e>(self, sql: &'q str) -> BoxFuture<'e, sqlx::Result<Describe<Postgres>>>
-    where
-        'c: 'e,
-    {
-        self.conn().describe(sql)
-    }
-}
+executor_through_conn!(&'c mut Tx, conn);
 
 /// A statement with sqlx's statement cache bypassed: prepared unnamed
 /// (`persistent = false`), so nothing of it outlives its execution on the
@@ -323,40 +345,4 @@ impl<'c> Executor<'c> for Conn<'c> {
     }
 }
 
-impl<'c> Executor<'c> for &'c mut Conn<'_> {
-    type Database = Postgres;
-
-    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, sqlx::Result<Step>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        self.reborrow().fetch_many(query)
-    }
-
-    fn fetch_optional<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, sqlx::Result<Option<PgRow>>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        self.reborrow().fetch_optional(query)
-    }
-
-    fn prepare_with<'e, 'q: 'e>(
-        self,
-        sql: &'q str,
-        parameters: &'e [PgTypeInfo],
-    ) -> BoxFuture<'e, sqlx::Result<PgStatement<'q>>>
-    where
-        'c: 'e,
-    {
-        self.reborrow().prepare_with(sql, parameters)
-    }
-
-    fn describe<'e, 'q: 'e>(self, sql: &'q str) -> BoxFuture<'e, sqlx::Result<Describe<Postgres>>>
-    where
-        'c: 'e,
-    {
-        self.reborrow().describe(sql)
-    }
-}
+executor_through_conn!(&'c mut Conn<'_>, reborrow);

@@ -11,11 +11,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use futures::stream::BoxStream;
-use sqlx::postgres::{PgQueryResult, PgRow, PgStatement, PgTypeInfo};
-use sqlx::{Either, Executor};
-
 use crate::account::Account;
 use crate::config::{Config, Pooler};
 use crate::error::{Error, Result};
@@ -177,43 +172,7 @@ impl AccountTx {
     }
 }
 
-impl<'c> Executor<'c> for &'c mut AccountTx {
-    type Database = sqlx::Postgres;
-
-    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, sqlx::Result<Either<PgQueryResult, PgRow>>>
-    where
-        'c: 'e,
-        E: 'q + sqlx::Execute<'q, sqlx::Postgres>,
-    {
-        self.conn().fetch_many(query)
-    }
-
-    fn fetch_optional<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, sqlx::Result<Option<PgRow>>>
-    where
-        'c: 'e,
-        E: 'q + sqlx::Execute<'q, sqlx::Postgres>,
-    {
-        self.conn().fetch_optional(query)
-    }
-
-    fn prepare_with<'e, 'q: 'e>(
-        self,
-        sql: &'q str,
-        parameters: &'e [PgTypeInfo],
-    ) -> BoxFuture<'e, sqlx::Result<PgStatement<'q>>>
-    where
-        'c: 'e,
-    {
-        self.conn().prepare_with(sql, parameters)
-    }
-
-    fn describe<'e, 'q: 'e>(self, sql: &'q str) -> BoxFuture<'e, sqlx::Result<sqlx::Describe<sqlx::Postgres>>>
-    where
-        'c: 'e,
-    {
-        self.conn().describe(sql)
-    }
-}
+crate::executor::executor_through_conn!(&'c mut AccountTx, conn);
 
 impl std::ops::Deref for AccountTx {
     type Target = sqlx::PgConnection;

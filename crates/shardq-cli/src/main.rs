@@ -91,7 +91,8 @@ Examples:
 Examples:
   shardq accounts list --shard shard_1
   shardq accounts show acct-1 --json
-  shardq accounts move acct-1 --to shard_3")]
+  shardq accounts move acct-1 --to shard_3
+  shardq accounts limit acct-1 --queue email 5   # at most 5 of its email jobs at once")]
     Accounts(accounts::AccountsArgs),
     /// Moves in progress and recent ones; resume or abort one.
     #[command(after_help = "\

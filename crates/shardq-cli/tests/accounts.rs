@@ -624,3 +624,36 @@ async fn accounts_weight_sets_shows_and_resets_an_accounts_fair_share_weight() {
         unknown.stderr
     );
 }
+
+#[tokio::test]
+async fn accounts_limit_sets_shows_and_clears_an_accounts_concurrency_limit() {
+    let f = fleet().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&f, dir.path(), "");
+    let pin = shardq(&config, &["accounts", "pin", "limited", "--to", "shard_2"]).await;
+    assert!(pin.ok, "{}{}", pin.stdout, pin.stderr);
+    let a = Account::new("limited").unwrap();
+    let set = shardq(&config, &["accounts", "limit", "limited", "--queue", "email", "3"]).await;
+    assert!(set.ok, "{}{}", set.stdout, set.stderr);
+    assert_eq!(set.stdout.trim(), "limited: at most 3 running in queue email");
+    assert_eq!(f.client.account_limit(&a, "email").await.unwrap(), Some(3));
+    let all = shardq(&config, &["accounts", "limit", "limited", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(&all.stdout).unwrap();
+    assert_eq!(json["limits"]["email"], 3, "{}", all.stdout);
+    let bad = shardq(&config, &["accounts", "limit", "limited", "--queue", "email", "0"]).await;
+    assert!(!bad.ok && bad.stderr.contains("0"), "{}", bad.stderr);
+    let no_queue = shardq(&config, &["accounts", "limit", "limited", "4"]).await;
+    assert!(
+        !no_queue.ok && no_queue.stderr.contains("--queue"),
+        "{}",
+        no_queue.stderr
+    );
+    let clear = shardq(
+        &config,
+        &["accounts", "limit", "limited", "--queue", "email", "--clear"],
+    )
+    .await;
+    assert!(clear.ok, "{}", clear.stderr);
+    assert_eq!(clear.stdout.trim(), "limited: no limit in queue email");
+    assert_eq!(f.client.account_limit(&a, "email").await.unwrap(), None);
+}

@@ -216,8 +216,8 @@ impl Producer {
                                 maybe_work = true;
                             }
                         }
-                        Err(e) if store::claim_lost_serial_race(&e) => {
-                            tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key this claim picked; claiming again");
+                        Err(e) if store::claim_lost_serial_race(&e) || store::claim_lost_limit_race(&e) => {
+                            tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key or a limit slot this claim picked; claiming again");
                             maybe_work = true;
                         }
                         Err(e) => {

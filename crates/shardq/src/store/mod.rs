@@ -13,6 +13,8 @@
 //! - `fleet`: the node registry in the master (runtime's fleet, status).
 //! - `moves`: move records in the master; fence, copy and clean-up on shards.
 //! - `rebalance`: jobs and bytes per account, the loads of a rebalance plan.
+//! - `limits`: per-account concurrency limits: their rows, and the claim of
+//!   limited accounts' jobs, each holding a slot.
 //!
 //! Fencing: a running job is identified by `(id, attempt)`; every statement
 //! that ends or extends a run matches both plus `state = 'running'`, so a late
@@ -55,9 +57,26 @@ macro_rules! written_and_notified {
     };
 }
 
+/// The claims' predicate for per-account limits (shard V21): the job's
+/// account (the SQL expression given, e.g. `"jobs.account"`) has no limit
+/// in the claimed queue `$1`. Jobs of limited accounts are claimed by
+/// their own path ([`limits`]), in the same statement; for the others this
+/// costs one probe of the (small, usually empty) `shardq.account_limits`
+/// primary key.
+macro_rules! no_account_limit {
+    ($account:literal) => {
+        concat!(
+            " AND NOT EXISTS (SELECT 1 FROM shardq.account_limits al WHERE al.queue = $1 AND al.account = ",
+            $account,
+            ")"
+        )
+    };
+}
+
 mod admin;
 mod fleet;
 mod insert;
+mod limits;
 mod maintain;
 mod moves;
 mod observe;
@@ -68,6 +87,7 @@ mod run;
 pub use admin::*;
 pub use fleet::*;
 pub use insert::*;
+pub use limits::*;
 pub use maintain::*;
 pub use moves::*;
 pub use observe::*;

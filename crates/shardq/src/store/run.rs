@@ -4,8 +4,12 @@
 //! completer, heartbeat and cancel stages. Every write that ends or extends
 //! a run is fenced as the module `store` describes.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+
+use super::limits;
 
 use crate::job::JobState;
 
@@ -109,6 +113,12 @@ pub const ENGINE_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
 /// Paused queues: nothing is claimed from a queue paused on this shard
 /// (`shardq.queue_pauses`, one primary-key probe per priority).
 ///
+/// Per-account limits: jobs of an account with a limit in the queue
+/// (`shardq.account_limits`) are left to the limited claim that
+/// [`job_fetch_available`] runs in the same statement
+/// ([`limits::JOB_FETCH_LIMITED_CTES`]); one probe
+/// of that table's primary key per candidate.
+///
 /// Fences: the jobs of an account fenced off this shard (it is moving or
 /// has moved away) are never claimed here; one seek in the tiny
 /// `shardq.fences` per candidate.
@@ -123,7 +133,8 @@ pub const ENGINE_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
 /// the limit. Its cost grows with the priorities in use and the rows
 /// claimed, never with future jobs. Each priority locks at most `$2`
 /// candidates; those beyond the limit are released when the statement ends.
-pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
+pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
+    "UPDATE shardq.jobs j
             SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
                 locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
                 serial_held = j.serial_key IS NOT NULL
@@ -147,7 +158,9 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
                      WHERE state = 'available' AND queue = $1 AND priority = p.priority
                        AND run_at <= now()
                        AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
-                       AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)
+                       AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)",
+    no_account_limit!("jobs.account"),
+    "
                        AND (serial_key IS NULL OR (
                             NOT EXISTS (
                                 SELECT 1 FROM shardq.jobs b
@@ -164,7 +177,8 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
                ORDER BY a.aged DESC, CASE WHEN a.aged THEN c.run_at END, c.priority, c.run_at, c.id
                LIMIT $2))
          RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
-                   j.serial_key IS NOT NULL AS keyed";
+                   j.serial_key IS NOT NULL AS keyed"
+);
 
 /// The fair fetch statement, the default: the parameters of
 /// [`JOB_FETCH_AVAILABLE_SQL`] plus `$6`, the account the rotation resumes
@@ -204,7 +218,8 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = "UPDATE shardq.jobs j
 /// rows claimed, never with one account's backlog. A claim may come back
 /// short while few accounts have due jobs (their quotas bound it); the
 /// producer then claims again at once.
-pub const JOB_FETCH_FAIR_SQL: &str = "UPDATE shardq.jobs j
+pub const JOB_FETCH_FAIR_SQL: &str = concat!(
+    "UPDATE shardq.jobs j
             SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
                 locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
                 serial_held = j.serial_key IS NOT NULL
@@ -248,7 +263,9 @@ pub const JOB_FETCH_FAIR_SQL: &str = "UPDATE shardq.jobs j
                   SELECT priority, account, run_at FROM pairs
                    WHERE run_at <= now()
                      AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
-                     AND (SELECT count(*) FROM shardq.fences f WHERE f.account = pairs.account) = 0
+                     AND (SELECT count(*) FROM shardq.fences f WHERE f.account = pairs.account) = 0",
+    no_account_limit!("pairs.account"),
+    "
               ),
               running AS (
                   SELECT account, count(*) AS n FROM shardq.jobs
@@ -307,7 +324,8 @@ pub const JOB_FETCH_FAIR_SQL: &str = "UPDATE shardq.jobs j
                ORDER BY turn, aged DESC, CASE WHEN aged THEN run_at END, priority, run_at, id
                LIMIT $2))
          RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
-                   j.serial_key IS NOT NULL AS keyed";
+                   j.serial_key IS NOT NULL AS keyed"
+);
 
 /// Whether a claim failed because a concurrent claim took a serial key it
 /// picked a job of (`jobs_serial_held_idx`): nothing was claimed; claim again.
@@ -316,17 +334,27 @@ pub(crate) fn claim_lost_serial_race(e: &sqlx::Error) -> bool {
         if db.code().as_deref() == Some("23505") && db.constraint() == Some("jobs_serial_held_idx"))
 }
 
+/// The strict-order claim a producer runs: [`JOB_FETCH_AVAILABLE_SQL`]
+/// and the limited claim ([`limits::JOB_FETCH_LIMITED_CTES`]) in one statement.
+pub static AVAILABLE_WITH_LIMITS: LazyLock<String> =
+    LazyLock::new(|| limits::claim_with_limits(JOB_FETCH_AVAILABLE_SQL));
+/// The fair claim a producer runs: [`JOB_FETCH_FAIR_SQL`] and the limited
+/// claim in one statement.
+pub static FAIR_WITH_LIMITS: LazyLock<String> = LazyLock::new(|| limits::claim_with_limits(JOB_FETCH_FAIR_SQL));
+
 /// Claims up to `limit` due jobs of a queue, fair share across accounts
 /// or in strict priority then run order (`p.fair`), skipping rows other
-/// nodes hold, and leases them to `node`.
+/// nodes hold, and leases them to `node`; in the same statement, up to
+/// `limit` more of accounts with a concurrency limit in the queue, each
+/// holding one of its account's free slots ([`limits::JOB_FETCH_LIMITED_CTES`]).
 pub async fn job_fetch_available<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     p: &FetchParams<'_>,
 ) -> sqlx::Result<Vec<FetchedJob>> {
     let q = sqlx::query_as(if p.fair {
-        JOB_FETCH_FAIR_SQL
+        FAIR_WITH_LIMITS.as_str()
     } else {
-        JOB_FETCH_AVAILABLE_SQL
+        AVAILABLE_WITH_LIMITS.as_str()
     })
     .bind(p.queue)
     .bind(p.limit)

@@ -31,6 +31,21 @@
 //! `store` → `job`, `unique` → `error`. No stage imports the composer
 //! (`runtime/mod.rs`).
 //!
+//! Limits (issue 16): a per-account concurrency limit per queue
+//! ([`Client::set_account_limit`]) is counted in the shard's database, not
+//! in a node's memory. A run of a limited account holds a slot number under
+//! a unique index (`store::limits`), as a serial key's run holds its key:
+//! concurrent claims on different nodes cannot both take one slot, and the
+//! slot is freed by the statements that already end a hold. Peers count
+//! running jobs in shared producer records (Oban Pro's Smart engine), under
+//! an advisory lock before a job performs (GoodJob's concurrency keys) or
+//! in Redis (Sidekiq Enterprise's limiters); a count read in a claim's
+//! snapshot would let two claims both see the last free slot, and a lock
+//! would serialise every claim of the account, so shardq keeps no counter
+//! at all: the held rows are the count. Limited accounts' jobs are claimed
+//! by their own part of the claim statement, so other jobs pay one probe of
+//! a small primary key.
+//!
 //! Wake-ups: an insert into a shard's jobs table fires a statement trigger
 //! that sends `NOTIFY shardq_jobs, '<queue>'` once per queue per statement
 //! (Postgres folds duplicates within a transaction). Producers also poll

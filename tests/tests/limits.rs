@@ -100,6 +100,16 @@ impl Worker for Counted {
     }
 }
 
+fn held(tally: usize) -> NewJob {
+    let args = Args {
+        tally,
+        ms: 0,
+        gate: 0,
+        hold: true,
+    };
+    NewJob::from_json("counted", serde_json::to_value(args).unwrap())
+}
+
 fn job(tally: usize, ms: u64, gate: usize) -> NewJob {
     let args = Args {
         tally,
@@ -217,7 +227,7 @@ struct Doomed {
 }
 
 impl Doomed {
-    fn start(f: &Fleet, counted: &Counted) -> Doomed {
+    fn start(f: &Fleet, counted: &Counted, slots: usize) -> Doomed {
         let (config, counted) = (f.config.clone(), counted.clone());
         let (kill, killed) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -230,7 +240,7 @@ impl Doomed {
                 let router = Arc::new(shardq::Router::connect(&config).await.unwrap());
                 Runtime::builder(router)
                     .register(counted)
-                    .queue("default", 2)
+                    .queue("default", slots)
                     .options(fast_options())
                     .start()
                     .unwrap()
@@ -269,7 +279,7 @@ async fn a_dead_nodes_slots_come_back_by_lease() {
         .enqueue(&a, NewJob::from_json("counted", serde_json::to_value(args).unwrap()))
         .await
         .unwrap();
-    let doomed = Doomed::start(&f, &counted);
+    let doomed = Doomed::start(&f, &counted, 2);
     wait_for("the first job runs", WAIT, || async { counted.0[0].most() == 1 }).await;
     assert_eq!(f.client.account_limit_held(&a, "default").await.unwrap(), 1);
     doomed.kill();
@@ -303,4 +313,118 @@ async fn limits_out_of_range_are_refused_and_name_the_account() {
         "an empty queue name"
     );
     assert!(f.client.account_limits(&a).await.unwrap().is_empty());
+}
+
+/// Accounts placed on every shard of `f`, `per_shard` on each.
+async fn accounts_on_every_shard(f: &Fleet, prefix: &str, per_shard: usize) -> Vec<Account> {
+    let mut by_shard: std::collections::BTreeMap<String, Vec<Account>> = std::collections::BTreeMap::new();
+    for i in 0..1_000 {
+        let a = Account::new(format!("{prefix}-{i}")).unwrap();
+        let shard = f.router.shard_for(&a).await.unwrap().shard;
+        let on = by_shard.entry(shard).or_default();
+        if on.len() < per_shard {
+            on.push(a);
+        }
+        if by_shard.len() == f.router.shards().len() && by_shard.values().all(|v| v.len() == per_shard) {
+            return by_shard.into_values().flatten().collect();
+        }
+    }
+    panic!("accounts did not reach every shard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resources_concurrency_holds_across_three_nodes_and_three_shards() {
+    let f = fleet().await;
+    assert_eq!(f.router.shards().len(), 3);
+    f.client.set_resource("payments", Some(10), None, None).await.unwrap();
+    let counted = Counted(Arc::new(vec![Tally::default(), Tally::default()]));
+    let accounts = accounts_on_every_shard(&f, "res", 4).await;
+    let mut ids = Vec::new();
+    for i in 0..72 {
+        let a = &accounts[i % accounts.len()];
+        ids.push(
+            f.client
+                .enqueue(a, job(0, 150, 0).resources(["payments"]))
+                .await
+                .unwrap(),
+        );
+    }
+    // Jobs that use no resource run beside them.
+    for a in &accounts {
+        ids.push(f.client.enqueue(a, job(1, 0, 0)).await.unwrap());
+    }
+    let nodes: Vec<Runtime> = (0..3).map(|_| node(&f, &counted, &[("default", 8)])).collect();
+    wait_completed(&f, &ids).await;
+    for n in nodes {
+        n.shutdown(Duration::from_secs(5)).await;
+    }
+    assert_eq!(
+        counted.0[0].runs.lock().unwrap().len(),
+        72,
+        "every job that uses the resource ran once"
+    );
+    assert!(
+        counted.0[0].most() <= 10 && counted.0[0].most_overlapping() <= 10,
+        "at most 10 jobs of the resource at once, saw {} ({} overlapping)",
+        counted.0[0].most(),
+        counted.0[0].most_overlapping()
+    );
+    assert!(counted.0[0].most() > 1, "the resource's jobs ran side by side");
+    let listed = f.client.resources().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].name.as_str(), listed[0].concurrency), ("payments", Some(10)));
+    assert_eq!(listed[0].leased, 0, "a clean shutdown ends the nodes' leases");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_resource_permits_come_back_by_lease() {
+    let f = fleet().await;
+    f.client.set_resource("api", Some(3), None, None).await.unwrap();
+    let counted = Counted(Arc::new(vec![Tally::default()]));
+    let a = Account::new("res-dead").unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(f.client.enqueue(&a, held(0).resources(["api"])).await.unwrap());
+    }
+    let doomed = Doomed::start(&f, &counted, 8);
+    wait_for("the dead-to-be node runs 3 jobs of the resource", WAIT, || async {
+        counted.0[0].now.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    let leased = f.client.resources().await.unwrap()[0].leased;
+    assert_eq!(leased, 3, "its 3 permits are leased");
+    doomed.kill();
+    counted.0[0].release();
+    for _ in 0..3 {
+        ids.push(f.client.enqueue(&a, job(0, 20, 0).resources(["api"])).await.unwrap());
+    }
+    let second = node(&f, &counted, &[("default", 8)]);
+    // Its permits come back when its lease expires, and its jobs when
+    // their leases do; then every job runs, at most 3 at once.
+    wait_completed(&f, &ids).await;
+    second.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        counted.0[0].runs.lock().unwrap().len(),
+        6,
+        "3 rescued runs and 3 new ones"
+    );
+    assert!(counted.0[0].most_overlapping() <= 3);
+}
+
+#[tokio::test]
+async fn resource_declarations_out_of_range_are_refused_and_name_the_resource() {
+    let f = fleet().await;
+    for (name, c) in [("ok", Some(0)), ("bad name", Some(1)), ("ok", Some(1_000_001))] {
+        match f.client.set_resource(name, c, None, None).await {
+            Err(shardq::Error::Resource { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("{name} {c:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(f.client.resources().await.unwrap().is_empty());
+    let bad = f
+        .client
+        .enqueue(&Account::new("res-bad").unwrap(), job(0, 0, 0).resources(["no,commas"]))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("resources"), "{bad}");
 }

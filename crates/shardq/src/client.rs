@@ -483,6 +483,66 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Declares named resource `name` in the master, or changes its limits:
+    /// at most `concurrency` running jobs that name it
+    /// ([`NewJob::resources`](crate::NewJob::resources)) across every node
+    /// and shard; `rate` starts per second with `burst` are stored with it.
+    /// `None` leaves that kind unlimited. Nodes see a change at their next
+    /// lease round (a heartbeat).
+    pub async fn set_resource(
+        &self,
+        name: &str,
+        concurrency: Option<u32>,
+        rate: Option<f64>,
+        burst: Option<u32>,
+    ) -> Result<()> {
+        let bad = |message: String| Error::Resource {
+            name: name.to_string(),
+            message,
+        };
+        if !crate::job::resource_name_ok(name) {
+            return Err(bad("a resource name is 1 to 64 letters, digits, '_', '.' or '-'".into()));
+        }
+        if let Some(c) = concurrency.filter(|c| !(1..=1_000_000).contains(c)) {
+            return Err(bad(format!("concurrency is 1 to 1000000, got {c}")));
+        }
+        if let Some(r) = rate.filter(|r| !(r.is_finite() && *r > 0.0 && *r <= 1_000_000.0)) {
+            return Err(bad(format!("rate is above 0 and at most 1000000 per second, got {r}")));
+        }
+        if let Some(b) = burst.filter(|b| !(1..=1_000_000).contains(b)) {
+            return Err(bad(format!("burst is 1 to 1000000, got {b}")));
+        }
+        let master = self.router.master();
+        store::resource_put(
+            &master.pool,
+            name,
+            concurrency.map(|c| c as i32),
+            rate,
+            burst.map(|b| b as i32),
+        )
+        .await
+        .map_err(|e| master.error(e))?;
+        tracing::info!(resource = name, ?concurrency, ?rate, ?burst, "resource declared");
+        Ok(())
+    }
+
+    /// Removes resource `name` and its leases; whether it was declared.
+    /// Jobs that name it wait until it is declared again.
+    pub async fn remove_resource(&self, name: &str) -> Result<bool> {
+        let master = self.router.master();
+        Ok(store::resource_delete(&master.pool, name)
+            .await
+            .map_err(|e| master.error(e))?)
+    }
+
+    /// Every declared resource with the permits nodes hold leased now.
+    pub async fn resources(&self) -> Result<Vec<crate::Resource>> {
+        let master = self.router.master();
+        Ok(store::resources_list(&master.pool).await.map_err(|e| master.error(e))?)
+    }
+}
+
 /// A queue name as the jobs table accepts it: 1 to 128 bytes.
 fn check_queue(shard: &str, queue: &str) -> Result<()> {
     if queue.is_empty() || queue.len() > 128 {

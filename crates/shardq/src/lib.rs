@@ -75,6 +75,6 @@ pub use job::{Enqueued, JobId, JobRecord, JobState, NewJob};
 pub use periodic::{Overlap, PeriodicJob};
 pub use runtime::{Backoff, Runtime, RuntimeBuilder, RuntimeOptions, ShardRunStats, CHANNEL};
 pub use shardq_router::{Account, Config, Router};
-pub use store::QueuePause;
+pub use store::{QueuePause, Resource};
 pub use unique::{UniqueOpts, UniqueStates};
 pub use worker::{CancelReason, JobContext, JobError, Worker};

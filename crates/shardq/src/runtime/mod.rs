@@ -31,6 +31,8 @@
 //! - `retention`: prunes finished jobs past their retention.
 //! - `sampler`: depth, oldest-job, pool and slot gauges.
 //! - `scheduler`: enqueues periodic jobs' occurrences.
+//! - `permits`: permits of named resources, leased from the master in
+//!   batches and renewed every heartbeat; taken by producers per job.
 
 mod cancel;
 mod completer;
@@ -40,6 +42,7 @@ mod heartbeat;
 mod node;
 mod notifier;
 pub mod options;
+mod permits;
 mod producer;
 mod rescuer;
 mod retention;
@@ -157,6 +160,7 @@ impl RuntimeBuilder {
             id: self.options.node_id.clone().unwrap_or_else(default_node_id),
             registry: self.registry,
             options: self.options,
+            permits: Arc::new(permits::Permits::new(self.router.master().pool.clone())),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let (end_tx, end_rx) = watch::channel(false);
@@ -205,6 +209,13 @@ impl RuntimeBuilder {
                 stop_rx.clone(),
             )));
         }
+        tasks.push(tokio::spawn(permits::run(
+            node.permits.clone(),
+            node.id.clone(),
+            node.options.lease,
+            node.options.heartbeat_interval,
+            end_rx.clone(),
+        )));
         tasks.push(tokio::spawn(sampler::slots(
             move || queue_slots.iter().map(|(q, s)| (q.clone(), s.free())).collect(),
             sampler::INTERVAL,
@@ -313,6 +324,13 @@ impl Runtime {
         order.into_iter().filter_map(|n| by_shard.remove(&n)).collect()
     }
 
+    /// Permits of resource `name` this node may use now (granted by the
+    /// master and within their lease); `None` when the resource is not
+    /// declared or has no concurrency limit.
+    pub fn permits_of(&self, name: &str) -> Option<u32> {
+        self.node.permits.granted(name)
+    }
+
     /// Jobs this node holds leases on right now.
     pub fn leased(&self) -> usize {
         let active = self
@@ -386,6 +404,7 @@ impl Runtime {
             tracing::warn!("some shards did not answer within the shutdown deadline; their jobs will be rescued when their leases expire");
         }
         let _ = self.end_tx.send(true);
+        self.node.permits.end(&self.node.id, Duration::from_secs(1)).await;
         for t in &self.tasks {
             t.abort();
         }

@@ -188,6 +188,7 @@ impl Producer {
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = self.wake.notified() => maybe_work = true,
+                _ = self.node.permits.changed() => maybe_work = true,
                 _ = self.shard.leases.released(), if held_back => {}
                 Some((asked, claimed)) = claims.next(), if !claims.is_empty() => {
                     claiming -= asked;
@@ -261,9 +262,12 @@ impl Producer {
                 buffer.drain(..).partition(|(_, stop)| stop.borrow().is_some());
             *buffer = kept;
             for b in stopped {
-                self.shard.leases.begin(b, |job, stop| {
+                let key = (self.shard.index, b.0.id, b.0.attempt);
+                if !self.shard.leases.begin(b, |job, stop| {
                     tokio::spawn(self.run_one(job, stop, false)).abort_handle()
-                });
+                }) {
+                    self.node.permits.release(key);
+                }
             }
         }
         // Until no slot is left or the buffer is empty: a reservation that
@@ -275,10 +279,13 @@ impl Producer {
             }
             let mut started = 0;
             for b in buffer.drain(..got) {
+                let key = (self.shard.index, b.0.id, b.0.attempt);
                 if self.shard.leases.begin(b, |job, stop| {
                     tokio::spawn(self.run_one(job, stop, true)).abort_handle()
                 }) {
                     started += 1;
+                } else {
+                    self.node.permits.release(key);
                 }
             }
             if started < got {
@@ -311,7 +318,7 @@ impl Producer {
         let claiming = self.shard.leases.claiming();
         let claimed_at = Instant::now();
         let claimed = tokio::time::timeout(opts.shard_timeout, store::job_fetch_available(&mut *conn, &params)).await;
-        let jobs: Vec<FetchedJob> = match claimed {
+        let mut jobs: Vec<FetchedJob> = match claimed {
             Ok(Ok(jobs)) => jobs,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
@@ -319,7 +326,22 @@ impl Producer {
                 return Err(sqlx::Error::PoolTimedOut);
             }
         };
-        drop(conn);
+        if self.node.permits.any() {
+            let resourced = tokio::time::timeout(opts.shard_timeout, self.claim_resourced(&mut conn, want)).await;
+            match resourced {
+                Ok(Ok(more)) => {
+                    jobs.extend(more);
+                    drop(conn);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "claiming jobs that use resources failed");
+                    drop(conn);
+                }
+                Err(_) => drop(conn.detach()),
+            }
+        } else {
+            drop(conn);
+        }
         let got = jobs.len();
         if let Ok(mut a) = after.lock() {
             *a = store::fair_rotation_after(from.as_deref(), &jobs);
@@ -341,11 +363,75 @@ impl Producer {
         Ok(Claimed { jobs, want, due })
     }
 
+    /// Claims jobs that use named resources, on `conn`, when the node has
+    /// free permits (up to `want`, and to the most free permits of one
+    /// resource), and takes a permit of each resource per job; jobs it has
+    /// no permits for are handed back at once. With resources out of
+    /// permits, reads whether their jobs wait, so the leaser asks for more.
+    /// Takes the connection and returns it to the pool.
+    async fn claim_resourced(
+        &self,
+        conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        want: usize,
+    ) -> sqlx::Result<Vec<FetchedJob>> {
+        let permits = &self.node.permits;
+        let (free, most) = permits.free();
+        let mut jobs = Vec::new();
+        let limit = want.min(most as usize);
+        if limit > 0 {
+            jobs = store::job_fetch_resourced(
+                &mut **conn,
+                &self.queue,
+                limit as i64,
+                &self.node.id,
+                self.node.options.lease.as_secs_f64(),
+                &free,
+            )
+            .await?;
+            if jobs.len() >= limit {
+                permits.want(&free);
+            }
+        }
+        let (mut taken, mut refused) = (Vec::with_capacity(jobs.len()), Vec::new());
+        for job in jobs {
+            let names = job.resources.clone().unwrap_or_default();
+            if permits.take((self.shard.index, job.id, job.attempt), &names) {
+                taken.push(job);
+            } else {
+                refused.push(job);
+            }
+        }
+        // From here on the claimed jobs are the caller's whatever fails:
+        // errors are logged, not returned.
+        if !refused.is_empty() {
+            let ids: Vec<i64> = refused.iter().map(|j| j.id).collect();
+            let attempts: Vec<i32> = refused.iter().map(|j| j.attempt).collect();
+            if let Err(e) = store::job_release_unclaimed(&self.shard.db.pool, &ids, &attempts, &self.node.id).await {
+                tracing::warn!(shard = %self.shard.db.name, error = %self.shard.db.error(e), jobs = ids.len(), "handing back jobs without permits failed; they are rescued when their leases expire");
+            }
+        }
+        if taken.len() < limit || limit == 0 {
+            match store::job_resourced_waiting(&mut **conn, &self.queue).await {
+                Ok(waiting) if waiting.iter().any(|r| !free.contains(r)) || (limit == 0 && !waiting.is_empty()) => {
+                    permits.want(&waiting)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(shard = %self.shard.db.name, error = %self.shard.db.error(e), "reading jobs waiting for permits failed")
+                }
+            }
+        }
+        Ok(taken)
+    }
+
     /// Hands the buffered jobs back (the producer stopped): available at
     /// once, their claim's attempt taken back, in one statement. If the
     /// shard does not take it, the heartbeat's orphan check releases them
     /// (their leases are dropped here), or rescue does once they expire.
     async fn hand_back(&self, buffer: VecDeque<Buffered>) {
+        for (job, _) in &buffer {
+            self.node.permits.release((self.shard.index, job.id, job.attempt));
+        }
         let (ids, attempts) = self
             .shard
             .leases
@@ -386,6 +472,7 @@ impl Producer {
         async move {
             let done = executor::execute(&node, &shard, &queue, job, stop).await;
             shard.leases.run_ended(done.id, done.attempt);
+            node.permits.release((shard.index, done.id, done.attempt));
             let id = done.id;
             if done_tx.send(done).await.is_err() {
                 // The completer is gone (shutdown after its grace): the lease

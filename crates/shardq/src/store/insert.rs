@@ -9,8 +9,9 @@ use sqlx::PgConnection;
 use crate::job::NewJob;
 use crate::unique;
 
-const JOB_INSERT: &str = "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
-     SELECT $1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($8, 0)))
+const JOB_INSERT: &str =
+    "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at, resources)
+     SELECT $1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($8, 0))), $10::text[]
        FROM (SELECT set_config('shardq.notify', $9, true)) AS notify
      RETURNING id";
 
@@ -53,6 +54,7 @@ pub async fn job_insert(
         .bind(job.run_at)
         .bind(job.delay_secs())
         .bind(notify.setting())
+        .bind(job.resource_names())
         .fetch_one(conn)
         .await
 }
@@ -84,13 +86,16 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
     let max_attempts: Vec<i32> = rows.iter().map(|r| r.1.max_attempts).collect();
     let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.1.run_at).collect();
     let delays: Vec<Option<f64>> = rows.iter().map(|r| r.1.delay_secs()).collect();
+    // Resource names hold no comma: each job's list travels as one text.
+    let resources: Vec<Option<String>> = rows.iter().map(|r| r.1.resource_names().map(|n| n.join(","))).collect();
     sqlx::query_scalar(
-        "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
-         SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now() + make_interval(secs => COALESCE(d, 0)))
+        "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at, resources)
+         SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now() + make_interval(secs => COALESCE(d, 0))),
+                string_to_array(rs, ',')
            FROM (SELECT set_config('shardq.notify', 'deferred', true)) AS notify,
                 unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::int[],
-                       $7::timestamptz[], $8::float8[])
-                WITH ORDINALITY AS t(a, q, k, g, p, m, r, d, n)
+                       $7::timestamptz[], $8::float8[], $9::text[])
+                WITH ORDINALITY AS t(a, q, k, g, p, m, r, d, rs, n)
           ORDER BY n
          RETURNING id",
     )
@@ -102,13 +107,14 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
     .bind(max_attempts)
     .bind(run_ats)
     .bind(delays)
+    .bind(resources)
     .fetch_all(conn)
     .await
 }
 
 // ---- unique jobs, serial keys, periodic jobs
 
-/// The keyed insert: `$1`..`$7` as in the plain insert (`$11` the delay), `$8` the unique key
+/// The keyed insert: `$1`..`$7` as in the plain insert (`$11` the delay, `$12` the resources), `$8` the unique key
 /// text (hashed here to hex SHA-256, so any length fits the index; NULL: not
 /// unique), `$9` the unique states, `$10` the serial key. Inserts nothing
 /// when a job holds the same unique key. The hash goes to both `unique_key`
@@ -117,11 +123,11 @@ pub async fn job_insert_many(conn: &mut PgConnection, rows: &[(&str, &NewJob, St
 /// migration V6).
 const JOB_INSERT_KEYED: &str = "INSERT INTO shardq.jobs
             (account, queue, kind, args, priority, max_attempts, run_at,
-             unique_key, unique_hash, unique_states, serial_key)
+             unique_key, unique_hash, unique_states, serial_key, resources)
      VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($11, 0))),
              CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
              CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
-             $9::text[], $10)
+             $9::text[], $10, $12::text[])
      ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
      RETURNING id";
 
@@ -156,6 +162,7 @@ async fn job_insert_keyed_once(
         .bind(keys.unique_states)
         .bind(keys.serial_key)
         .bind(job.delay_secs())
+        .bind(job.resource_names())
         .fetch_optional(conn)
         .await
 }

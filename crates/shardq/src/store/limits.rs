@@ -30,7 +30,8 @@ use sqlx::PgPool;
 /// (counted in `jobs_limit_slot_idx`); it takes at most that many due jobs,
 /// aged first, then by priority, run time and id (one seek in
 /// `jobs_fair_idx (queue, priority, account, run_at, id)` per priority in
-/// use, with the serial-key rules of the ordinary claims, SKIP LOCKED), at
+/// use, with the serial-key rules of the ordinary claims, SKIP LOCKED;
+/// jobs that use resources are left to their own claim), at
 /// most `$2` in all; each claimed job gets one free slot number. Free slots
 /// are looked for from an offset that depends on the node, so claims of
 /// different nodes tend to pick different slots. When the queue has no
@@ -72,6 +73,7 @@ lim_picks AS (
                 SELECT id, priority, run_at FROM shardq.jobs
                  WHERE state = 'available' AND queue = $1 AND priority = p.priority
                    AND account = a.account AND run_at <= now()
+                   AND resources IS NULL
                    AND (serial_key IS NULL OR (
                         NOT EXISTS (
                             SELECT 1 FROM shardq.jobs b
@@ -201,4 +203,199 @@ pub async fn account_limits_delete<'c>(conn: impl sqlx::PgExecutor<'c>, account:
         .execute(conn)
         .await
         .map(|r| r.rows_affected())
+}
+
+// ---- named resources: the claim of jobs that use them (shards), their
+// declarations and the permits nodes lease (master)
+
+/// The claim of jobs that use named resources (shard V22), run by a
+/// producer while its node holds free permits: `$1` queue, `$2` most jobs,
+/// `$3` node, `$4` lease seconds, `$5` the resources the node has a free
+/// permit of now.
+/// It takes due jobs whose resources are all among `$6`, by priority, run
+/// time and id, through `jobs_resources_fetch_idx`, which holds only such
+/// jobs (so the index and this statement cost the other jobs nothing),
+/// with the rules of the ordinary claims for paused queues, fences and
+/// serial keys; per-account limits do not apply to these jobs. The node
+/// then takes a permit of each resource per job, and hands back at once
+/// (attempt taken back) the jobs it has no permit for.
+pub const JOB_FETCH_RESOURCED_SQL: &str = "UPDATE shardq.jobs j
+            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
+                locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
+                serial_held = j.serial_key IS NOT NULL
+          WHERE j.id = ANY(ARRAY(
+              SELECT id FROM shardq.jobs
+               WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL
+                 AND run_at <= now() AND resources <@ $5::text[]
+                 AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
+                 AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)
+                 AND (serial_key IS NULL OR (
+                      NOT EXISTS (
+                          SELECT 1 FROM shardq.jobs b
+                           WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                             AND b.state IN ('available', 'running'))
+                      AND NOT EXISTS (
+                          SELECT 1 FROM shardq.jobs h
+                           WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
+               ORDER BY priority, run_at, id
+               LIMIT $2
+               FOR UPDATE SKIP LOCKED))
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
+                   j.serial_key IS NOT NULL AS keyed, j.resources";
+
+/// Claims up to `limit` due jobs of `queue` whose resources are all in
+/// `free` ([`JOB_FETCH_RESOURCED_SQL`]) and leases them to `node`.
+pub async fn job_fetch_resourced<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    queue: &str,
+    limit: i64,
+    node: &str,
+    lease_secs: f64,
+    free: &[String],
+) -> sqlx::Result<Vec<super::FetchedJob>> {
+    sqlx::query_as(JOB_FETCH_RESOURCED_SQL)
+        .bind(queue)
+        .bind(limit)
+        .bind(node)
+        .bind(lease_secs)
+        .bind(free)
+        .fetch_all(conn)
+        .await
+}
+
+/// A named resource as the master declares it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct Resource {
+    /// Its name.
+    pub name: String,
+    /// Most running jobs that use it, fleet-wide; `None`: no such limit.
+    pub concurrency: Option<i32>,
+    /// Most starts per second; `None`: no such limit.
+    pub rate: Option<f64>,
+    /// Starts allowed at once above the rate; `None`: the rate's one second.
+    pub burst: Option<i32>,
+    /// Permits leased by nodes now (unexpired leases).
+    pub leased: i64,
+    /// Nodes holding an unexpired lease of it.
+    pub nodes: i64,
+}
+
+/// Declares or changes resource `name` (an upsert of its limits).
+pub async fn resource_put(
+    master: &PgPool,
+    name: &str,
+    concurrency: Option<i32>,
+    rate: Option<f64>,
+    burst: Option<i32>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO shardq.resources (name, concurrency, rate, burst) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE
+            SET concurrency = EXCLUDED.concurrency, rate = EXCLUDED.rate, burst = EXCLUDED.burst, updated_at = now()",
+    )
+    .bind(name)
+    .bind(concurrency)
+    .bind(rate)
+    .bind(burst)
+    .execute(master)
+    .await
+    .map(drop)
+}
+
+/// Removes resource `name` and its leases; whether it existed.
+pub async fn resource_delete(master: &PgPool, name: &str) -> sqlx::Result<bool> {
+    sqlx::query("DELETE FROM shardq.resources WHERE name = $1")
+        .bind(name)
+        .execute(master)
+        .await
+        .map(|r| r.rows_affected() > 0)
+}
+
+/// Every declared resource, by name, with its unexpired leases.
+pub async fn resources_list(master: &PgPool) -> sqlx::Result<Vec<Resource>> {
+    sqlx::query_as(
+        "SELECT r.name, r.concurrency, r.rate, r.burst,
+                COALESCE(sum(l.permits), 0)::bigint AS leased,
+                count(l.node) FILTER (WHERE l.permits > 0) AS nodes
+           FROM shardq.resources r
+           LEFT JOIN shardq.resource_leases l ON l.resource = r.name AND l.expires_at > now()
+          GROUP BY r.name
+          ORDER BY r.name",
+    )
+    .fetch_all(master)
+    .await
+}
+
+/// Sets `node`'s lease of resource `name` to `want` permits, or as many as
+/// the other nodes' unexpired leases leave of its concurrency, for
+/// `lease_secs` from now; returns the permits granted, or `None` when the
+/// resource is not declared or has no concurrency limit.
+///
+/// Two statements in one transaction: the first locks the resource's row,
+/// so grants of one resource are serialised; the second, with a snapshot
+/// taken after the lock, sees every lease committed before it (one
+/// statement would read the other leases from a snapshot taken before it
+/// waited for the lock, and two nodes could both be granted the last
+/// permits).
+pub async fn resource_lease(
+    master: &PgPool,
+    name: &str,
+    node: &str,
+    want: i32,
+    lease_secs: f64,
+) -> sqlx::Result<Option<i32>> {
+    let mut tx = master.begin().await?;
+    let concurrency: Option<Option<i32>> =
+        sqlx::query_scalar("SELECT concurrency FROM shardq.resources WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(Some(concurrency)) = concurrency else {
+        return Ok(None);
+    };
+    let granted: i32 = sqlx::query_scalar(
+        "WITH others AS (
+             SELECT COALESCE(sum(permits), 0)::int AS n FROM shardq.resource_leases
+              WHERE resource = $1 AND node <> $2 AND expires_at > now())
+         INSERT INTO shardq.resource_leases (resource, node, permits, expires_at)
+         SELECT $1, $2, LEAST($3, GREATEST($4 - others.n, 0)), now() + make_interval(secs => $5)
+           FROM others
+         ON CONFLICT (resource, node) DO UPDATE
+            SET permits = EXCLUDED.permits, expires_at = EXCLUDED.expires_at
+         RETURNING permits",
+    )
+    .bind(name)
+    .bind(node)
+    .bind(want.max(0))
+    .bind(concurrency)
+    .bind(lease_secs)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(granted))
+}
+
+/// Ends `node`'s leases of every resource (a clean shutdown).
+pub async fn resource_leases_end(master: &PgPool, node: &str) -> sqlx::Result<u64> {
+    sqlx::query("DELETE FROM shardq.resource_leases WHERE node = $1")
+        .bind(node)
+        .execute(master)
+        .await
+        .map(|r| r.rows_affected())
+}
+
+/// The resources named by the first due jobs of `queue` that use any
+/// (at most 32 jobs read, through `jobs_resources_fetch_idx`): what a node
+/// out of permits asks the master for.
+pub async fn job_resourced_waiting<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &str) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT unnest(resources) FROM (
+             SELECT resources FROM shardq.jobs
+              WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL AND run_at <= now()
+              ORDER BY priority, run_at, id
+              LIMIT 32) AS w",
+    )
+    .bind(queue)
+    .fetch_all(conn)
+    .await
 }

@@ -73,6 +73,17 @@ macro_rules! no_account_limit {
     };
 }
 
+/// The claims' predicate for resources (shard V22): the job (a row of
+/// `shardq.jobs` named `jobs` in the statement) uses no named resource. Jobs
+/// that use resources are claimed by their own statement
+/// ([`limits::JOB_FETCH_RESOURCED_SQL`]) while the node holds permits; for
+/// the others this is one test of a column of the row read anyway.
+macro_rules! no_resources {
+    () => {
+        " AND jobs.resources IS NULL"
+    };
+}
+
 mod admin;
 mod fleet;
 mod insert;

@@ -30,8 +30,13 @@ pub struct FetchedJob {
     pub max_attempts: i32,
     /// When the job became due.
     pub run_at: DateTime<Utc>,
-    /// Whether it has a serial key (which its run holds until it ends).
+    /// Whether its run holds something until it ends on the node (a serial
+    /// key, or a limit slot of its account), released after its outcome.
     pub keyed: bool,
+    /// The named resources it uses (claimed by the resourced claim only;
+    /// `None` for every other job).
+    #[sqlx(default)]
+    pub resources: Option<Vec<String>>,
 }
 
 /// What a producer asks for.
@@ -160,6 +165,7 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
                        AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
                        AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)",
     no_account_limit!("jobs.account"),
+    no_resources!(),
     "
                        AND (serial_key IS NULL OR (
                             NOT EXISTS (
@@ -299,7 +305,9 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
                     CROSS JOIN LATERAL (
                         SELECT id, priority, run_at FROM shardq.jobs
                          WHERE state = 'available' AND queue = $1 AND priority = d.priority
-                           AND account = d.account AND run_at <= now()
+                           AND account = d.account AND run_at <= now()",
+    no_resources!(),
+    "
                            AND (serial_key IS NULL OR (
                                 NOT EXISTS (
                                     SELECT 1 FROM shardq.jobs b

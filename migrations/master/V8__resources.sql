@@ -7,7 +7,12 @@ CREATE TABLE shardq.resources (
     concurrency integer CHECK (concurrency BETWEEN 1 AND 1000000),
     rate        double precision CHECK (rate > 0 AND rate <= 1000000),
     burst       integer CHECK (burst BETWEEN 1 AND 1000000),
-    updated_at  timestamptz NOT NULL DEFAULT now()
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    -- The token bucket of `rate`: tokens left at `refilled_at`; it refills
+    -- at `rate` per second up to `burst` (or one second's worth). Nodes
+    -- take tokens in batches, one per start.
+    tokens      double precision NOT NULL DEFAULT 0,
+    refilled_at timestamptz NOT NULL DEFAULT now()
 );
 
 -- Permits leased by nodes in batches: node `node` may run up to `permits`

@@ -428,3 +428,42 @@ async fn resource_declarations_out_of_range_are_refused_and_name_the_resource() 
         .unwrap_err();
     assert!(bad.to_string().contains("resources"), "{bad}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resources_rate_bounds_its_starts_across_three_nodes() {
+    let f = fleet().await;
+    // 20 starts per second, 5 at once above it.
+    f.client.set_resource("mail", None, Some(20.0), Some(5)).await.unwrap();
+    let counted = Counted(Arc::new(vec![Tally::default()]));
+    let accounts = accounts_on_every_shard(&f, "rate", 2).await;
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        ids.push(
+            f.client
+                .enqueue(&accounts[i % accounts.len()], job(0, 0, 0).resources(["mail"]))
+                .await
+                .unwrap(),
+        );
+    }
+    let nodes: Vec<Runtime> = (0..3).map(|_| node(&f, &counted, &[("default", 8)])).collect();
+    wait_completed(&f, &ids).await;
+    for n in nodes {
+        n.shutdown(Duration::from_secs(5)).await;
+    }
+    let mut starts: Vec<Instant> = counted.0[0].runs.lock().unwrap().iter().map(|(s, _)| *s).collect();
+    starts.sort();
+    assert_eq!(starts.len(), 60);
+    // Any one second holds at most the burst, a second of the rate, and
+    // the tokens each of the 3 nodes may hold unused (a tenth of a second).
+    let bound = 5 + 20 + 3 * 2;
+    let most = (0..starts.len())
+        .map(|i| {
+            starts[i..]
+                .iter()
+                .take_while(|s| **s < starts[i] + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= bound, "{most} starts within one second, more than {bound}");
+}

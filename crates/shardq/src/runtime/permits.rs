@@ -50,17 +50,34 @@ struct Pool {
     /// Whether a producer saw jobs of it waiting for a permit since the
     /// last lease request.
     wanted: bool,
+    /// Whether the resource has a rate: each start then also takes a token.
+    rated: bool,
+    /// Tokens taken from the master's bucket and not used yet.
+    tokens: u32,
+    /// Until when they may be used (unused ones are dropped, so a node
+    /// never saves tokens up beyond the bucket's burst).
+    tokens_until: Instant,
+    /// Tokens one request asks for: a tenth of a second of the rate.
+    batch_tokens: u32,
 }
+
+/// How long tokens taken from a bucket stay usable on the node.
+const TOKENS_LAST: Duration = Duration::from_secs(1);
 
 impl Pool {
     fn free(&self, now: Instant) -> u32 {
         if now >= self.valid_until {
             return 0;
         }
-        match self.granted {
+        let permits = match self.granted {
             None => u32::MAX,
             Some(g) => g.saturating_sub(self.in_use),
+        };
+        if !self.rated {
+            return permits;
         }
+        let tokens = if now < self.tokens_until { self.tokens } else { 0 };
+        permits.min(tokens)
     }
 }
 
@@ -139,6 +156,12 @@ impl Permits {
         for n in names {
             if let Some(p) = s.pools.get_mut(n) {
                 p.in_use += 1;
+                if p.rated {
+                    p.tokens -= 1;
+                    if p.tokens == 0 {
+                        p.wanted = true;
+                    }
+                }
             }
         }
         s.holds.insert(key, names.to_vec());
@@ -173,6 +196,14 @@ impl Permits {
         self.demand.notify_one();
     }
 
+    /// Whether jobs wait for permits of a concurrency limit (not tokens).
+    fn permits_wanted(&self) -> bool {
+        self.state
+            .lock()
+            .map(|s| s.pools.values().any(|p| p.wanted && p.granted.is_some()))
+            .unwrap_or(false)
+    }
+
     /// Resolves when permits were granted or given back on this node.
     pub(crate) async fn changed(&self) {
         self.changed.notified().await
@@ -201,6 +232,46 @@ impl Permits {
         }
     }
 
+    /// Takes tokens of the rated resources whose jobs wait for them: a
+    /// tenth of a second's worth (at least 1) per resource, usable for
+    /// [`TOKENS_LAST`]. One statement per resource on the master.
+    /// Returns when to try again for a bucket that was empty.
+    async fn tokens_round(&self) -> sqlx::Result<Option<Duration>> {
+        let asks: Vec<(String, u32)> = {
+            let Ok(s) = self.state.lock() else {
+                return Ok(None);
+            };
+            let now = Instant::now();
+            s.pools
+                .iter()
+                .filter(|(_, p)| p.rated && p.wanted && (p.tokens == 0 || now >= p.tokens_until))
+                .map(|(n, p)| (n.clone(), p.batch_tokens))
+                .collect()
+        };
+        let mut got = false;
+        let mut retry = None;
+        for (name, want) in asks {
+            let granted = store::resource_tokens_take(&self.master, &name, want as i32).await?;
+            if let (Some(g), Ok(mut s)) = (granted, self.state.lock()) {
+                if let Some(p) = s.pools.get_mut(&name) {
+                    if g > 0 {
+                        p.tokens = g as u32;
+                        p.tokens_until = Instant::now() + TOKENS_LAST;
+                        p.wanted = false;
+                        got = true;
+                    } else {
+                        // Empty: one batch refills in a tenth of a second.
+                        retry = Some(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+        if got {
+            self.changed.notify_waiters();
+        }
+        Ok(retry)
+    }
+
     /// One lease round: reads the declared resources and sets this node's
     /// lease of each to what its runs hold, plus a batch (a quarter of the
     /// resource's concurrency, at least 1) when jobs waited for permits.
@@ -219,7 +290,13 @@ impl Permits {
                     in_use: 0,
                     valid_until: Instant::now(),
                     wanted: false,
+                    rated: false,
+                    tokens: 0,
+                    tokens_until: Instant::now(),
+                    batch_tokens: 1,
                 });
+                pool.rated = d.rate.is_some();
+                pool.batch_tokens = d.rate.map_or(1, |r| (r / 10.0).ceil().max(1.0) as u32);
                 let want = match d.concurrency {
                     None => None,
                     Some(c) => {
@@ -233,7 +310,9 @@ impl Permits {
                         pool.granted = Some(w);
                     }
                 }
-                pool.wanted = false;
+                if !pool.rated {
+                    pool.wanted = false;
+                }
                 asks.push((d.name.clone(), d.concurrency, want.unwrap_or(0)));
             }
         }
@@ -277,15 +356,32 @@ pub(crate) async fn run(
     heartbeat: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut next_beat = Instant::now();
     loop {
-        if let Err(e) = permits.lease_round(&node, lease, heartbeat).await {
-            tracing::warn!(error = %ErrorChain(&e), "leasing resource permits failed; trying again at the next beat");
+        if Instant::now() >= next_beat {
+            next_beat = Instant::now() + heartbeat;
+            if let Err(e) = permits.lease_round(&node, lease, heartbeat).await {
+                tracing::warn!(error = %ErrorChain(&e), "leasing resource permits failed; trying again at the next beat");
+            }
         }
+        let retry = match permits.tokens_round().await {
+            Ok(retry) => retry,
+            Err(e) => {
+                tracing::warn!(error = %ErrorChain(&e), "taking resource tokens failed; trying again");
+                Some(Duration::from_millis(100))
+            }
+        };
+        let until = retry.map_or(next_beat, |r| next_beat.min(Instant::now() + r));
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(heartbeat) => {}
+            _ = tokio::time::sleep_until(until) => {}
             _ = permits.demand.notified() => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Demand of a concurrency limit waits for the next lease
+                // round unless this one is soon; tokens are asked for now.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if permits.permits_wanted() {
+                    next_beat = next_beat.min(Instant::now() + Duration::from_millis(10));
+                }
             }
         }
     }

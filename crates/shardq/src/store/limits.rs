@@ -399,3 +399,30 @@ pub async fn job_resourced_waiting<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &
     .fetch_all(conn)
     .await
 }
+
+/// Takes up to `want` tokens of resource `name`'s bucket for `node`: the
+/// bucket is refilled first (`rate` per second since it was last, up to
+/// `burst`, or one second's worth without one), then the whole tokens
+/// taken are removed. One statement on one row: a concurrent taker waits
+/// for the row and recomputes from what the other left. Returns the tokens
+/// granted (0 when the bucket is empty), or `None` when the resource is not
+/// declared or has no rate.
+pub async fn resource_tokens_take(master: &PgPool, name: &str, want: i32) -> sqlx::Result<Option<i32>> {
+    sqlx::query_scalar(
+        "WITH now AS (SELECT clock_timestamp() AS t)
+         UPDATE shardq.resources r
+            SET tokens = f.level - f.granted, refilled_at = (SELECT t FROM now)
+           FROM (SELECT name, level, LEAST($2::float8, floor(level))::int AS granted
+                   FROM (SELECT name,
+                                LEAST(COALESCE(burst::float8, GREATEST(rate, 1)),
+                                      tokens + rate * GREATEST(EXTRACT(EPOCH FROM (SELECT t FROM now) - refilled_at), 0))
+                                  AS level
+                           FROM shardq.resources WHERE name = $1 AND rate IS NOT NULL FOR UPDATE) AS l) AS f
+          WHERE r.name = f.name
+         RETURNING f.granted",
+    )
+    .bind(name)
+    .bind(want.max(0))
+    .fetch_optional(master)
+    .await
+}

@@ -15,12 +15,14 @@
 //! enqueues with and without the NOTIFY trigger), `fleet` (ownership
 //! across nodes: moves, connections, takeover after a SIGKILL) and
 //! `fairness` (one account's backlog beside 100 small accounts, fair share
-//! on and off) hold the scenarios.
+//! on and off) and `limits` (a resource's concurrency and rate over 3 nodes
+//! and 3 shards) hold the scenarios.
 
 mod drain;
 mod fairness;
 mod fleet;
 mod latency;
+mod limits;
 mod moves;
 mod notify;
 mod outage;
@@ -37,7 +39,7 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "drain",
     "floor",
     "latency",
@@ -49,6 +51,7 @@ const SCENARIOS: [&str; 11] = [
     "move",
     "fleet",
     "fairness",
+    "limits",
 ];
 /// Jobs of the drain and floor scenarios when `--jobs` is not given.
 const DEFAULT_DRAIN_JOBS: usize = 200_000;
@@ -60,7 +63,9 @@ pub struct BenchArgs {
     /// storage, move (an account moved while it is written to; not run by default),
     /// fleet (nodes dividing 32 shards: ownership moves, connections, takeover
     /// after a SIGKILL; not run by default), fairness (one account's backlog of
-    /// `--jobs`, default 100,000, beside 100 small accounts; not run by default).
+    /// `--jobs`, default 100,000, beside 100 small accounts; not run by default),
+    /// limits (a resource's concurrency 10 and rate 100/s over 3 nodes and 3
+    /// shards, the rate over 30 s or `--seconds` above 10; not run by default).
     #[arg(
         long,
         default_value = "drain,floor,latency,notify,shards,isolation,outage,storage",
@@ -322,6 +327,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("fairness") {
         fairness::fairness(&bed, &args, &mut results).await?;
+    }
+    if want("limits") {
+        limits::limits(&bed, &args, &mut results).await?;
     }
     bar.finish_and_clear();
     if args.json {

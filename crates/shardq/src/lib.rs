@@ -46,6 +46,16 @@
 //! by their own part of the claim statement, so other jobs pay one probe of
 //! a small primary key.
 //!
+//! Named resources (`NewJob::resources`, `Client::set_resource`) span
+//! shards, so their limits live in the master; a node leases permits
+//! (concurrency) and tokens (rate, a token bucket in the resource's row) in
+//! batches, renews its leases every heartbeat and takes a permit per job in
+//! memory (`runtime/permits.rs`): no master round trip per job, and a dead
+//! node's permits come back when its lease runs out (Oban Pro's Smart
+//! engine coordinates its global limits through shared producer records
+//! too). Jobs that use resources are claimed by their own statement
+//! and index, only while the node holds permits.
+//!
 //! Wake-ups: an insert into a shard's jobs table fires a statement trigger
 //! that sends `NOTIFY shardq_jobs, '<queue>'` once per queue per statement
 //! (Postgres folds duplicates within a transaction). Producers also poll

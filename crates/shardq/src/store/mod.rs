@@ -60,15 +60,17 @@ macro_rules! written_and_notified {
 /// The claims' predicate for per-account limits (shard V21): the job's
 /// account (the SQL expression given, e.g. `"jobs.account"`) has no limit
 /// in the claimed queue `$1`. Jobs of limited accounts are claimed by
-/// their own path ([`limits`]), in the same statement; for the others this
-/// costs one probe of the (small, usually empty) `shardq.account_limits`
-/// primary key.
+/// their own path ([`limits`]), in the same statement. The limited
+/// accounts of the queue are read once per statement (an uncorrelated
+/// `ARRAY(..)`, an init plan: one range of the small `account_limits`
+/// primary key), so each candidate costs a comparison with that array, no
+/// buffer (a probe per candidate measured about 6 % more buffers per claim).
 macro_rules! no_account_limit {
     ($account:literal) => {
         concat!(
-            " AND NOT EXISTS (SELECT 1 FROM shardq.account_limits al WHERE al.queue = $1 AND al.account = ",
+            " AND ",
             $account,
-            ")"
+            " <> ALL (ARRAY(SELECT al.account FROM shardq.account_limits al WHERE al.queue = $1))"
         )
     };
 }

@@ -222,6 +222,7 @@ async fn lease_renewals_are_hot_updates() {
         aging_secs: None,
         fair: true,
         after: None,
+        limited: false,
     };
     let claimed = job_fetch_available(&db.pool, &params).await.unwrap();
     assert_eq!(claimed.len(), 200);
@@ -271,6 +272,7 @@ async fn a_renewal_confirms_fresh_leases_without_writing_them() {
         aging_secs: None,
         fair: false,
         after: None,
+        limited: false,
     };
     // 40 jobs whose lease is about to run out (claimed long ago), 60 fresh ones.
     let old = job_fetch_available(&db.pool, &claim(40)).await.unwrap();

@@ -133,6 +133,9 @@ impl Producer {
         // Where this producer's next fair claim resumes its rotation over
         // accounts (claims in flight share it).
         let after: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        // Whether the queue has limited accounts on the shard, and when
+        // that was read (claims in flight share it).
+        let limited: std::sync::Mutex<Option<(Instant, bool)>> = std::sync::Mutex::new(None);
         // The claims in flight, in the order sent, each with how many jobs it asked for.
         let mut claims: FuturesOrdered<BoxFuture<'_, (usize, sqlx::Result<Claimed>)>> = FuturesOrdered::new();
         // Jobs asked for by the claims in flight.
@@ -170,8 +173,8 @@ impl Producer {
                             self.slots.waiting_on_shard(self.shard.index);
                         }
                         claiming += want;
-                        let (this, after) = (&self, &after);
-                        claims.push_back(async move { (want, this.claim(want, after).await) }.boxed());
+                        let (this, after, limited) = (&self, &after, &limited);
+                        claims.push_back(async move { (want, this.claim(want, after, limited).await) }.boxed());
                     } else if buffer.len() + claiming < bounds.refill_below {
                         // Held back by outcomes not yet written: woken by
                         // their release, or shortly in case it came just now.
@@ -298,12 +301,36 @@ impl Producer {
     /// buffered. The connection comes first; each wait is bounded by
     /// `shard_timeout`, and a claim that timed out closes its connection.
     /// After a short claim, reads when the queue's next job is due.
-    async fn claim(&self, want: usize, after: &std::sync::Mutex<Option<String>>) -> sqlx::Result<Claimed> {
+    async fn claim(
+        &self,
+        want: usize,
+        after: &std::sync::Mutex<Option<String>>,
+        limited: &std::sync::Mutex<Option<(Instant, bool)>>,
+    ) -> sqlx::Result<Claimed> {
         let opts = &self.node.options;
         let mut conn = tokio::time::timeout(opts.shard_timeout, self.shard.db.pool.acquire())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
         let from = after.lock().map(|a| a.clone()).unwrap_or_default();
+        // Whether the claim needs the limited part: read again once a poll
+        // interval, so a limit set takes effect within one.
+        let known = limited
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .filter(|(at, _)| at.elapsed() < opts.poll_interval);
+        let has_limits = match known {
+            Some((_, l)) => l,
+            None => {
+                let l = tokio::time::timeout(opts.shard_timeout, store::account_limits_exist(&mut *conn, &self.queue))
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                if let Ok(mut slot) = limited.lock() {
+                    *slot = Some((Instant::now(), l));
+                }
+                l
+            }
+        };
         let params = FetchParams {
             queue: &self.queue,
             limit: want as i64,
@@ -312,6 +339,7 @@ impl Producer {
             aging_secs: opts.priority_aging.map(|d| d.as_secs_f64()),
             fair: opts.fair_queues.iter().any(|q| **q == *self.queue),
             after: from.as_deref(),
+            limited: has_limits,
         };
         // Until its jobs are recorded, the orphan check leaves this node's
         // unheld running rows alone: they may be this claim's.

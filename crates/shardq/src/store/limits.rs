@@ -133,6 +133,16 @@ pub(crate) fn claim_lost_limit_race(e: &sqlx::Error) -> bool {
         if db.code().as_deref() == Some("23505") && db.constraint() == Some("jobs_limit_slot_idx"))
 }
 
+/// Whether any account on this shard has a concurrency limit in `queue`:
+/// read by each producer about once a poll interval, to know whether its
+/// claims need the limited part.
+pub async fn account_limits_exist<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM shardq.account_limits WHERE queue = $1)")
+        .bind(queue)
+        .fetch_one(conn)
+        .await
+}
+
 /// Sets the concurrency limit of `account` in `queue` on this shard
 /// (`None`: no limit). Refused (returns false, nothing written) while the
 /// account has a fence here: it is moving or has moved away, and a move

@@ -12,7 +12,7 @@
 //! - [`periodic`]: cron-scheduled jobs, enqueued once per occurrence across nodes.
 //! - [`runtime`]: [`Runtime`], a worker node: builder, options, shutdown; one
 //!   file per stage (notifier, producer, wakeup, slots, executor, completer,
-//!   heartbeat, rescuer, cancel, retention, sampler, scheduler) over `node`,
+//!   heartbeat, rescuer, cancel, retention, sampler, scheduler, permits) over `node`,
 //!   the shared per-shard state; `shard_work` (one shard's stages as a unit
 //!   started and stopped while the node runs), `shard_set` (which units
 //!   run) and [`runtime::fleet`] (node registry, rendezvous ownership).

@@ -43,8 +43,8 @@
 //! snapshot would let two claims both see the last free slot, and a lock
 //! would serialise every claim of the account, so shardq keeps no counter
 //! at all: the held rows are the count. Limited accounts' jobs are claimed
-//! by their own part of the claim statement, so other jobs pay a
-//! comparison with the queue's limited accounts, read once per claim.
+//! by their own part of the claim statement, so other jobs pay one probe of
+//! a small primary key.
 //!
 //! Named resources (`NewJob::resources`, `Client::set_resource`) span
 //! shards, so their limits live in the master; a node leases permits

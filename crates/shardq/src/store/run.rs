@@ -126,8 +126,8 @@ pub const ENGINE_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
 /// Per-account limits: jobs of an account with a limit in the queue
 /// (`shardq.account_limits`) are left to the limited claim that
 /// [`job_fetch_available`] runs in the same statement
-/// ([`limits::JOB_FETCH_LIMITED_CTES`]); the queue's limited accounts are
-/// read once per statement, and each candidate is compared with them.
+/// ([`limits::JOB_FETCH_LIMITED_CTES`]); one probe of that table's primary
+/// key per candidate.
 ///
 /// Fences: the jobs of an account fenced off this shard (it is moving or
 /// has moved away) are never claimed here; one seek in the tiny

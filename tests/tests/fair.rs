@@ -19,6 +19,7 @@ fn fetch(limit: i64, node: &str, fair: bool) -> FetchParams<'_> {
         aging_secs: Some(300.0),
         fair,
         after: None,
+        limited: true,
     }
 }
 

@@ -489,6 +489,7 @@ async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced
             aging_secs: None,
             fair: true,
             after: None,
+            limited: true,
         },
     )
     .await

@@ -186,6 +186,42 @@ async fn an_accounts_fair_share_weight_moves_with_it() {
     assert_eq!(weight_on(&f, &to, &a).await, Some(3));
 }
 
+#[tokio::test]
+async fn an_accounts_concurrency_limits_move_with_it() {
+    let f = fleet().await;
+    create_docs(&f).await;
+    let (a, from, to) = an_account_with_data(&f, "limited-mover").await;
+    f.client.set_account_limit(&a, "email", Some(4)).await.unwrap();
+    f.client.set_account_limit(&a, "reports", Some(1)).await.unwrap();
+    let mover = Mover::new(f.router.clone(), docs_table());
+    let m = mover.start(&a, &to).await.unwrap();
+    let mut m = mover.step(&m).await.unwrap();
+    let refused = f.client.set_account_limit(&a, "email", Some(2)).await.unwrap_err();
+    assert!(
+        matches!(refused, shardq::Error::AccountSetting { .. }) && refused.to_string().contains("moving"),
+        "{refused}"
+    );
+    while m.step != Step::Done {
+        m = mover.step(&m).await.unwrap();
+    }
+    let on = |shard: String| {
+        let db = f.router.shard(&shard).unwrap();
+        let a = a.clone();
+        async move {
+            sqlx::query_as::<_, (String, i32)>(
+                "SELECT queue, max_running FROM shardq.account_limits WHERE account = $1 ORDER BY queue",
+            )
+            .bind(a.as_str())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(on(to.clone()).await, vec![("email".into(), 4), ("reports".into(), 1)]);
+    assert!(on(from.clone()).await.is_empty(), "gone from the old shard");
+    assert_eq!(f.client.account_limit(&a, "email").await.unwrap(), Some(4));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_router_never_writes_to_the_shard_an_account_left() {
     let f = fleet().await;

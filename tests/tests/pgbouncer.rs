@@ -357,6 +357,7 @@ async fn behind_pgbouncer_in_transaction_mode_every_job_of_the_lifecycle_complet
             aging_secs: None,
             fair: false,
             after: None,
+            limited: false,
         },
     )
     .await

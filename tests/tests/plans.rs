@@ -4,7 +4,8 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use shardq::store::{
-    JOB_COMPLETE_MANY_SQL, JOB_FETCH_AVAILABLE_SQL, JOB_FETCH_FAIR_SQL, JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL,
+    AVAILABLE_WITH_LIMITS, FAIR_WITH_LIMITS, JOB_COMPLETE_MANY_SQL, JOB_FETCH_AVAILABLE_SQL, JOB_FETCH_FAIR_SQL,
+    JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL,
 };
 use shardq_tests::{assert_indexed, fleet, generic_plan};
 
@@ -39,6 +40,18 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
             "fair fetch",
             "text, bigint, text, float8, float8, text",
             JOB_FETCH_FAIR_SQL,
+            "'default', 64, 'node', 30, 300, 'a5'",
+        ),
+        (
+            "fetch with the limited claim",
+            "text, bigint, text, float8, float8",
+            AVAILABLE_WITH_LIMITS.as_str(),
+            "'default', 64, 'node', 30, 300",
+        ),
+        (
+            "fair fetch with the limited claim",
+            "text, bigint, text, float8, float8, text",
+            FAIR_WITH_LIMITS.as_str(),
             "'default', 64, 'node', 30, 300, 'a5'",
         ),
         (
@@ -252,6 +265,7 @@ async fn lease_renewals_are_hot_updates() {
         aging_secs: None,
         fair: true,
         after: None,
+        limited: false,
     };
     let claimed = job_fetch_available(&db.pool, &params).await.unwrap();
     assert_eq!(claimed.len(), 200);
@@ -301,6 +315,7 @@ async fn a_renewal_confirms_fresh_leases_without_writing_them() {
         aging_secs: None,
         fair: false,
         after: None,
+        limited: false,
     };
     // 40 jobs whose lease is about to run out (claimed long ago), 60 fresh ones.
     let old = job_fetch_available(&db.pool, &claim(40)).await.unwrap();

@@ -20,6 +20,7 @@ fn fetch(queue: &str) -> FetchParams<'_> {
         aging_secs: None,
         fair: true,
         after: None,
+        limited: true,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `shardq accounts move|list|show|pin|weight`.
+//! `shardq accounts move|list|show|pin|weight|limit`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -83,6 +83,35 @@ enum AccountsCommand {
         #[arg(long, conflicts_with = "weight")]
         reset: bool,
     },
+    /// Show or set an account's concurrency limit in a queue (1 to
+    /// 10000): at most that many of its jobs in the queue run at once,
+    /// across every node. Without a limit and `--clear`, prints the
+    /// account's limits (of `--queue` only, when given).
+    Limit {
+        /// The account.
+        account: String,
+        /// The queue the limit is for.
+        #[arg(long)]
+        queue: Option<String>,
+        /// The new limit.
+        #[arg(requires = "queue", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: Option<u32>,
+        /// Remove the account's limit in the queue.
+        #[arg(long, requires = "queue", conflicts_with = "limit")]
+        clear: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `accounts limit` prints.
+#[derive(Serialize)]
+struct Limits {
+    /// The account.
+    account: String,
+    /// Its concurrency limits by queue (queues without one are absent).
+    limits: std::collections::BTreeMap<String, u32>,
 }
 
 /// What `accounts show` prints.
@@ -217,6 +246,47 @@ pub async fn run(config: &Config, args: AccountsArgs) -> anyhow::Result<ExitCode
                 client.set_account_weight(&account, weight).await?;
             }
             println!("{account}: weight {}", client.account_weight(&account).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        AccountsCommand::Limit {
+            account,
+            queue,
+            limit,
+            clear,
+            json,
+        } => {
+            let account = Account::new(account)?;
+            if router.placement(&account).await?.is_none() {
+                anyhow::bail!("account {account} is not placed (the master has no placement for it)");
+            }
+            let client = shardq::Client::new(router.clone());
+            if let Some(q) = &queue {
+                if limit.is_some() || clear {
+                    client.set_account_limit(&account, q, limit).await?;
+                }
+            }
+            let mut limits = client.account_limits(&account).await?;
+            if let Some(q) = &queue {
+                limits.retain(|k, _| k == q);
+            }
+            let shown = Limits {
+                account: account.to_string(),
+                limits,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&shown)?);
+            } else if let Some(q) = &queue {
+                match shown.limits.get(q) {
+                    Some(n) => println!("{account}: at most {n} running in queue {q}"),
+                    None => println!("{account}: no limit in queue {q}"),
+                }
+            } else if shown.limits.is_empty() {
+                println!("{account}: no concurrency limits");
+            } else {
+                for (q, n) in &shown.limits {
+                    println!("{account}: at most {n} running in queue {q}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         AccountsCommand::Pin { account, to, options } => {

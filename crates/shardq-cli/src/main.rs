@@ -18,6 +18,7 @@ mod moves;
 mod progress;
 mod queues;
 mod rebalance;
+mod resources;
 mod route;
 mod shards;
 mod status;
@@ -91,7 +92,8 @@ Examples:
 Examples:
   shardq accounts list --shard shard_1
   shardq accounts show acct-1 --json
-  shardq accounts move acct-1 --to shard_3")]
+  shardq accounts move acct-1 --to shard_3
+  shardq accounts limit acct-1 --queue email 5   # at most 5 of its email jobs at once")]
     Accounts(accounts::AccountsArgs),
     /// Moves in progress and recent ones; resume or abort one.
     #[command(after_help = "\
@@ -129,6 +131,14 @@ Examples:
   shardq queues paused --shard shard_1 --json
   shardq queues resume --shard shard_1 reports")]
     Queues(queues::QueuesArgs),
+    /// Named resources whose limits hold across every node and shard:
+    /// declare one, list them with the permits leased now, remove one.
+    #[command(after_help = "\
+Examples:
+  shardq resources set payments --concurrency 10
+  shardq resources list --json
+  shardq resources remove payments")]
+    Resources(resources::ResourcesArgs),
     /// Per shard and queue: jobs by state, oldest waiting job, throughput, reachability.
     #[command(after_help = "\
 Examples:
@@ -225,6 +235,7 @@ async fn run(cli: Cli, log_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         Command::Enqueue(args) => enqueue::run(&config()?, args).await,
         Command::Jobs(args) => jobs::run(&config()?, args).await,
         Command::Queues(args) => queues::run(&config()?, args).await,
+        Command::Resources(args) => resources::run(&config()?, args).await,
         Command::Status(args) => status::run(&config()?, args).await,
         Command::Dashboard(args) => dashboard::run(&config()?, args).await,
         Command::Worker(args) => worker::run(&config()?, args).await,

@@ -624,3 +624,77 @@ async fn accounts_weight_sets_shows_and_resets_an_accounts_fair_share_weight() {
         unknown.stderr
     );
 }
+
+#[tokio::test]
+async fn accounts_limit_sets_shows_and_clears_an_accounts_concurrency_limit() {
+    let f = fleet().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&f, dir.path(), "");
+    let pin = shardq(&config, &["accounts", "pin", "limited", "--to", "shard_2"]).await;
+    assert!(pin.ok, "{}{}", pin.stdout, pin.stderr);
+    let a = Account::new("limited").unwrap();
+    let set = shardq(&config, &["accounts", "limit", "limited", "--queue", "email", "3"]).await;
+    assert!(set.ok, "{}{}", set.stdout, set.stderr);
+    assert_eq!(set.stdout.trim(), "limited: at most 3 running in queue email");
+    assert_eq!(f.client.account_limit(&a, "email").await.unwrap(), Some(3));
+    let all = shardq(&config, &["accounts", "limit", "limited", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(&all.stdout).unwrap();
+    assert_eq!(json["limits"]["email"], 3, "{}", all.stdout);
+    let bad = shardq(&config, &["accounts", "limit", "limited", "--queue", "email", "0"]).await;
+    assert!(!bad.ok && bad.stderr.contains("0"), "{}", bad.stderr);
+    let no_queue = shardq(&config, &["accounts", "limit", "limited", "4"]).await;
+    assert!(
+        !no_queue.ok && no_queue.stderr.contains("--queue"),
+        "{}",
+        no_queue.stderr
+    );
+    let clear = shardq(
+        &config,
+        &["accounts", "limit", "limited", "--queue", "email", "--clear"],
+    )
+    .await;
+    assert!(clear.ok, "{}", clear.stderr);
+    assert_eq!(clear.stdout.trim(), "limited: no limit in queue email");
+    assert_eq!(f.client.account_limit(&a, "email").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn resources_set_lists_and_removes_a_named_resource() {
+    let f = fleet().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&f, dir.path(), "");
+    let set = shardq(
+        &config,
+        &[
+            "resources",
+            "set",
+            "payments",
+            "--concurrency",
+            "10",
+            "--rate",
+            "100",
+            "--burst",
+            "20",
+        ],
+    )
+    .await;
+    assert!(set.ok, "{}{}", set.stdout, set.stderr);
+    assert_eq!(
+        set.stdout.trim(),
+        "resource payments: concurrency 10, rate 100/s, burst 20"
+    );
+    let list = shardq(&config, &["resources", "list", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(json[0]["name"], "payments", "{}", list.stdout);
+    assert_eq!(json[0]["concurrency"], 10);
+    assert_eq!(json[0]["leased"], 0);
+    let table = shardq(&config, &["resources", "list"]).await;
+    assert!(table.stdout.contains("payments"), "{}", table.stdout);
+    let bad = shardq(&config, &["resources", "set", "bad name", "--concurrency", "1"]).await;
+    assert!(!bad.ok && bad.stderr.contains("resource"), "{}", bad.stderr);
+    let removed = shardq(&config, &["resources", "remove", "payments"]).await;
+    assert!(removed.ok, "{}", removed.stderr);
+    assert!(f.client.resources().await.unwrap().is_empty());
+    let again = shardq(&config, &["resources", "remove", "payments"]).await;
+    assert!(!again.ok && again.stderr.contains("no resource"), "{}", again.stderr);
+}

@@ -21,13 +21,16 @@
 /// registers shards and marks them draining, so a placement naming a shard
 /// the owner did not register fails on the foreign key. The fleet stamp is
 /// read-only to it too. Worker nodes renew and delete their rows in the
-/// node registry (`shardq.nodes`).
+/// node registry (`shardq.nodes`), and lease permits of named resources
+/// (`shardq.resource_leases`, locking the resource's row in
+/// `shardq.resources`, which `Client::set_resource` writes).
 pub const MASTER_GRANTS: &[&str] = &[
     "GRANT USAGE ON SCHEMA shardq TO {role}",
     "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA shardq TO {role}",
     "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON shardq.shards FROM {role}",
     "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON shardq.fleet_stamp FROM {role}",
     "GRANT UPDATE, DELETE ON shardq.nodes TO {role}",
+    "GRANT UPDATE, DELETE ON shardq.resources, shardq.resource_leases TO {role}",
     "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA shardq TO {role}",
     "GRANT SELECT ON public.shardq_schema_history TO {role}",
     "ALTER DEFAULT PRIVILEGES IN SCHEMA shardq GRANT SELECT, INSERT ON TABLES TO {role}",

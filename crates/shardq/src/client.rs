@@ -430,6 +430,128 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Sets the concurrency limit of `account` in `queue` (1 to 10,000;
+    /// `None`: no limit), on its shard: at most `limit` of its jobs in
+    /// the queue run at once across every node (a job claimed into a
+    /// node's buffer counts as running). Takes effect from the next claim
+    /// on every node; runs already holding slots above a lowered limit
+    /// finish first. Refused while the account is moving (a move carries
+    /// the limits it had when it started); set it again after the move.
+    pub async fn set_account_limit(&self, account: &Account, queue: &str, limit: Option<u32>) -> Result<()> {
+        let db = self.router.pool_for(account).await?;
+        check_queue(&db.name, queue)?;
+        let n = match limit {
+            None => None,
+            Some(n @ 1..=10_000) => Some(n as i32),
+            Some(n) => {
+                return Err(Error::AccountSetting {
+                    account: account.to_string(),
+                    shard: db.name.clone(),
+                    message: format!("a concurrency limit in queue {queue:?} is 1 to 10000, got {n}"),
+                })
+            }
+        };
+        if !store::account_limit_set(db, account.as_str(), queue, n)
+            .await
+            .map_err(|e| db.error(e))?
+        {
+            return Err(Error::AccountSetting {
+                account: account.to_string(),
+                shard: db.name.clone(),
+                message: "the account is moving or has moved off this shard; set its limits after the move".into(),
+            });
+        }
+        tracing::info!(account = %account, shard = %db.name, queue, limit = ?n, "account concurrency limit set");
+        Ok(())
+    }
+
+    /// The concurrency limits of `account`, by queue (queues without one
+    /// are absent).
+    pub async fn account_limits(&self, account: &Account) -> Result<std::collections::BTreeMap<String, u32>> {
+        let db = self.router.pool_for(account).await?;
+        let rows = store::account_limits_of(db, account.as_str())
+            .await
+            .map_err(|e| db.error(e))?;
+        Ok(rows.into_iter().map(|(q, n)| (q, n.max(1) as u32)).collect())
+    }
+
+    /// The concurrency limit of `account` in `queue`, if it has one.
+    pub async fn account_limit(&self, account: &Account, queue: &str) -> Result<Option<u32>> {
+        Ok(self.account_limits(account).await?.remove(queue))
+    }
+
+    /// How many runs of `account` in `queue` hold one of its limit's slots
+    /// now (claimed and not yet ended on their node), across every node.
+    pub async fn account_limit_held(&self, account: &Account, queue: &str) -> Result<u64> {
+        let db = self.router.pool_for(account).await?;
+        let n = store::account_limit_held(db, account.as_str(), queue)
+            .await
+            .map_err(|e| db.error(e))?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+impl Client {
+    /// Declares named resource `name` in the master, or changes its limits:
+    /// at most `concurrency` running jobs that name it
+    /// ([`NewJob::resources`](crate::NewJob::resources)) across every node
+    /// and shard; `rate` starts per second with `burst` are stored with it.
+    /// `None` leaves that kind unlimited. Nodes see a change at their next
+    /// lease round (a heartbeat).
+    pub async fn set_resource(
+        &self,
+        name: &str,
+        concurrency: Option<u32>,
+        rate: Option<f64>,
+        burst: Option<u32>,
+    ) -> Result<()> {
+        let bad = |message: String| Error::Resource {
+            name: name.to_string(),
+            message,
+        };
+        if !crate::job::resource_name_ok(name) {
+            return Err(bad("a resource name is 1 to 64 letters, digits, '_', '.' or '-'".into()));
+        }
+        if let Some(c) = concurrency.filter(|c| !(1..=1_000_000).contains(c)) {
+            return Err(bad(format!("concurrency is 1 to 1000000, got {c}")));
+        }
+        if let Some(r) = rate.filter(|r| !(r.is_finite() && *r > 0.0 && *r <= 1_000_000.0)) {
+            return Err(bad(format!("rate is above 0 and at most 1000000 per second, got {r}")));
+        }
+        if let Some(b) = burst.filter(|b| !(1..=1_000_000).contains(b)) {
+            return Err(bad(format!("burst is 1 to 1000000, got {b}")));
+        }
+        let master = self.router.master();
+        store::resource_put(
+            master,
+            name,
+            concurrency.map(|c| c as i32),
+            rate,
+            burst.map(|b| b as i32),
+        )
+        .await
+        .map_err(|e| master.error(e))?;
+        tracing::info!(resource = name, ?concurrency, ?rate, ?burst, "resource declared");
+        Ok(())
+    }
+
+    /// Removes resource `name` and its leases; whether it was declared.
+    /// Jobs that name it wait until it is declared again.
+    pub async fn remove_resource(&self, name: &str) -> Result<bool> {
+        let master = self.router.master();
+        Ok(store::resource_delete(master, name)
+            .await
+            .map_err(|e| master.error(e))?)
+    }
+
+    /// Every declared resource with the permits nodes hold leased now.
+    pub async fn resources(&self) -> Result<Vec<crate::Resource>> {
+        let master = self.router.master();
+        Ok(store::resources_list(master).await.map_err(|e| master.error(e))?)
+    }
+}
+
 /// A queue name as the jobs table accepts it: 1 to 128 bytes.
 fn check_queue(shard: &str, queue: &str) -> Result<()> {
     if queue.is_empty() || queue.len() > 128 {

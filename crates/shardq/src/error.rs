@@ -71,6 +71,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A named resource's declaration was refused; nothing changed.
+    #[error("resource {name:?}: {message}")]
+    Resource {
+        /// The resource.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A move of an account cannot be started or its next step failed.
     #[error("move of account {account:?}: {message}")]
     Move {

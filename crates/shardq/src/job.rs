@@ -126,6 +126,8 @@ pub struct NewJob {
     pub(crate) unique: Option<UniqueOpts>,
     /// Set by [`NewJob::serial_key`].
     pub(crate) serial_key: Option<String>,
+    /// Set by [`NewJob::resources`]: the named resources the job uses.
+    pub(crate) resources: Vec<String>,
 }
 
 impl NewJob {
@@ -159,6 +161,7 @@ impl NewJob {
             delay: None,
             unique: None,
             serial_key: None,
+            resources: Vec::new(),
         }
     }
 
@@ -235,6 +238,28 @@ impl NewJob {
         self
     }
 
+    /// Names the global resources the job uses (declared in the master
+    /// with `Client::set_resource` or `shardq resources set`): its handler
+    /// starts only while holding a permit of each, so at most a resource's
+    /// concurrency of such jobs run at once across every node and shard. A
+    /// name is 1 to 64 letters, digits, `_`, `.` or `-`. A job naming a
+    /// resource that is not declared waits until it is.
+    pub fn resources<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.resources = names.into_iter().map(Into::into).collect();
+        self.resources.sort();
+        self.resources.dedup();
+        self
+    }
+
+    /// The resources as stored: `None` when the job uses none.
+    pub(crate) fn resource_names(&self) -> Option<&[String]> {
+        (!self.resources.is_empty()).then_some(self.resources.as_slice())
+    }
+
     /// Whether the job needs the keyed insert (unique or serial).
     pub(crate) fn is_keyed(&self) -> bool {
         self.unique.is_some() || self.serial_key.is_some()
@@ -283,6 +308,12 @@ impl NewJob {
                 return bad("unique.period", "must be at least 1 ms".into());
             }
         }
+        if let Some(name) = self.resources.iter().find(|n| !resource_name_ok(n)) {
+            return bad(
+                "resources",
+                format!("{name:?} is not a resource name (1 to 64 letters, digits, '_', '.' or '-')"),
+            );
+        }
         let text = self.args.to_string();
         if text.len() > MAX_ARGS_BYTES {
             return bad(
@@ -298,6 +329,15 @@ impl NewJob {
         }
         Ok(text)
     }
+}
+
+/// Whether `name` is a resource name: 1 to 64 ASCII letters, digits, `_`,
+/// `.` or `-` (the master's `shardq.resources` check).
+pub(crate) fn resource_name_ok(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// A job as stored, for inspection (`shardq jobs show`).

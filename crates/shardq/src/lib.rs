@@ -14,7 +14,7 @@
 //! - [`periodic`]: cron-scheduled jobs, enqueued once per occurrence across nodes.
 //! - [`runtime`]: [`Runtime`], a worker node: builder, options, shutdown; one
 //!   file per stage (notifier, producer, wakeup, slots, adaptive, executor, completer,
-//!   heartbeat, rescuer, cancel, retention, sampler, scheduler) over `node`,
+//!   heartbeat, rescuer, cancel, retention, sampler, scheduler, permits) over `node`,
 //!   the shared per-shard state; `shard_work` (one shard's stages as a unit
 //!   started and stopped while the node runs), `shard_set` (which units
 //!   run) and [`runtime::fleet`] (node registry, rendezvous ownership).
@@ -32,6 +32,31 @@
 //! Dependencies point down: `runtime` → `observe`, `periodic`, `worker` →
 //! `store` → `job`, `unique` → `error`. No stage imports the composer
 //! (`runtime/mod.rs`).
+//!
+//! Limits (issue 16): a per-account concurrency limit per queue
+//! ([`Client::set_account_limit`]) is counted in the shard's database, not
+//! in a node's memory. A run of a limited account holds a slot number under
+//! a unique index (`store::limits`), as a serial key's run holds its key:
+//! concurrent claims on different nodes cannot both take one slot, and the
+//! slot is freed by the statements that already end a hold. Peers count
+//! running jobs in shared producer records (Oban Pro's Smart engine), under
+//! an advisory lock before a job performs (GoodJob's concurrency keys) or
+//! in Redis (Sidekiq Enterprise's limiters); a count read in a claim's
+//! snapshot would let two claims both see the last free slot, and a lock
+//! would serialise every claim of the account, so shardq keeps no counter
+//! at all: the held rows are the count. Limited accounts' jobs are claimed
+//! by their own part of the claim statement, so other jobs pay one probe of
+//! a small primary key.
+//!
+//! Named resources (`NewJob::resources`, `Client::set_resource`) span
+//! shards, so their limits live in the master; a node leases permits
+//! (concurrency) and tokens (rate, a token bucket in the resource's row) in
+//! batches, renews its leases every heartbeat and takes a permit per job in
+//! memory (`runtime/permits.rs`): no master round trip per job, and a dead
+//! node's permits come back when its lease runs out (Oban Pro's Smart
+//! engine coordinates its global limits through shared producer records
+//! too). Jobs that use resources are claimed by their own statement
+//! and index, only while the node holds permits.
 //!
 //! Wake-ups: an insert into a shard's jobs table fires a statement trigger
 //! that sends `NOTIFY shardq_jobs, '<queue>'` once per queue per statement
@@ -65,6 +90,6 @@ pub use job::{Enqueued, JobId, JobRecord, JobState, NewJob};
 pub use periodic::{Overlap, PeriodicJob};
 pub use runtime::{Backoff, Runtime, RuntimeBuilder, RuntimeOptions, ShardRunStats, CHANNEL};
 pub use shardq_router::{Account, Config, Router};
-pub use store::QueuePause;
+pub use store::{QueuePause, Resource};
 pub use unique::{UniqueOpts, UniqueStates};
 pub use worker::{CancelReason, JobContext, JobError, Worker};

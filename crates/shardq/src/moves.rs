@@ -432,6 +432,12 @@ impl Mover {
                 store::account_weight_put(target, &m.account, weight)
                     .await
                     .map_err(|e| target.error(e))?;
+                let limits = store::account_limits_of(source, &m.account)
+                    .await
+                    .map_err(|e| source.error(e))?;
+                store::account_limits_put(target, &m.account, &limits)
+                    .await
+                    .map_err(|e| target.error(e))?;
                 store::move_switch(master, &m.into())
                     .await
                     .map_err(|e| master.error(e))?;

@@ -15,13 +15,15 @@
 //! enqueues with and without the NOTIFY trigger), `fleet` (ownership
 //! across nodes: moves, connections, takeover after a SIGKILL) and
 //! `fairness` (one account's backlog beside 100 small accounts, fair share
-//! on and off) and `steady` (table and index sizes over a long steady
-//! load with pruning) hold the scenarios.
+//! on and off), `steady` (table and index sizes over a long steady load
+//! with pruning) and `limits` (a resource's concurrency and rate over 3
+//! nodes and 3 shards) hold the scenarios.
 
 mod drain;
 mod fairness;
 mod fleet;
 mod latency;
+mod limits;
 mod moves;
 mod notify;
 mod outage;
@@ -39,7 +41,7 @@ use shardq_testbed::{FleetDb, TestBed};
 use crate::{kinds, store};
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "drain",
     "floor",
     "latency",
@@ -52,6 +54,7 @@ const SCENARIOS: [&str; 12] = [
     "fleet",
     "fairness",
     "steady",
+    "limits",
 ];
 /// Jobs of the drain and floor scenarios when `--jobs` is not given.
 const DEFAULT_DRAIN_JOBS: usize = 200_000;
@@ -65,7 +68,9 @@ pub struct BenchArgs {
     /// after a SIGKILL; not run by default), fairness (one account's backlog of
     /// `--jobs`, default 100,000, beside 100 small accounts; not run by default),
     /// steady (`--rate` jobs/s for `--steady-seconds` with pruning: table and
-    /// index sizes and dead rows over time; not run by default).
+    /// index sizes and dead rows over time; not run by default),
+    /// limits (a resource's concurrency 10 and rate 100/s over 3 nodes and 3
+    /// shards, the rate over 30 s or `--seconds` above 10; not run by default).
     #[arg(
         long,
         default_value = "drain,floor,latency,notify,shards,isolation,outage,storage",
@@ -333,6 +338,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if want("steady") {
         steady::steady(&bed, &args, &mut results).await?;
+    }
+    if want("limits") {
+        limits::limits(&bed, &args, &mut results).await?;
     }
     bar.finish_and_clear();
     if args.json {

@@ -33,6 +33,8 @@
 //! - `retention`: prunes finished jobs past their retention.
 //! - `sampler`: depth, oldest-job, pool and slot gauges.
 //! - `scheduler`: enqueues periodic jobs' occurrences.
+//! - `permits`: permits of named resources, leased from the master in
+//!   batches and renewed every heartbeat; taken by producers per job.
 
 mod adaptive;
 mod cancel;
@@ -43,6 +45,7 @@ mod heartbeat;
 mod node;
 mod notifier;
 pub mod options;
+mod permits;
 mod producer;
 mod rescuer;
 mod retention;
@@ -160,6 +163,7 @@ impl RuntimeBuilder {
             id: self.options.node_id.clone().unwrap_or_else(default_node_id),
             registry: self.registry,
             options: self.options,
+            permits: Arc::new(permits::Permits::new(self.router.master().clone())),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let (end_tx, end_rx) = watch::channel(false);
@@ -206,6 +210,13 @@ impl RuntimeBuilder {
                 stop_rx.clone(),
             )));
         }
+        tasks.push(tokio::spawn(permits::run(
+            node.permits.clone(),
+            node.id.clone(),
+            node.options.lease,
+            node.options.heartbeat_interval,
+            end_rx.clone(),
+        )));
         tasks.push(tokio::spawn(sampler::slots(
             move || {
                 queue_slots
@@ -331,6 +342,13 @@ impl Runtime {
         self.limits.iter().map(|(q, s)| (q.to_string(), s.limit())).collect()
     }
 
+    /// Permits of resource `name` this node may use now (granted by the
+    /// master and within their lease); `None` when the resource is not
+    /// declared or has no concurrency limit.
+    pub fn permits_of(&self, name: &str) -> Option<u32> {
+        self.node.permits.granted(name)
+    }
+
     /// Jobs this node holds leases on right now.
     pub fn leased(&self) -> usize {
         let active = self
@@ -404,6 +422,7 @@ impl Runtime {
             tracing::warn!("some shards did not answer within the shutdown deadline; their jobs will be rescued when their leases expire");
         }
         let _ = self.end_tx.send(true);
+        self.node.permits.end(&self.node.id, Duration::from_secs(1)).await;
         for t in &self.tasks {
             t.abort();
         }

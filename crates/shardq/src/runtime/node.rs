@@ -2,7 +2,8 @@
 //! of a node reads), [`ShardWork`] (what a node's tasks for one shard
 //! share), [`Leases`] (the jobs this node holds on a shard, from claim until
 //! their outcome is written), [`Done`] (the hand-off from a run to the
-//! completer) and run statistics. Every stage imports this file; it imports
+//! completer) and run statistics; [`Node`] carries the node's permits of
+//! named resources (`permits`). Every stage imports this file; it imports
 //! no stage.
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::options::RuntimeOptions;
+use super::permits::Permits;
 use crate::observe::metrics::{JobMetrics, JobMetricsCache};
 use crate::store::FetchedJob;
 use crate::worker::{CancelReason, Outcome, Registry};
@@ -30,6 +32,9 @@ pub(crate) struct Node {
     pub registry: Registry,
     /// The node's tunables; read by every stage.
     pub options: RuntimeOptions,
+    /// Permits of named resources: taken and given back by producers,
+    /// leased by the composer's leaser task.
+    pub permits: Arc<Permits>,
 }
 
 /// Per-shard state of one node, shared by that shard's stages.

@@ -132,6 +132,9 @@ impl Producer {
         // Where this producer's next fair claim resumes its rotation over
         // accounts (claims in flight share it).
         let after: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        // Whether the queue has limited accounts on the shard, and when
+        // that was read (claims in flight share it).
+        let limited: std::sync::Mutex<Option<(Instant, bool)>> = std::sync::Mutex::new(None);
         // The claims in flight, in the order sent, each with how many jobs it asked for.
         let mut claims: FuturesOrdered<BoxFuture<'_, (usize, sqlx::Result<Claimed>)>> = FuturesOrdered::new();
         // Jobs asked for by the claims in flight.
@@ -171,8 +174,8 @@ impl Producer {
                             self.slots.waiting_on_shard(self.shard.index);
                         }
                         claiming += want;
-                        let (this, after) = (&self, &after);
-                        claims.push_back(async move { (want, this.claim(want, after).await) }.boxed());
+                        let (this, after, limited) = (&self, &after, &limited);
+                        claims.push_back(async move { (want, this.claim(want, after, limited).await) }.boxed());
                     } else if buffer.len() + claiming < bounds.refill_below {
                         // Held back by outcomes not yet written: woken by
                         // their release, or shortly in case it came just now.
@@ -189,6 +192,7 @@ impl Producer {
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = self.wake.notified() => maybe_work = true,
+                _ = self.node.permits.changed() => maybe_work = true,
                 _ = self.shard.leases.released(), if held_back => {}
                 Some((asked, claimed)) = claims.next(), if !claims.is_empty() => {
                     claiming -= asked;
@@ -217,8 +221,8 @@ impl Producer {
                                 maybe_work = true;
                             }
                         }
-                        Err(e) if store::claim_lost_serial_race(&e) => {
-                            tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key this claim picked; claiming again");
+                        Err(e) if store::claim_lost_serial_race(&e) || store::claim_lost_limit_race(&e) => {
+                            tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key or a limit slot this claim picked; claiming again");
                             maybe_work = true;
                         }
                         Err(e) => {
@@ -262,9 +266,12 @@ impl Producer {
                 buffer.drain(..).partition(|(_, stop)| stop.borrow().is_some());
             *buffer = kept;
             for b in stopped {
-                self.shard.leases.begin(b, |job, stop| {
+                let key = (self.shard.index, b.0.id, b.0.attempt);
+                if !self.shard.leases.begin(b, |job, stop| {
                     tokio::spawn(self.run_one(job, stop, false)).abort_handle()
-                });
+                }) {
+                    self.node.permits.release(key);
+                }
             }
         }
         // Until no slot is left or the buffer is empty: a reservation that
@@ -276,10 +283,13 @@ impl Producer {
             }
             let mut started = 0;
             for b in buffer.drain(..got) {
+                let key = (self.shard.index, b.0.id, b.0.attempt);
                 if self.shard.leases.begin(b, |job, stop| {
                     tokio::spawn(self.run_one(job, stop, true)).abort_handle()
                 }) {
                     started += 1;
+                } else {
+                    self.node.permits.release(key);
                 }
             }
             if started < got {
@@ -292,12 +302,36 @@ impl Producer {
     /// buffered. The connection comes first; each wait is bounded by
     /// `shard_timeout`, and a claim that timed out closes its connection.
     /// After a short claim, reads when the queue's next job is due.
-    async fn claim(&self, want: usize, after: &std::sync::Mutex<Option<String>>) -> sqlx::Result<Claimed> {
+    async fn claim(
+        &self,
+        want: usize,
+        after: &std::sync::Mutex<Option<String>>,
+        limited: &std::sync::Mutex<Option<(Instant, bool)>>,
+    ) -> sqlx::Result<Claimed> {
         let opts = &self.node.options;
         let mut conn = tokio::time::timeout(opts.shard_timeout, self.shard.db.pool.acquire())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
         let from = after.lock().map(|a| a.clone()).unwrap_or_default();
+        // Whether the claim needs the limited part: read again once a poll
+        // interval, so a limit set takes effect within one.
+        let known = limited
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .filter(|(at, _)| at.elapsed() < opts.poll_interval);
+        let has_limits = match known {
+            Some((_, l)) => l,
+            None => {
+                let l = tokio::time::timeout(opts.shard_timeout, store::account_limits_exist(&mut *conn, &self.queue))
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                if let Ok(mut slot) = limited.lock() {
+                    *slot = Some((Instant::now(), l));
+                }
+                l
+            }
+        };
         let params = FetchParams {
             queue: &self.queue,
             limit: want as i64,
@@ -306,6 +340,7 @@ impl Producer {
             aging_secs: opts.priority_aging.map(|d| d.as_secs_f64()),
             fair: !opts.strict_queues.iter().any(|q| **q == *self.queue),
             after: from.as_deref(),
+            limited: has_limits,
         };
         // Until its jobs are recorded, the orphan check leaves this node's
         // unheld running rows alone: they may be this claim's.
@@ -316,7 +351,7 @@ impl Producer {
             store::job_fetch_available(self.shard.db.conn(&mut conn), &params),
         )
         .await;
-        let jobs: Vec<FetchedJob> = match claimed {
+        let mut jobs: Vec<FetchedJob> = match claimed {
             Ok(Ok(jobs)) => jobs,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
@@ -324,7 +359,22 @@ impl Producer {
                 return Err(sqlx::Error::PoolTimedOut);
             }
         };
-        drop(conn);
+        if self.node.permits.any() {
+            let resourced = tokio::time::timeout(opts.shard_timeout, self.claim_resourced(&mut conn, want)).await;
+            match resourced {
+                Ok(Ok(more)) => {
+                    jobs.extend(more);
+                    drop(conn);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "claiming jobs that use resources failed");
+                    drop(conn);
+                }
+                Err(_) => drop(conn.detach()),
+            }
+        } else {
+            drop(conn);
+        }
         let got = jobs.len();
         if let Ok(mut a) = after.lock() {
             *a = store::fair_rotation_after(from.as_deref(), &jobs);
@@ -346,11 +396,75 @@ impl Producer {
         Ok(Claimed { jobs, want, due })
     }
 
+    /// Claims jobs that use named resources, on `conn`, when the node has
+    /// free permits (up to `want`, and to the most free permits of one
+    /// resource), and takes a permit of each resource per job; jobs it has
+    /// no permits for are handed back at once. With resources out of
+    /// permits, reads whether their jobs wait, so the leaser asks for more.
+    /// Takes the connection and returns it to the pool.
+    async fn claim_resourced(
+        &self,
+        conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        want: usize,
+    ) -> sqlx::Result<Vec<FetchedJob>> {
+        let permits = &self.node.permits;
+        let (free, most) = permits.free();
+        let mut jobs = Vec::new();
+        let limit = want.min(most as usize);
+        if limit > 0 {
+            jobs = store::job_fetch_resourced(
+                &mut **conn,
+                &self.queue,
+                limit as i64,
+                &self.node.id,
+                self.node.options.lease.as_secs_f64(),
+                &free,
+            )
+            .await?;
+            if jobs.len() >= limit {
+                permits.want(&free);
+            }
+        }
+        let (mut taken, mut refused) = (Vec::with_capacity(jobs.len()), Vec::new());
+        for job in jobs {
+            let names = job.resources.clone().unwrap_or_default();
+            if permits.take((self.shard.index, job.id, job.attempt), &names) {
+                taken.push(job);
+            } else {
+                refused.push(job);
+            }
+        }
+        // From here on the claimed jobs are the caller's whatever fails:
+        // errors are logged, not returned.
+        if !refused.is_empty() {
+            let ids: Vec<i64> = refused.iter().map(|j| j.id).collect();
+            let attempts: Vec<i32> = refused.iter().map(|j| j.attempt).collect();
+            if let Err(e) = store::job_release_unclaimed(&self.shard.db, &ids, &attempts, &self.node.id).await {
+                tracing::warn!(shard = %self.shard.db.name, error = %self.shard.db.error(e), jobs = ids.len(), "handing back jobs without permits failed; they are rescued when their leases expire");
+            }
+        }
+        if taken.len() < limit || limit == 0 {
+            match store::job_resourced_waiting(&mut **conn, &self.queue).await {
+                Ok(waiting) if waiting.iter().any(|r| !free.contains(r)) || (limit == 0 && !waiting.is_empty()) => {
+                    permits.want(&waiting)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(shard = %self.shard.db.name, error = %self.shard.db.error(e), "reading jobs waiting for permits failed")
+                }
+            }
+        }
+        Ok(taken)
+    }
+
     /// Hands the buffered jobs back (the producer stopped): available at
     /// once, their claim's attempt taken back, in one statement. If the
     /// shard does not take it, the heartbeat's orphan check releases them
     /// (their leases are dropped here), or rescue does once they expire.
     async fn hand_back(&self, buffer: VecDeque<Buffered>) {
+        for (job, _) in &buffer {
+            self.node.permits.release((self.shard.index, job.id, job.attempt));
+        }
         let (ids, attempts) = self
             .shard
             .leases
@@ -393,6 +507,7 @@ impl Producer {
             let done = executor::execute(&node, &shard, &queue, job, stop).await;
             let (took, failed) = (started.elapsed(), matches!(done.outcome, Outcome::Failed(_)));
             shard.leases.run_ended(done.id, done.attempt);
+            node.permits.release((shard.index, done.id, done.attempt));
             let id = done.id;
             if done_tx.send(done).await.is_err() {
                 // The completer is gone (shutdown after its grace): the lease

@@ -9,8 +9,9 @@ use shardq_router::Conn;
 use crate::job::NewJob;
 use crate::unique;
 
-const JOB_INSERT: &str = "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
-     SELECT $1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($8, 0)))
+const JOB_INSERT: &str =
+    "INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at, resources)
+     SELECT $1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($8, 0))), $10::text[]
        FROM (SELECT set_config('shardq.notify', $9, true)) AS notify
      RETURNING id";
 
@@ -53,6 +54,7 @@ pub async fn job_insert(
         .bind(job.run_at)
         .bind(job.delay_secs())
         .bind(notify.setting())
+        .bind(job.resource_names())
         .fetch_one(conn)
         .await
 }
@@ -74,15 +76,15 @@ pub async fn jobs_notify(conn: &mut Conn<'_>, queues: &[&str]) -> sqlx::Result<(
 
 /// The batch insert when its rows differ only in account and args (the
 /// usual batch): `$1` accounts, `$2` args (JSON text), one value each for
-/// `$3` queue, `$4` kind, `$5` priority, `$6` max attempts, `$7` run time
-/// and `$8` delay in seconds. Per row, the server decodes two array
-/// elements and writes the row, as the floor's `UNNEST` insert does; the
-/// run time is computed once. The ids come back as one array in input
-/// order: rows are inserted in input order (`ORDER BY n`), so their
-/// identity values rise in it.
+/// `$3` queue, `$4` kind, `$5` priority, `$6` max attempts, `$7` run time,
+/// `$8` delay in seconds and `$9` resources (NULL: none). Per row, the
+/// server decodes two array elements and writes the row, as the floor's
+/// `UNNEST` insert does; the run time is computed once. The ids come back
+/// as one array in input order: rows are inserted in input order (`ORDER
+/// BY n`), so their identity values rise in it.
 const JOB_INSERT_MANY_UNIFORM: &str = "WITH inserted AS (
-         INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
-         SELECT t.a, $3, $4, t.g::jsonb, $5, $6, c.run_at
+         INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at, resources)
+         SELECT t.a, $3, $4, t.g::jsonb, $5, $6, c.run_at, $9::text[]
            FROM (SELECT set_config('shardq.notify', 'deferred', true) AS notify,
                         COALESCE($7, now() + make_interval(secs => COALESCE($8, 0))) AS run_at) AS c,
                 unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(a, g, n)
@@ -92,14 +94,16 @@ const JOB_INSERT_MANY_UNIFORM: &str = "WITH inserted AS (
      SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM inserted";
 
 /// The batch insert of rows that differ in more than account and args: one
-/// array per column; ids as in [`JOB_INSERT_MANY_UNIFORM`].
+/// array per column (each job's resources as one comma-joined text, since
+/// resource names hold no comma); ids as in [`JOB_INSERT_MANY_UNIFORM`].
 const JOB_INSERT_MANY: &str = "WITH inserted AS (
-         INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at)
-         SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now() + make_interval(secs => COALESCE(d, 0)))
+         INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at, resources)
+         SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now() + make_interval(secs => COALESCE(d, 0))),
+                string_to_array(rs, ',')
            FROM (SELECT set_config('shardq.notify', 'deferred', true)) AS notify,
                 unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::int[],
-                       $7::timestamptz[], $8::float8[])
-                WITH ORDINALITY AS t(a, q, k, g, p, m, r, d, n)
+                       $7::timestamptz[], $8::float8[], $9::text[])
+                WITH ORDINALITY AS t(a, q, k, g, p, m, r, d, rs, n)
           ORDER BY n
          RETURNING id
      )
@@ -114,6 +118,7 @@ fn same_columns(a: &NewJob, b: &NewJob) -> bool {
         && a.max_attempts == b.max_attempts
         && a.run_at == b.run_at
         && a.delay_secs() == b.delay_secs()
+        && a.resource_names() == b.resource_names()
 }
 
 /// Inserts many jobs in one statement; ids come back in input order.
@@ -135,6 +140,7 @@ pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]
             .bind(first.max_attempts)
             .bind(first.run_at)
             .bind(first.delay_secs())
+            .bind(first.resource_names())
             .fetch_one(conn)
             .await;
     }
@@ -144,6 +150,7 @@ pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]
     let max_attempts: Vec<i32> = rows.iter().map(|r| r.1.max_attempts).collect();
     let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.1.run_at).collect();
     let delays: Vec<Option<f64>> = rows.iter().map(|r| r.1.delay_secs()).collect();
+    let resources: Vec<Option<String>> = rows.iter().map(|r| r.1.resource_names().map(|n| n.join(","))).collect();
     sqlx::query_scalar(JOB_INSERT_MANY)
         .bind(accounts)
         .bind(queues)
@@ -153,13 +160,14 @@ pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]
         .bind(max_attempts)
         .bind(run_ats)
         .bind(delays)
+        .bind(resources)
         .fetch_one(conn)
         .await
 }
 
 // ---- unique jobs, serial keys, periodic jobs
 
-/// The keyed insert: `$1`..`$7` as in the plain insert (`$11` the delay), `$8` the unique key
+/// The keyed insert: `$1`..`$7` as in the plain insert (`$11` the delay, `$12` the resources), `$8` the unique key
 /// text (hashed here to hex SHA-256, so any length fits the index; NULL: not
 /// unique), `$9` the unique states, `$10` the serial key. Inserts nothing
 /// when a job holds the same unique key. The hash goes to both `unique_key`
@@ -168,11 +176,11 @@ pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]
 /// migration V6).
 const JOB_INSERT_KEYED: &str = "INSERT INTO shardq.jobs
             (account, queue, kind, args, priority, max_attempts, run_at,
-             unique_key, unique_hash, unique_states, serial_key)
+             unique_key, unique_hash, unique_states, serial_key, resources)
      VALUES ($1, $2, $3, $4::jsonb, $5, $6, COALESCE($7, now() + make_interval(secs => COALESCE($11, 0))),
              CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
              CASE WHEN $8::text IS NOT NULL THEN encode(sha256(convert_to($8::text, 'UTF8')), 'hex') END,
-             $9::text[], $10)
+             $9::text[], $10, $12::text[])
      ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
      RETURNING id";
 
@@ -207,6 +215,7 @@ async fn job_insert_keyed_once(
         .bind(keys.unique_states)
         .bind(keys.serial_key)
         .bind(job.delay_secs())
+        .bind(job.resource_names())
         .fetch_optional(conn)
         .await
 }

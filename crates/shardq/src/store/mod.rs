@@ -13,6 +13,8 @@
 //! - `fleet`: the node registry in the master (runtime's fleet, status).
 //! - `moves`: move records in the master; fence, copy and clean-up on shards.
 //! - `rebalance`: jobs and bytes per account, the loads of a rebalance plan.
+//! - `limits`: per-account concurrency limits: their rows, and the claim of
+//!   limited accounts' jobs, each holding a slot.
 //!
 //! Fencing: a running job is identified by `(id, attempt)`; every statement
 //! that ends or extends a run matches both plus `state = 'running'`, so a late
@@ -55,9 +57,40 @@ macro_rules! written_and_notified {
     };
 }
 
+/// The claims' predicate for per-account limits (shard V21): the job's
+/// account (the SQL expression given, e.g. `"jobs.account"`) has no limit
+/// in the claimed queue `$1`. Jobs of limited accounts are claimed by
+/// their own path ([`limits`]), in the same statement. One probe of the
+/// small `account_limits` primary key per candidate (about 100 buffers per
+/// claim of 64). Reading the queue's limited accounts once per statement
+/// (`<> ALL (ARRAY(..))`) touched 8, but it changes the planner's estimates
+/// so that the fences probe becomes a hashed sequential scan, which the
+/// plan tests refuse.
+macro_rules! no_account_limit {
+    ($account:literal) => {
+        concat!(
+            " AND NOT EXISTS (SELECT 1 FROM shardq.account_limits al WHERE al.queue = $1 AND al.account = ",
+            $account,
+            ")"
+        )
+    };
+}
+
+/// The claims' predicate for resources (shard V22): the job (a row of
+/// `shardq.jobs` named `jobs` in the statement) uses no named resource. Jobs
+/// that use resources are claimed by their own statement
+/// ([`limits::JOB_FETCH_RESOURCED_SQL`]) while the node holds permits; for
+/// the others this is one test of a column of the row read anyway.
+macro_rules! no_resources {
+    () => {
+        " AND jobs.resources IS NULL"
+    };
+}
+
 mod admin;
 mod fleet;
 mod insert;
+mod limits;
 mod maintain;
 mod moves;
 mod observe;
@@ -68,6 +101,7 @@ mod run;
 pub use admin::*;
 pub use fleet::*;
 pub use insert::*;
+pub use limits::*;
 pub use maintain::*;
 pub use moves::*;
 pub use observe::*;

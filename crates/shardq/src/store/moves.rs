@@ -461,6 +461,7 @@ pub async fn account_delete(shard: &Database, tables: &[(String, String)], accou
         .execute(&mut tx)
         .await?
         .rows_affected();
+    n += super::limits::account_limits_delete(&mut tx, account).await?;
     tx.commit().await?;
     Ok(n)
 }
@@ -544,6 +545,7 @@ pub async fn target_clear(shard: &Database, tables: &[(String, String)], account
         .execute(&mut tx)
         .await?
         .rows_affected();
+    n += super::limits::account_limits_delete(&mut tx, account).await?;
     sqlx::query("DELETE FROM shardq.move_jobs WHERE move_id = $1")
         .bind(id)
         .execute(&mut tx)

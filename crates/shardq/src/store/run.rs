@@ -4,8 +4,12 @@
 //! completer, heartbeat and cancel stages. Every write that ends or extends
 //! a run is fenced as the module `store` describes.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use shardq_router::router::Database;
+
+use super::limits;
 
 use crate::job::JobState;
 
@@ -26,8 +30,13 @@ pub struct FetchedJob {
     pub max_attempts: i32,
     /// When the job became due.
     pub run_at: DateTime<Utc>,
-    /// Whether it has a serial key (which its run holds until it ends).
+    /// Whether its run holds something until it ends on the node (a serial
+    /// key, or a limit slot of its account), released after its outcome.
     pub keyed: bool,
+    /// The named resources it uses (claimed by the resourced claim only;
+    /// `None` for every other job).
+    #[sqlx(default)]
+    pub resources: Option<Vec<String>>,
 }
 
 /// What a producer asks for.
@@ -50,6 +59,11 @@ pub struct FetchParams<'a> {
     /// [`fair_rotation_after`] returned for this producer's last claim);
     /// `None`: from the first.
     pub after: Option<&'a str>,
+    /// Whether the queue has accounts with a concurrency limit on the shard
+    /// (as [`limits::account_limits_exist`] last read): only then does the
+    /// claim carry the limited part, whose planning costs about a
+    /// millisecond more per claim.
+    pub limited: bool,
 }
 
 /// How one run ended, for the batched write.
@@ -267,6 +281,8 @@ macro_rules! strict_head_select {
             "
                       AND ",
             claim_account_unfenced!("jobs.account"),
+            no_account_limit!("jobs.account"),
+            no_resources!(),
             "
                       AND ",
             claim_serial_free!(),
@@ -311,6 +327,13 @@ macro_rules! strict_head_select {
 /// paused on this shard. Fences (`claim_account_unfenced!`): the jobs of
 /// an account fenced off this shard (it is moving or has moved away) are
 /// never claimed here.
+///
+/// Per-account limits (`no_account_limit!`): jobs of an account with a
+/// limit in the queue (`shardq.account_limits`) are left to the limited
+/// claim that [`job_fetch_available`] runs in the same statement
+/// ([`limits::JOB_FETCH_LIMITED_CTES`]); one probe of that table's primary
+/// key per candidate. Jobs that use resources (`no_resources!`) are left to
+/// [`limits::JOB_FETCH_RESOURCED_SQL`].
 ///
 /// Future jobs (scheduled, or retrying after a backoff) stay `available` in
 /// `jobs_fetch_idx (queue, priority, run_at, id)`, which leads with
@@ -410,6 +433,7 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
     "
             AND ",
     claim_account_unfenced!("d.account"),
+    no_account_limit!("d.account"),
     "
           GROUP BY d.account) AS g) AS a
           ORDER BY a.running / a.weight, a.head
@@ -429,7 +453,9 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
            CROSS JOIN LATERAL (
                SELECT id, priority, run_at FROM shardq.jobs
                 WHERE state = 'available' AND queue = $1 AND priority = pr.priority
-                  AND account = s.account AND run_at <= now()
+                  AND account = s.account AND run_at <= now()",
+    no_resources!(),
+    "
                   AND ",
     claim_serial_free!(),
     "
@@ -471,17 +497,29 @@ pub(crate) fn claim_lost_serial_race(e: &sqlx::Error) -> bool {
         if db.code().as_deref() == Some("23505") && db.constraint() == Some("jobs_serial_held_idx"))
 }
 
+/// The strict-order claim a producer runs: [`JOB_FETCH_AVAILABLE_SQL`]
+/// and the limited claim ([`limits::JOB_FETCH_LIMITED_CTES`]) in one statement.
+pub static AVAILABLE_WITH_LIMITS: LazyLock<String> =
+    LazyLock::new(|| limits::claim_with_limits(JOB_FETCH_AVAILABLE_SQL));
+/// The fair claim a producer runs: [`JOB_FETCH_FAIR_SQL`] and the limited
+/// claim in one statement.
+pub static FAIR_WITH_LIMITS: LazyLock<String> = LazyLock::new(|| limits::claim_with_limits(JOB_FETCH_FAIR_SQL));
+
 /// Claims up to `limit` due jobs of a queue, fair share across accounts
 /// or in strict priority then run order (`p.fair`), skipping rows other
-/// nodes hold, and leases them to `node`.
+/// nodes hold, and leases them to `node`; when `p.limited`, in the same
+/// statement, up to `limit` more of accounts with a concurrency limit in
+/// the queue, each holding one of its account's free slots
+/// ([`limits::JOB_FETCH_LIMITED_CTES`]).
 pub async fn job_fetch_available<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     p: &FetchParams<'_>,
 ) -> sqlx::Result<Vec<FetchedJob>> {
-    let q = sqlx::query_as(if p.fair {
-        JOB_FETCH_FAIR_SQL
-    } else {
-        JOB_FETCH_AVAILABLE_SQL
+    let q = sqlx::query_as(match (p.fair, p.limited) {
+        (true, true) => FAIR_WITH_LIMITS.as_str(),
+        (true, false) => JOB_FETCH_FAIR_SQL,
+        (false, true) => AVAILABLE_WITH_LIMITS.as_str(),
+        (false, false) => JOB_FETCH_AVAILABLE_SQL,
     })
     .bind(p.queue)
     .bind(p.limit)

@@ -1,0 +1,388 @@
+//! Permits of named resources (issue 16): global concurrency limits held
+//! across every node and shard, without a round trip to the master per job.
+//!
+//! The master declares each resource once (`shardq.resources`: name,
+//! concurrency). A node leases permits of a resource in batches
+//! (`shardq.resource_leases`: node, permits, expiry): the leaser below asks
+//! every heartbeat for what its runs hold plus a batch when its producers
+//! saw work waiting, and gets at most what the other nodes' unexpired
+//! leases leave. Every lease is renewed with that request, so the permits of
+//! a node that died come back once its lease runs out. The node trusts a
+//! grant until the lease less a heartbeat from when it asked, so it never
+//! counts on permits the master has already given back to others; a node
+//! that cannot renew stops starting such jobs (those already running go
+//! on). Shrinking takes effect locally before it is asked for, so a grant
+//! in flight never covers more than the node runs.
+//!
+//! Producers claim jobs that use resources by their own statement only
+//! while the node has a free permit of each, take the permits right after
+//! the claim (all of a job's resources or none; a job without them is
+//! handed back at once) and give them back when the run has ended on the
+//! node. A handler therefore starts only holding a permit of every
+//! resource its job names. A resource declared without a concurrency
+//! limit has unlimited permits; a job naming an undeclared resource waits
+//! until it is declared.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use shardq_router::router::Database;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::error::ErrorChain;
+use crate::store;
+
+/// A run that holds permits: (shard position, job id, attempt).
+pub(crate) type HoldKey = (usize, i64, i32);
+
+/// Permits of one resource on this node.
+#[derive(Debug)]
+struct Pool {
+    /// Permits the master granted this node (`None`: unlimited, the
+    /// resource has no concurrency limit).
+    granted: Option<u32>,
+    /// Permits taken by runs on this node (claimed and not ended).
+    in_use: u32,
+    /// Until when the grant holds on this node's clock.
+    valid_until: Instant,
+    /// Whether a producer saw jobs of it waiting for a permit since the
+    /// last lease request.
+    wanted: bool,
+    /// Whether the resource has a rate: each start then also takes a token.
+    rated: bool,
+    /// Tokens taken from the master's bucket and not used yet.
+    tokens: u32,
+    /// Until when they may be used (unused ones are dropped, so a node
+    /// never saves tokens up beyond the bucket's burst).
+    tokens_until: Instant,
+    /// Tokens one request asks for: a tenth of a second of the rate.
+    batch_tokens: u32,
+}
+
+/// How long tokens taken from a bucket stay usable on the node.
+const TOKENS_LAST: Duration = Duration::from_secs(1);
+
+impl Pool {
+    fn free(&self, now: Instant) -> u32 {
+        if now >= self.valid_until {
+            return 0;
+        }
+        let permits = match self.granted {
+            None => u32::MAX,
+            Some(g) => g.saturating_sub(self.in_use),
+        };
+        if !self.rated {
+            return permits;
+        }
+        let tokens = if now < self.tokens_until { self.tokens } else { 0 };
+        permits.min(tokens)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pools: BTreeMap<String, Pool>,
+    holds: HashMap<HoldKey, Vec<String>>,
+}
+
+/// The node's permits: read and taken by producers, renewed by the leaser.
+pub(crate) struct Permits {
+    /// The master, where resources are declared and leases kept.
+    master: Database,
+    state: Mutex<State>,
+    /// Notified when permits were granted or given back on this node, so
+    /// producers with jobs waiting claim again.
+    changed: Notify,
+    /// Notified when a producer saw jobs waiting without a permit, so the
+    /// leaser asks at once instead of at its next beat.
+    demand: Notify,
+}
+
+impl Permits {
+    /// No permits yet; the leaser fills them.
+    pub(crate) fn new(master: Database) -> Permits {
+        Permits {
+            master,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            demand: Notify::new(),
+        }
+    }
+
+    /// Whether any resource is declared (as of the last lease round): only
+    /// then do producers claim jobs that use resources.
+    pub(crate) fn any(&self) -> bool {
+        self.state.lock().map(|s| !s.pools.is_empty()).unwrap_or(false)
+    }
+
+    /// The resources with a free permit now, and how many jobs could start
+    /// on them at most (the most free permits of one resource).
+    pub(crate) fn free(&self) -> (Vec<String>, u32) {
+        let now = Instant::now();
+        let Ok(s) = self.state.lock() else {
+            return (Vec::new(), 0);
+        };
+        let mut names = Vec::new();
+        let mut most = 0;
+        for (name, pool) in &s.pools {
+            let free = pool.free(now);
+            if free > 0 {
+                names.push(name.clone());
+                most = most.max(free);
+            }
+        }
+        (names, most)
+    }
+
+    /// Takes a permit of each of `names` for the run `key`: all or none.
+    pub(crate) fn take(&self, key: HoldKey, names: &[String]) -> bool {
+        let now = Instant::now();
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        let all = names.iter().all(|n| s.pools.get(n).is_some_and(|p| p.free(now) > 0));
+        if !all {
+            for n in names {
+                if let Some(p) = s.pools.get_mut(n) {
+                    p.wanted = true;
+                }
+            }
+            drop(s);
+            self.demand.notify_one();
+            return false;
+        }
+        for n in names {
+            if let Some(p) = s.pools.get_mut(n) {
+                p.in_use += 1;
+                if p.rated {
+                    p.tokens -= 1;
+                    if p.tokens == 0 {
+                        p.wanted = true;
+                    }
+                }
+            }
+        }
+        s.holds.insert(key, names.to_vec());
+        true
+    }
+
+    /// Gives back the permits the run `key` took, if any.
+    pub(crate) fn release(&self, key: HoldKey) {
+        let released = self.state.lock().ok().and_then(|mut s| {
+            let names = s.holds.remove(&key)?;
+            for n in &names {
+                if let Some(p) = s.pools.get_mut(n) {
+                    p.in_use = p.in_use.saturating_sub(1);
+                }
+            }
+            Some(())
+        });
+        if released.is_some() {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Records that jobs of `names` wait for permits; the leaser asks for more.
+    pub(crate) fn want(&self, names: &[String]) {
+        if let Ok(mut s) = self.state.lock() {
+            for n in names {
+                if let Some(p) = s.pools.get_mut(n) {
+                    p.wanted = true;
+                }
+            }
+        }
+        self.demand.notify_one();
+    }
+
+    /// Whether jobs wait for permits of a concurrency limit (not tokens).
+    fn permits_wanted(&self) -> bool {
+        self.state
+            .lock()
+            .map(|s| s.pools.values().any(|p| p.wanted && p.granted.is_some()))
+            .unwrap_or(false)
+    }
+
+    /// Resolves when permits were granted or given back on this node.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// How many permits of `name` this node may use now (granted and
+    /// valid), for status and tests; `None` when not declared or unlimited.
+    pub(crate) fn granted(&self, name: &str) -> Option<u32> {
+        let s = self.state.lock().ok()?;
+        let p = s.pools.get(name)?;
+        if Instant::now() >= p.valid_until {
+            return Some(0);
+        }
+        p.granted
+    }
+
+    /// Ends this node's leases in the master (a clean shutdown, once its
+    /// runs ended); bounded by `timeout`, else they run out by themselves.
+    pub(crate) async fn end(&self, node: &str, timeout: Duration) {
+        match tokio::time::timeout(timeout, store::resource_leases_end(&self.master, node)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %ErrorChain(&e), "ending resource leases failed; they expire by themselves")
+            }
+            Err(_) => tracing::warn!("ending resource leases did not answer; they expire by themselves"),
+        }
+    }
+
+    /// Takes tokens of the rated resources whose jobs wait for them: a
+    /// tenth of a second's worth (at least 1) per resource, usable for
+    /// [`TOKENS_LAST`]. One statement per resource on the master.
+    /// Returns when to try again for a bucket that was empty.
+    async fn tokens_round(&self) -> sqlx::Result<Option<Duration>> {
+        let asks: Vec<(String, u32)> = {
+            let Ok(s) = self.state.lock() else {
+                return Ok(None);
+            };
+            let now = Instant::now();
+            s.pools
+                .iter()
+                .filter(|(_, p)| p.rated && p.wanted && (p.tokens == 0 || now >= p.tokens_until))
+                .map(|(n, p)| (n.clone(), p.batch_tokens))
+                .collect()
+        };
+        let mut got = false;
+        let mut retry = None;
+        for (name, want) in asks {
+            let granted = store::resource_tokens_take(&self.master, &name, want as i32).await?;
+            if let (Some(g), Ok(mut s)) = (granted, self.state.lock()) {
+                if let Some(p) = s.pools.get_mut(&name) {
+                    if g > 0 {
+                        p.tokens = g as u32;
+                        p.tokens_until = Instant::now() + TOKENS_LAST;
+                        p.wanted = false;
+                        got = true;
+                    } else {
+                        // Empty: one batch refills in a tenth of a second.
+                        retry = Some(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+        if got {
+            self.changed.notify_waiters();
+        }
+        Ok(retry)
+    }
+
+    /// One lease round: reads the declared resources and sets this node's
+    /// lease of each to what its runs hold, plus a batch (a quarter of the
+    /// resource's concurrency, at least 1) when jobs waited for permits.
+    async fn lease_round(&self, node: &str, lease: Duration, heartbeat: Duration) -> sqlx::Result<()> {
+        let declared = store::resources_list(&self.master).await?;
+        // What to ask for, shrinking the local grant first.
+        let mut asks: Vec<(String, Option<i32>, u32)> = Vec::new();
+        {
+            let Ok(mut s) = self.state.lock() else {
+                return Ok(());
+            };
+            s.pools.retain(|name, _| declared.iter().any(|d| &d.name == name));
+            for d in &declared {
+                let pool = s.pools.entry(d.name.clone()).or_insert(Pool {
+                    granted: Some(0),
+                    in_use: 0,
+                    valid_until: Instant::now(),
+                    wanted: false,
+                    rated: false,
+                    tokens: 0,
+                    tokens_until: Instant::now(),
+                    batch_tokens: 1,
+                });
+                pool.rated = d.rate.is_some();
+                pool.batch_tokens = d.rate.map_or(1, |r| (r / 10.0).ceil().max(1.0) as u32);
+                let want = match d.concurrency {
+                    None => None,
+                    Some(c) => {
+                        let c = c.max(0) as u32;
+                        let extra = if pool.wanted { c.div_ceil(4).max(1) } else { 0 };
+                        Some((pool.in_use + extra).min(c))
+                    }
+                };
+                if let (Some(w), Some(g)) = (want, pool.granted) {
+                    if w < g {
+                        pool.granted = Some(w);
+                    }
+                }
+                if !pool.rated {
+                    pool.wanted = false;
+                }
+                asks.push((d.name.clone(), d.concurrency, want.unwrap_or(0)));
+            }
+        }
+        let mut grew = false;
+        for (name, concurrency, want) in asks {
+            let sent_at = Instant::now();
+            let valid_until = sent_at + lease.saturating_sub(heartbeat);
+            let granted = match concurrency {
+                None => None,
+                Some(_) => store::resource_lease(&self.master, &name, node, want as i32, lease.as_secs_f64())
+                    .await?
+                    .map(|g| g.max(0) as u32),
+            };
+            if let Ok(mut s) = self.state.lock() {
+                if let Some(p) = s.pools.get_mut(&name) {
+                    grew |= match (p.granted, granted) {
+                        (Some(old), Some(new)) => new > old,
+                        (Some(_), None) => true,
+                        _ => false,
+                    };
+                    p.granted = granted;
+                    p.valid_until = valid_until;
+                }
+            }
+        }
+        if grew {
+            self.changed.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+/// The leaser: a lease round every `heartbeat`, or at once (at most every
+/// 20 ms) when a producer saw jobs waiting for permits, until `stop` (the
+/// end of shutdown, once every run ended: the leases cover the runs of the
+/// grace period).
+pub(crate) async fn run(
+    permits: std::sync::Arc<Permits>,
+    node: String,
+    lease: Duration,
+    heartbeat: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next_beat = Instant::now();
+    loop {
+        if Instant::now() >= next_beat {
+            next_beat = Instant::now() + heartbeat;
+            if let Err(e) = permits.lease_round(&node, lease, heartbeat).await {
+                tracing::warn!(error = %ErrorChain(&e), "leasing resource permits failed; trying again at the next beat");
+            }
+        }
+        let retry = match permits.tokens_round().await {
+            Ok(retry) => retry,
+            Err(e) => {
+                tracing::warn!(error = %ErrorChain(&e), "taking resource tokens failed; trying again");
+                Some(Duration::from_millis(100))
+            }
+        };
+        let until = retry.map_or(next_beat, |r| next_beat.min(Instant::now() + r));
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep_until(until) => {}
+            _ = permits.demand.notified() => {
+                // Demand of a concurrency limit waits for the next lease
+                // round unless this one is soon; tokens are asked for now.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if permits.permits_wanted() {
+                    next_beat = next_beat.min(Instant::now() + Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}

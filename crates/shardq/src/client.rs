@@ -83,7 +83,6 @@ impl Client {
                 let mut conn = db.conn(&mut conn);
                 match store::job_insert(&mut conn, account.as_str(), &job, &args, Notify::Deferred).await {
                     Ok(id) => {
-                        drop(conn);
                         self.wakeups.wake(db, &[job.queue.as_str()]);
                         return Ok(JobId {
                             shard: db.name.clone(),

@@ -24,6 +24,19 @@ async fn bed() -> &'static TestBed {
     tokio::task::spawn_blocking(TestBed::shared).await.unwrap().unwrap()
 }
 
+/// A PgBouncer in transaction mode in front of the shared bed's server
+/// `name`, with `pool_size` server connections.
+async fn bouncer_in_front_of(name: &'static str, pool_size: u32) -> PgBouncer {
+    let bed = bed().await;
+    tokio::task::spawn_blocking(move || {
+        let server = bed.server(name).map_err(|e| e.to_string())?;
+        PgBouncer::start_with_pool_size(server, pool_size).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
 /// Backends on `pool`'s database that hold a LISTEN, as `user` (any: `None`).
 async fn listeners(pool: &sqlx::PgPool, user: Option<&str>) -> i64 {
     sqlx::query_scalar(
@@ -41,13 +54,7 @@ async fn the_migrator_refuses_a_pooled_shard_without_listen_url_and_migrates_ove
     let bed = bed().await;
     let dbs = bed.fresh_fleet().await.unwrap();
     let server = bed.server("shard_1").unwrap();
-    let bouncer = tokio::task::spawn_blocking({
-        let server = server.clone();
-        move || PgBouncer::start(&server).map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let bouncer = bouncer_in_front_of("shard_1", 20).await;
     let pooled = bouncer.through(&dbs.shards[0].url, server);
     assert_ne!(pooled, dbs.shards[0].url);
     let toml = |listen: &str| {
@@ -216,13 +223,7 @@ async fn behind_a_transaction_pooler_no_settings_are_sent_at_connect() {
     let bed = bed().await;
     let dbs = bed.fresh_fleet().await.unwrap();
     let server = bed.server("shard_2").unwrap();
-    let bouncer = tokio::task::spawn_blocking({
-        let server = server.clone();
-        move || PgBouncer::start(&server).map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let bouncer = bouncer_in_front_of("shard_2", 20).await;
     let pooled = bouncer.through(&dbs.shards[1].url, server);
     // The default pool timeouts (30 s, 10 s) are on; one connection, so
     // only this client's statements reach PgBouncer's servers.
@@ -323,15 +324,7 @@ fn through_bouncers(f: &shardq_tests::Fleet, master: &PgBouncer, shard: &PgBounc
 async fn behind_pgbouncer_in_transaction_mode_every_job_of_the_lifecycle_completes_exactly_once() {
     let bed = bed().await;
     let f = fleet().await;
-    let start = |name: &'static str| async move {
-        tokio::task::spawn_blocking(move || {
-            let server = bed.server(name).map_err(|e| e.to_string())?;
-            PgBouncer::start_with_pool_size(server, 2).map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap()
-        .unwrap()
-    };
+    let start = |name: &'static str| bouncer_in_front_of(name, 2);
     let (master_bouncer, shard_bouncer) = (start("master").await, start("shard_1").await);
     assert_eq!(
         f.config.shards[0].database.target.port,
@@ -503,15 +496,8 @@ async fn behind_pgbouncer_in_transaction_mode_every_job_of_the_lifecycle_complet
 
 #[tokio::test(flavor = "multi_thread")]
 async fn behind_pgbouncer_the_applications_statements_run_on_pool_for_and_begin() {
-    let bed = bed().await;
     let f = fleet().await;
-    let bouncer = tokio::task::spawn_blocking(move || {
-        let server = bed.server("shard_1").map_err(|e| e.to_string())?;
-        PgBouncer::start_with_pool_size(server, 2).map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let bouncer = bouncer_in_front_of("shard_1", 2).await;
     let direct = f.router.shard("shard_1").unwrap().clone();
     sqlx::query("CREATE TABLE notes (account text NOT NULL, n int NOT NULL)")
         .execute(&direct.pool)

@@ -60,18 +60,21 @@ macro_rules! written_and_notified {
 /// The claims' predicate for per-account limits (shard V21): the job's
 /// account (the SQL expression given, e.g. `"jobs.account"`) has no limit
 /// in the claimed queue `$1`. Jobs of limited accounts are claimed by
-/// their own path ([`limits`]), in the same statement. One probe of the
-/// small `account_limits` primary key per candidate (about 100 buffers per
-/// claim of 64). Reading the queue's limited accounts once per statement
-/// (`<> ALL (ARRAY(..))`) touched 8, but it changes the planner's estimates
-/// so that the fences probe becomes a hashed sequential scan, which the
-/// plan tests refuse.
+/// their own path ([`limits`]), in the same statement. While no account
+/// has a limit in the queue (nearly always), one seek in the primary key
+/// of `shardq.account_limits` per claim decides it for every row (an
+/// initplan, as for fences: `OR` evaluates its left side first); otherwise
+/// one probe of that primary key per candidate. Reading the queue's
+/// limited accounts once per statement (`<> ALL (ARRAY(..))`) changes the
+/// planner's estimates so that the fences probe becomes a hashed
+/// sequential scan, which the plan tests refuse.
 macro_rules! no_account_limit {
     ($account:literal) => {
         concat!(
-            " AND NOT EXISTS (SELECT 1 FROM shardq.account_limits al WHERE al.queue = $1 AND al.account = ",
+            " AND ((SELECT min(al0.account) FROM shardq.account_limits al0 WHERE al0.queue = $1) IS NULL
+                OR NOT EXISTS (SELECT 1 FROM shardq.account_limits al WHERE al.queue = $1 AND al.account = ",
             $account,
-            ")"
+            "))"
         )
     };
 }

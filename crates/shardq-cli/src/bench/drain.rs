@@ -216,7 +216,7 @@ pub(super) async fn drain_and_floor(
 
 /// Prints the statements with the most execution time since the last
 /// reset, per call and per 1,000 of `jobs` (the `--statements` profile).
-async fn print_statements(scenario: &str, pool: &sqlx::PgPool, jobs: usize) -> anyhow::Result<()> {
+pub(super) async fn print_statements(scenario: &str, pool: &sqlx::PgPool, jobs: usize) -> anyhow::Result<()> {
     let per = jobs.max(1) as f64 / 1000.0;
     eprintln!("{scenario}: statements by execution time (pg_stat_statements), {jobs} jobs");
     eprintln!("  calls | rows/call | mean ms | exec ms per 1,000 jobs | blks/call | WAL B/call | statement");

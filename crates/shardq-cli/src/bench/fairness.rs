@@ -2,14 +2,15 @@
 //! while 100 other accounts each enqueue 10 jobs/s there. The small
 //! accounts' p99 pickup with the backlog against without it, the big
 //! account's share of the claims meanwhile, and the drain throughput with
-//! fair share on against the queue opted out (strict order).
+//! fair share on against the queue opted out (strict order), counted while
+//! jobs waited for the node (not while it waited for the load).
 
 use std::time::{Duration, Instant};
 
 use shardq::{Account, NewJob, RuntimeOptions};
 use shardq_testbed::TestBed;
 
-use super::drain::preload;
+use super::drain::{preload, print_statements};
 use super::{BenchArgs, BenchFleet, Results};
 use crate::store;
 
@@ -29,10 +30,44 @@ struct Run {
     jobs_per_sec: f64,
 }
 
+/// The drain rate while work waited: jobs completed by the last sample at
+/// which more than two claims' worth of jobs (`2 × SLOTS`) were still to
+/// run, over the time to that sample. After that the rate is the load's
+/// (or the tail's), not the node's.
+#[derive(Default)]
+struct Busy {
+    at: Duration,
+    done: usize,
+}
+
+impl Busy {
+    /// Records a sample: `done` of `handed_in` jobs completed at `started.elapsed()`.
+    fn sample(&mut self, started: Instant, done: usize, handed_in: usize) {
+        if handed_in.saturating_sub(done) > 2 * SLOTS {
+            self.at = started.elapsed();
+            self.done = done;
+        }
+    }
+
+    /// Jobs per second while work waited (0 when it never did).
+    fn jobs_per_sec(&self) -> f64 {
+        if self.at.is_zero() {
+            return 0.0;
+        }
+        self.done as f64 / self.at.as_secs_f64()
+    }
+}
+
+/// Jobs the node completed so far.
+fn completed(node: &shardq::Runtime) -> usize {
+    node.counts().iter().map(|s| s.completed as usize).sum()
+}
+
 /// One run on a fresh fleet: `backlog` jobs of the big account enqueued
 /// first, then the small accounts' steady load for `seconds`, worked by
 /// one node (fair share on unless `fifo`) until every job ran.
-async fn run_once(bed: &TestBed, backlog: usize, seconds: u64, fifo: bool) -> anyhow::Result<Run> {
+async fn run_once(bed: &TestBed, args: &BenchArgs, backlog: usize, fifo: bool) -> anyhow::Result<Run> {
+    let seconds = args.seconds;
     let dbs = bed.fresh_fleet().await?;
     let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
     let big = Account::new("big")?;
@@ -54,8 +89,13 @@ async fn run_once(bed: &TestBed, backlog: usize, seconds: u64, fifo: bool) -> an
         },
         ..RuntimeOptions::default()
     };
+    let shard_pool = fleet.router.shards()[0].pool.clone();
+    if args.statements {
+        store::statements_reset(&shard_pool).await?;
+    }
     let node = fleet.node(SLOTS, options)?;
     let started = Instant::now();
+    let mut busy = Busy::default();
     // Every 1/SMALL_RATE s, one job for each small account.
     let mut tick = tokio::time::interval(Duration::from_millis(1_000 / SMALL_RATE));
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -63,6 +103,7 @@ async fn run_once(bed: &TestBed, backlog: usize, seconds: u64, fifo: bool) -> an
     let mut enqueued = 0usize;
     while Instant::now() < until {
         tick.tick().await;
+        busy.sample(started, completed(&node), backlog + enqueued);
         fleet
             .client
             .enqueue_many(small.iter().map(|a| (a.clone(), job.clone())))
@@ -71,8 +112,9 @@ async fn run_once(bed: &TestBed, backlog: usize, seconds: u64, fifo: bool) -> an
     }
     let total = backlog + enqueued;
     loop {
-        let done: u64 = node.counts().iter().map(|s| s.completed).sum();
-        if done as usize >= total {
+        let done = completed(&node);
+        busy.sample(started, done, total);
+        if done >= total {
             break;
         }
         anyhow::ensure!(
@@ -81,8 +123,16 @@ async fn run_once(bed: &TestBed, backlog: usize, seconds: u64, fifo: bool) -> an
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let jobs_per_sec = total as f64 / started.elapsed().as_secs_f64();
+    let jobs_per_sec = busy.jobs_per_sec();
     node.shutdown(Duration::from_secs(5)).await;
+    if args.statements {
+        let name = match (backlog, fifo) {
+            (0, _) => "fairness, no backlog",
+            (_, false) => "fairness, fair",
+            (_, true) => "fairness, strict order",
+        };
+        print_statements(name, &shard_pool, total).await?;
+    }
     let (p99, share) = store::fairness_figures(&fleet.router.shards()[0].pool, big.as_str()).await?;
     Ok(Run {
         small_p99_ms: p99.unwrap_or_default(),
@@ -96,11 +146,11 @@ pub(super) async fn fairness(bed: &TestBed, args: &BenchArgs, results: &mut Resu
     let backlog = args.jobs.unwrap_or(DEFAULT_BACKLOG);
     let seconds = args.seconds;
     eprintln!("fairness: {SMALL_ACCOUNTS} accounts at {SMALL_RATE} jobs/s each for {seconds} s, no backlog...");
-    let alone = run_once(bed, 0, seconds, false).await?;
+    let alone = run_once(bed, args, 0, false).await?;
     eprintln!("fairness: the same beside a backlog of {backlog}, fair share on...");
-    let fair = run_once(bed, backlog, seconds, false).await?;
+    let fair = run_once(bed, args, backlog, false).await?;
     eprintln!("fairness: the same, the queue opted out (strict order)...");
-    let fifo = run_once(bed, backlog, seconds, true).await?;
+    let fifo = run_once(bed, args, backlog, true).await?;
     results.add(
         "fairness",
         "small accounts' p99 pickup, no backlog",

@@ -183,15 +183,14 @@ macro_rules! claim_account_weight {
 /// account) pairs of queue `$1` (`priority`, `account`, `run_at`): as
 /// many as the claim takes jobs, and never fewer than 32, so that a small
 /// claim still sees every priority of the accounts nearby. It starts after
-/// account `$6` (NULL: the first) at the best priority in use and wraps
-/// around at the end, back to and including that account.
+/// account `$6` (NULL: the first) at the best priority in use (the first
+/// row of `priorities`, `strict_priorities_cte!`, read once per claim) and
+/// wraps around at the end, back to and including that account.
 macro_rules! fair_window_ctes {
     () => {
         "start AS (
               SELECT p.priority, COALESCE($6, '') AS account
-                FROM (SELECT priority FROM shardq.jobs
-                       WHERE state = 'available' AND queue = $1
-                       ORDER BY priority LIMIT 1) AS p
+                FROM (SELECT priority FROM priorities ORDER BY priority LIMIT 1) AS p
           ),
           pairs AS (
               (SELECT j1.priority, j1.account, j1.run_at, j1.wrapped, 1 AS n

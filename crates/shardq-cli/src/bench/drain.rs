@@ -14,6 +14,9 @@ use crate::store;
 const CHUNK: usize = 10_000;
 /// Jobs per `enqueue_many` call, and rows per `UNNEST` insert of the enqueue floor.
 const ENQUEUE_BATCH: usize = 1_000;
+/// Batches in a row of one side when `enqueue_many` and the floor alternate
+/// (reading the server's CPU clock walks `/proc`, so not after every batch).
+const ALTERNATE_BATCHES: usize = 5;
 /// Rows the floor claims per statement.
 const FLOOR_BATCH: i64 = 100;
 /// Concurrent claim-and-complete loops of the floor.
@@ -283,10 +286,11 @@ impl EnqueueCost {
 
 /// Enqueues `n` no-op jobs through `enqueue_many` and `n` through the
 /// floor's `UNNEST` insert (the same rows: accounts and args), in
-/// batches of [`ENQUEUE_BATCH`] that alternate (each round starts with the
-/// other side), on the first shard of `fleet`: both see the same table
-/// size and the same load of this shared machine. Returns the cost of
-/// each side, `enqueue_many` first; CPU is read between batches.
+/// batches of [`ENQUEUE_BATCH`], the two sides taking turns of
+/// [`ALTERNATE_BATCHES`] batches (each round starts with the other side),
+/// on the first shard of `fleet`: both see the same table size and the
+/// same load of this shared machine. Returns the cost of each side,
+/// `enqueue_many` first; CPU is read between turns.
 async fn enqueue_alternating(
     fleet: &BenchFleet,
     server: &Server,
@@ -308,20 +312,22 @@ async fn enqueue_alternating(
     let mut done = 0;
     let mut round = 0;
     while done < n {
-        let take = (n - done).min(ENQUEUE_BATCH);
-        let rows: Vec<&str> = (done..done + take).map(|i| names[i % names.len()]).collect();
-        let noop_args = vec![noop.as_str(); take];
+        let take = (n - done).min(ENQUEUE_BATCH * ALTERNATE_BATCHES);
         for side in [round % 2, 1 - round % 2] {
             // Each clock read outside the other's span: reading the
             // server's clock costs this process CPU.
             let server_before = server.cpu_time()?;
             let node_before = own_cpu_time()?;
             let started = Instant::now();
-            if side == 0 {
-                let jobs = (done..done + take).map(|i| (accounts[i % accounts.len()].clone(), job.clone()));
-                fleet.client.enqueue_many(jobs).await?;
-            } else {
-                store::floor_enqueue(&pool, &rows, &noop_args).await?;
+            for from in (done..done + take).step_by(ENQUEUE_BATCH) {
+                let to = (from + ENQUEUE_BATCH).min(done + take);
+                if side == 0 {
+                    let jobs = (from..to).map(|i| (accounts[i % accounts.len()].clone(), job.clone()));
+                    fleet.client.enqueue_many(jobs).await?;
+                } else {
+                    let rows: Vec<&str> = (from..to).map(|i| names[i % names.len()]).collect();
+                    store::floor_enqueue(&pool, &rows, &vec![noop.as_str(); to - from]).await?;
+                }
             }
             let elapsed = started.elapsed();
             let node_after = own_cpu_time()?;

@@ -187,7 +187,7 @@ pub(super) async fn drain_and_floor(
         );
         results.add("floor", "enqueue: server CPU per 1,000 jobs", server_ms, "ms");
         results.add("floor", "enqueue: client CPU per 1,000 jobs", client_ms, "ms");
-        eprintln!("floor: {n} jobs by enqueue_many and {n} by the floor's insert, alternating batch by batch...");
+        eprintln!("floor: {n} jobs by enqueue_many and {n} by the floor's insert, alternating in turns of {ALTERNATE_BATCHES} batches...");
         if args.statements {
             store::statements_reset(&pool).await?;
         }

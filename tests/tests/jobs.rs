@@ -663,3 +663,85 @@ async fn a_batch_lands_every_job_on_its_accounts_placement_cached_or_not() {
         "300 accounts spread over the ring: {shards_used:?}"
     );
 }
+
+/// A batch's ids come back in input order whether they are one contiguous
+/// run of the identity sequence (returned as first id and count) or not
+/// (the sequence stepping by 2 here, as when concurrent inserts interleave:
+/// returned as the sorted array); each id names the job with that input's
+/// args; the batch's wake-ups start every job with the poll an hour away;
+/// and a batch holding a job of an account fenced off the shard is refused
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_returns_ids_in_input_order_wakes_producers_and_is_refused_for_a_fenced_account() {
+    let f = fleet().await;
+    let a = account(21);
+    let shard = f.router.shard_for(&a).await.unwrap().shard;
+    let db = f.router.shard(&shard).unwrap().clone();
+    let runs = Counting::default();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 8)
+        .register(runs.clone())
+        .options(RuntimeOptions {
+            poll_interval: Duration::from_secs(3600),
+            ..fast_options()
+        })
+        .start()
+        .unwrap();
+    wait_listening(&f, &shard).await;
+    let batch = |from: usize| {
+        (from..from + 50)
+            .map(|i| (a.clone(), NewJob::from_json("count", serde_json::json!({ "i": i }))))
+            .collect::<Vec<_>>()
+    };
+    let contiguous = f.client.enqueue_many(batch(0)).await.unwrap();
+    sqlx::query("ALTER TABLE shardq.jobs ALTER COLUMN id SET INCREMENT BY 2")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let stepped = f.client.enqueue_many(batch(50)).await.unwrap();
+    for (ids, step) in [(&contiguous, 1), (&stepped, 2)] {
+        assert_eq!(ids.len(), 50);
+        assert!(
+            ids.windows(2).all(|w| w[1].id == w[0].id + step),
+            "ids step by {step} in input order: {ids:?}"
+        );
+    }
+    for (i, id) in contiguous.iter().chain(&stepped).enumerate() {
+        let job = f.client.job(id).await.unwrap();
+        assert_eq!(
+            (job.account.as_str(), &job.args),
+            (a.as_str(), &serde_json::json!({ "i": i }))
+        );
+    }
+    wait_for("the 100 woken jobs completed", WAIT, || async {
+        let runs = runs.0.lock().unwrap();
+        contiguous.iter().chain(&stepped).all(|id| runs.get(id) == Some(&1))
+    })
+    .await;
+    rt.shutdown(Duration::from_secs(5)).await;
+
+    sqlx::query(
+        "INSERT INTO shardq.fences (account, moved_to, epoch, fenced_at) VALUES ('gone', 'elsewhere', 2, now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let job = NewJob::from_json("count", serde_json::json!({}));
+    let mut conn = db.pool.acquire().await.unwrap();
+    let err = store::job_insert_many(
+        &mut db.conn(&mut conn),
+        &[(a.as_str(), &job, "{}"), ("gone", &job, "{}")],
+    )
+    .await
+    .unwrap_err();
+    let fenced = shardq_router::router::fenced(&err).expect("refused by the fence");
+    assert_eq!(
+        (fenced.account.as_str(), fenced.moved_to.as_str()),
+        ("gone", "elsewhere")
+    );
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM shardq.jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 100, "nothing of the refused batch was written");
+}

@@ -59,14 +59,17 @@ pub async fn floor_complete(pool: &PgPool, ids: &[i64]) -> sqlx::Result<()> {
         .map(|_| ())
 }
 
-/// The enqueue floor: `accounts.len()` no-op jobs into shardq's jobs table
-/// in one `UNNEST` insert.
-pub async fn floor_enqueue(pool: &PgPool, accounts: &[&str]) -> sqlx::Result<()> {
+/// The enqueue floor: one no-op job per element of `accounts` into
+/// shardq's jobs table in one `UNNEST` insert, each with its own args
+/// (JSON text, the same element of `args`), as `enqueue_many` sends them:
+/// the same rows, columns and args, without ids back or a wake-up.
+pub async fn floor_enqueue(pool: &PgPool, accounts: &[&str], args: &[&str]) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO shardq.jobs (account, queue, kind, args)
-         SELECT a, 'default', 'noop', '{}' FROM unnest($1::text[]) AS t(a)",
+         SELECT a, 'default', 'noop', g::jsonb FROM unnest($1::text[], $2::text[]) AS t(a, g)",
     )
     .bind(accounts)
+    .bind(args)
     .execute(pool)
     .await
     .map(|_| ())

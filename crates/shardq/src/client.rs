@@ -2,7 +2,6 @@
 //! unique, in its own transaction, many), look up (`job`, `jobs_of`),
 //! cancel and retry; pause and resume a queue on a shard. Routes through the router, writes through the store.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use shardq_router::router::fenced;
@@ -179,69 +178,16 @@ impl Client {
     pub async fn enqueue_many(&self, jobs: impl IntoIterator<Item = (Account, NewJob)>) -> Result<Vec<JobId>> {
         let jobs: Vec<(Account, NewJob)> = jobs.into_iter().collect();
         tracing::Span::current().record("jobs", jobs.len());
-        let mut by_shard: BTreeMap<String, Vec<(usize, &str, &NewJob, String)>> = BTreeMap::new();
         let args = jobs
             .iter()
             .map(|(_, job)| job.validate())
             .collect::<Result<Vec<String>>>()?;
         let accounts: Vec<&Account> = jobs.iter().map(|(account, _)| account).collect();
         let shards = self.router.shards_for(&accounts).await?;
-        for (i, (((account, job), shard), args)) in jobs.iter().zip(shards).zip(args).enumerate() {
-            by_shard
-                .entry(shard)
-                .or_default()
-                .push((i, account.as_str(), job, args));
-        }
-        let jobs = &jobs;
-        let writes = by_shard.into_iter().map(|(shard, rows)| async move {
-            let db = self.router.shard(&shard)?;
-            let job_id = |id| JobId {
-                shard: shard.clone(),
-                id,
-            };
-            let input: Vec<(&str, &NewJob, &str)> = rows.iter().map(|r| (r.1, r.2, r.3.as_str())).collect();
-            let mut pooled = db.pool.acquire().await.map_err(|e| db.error(e))?;
-            let mut conn = db.conn(&mut pooled);
-            let plain: Vec<(&str, &NewJob, &str)> = input.iter().filter(|r| !r.1.is_keyed()).copied().collect();
-            let plain_ids = if plain.is_empty() {
-                Ok(Vec::new())
-            } else {
-                store::job_insert_many(&mut conn, &plain).await
-            };
-            if plain_ids.is_ok() && !plain.is_empty() {
-                let queues: Vec<&str> = plain.iter().map(|r| r.1.queue.as_str()).collect();
-                self.wakeups.wake(db, &queues);
-            }
-            let mut plain_ids = match plain_ids {
-                Ok(ids) => ids.into_iter(),
-                // An account of the batch moved off this shard: nothing of
-                // the batch was written; each job goes on its own, rerouted.
-                Err(e) if fenced(&e).is_some() => {
-                    drop(pooled);
-                    let mut out = Vec::with_capacity(rows.len());
-                    for (i, _, job, _) in &rows {
-                        out.push((*i, self.enqueue(&jobs[*i].0, (*job).clone()).await?));
-                    }
-                    return Ok(out);
-                }
-                Err(e) => return Err(db.error(e).into()),
-            };
-            let mut out = Vec::with_capacity(input.len());
-            for ((i, _, _, _), (account, job, args)) in rows.iter().zip(&input) {
-                if job.is_keyed() {
-                    match insert_keyed(&mut conn, account, job, args).await {
-                        Ok(inserted) => out.push((*i, job_id(inserted?.0))),
-                        Err(e) if fenced(&e).is_some() => {
-                            out.push((*i, self.enqueue(&jobs[*i].0, (*job).clone()).await?))
-                        }
-                        Err(e) => return Err(db.error(e).into()),
-                    }
-                } else if let Some(id) = plain_ids.next() {
-                    out.push((*i, job_id(id)));
-                }
-            }
-            Ok::<_, Error>(out)
-        });
+        let (jobs, args) = (&jobs, &args);
+        let writes = by_shard(&shards)
+            .into_iter()
+            .map(|(shard, rows)| self.enqueue_on(shard, rows, jobs, args));
         let mut out: Vec<Option<JobId>> = vec![None; jobs.len()];
         for written in futures::future::try_join_all(writes).await? {
             for (i, id) in written {
@@ -249,6 +195,70 @@ impl Client {
             }
         }
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The part of an [`Client::enqueue_many`] batch placed on `shard`: the
+    /// jobs `rows` (indexes into `jobs` and their validated `args`), one
+    /// statement for the plain ones and one each for unique and serial
+    /// ones, on one connection; returns each row's index with its id.
+    async fn enqueue_on(
+        &self,
+        shard: &str,
+        rows: Vec<usize>,
+        jobs: &[(Account, NewJob)],
+        args: &[String],
+    ) -> Result<Vec<(usize, JobId)>> {
+        let db = self.router.shard(shard)?;
+        let job_id = |id| JobId {
+            shard: db.name.clone(),
+            id,
+        };
+        let input = |i: usize| (jobs[i].0.as_str(), &jobs[i].1, args[i].as_str());
+        let plain: Vec<(&str, &NewJob, &str)> = rows.iter().map(|&i| input(i)).filter(|r| !r.1.is_keyed()).collect();
+        let mut pooled = db.pool.acquire().await.map_err(|e| db.error(e))?;
+        let mut conn = db.conn(&mut pooled);
+        let plain_ids = if plain.is_empty() {
+            Ok(Vec::new())
+        } else {
+            store::job_insert_many(&mut conn, &plain).await
+        };
+        if plain_ids.is_ok() && !plain.is_empty() {
+            let mut queues: Vec<&str> = Vec::new();
+            for (_, job, _) in &plain {
+                if queues.last() != Some(&job.queue.as_str()) {
+                    queues.push(&job.queue);
+                }
+            }
+            self.wakeups.wake(db, &queues);
+        }
+        let mut plain_ids = match plain_ids {
+            Ok(ids) => ids.into_iter(),
+            // An account of the batch moved off this shard: nothing of
+            // the batch was written; each job goes on its own, rerouted.
+            Err(e) if fenced(&e).is_some() => {
+                drop(pooled);
+                let mut out = Vec::with_capacity(rows.len());
+                for i in rows {
+                    out.push((i, self.enqueue(&jobs[i].0, jobs[i].1.clone()).await?));
+                }
+                return Ok(out);
+            }
+            Err(e) => return Err(db.error(e).into()),
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for i in rows {
+            let (account, job, args) = input(i);
+            if job.is_keyed() {
+                match insert_keyed(&mut conn, account, job, args).await {
+                    Ok(inserted) => out.push((i, job_id(inserted?.0))),
+                    Err(e) if fenced(&e).is_some() => out.push((i, self.enqueue(&jobs[i].0, job.clone()).await?)),
+                    Err(e) => return Err(db.error(e).into()),
+                }
+            } else if let Some(id) = plain_ids.next() {
+                out.push((i, job_id(id)));
+            }
+        }
+        Ok(out)
     }
 
     /// One job by id.
@@ -552,6 +562,26 @@ impl Client {
 }
 
 /// A queue name as the jobs table accepts it: 1 to 128 bytes.
+/// The rows of a batch grouped by shard (`shards[i]` is row `i`'s), each
+/// group's rows in input order; groups in order of first appearance.
+fn by_shard(shards: &[String]) -> Vec<(&str, Vec<usize>)> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    let mut last = 0;
+    for (i, shard) in shards.iter().enumerate() {
+        if groups.get(last).is_none_or(|g| g.0 != shard) {
+            last = match groups.iter().position(|g| g.0 == shard) {
+                Some(at) => at,
+                None => {
+                    groups.push((shard, Vec::new()));
+                    groups.len() - 1
+                }
+            };
+        }
+        groups[last].1.push(i);
+    }
+    groups
+}
+
 fn check_queue(shard: &str, queue: &str) -> Result<()> {
     if queue.is_empty() || queue.len() > 128 {
         return Err(Error::InvalidQueue {

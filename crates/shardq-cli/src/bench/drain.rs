@@ -14,14 +14,23 @@ use crate::store;
 const CHUNK: usize = 10_000;
 /// Jobs per `enqueue_many` call, and rows per `UNNEST` insert of the enqueue floor.
 const ENQUEUE_BATCH: usize = 1_000;
+/// Batches in a row of one side when `enqueue_many` and the floor alternate
+/// (reading the server's CPU clock walks `/proc`, so not after every batch).
+const ALTERNATE_BATCHES: usize = 5;
 /// Rows the floor claims per statement.
 const FLOOR_BATCH: i64 = 100;
 /// Concurrent claim-and-complete loops of the floor.
 const FLOOR_LOOPS: usize = 2;
 
+/// The args of the benchmark's no-op jobs; the floor inserts the same
+/// args, as JSON text per row.
+fn noop_args() -> serde_json::Value {
+    serde_json::json!({})
+}
+
 /// Enqueues `n` no-op jobs spread over `accounts` in batches; returns jobs/s.
 pub(super) async fn preload(fleet: &BenchFleet, n: usize, accounts: &[Account], batch: usize) -> anyhow::Result<f64> {
-    let job = NewJob::from_json("noop", serde_json::json!({}));
+    let job = NewJob::from_json("noop", noop_args());
     let started = Instant::now();
     let mut left = n;
     let mut i = 0;
@@ -83,10 +92,20 @@ pub(super) async fn drain_and_floor(
         eprintln!("drain: enqueueing {n} jobs on one shard, {ENQUEUE_BATCH} per call...");
         let dbs = bed.fresh_fleet().await?;
         let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
-        let enqueue = preload(&fleet, n, &accounts, ENQUEUE_BATCH).await?;
-        results.add("drain", "enqueue (enqueue_many, 1,000 per call)", enqueue, "jobs/s");
-        eprintln!("drain: working {n} jobs with {} slots...", args.concurrency);
         let shard_pool = fleet.router.shards()[0].pool.clone();
+        if args.statements {
+            store::statements_reset(&shard_pool).await?;
+        }
+        let cpu = CpuClock::start(server)?;
+        let enqueue = preload(&fleet, n, &accounts, ENQUEUE_BATCH).await?;
+        let (server_ms, node_ms) = cpu.per_thousand(server, n)?;
+        if args.statements {
+            print_statements("enqueue", &shard_pool, n).await?;
+        }
+        results.add("drain", "enqueue (enqueue_many, 1,000 per call)", enqueue, "jobs/s");
+        results.add("drain", "enqueue: server CPU per 1,000 jobs", server_ms, "ms");
+        results.add("drain", "enqueue: node CPU per 1,000 jobs", node_ms, "ms");
+        eprintln!("drain: working {n} jobs with {} slots...", args.concurrency);
         if args.statements {
             store::statements_reset(&shard_pool).await?;
         }
@@ -107,10 +126,12 @@ pub(super) async fn drain_and_floor(
             let pool = fleet.router.shards()[0].pool.clone();
             let names: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
             let rows: Vec<&str> = names.iter().cycle().take(CHUNK).copied().collect();
+            let noop = noop_args().to_string();
+            let noop_args = vec![noop.as_str(); CHUNK];
             let mut left = backlog;
             while left > 0 {
                 let take = left.min(CHUNK);
-                store::floor_enqueue(&pool, &rows[..take]).await?;
+                store::floor_enqueue(&pool, &rows[..take], &noop_args[..take]).await?;
                 left -= take;
             }
             store::jobs_analyze(&pool).await?;
@@ -132,36 +153,62 @@ pub(super) async fn drain_and_floor(
         }
     }
     if floor_it {
-        eprintln!("floor: {n} jobs enqueued by UNNEST inserts of {ENQUEUE_BATCH} rows...");
+        eprintln!(
+            "floor: {n} jobs enqueued by UNNEST inserts of {ENQUEUE_BATCH} rows (accounts and args per row, no ids back, no wake-up)..."
+        );
         let dbs = bed.fresh_fleet().await?;
         let fleet = BenchFleet::new(&dbs.master, &[("shard_1", &dbs.shards[0])], 20).await?;
         let pool = fleet.router.shards()[0].pool.clone();
         let names: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
         let rows: Vec<&str> = names.iter().cycle().take(ENQUEUE_BATCH).copied().collect();
+        let noop = noop_args().to_string();
+        let noop_args = vec![noop.as_str(); ENQUEUE_BATCH];
+        if args.statements {
+            store::statements_reset(&pool).await?;
+        }
+        let cpu = CpuClock::start(server)?;
         let started = Instant::now();
         let mut left = n;
         while left > 0 {
             let take = left.min(ENQUEUE_BATCH);
-            store::floor_enqueue(&pool, &rows[..take]).await?;
+            store::floor_enqueue(&pool, &rows[..take], &noop_args[..take]).await?;
             left -= take;
         }
         let enqueue_floor = n as f64 / started.elapsed().as_secs_f64();
+        let (server_ms, client_ms) = cpu.per_thousand(server, n)?;
+        if args.statements {
+            print_statements("enqueue floor", &pool, n).await?;
+        }
         results.add(
             "floor",
-            "enqueue, one UNNEST insert per 1,000 rows",
+            "enqueue, one UNNEST insert (accounts, args) per 1,000 rows",
             enqueue_floor,
             "jobs/s",
         );
-        if let Some(enqueue) = results.value("drain", "enqueue (enqueue_many, 1,000 per call)") {
-            results.add_target(
-                "floor",
-                "shardq enqueue / floor",
-                enqueue / enqueue_floor,
-                "",
-                1.0,
-                true,
-            );
+        results.add("floor", "enqueue: server CPU per 1,000 jobs", server_ms, "ms");
+        results.add("floor", "enqueue: client CPU per 1,000 jobs", client_ms, "ms");
+        eprintln!("floor: {n} jobs by enqueue_many and {n} by the floor's insert, alternating in turns of {ALTERNATE_BATCHES} batches...");
+        if args.statements {
+            store::statements_reset(&pool).await?;
         }
+        let [shardq, floor] = enqueue_alternating(&fleet, server, &accounts, n).await?;
+        if args.statements {
+            print_statements("enqueue_many and floor, alternating", &pool, 2 * n).await?;
+        }
+        for (who, cost) in [("enqueue_many", &shardq), ("floor", &floor)] {
+            let label = |what: &str| format!("alternating: {who}, {what}");
+            results.add("floor", &label("jobs/s"), cost.rate(n), "jobs/s");
+            results.add("floor", &label("server CPU per 1,000 jobs"), cost.server_ms(n), "ms");
+            results.add("floor", &label("client CPU per 1,000 jobs"), cost.node_ms(n), "ms");
+        }
+        results.add_target(
+            "floor",
+            "shardq enqueue / floor (alternating)",
+            shardq.rate(n) / floor.rate(n),
+            "",
+            1.0,
+            true,
+        );
 
         eprintln!("floor: the bare lifecycle on its own table...");
         store::floor_create(&pool).await?;
@@ -212,6 +259,87 @@ pub(super) async fn drain_and_floor(
         }
     }
     Ok(())
+}
+
+/// Time and CPU spent on one side of [`enqueue_alternating`].
+#[derive(Default)]
+struct EnqueueCost {
+    /// Wall time inside its batches.
+    elapsed: Duration,
+    /// The server's CPU time across its batches.
+    server: Duration,
+    /// This process's CPU time across its batches.
+    node: Duration,
+}
+
+impl EnqueueCost {
+    fn rate(&self, jobs: usize) -> f64 {
+        jobs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    fn server_ms(&self, jobs: usize) -> f64 {
+        self.server.as_secs_f64() * 1e6 / jobs.max(1) as f64
+    }
+    fn node_ms(&self, jobs: usize) -> f64 {
+        self.node.as_secs_f64() * 1e6 / jobs.max(1) as f64
+    }
+}
+
+/// Enqueues `n` no-op jobs through `enqueue_many` and `n` through the
+/// floor's `UNNEST` insert (the same rows: accounts and args), in
+/// batches of [`ENQUEUE_BATCH`], the two sides taking turns of
+/// [`ALTERNATE_BATCHES`] batches (each round starts with the other side),
+/// on the first shard of `fleet`: both see the same table size and the
+/// same load of this shared machine. Returns the cost of each side,
+/// `enqueue_many` first; CPU is read between turns.
+async fn enqueue_alternating(
+    fleet: &BenchFleet,
+    server: &Server,
+    accounts: &[Account],
+    n: usize,
+) -> anyhow::Result<[EnqueueCost; 2]> {
+    let pool = fleet.router.shards()[0].pool.clone();
+    let job = NewJob::from_json("noop", noop_args());
+    let noop = noop_args().to_string();
+    let names: Vec<&str> = accounts.iter().map(|a| a.as_str()).collect();
+    // Untimed: the accounts placed and cached, both statements prepared.
+    let warm = ENQUEUE_BATCH.min(accounts.len());
+    fleet
+        .client
+        .enqueue_many(accounts.iter().map(|a| (a.clone(), job.clone())))
+        .await?;
+    store::floor_enqueue(&pool, &names[..warm], &vec![noop.as_str(); warm]).await?;
+    let mut costs = [EnqueueCost::default(), EnqueueCost::default()];
+    let mut done = 0;
+    let mut round = 0;
+    while done < n {
+        let take = (n - done).min(ENQUEUE_BATCH * ALTERNATE_BATCHES);
+        for side in [round % 2, 1 - round % 2] {
+            // Each clock read outside the other's span: reading the
+            // server's clock costs this process CPU.
+            let server_before = server.cpu_time()?;
+            let node_before = own_cpu_time()?;
+            let started = Instant::now();
+            for from in (done..done + take).step_by(ENQUEUE_BATCH) {
+                let to = (from + ENQUEUE_BATCH).min(done + take);
+                if side == 0 {
+                    let jobs = (from..to).map(|i| (accounts[i % accounts.len()].clone(), job.clone()));
+                    fleet.client.enqueue_many(jobs).await?;
+                } else {
+                    let rows: Vec<&str> = (from..to).map(|i| names[i % names.len()]).collect();
+                    store::floor_enqueue(&pool, &rows, &vec![noop.as_str(); to - from]).await?;
+                }
+            }
+            let elapsed = started.elapsed();
+            let node_after = own_cpu_time()?;
+            let cost = &mut costs[side];
+            cost.elapsed += elapsed;
+            cost.node += node_after.saturating_sub(node_before);
+            cost.server += server.cpu_time()?.saturating_sub(server_before);
+        }
+        done += take;
+        round += 1;
+    }
+    Ok(costs)
 }
 
 /// Prints the statements with the most execution time since the last

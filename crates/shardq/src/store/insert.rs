@@ -74,15 +74,31 @@ pub async fn jobs_notify(conn: &mut Conn<'_>, queues: &[&str]) -> sqlx::Result<(
     .map(|_| ())
 }
 
+/// The tail of both batch inserts, after their `inserted` CTE: how they
+/// return their ids. Rows are inserted in input order (`ORDER BY n` over
+/// the input's ordinality), so their identity values rise in it, and the
+/// ids in input order are the inserted ids sorted. When they are one
+/// contiguous run (no other insert took a value of the sequence meanwhile:
+/// the usual case), the statement returns only the first id and the count,
+/// sparing the server the sorted array of every id and the client its
+/// decoding; otherwise it returns the sorted array too.
+macro_rules! batch_ids {
+    () => {
+        ", span AS (SELECT min(id) AS lo, max(id) AS hi, count(*) AS n FROM inserted)
+     SELECT lo, n, CASE WHEN hi - lo + 1 = n THEN NULL ELSE (SELECT array_agg(id ORDER BY id) FROM inserted) END
+       FROM span"
+    };
+}
+
 /// The batch insert when its rows differ only in account and args (the
 /// usual batch): `$1` accounts, `$2` args (JSON text), one value each for
 /// `$3` queue, `$4` kind, `$5` priority, `$6` max attempts, `$7` run time,
 /// `$8` delay in seconds and `$9` resources (NULL: none). Per row, the
 /// server decodes two array elements and writes the row, as the floor's
-/// `UNNEST` insert does; the run time is computed once. The ids come back
-/// as one array in input order: rows are inserted in input order (`ORDER
-/// BY n`), so their identity values rise in it.
-const JOB_INSERT_MANY_UNIFORM: &str = "WITH inserted AS (
+/// `UNNEST` insert does; the run time is computed once. The ids come
+/// back as `batch_ids!` describes.
+const JOB_INSERT_MANY_UNIFORM: &str = concat!(
+    "WITH inserted AS (
          INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at, resources)
          SELECT t.a, $3, $4, t.g::jsonb, $5, $6, c.run_at, $9::text[]
            FROM (SELECT set_config('shardq.notify', 'deferred', true) AS notify,
@@ -90,13 +106,15 @@ const JOB_INSERT_MANY_UNIFORM: &str = "WITH inserted AS (
                 unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(a, g, n)
           ORDER BY t.n
          RETURNING id
-     )
-     SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM inserted";
+     )",
+    batch_ids!()
+);
 
 /// The batch insert of rows that differ in more than account and args: one
 /// array per column (each job's resources as one comma-joined text, since
 /// resource names hold no comma); ids as in [`JOB_INSERT_MANY_UNIFORM`].
-const JOB_INSERT_MANY: &str = "WITH inserted AS (
+const JOB_INSERT_MANY: &str = concat!(
+    "WITH inserted AS (
          INSERT INTO shardq.jobs (account, queue, kind, args, priority, max_attempts, run_at, resources)
          SELECT a, q, k, g::jsonb, p, m, COALESCE(r, now() + make_interval(secs => COALESCE(d, 0))),
                 string_to_array(rs, ',')
@@ -106,8 +124,19 @@ const JOB_INSERT_MANY: &str = "WITH inserted AS (
                 WITH ORDINALITY AS t(a, q, k, g, p, m, r, d, rs, n)
           ORDER BY n
          RETURNING id
-     )
-     SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM inserted";
+     )",
+    batch_ids!()
+);
+
+/// The ids of a batch insert in input order, from what it returned (see
+/// `batch_ids!`): the sorted array when there is one, else `n` ids from `lo`.
+fn batch_ids_in_order((lo, n, ids): (Option<i64>, i64, Option<Vec<i64>>)) -> Vec<i64> {
+    match (ids, lo) {
+        (Some(ids), _) => ids,
+        (None, Some(lo)) => (lo..lo + n).collect(),
+        (None, None) => Vec::new(),
+    }
+}
 
 /// Whether job `b` is inserted with the same values as `a` in every column
 /// but account and args.
@@ -131,7 +160,7 @@ pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]
         return Ok(Vec::new());
     };
     if rows.iter().all(|r| same_columns(first, r.1)) {
-        return sqlx::query_scalar(JOB_INSERT_MANY_UNIFORM)
+        return sqlx::query_as(JOB_INSERT_MANY_UNIFORM)
             .bind(accounts)
             .bind(args)
             .bind(&first.queue)
@@ -142,7 +171,8 @@ pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]
             .bind(first.delay_secs())
             .bind(first.resource_names())
             .fetch_one(conn)
-            .await;
+            .await
+            .map(batch_ids_in_order);
     }
     let queues: Vec<&str> = rows.iter().map(|r| r.1.queue.as_str()).collect();
     let kinds: Vec<&str> = rows.iter().map(|r| r.1.kind.as_str()).collect();
@@ -151,7 +181,7 @@ pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]
     let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.1.run_at).collect();
     let delays: Vec<Option<f64>> = rows.iter().map(|r| r.1.delay_secs()).collect();
     let resources: Vec<Option<String>> = rows.iter().map(|r| r.1.resource_names().map(|n| n.join(","))).collect();
-    sqlx::query_scalar(JOB_INSERT_MANY)
+    sqlx::query_as(JOB_INSERT_MANY)
         .bind(accounts)
         .bind(queues)
         .bind(kinds)
@@ -163,6 +193,7 @@ pub async fn job_insert_many(conn: &mut Conn<'_>, rows: &[(&str, &NewJob, &str)]
         .bind(resources)
         .fetch_one(conn)
         .await
+        .map(batch_ids_in_order)
 }
 
 // ---- unique jobs, serial keys, periodic jobs

@@ -467,3 +467,52 @@ async fn a_resources_rate_bounds_its_starts_across_three_nodes() {
         .unwrap();
     assert!(most <= bound, "{most} starts within one second, more than {bound}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_limit_holds_for_its_jobs_that_use_resources() {
+    let f = fleet().await;
+    f.client.set_resource("payments", Some(10), None, None).await.unwrap();
+    let (limited, free) = two_accounts_on_one_shard(&f, "lim-res").await;
+    f.client.set_account_limit(&limited, "default", Some(2)).await.unwrap();
+    let counted = Counted(Arc::new(vec![Tally::default(), Tally::default()]));
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(
+            f.client
+                .enqueue(&limited, job(0, 60, 0).resources(["payments"]))
+                .await
+                .unwrap(),
+        );
+    }
+    // Another account's jobs of the resource: each waits until 3 of them
+    // ran at once, so they complete only if the limit holds back none of them.
+    for _ in 0..3 {
+        ids.push(
+            f.client
+                .enqueue(&free, job(1, 0, 3).resources(["payments"]))
+                .await
+                .unwrap(),
+        );
+    }
+    let nodes: Vec<Runtime> = (0..2).map(|_| node(&f, &counted, &[("default", 8)])).collect();
+    wait_completed(&f, &ids).await;
+    for n in nodes {
+        n.shutdown(Duration::from_secs(5)).await;
+    }
+    assert_eq!(
+        counted.0[0].runs.lock().unwrap().len(),
+        10,
+        "every job of the limited account ran once"
+    );
+    assert!(
+        counted.0[0].most() <= 2 && counted.0[0].most_overlapping() <= 2,
+        "at most 2 runs of the limited account at once, saw {} ({} overlapping)",
+        counted.0[0].most(),
+        counted.0[0].most_overlapping()
+    );
+    assert!(
+        counted.0[1].most() >= 3,
+        "the other account's jobs of the resource ran past it"
+    );
+    assert_eq!(f.client.account_limit_held(&limited, "default").await.unwrap(), 0);
+}

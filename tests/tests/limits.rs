@@ -516,3 +516,67 @@ async fn an_accounts_limit_holds_for_its_jobs_that_use_resources() {
     );
     assert_eq!(f.client.account_limit_held(&limited, "default").await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_claim_with_limited_accounts_returns_at_most_its_batch() {
+    use shardq::store::{job_fetch_available, job_fetch_resourced, FetchParams};
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    // An account limited to 3 and another without a limit, 10 due jobs
+    // each, and as many of each that use a resource.
+    sqlx::query("INSERT INTO shardq.account_limits (queue, account, max_running) VALUES ('default', 'capped', 3)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO shardq.jobs (account, queue, kind, args, resources)
+         SELECT a, 'default', 'noop', '{}', r.res
+           FROM unnest(ARRAY['capped', 'open']) AS a, generate_series(1, 10) AS i,
+                (VALUES (NULL::text[]), (ARRAY['api'])) AS r(res)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for fair in [true, false] {
+        let params = FetchParams {
+            queue: "default",
+            limit: 8,
+            node: "node",
+            lease_secs: 30.0,
+            aging_secs: None,
+            fair,
+            after: None,
+            limited: true,
+        };
+        let mut tx = db.pool.begin().await.unwrap();
+        let claimed = job_fetch_available(&mut *tx, &params).await.unwrap();
+        tx.rollback().await.unwrap();
+        let capped = claimed.iter().filter(|j| j.account == "capped").count();
+        assert_eq!(
+            (claimed.len(), capped),
+            (8, 3),
+            "fair {fair}: the batch of 8, 3 of them the limited account's"
+        );
+    }
+    let mut tx = db.pool.begin().await.unwrap();
+    let claimed = job_fetch_resourced(&mut *tx, "default", 8, "node", 30.0, &["api".to_string()], true)
+        .await
+        .unwrap();
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shardq.jobs WHERE account = 'capped' AND serial_held AND limit_slot IS NOT NULL",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    let capped = claimed.iter().filter(|j| j.account == "capped").count();
+    assert_eq!(
+        (claimed.len(), capped),
+        (8, 3),
+        "jobs that use a resource: the batch of 8"
+    );
+    assert_eq!(held, 3, "each of the limited account's holds a slot");
+    assert!(claimed
+        .iter()
+        .all(|j| j.resources.as_deref() == Some(&["api".to_string()][..])));
+}

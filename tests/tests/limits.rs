@@ -580,3 +580,37 @@ async fn a_claim_with_limited_accounts_returns_at_most_its_batch() {
         .iter()
         .all(|j| j.resources.as_deref() == Some(&["api".to_string()][..])));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_set_while_a_node_runs_holds_and_its_jobs_run_without_waiting_for_the_poll() {
+    let f = fleet().await;
+    let a = Account::new("lim-new").unwrap();
+    let counted = Counted(Arc::new(vec![Tally::default(), Tally::default()]));
+    // A poll too long for the test: only wake-ups and claims find the limit.
+    let options = shardq::RuntimeOptions {
+        poll_interval: Duration::from_secs(600),
+        ..fast_options()
+    };
+    let rt = Runtime::builder(f.router.clone())
+        .register(counted.clone())
+        .queue("default", 4)
+        .options(options)
+        .start()
+        .unwrap();
+    // The node has claimed, and read that no account has a limit in the queue.
+    let first = f.client.enqueue(&a, job(0, 0, 0)).await.unwrap();
+    wait_completed(&f, &[first]).await;
+    f.client.set_account_limit(&a, "default", Some(1)).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(f.client.enqueue(&a, job(1, 20, 0)).await.unwrap());
+    }
+    wait_completed(&f, &ids).await;
+    rt.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(counted.0[1].runs.lock().unwrap().len(), 4);
+    assert_eq!(
+        counted.0[1].most_overlapping(),
+        1,
+        "the new limit held: one run at a time"
+    );
+}

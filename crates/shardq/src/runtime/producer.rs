@@ -81,6 +81,9 @@ struct Claimed {
     /// When the queue's earliest scheduled job is due, read after a short
     /// claim (`None` inside: no job or unknown).
     due: Option<Option<Instant>>,
+    /// Whether the claim went without the limited part, left due jobs and
+    /// found that the queue has limited accounts now: claim again at once.
+    limits_appeared: bool,
 }
 
 /// The claim bounds of a producer, from its queue's limit and the options.
@@ -207,6 +210,9 @@ impl Producer {
                             error_wait = Duration::from_millis(100);
                             let got = c.jobs.len();
                             buffer.extend(c.jobs);
+                            if c.limits_appeared {
+                                maybe_work = true;
+                            }
                             if got < c.want {
                                 due = c.due.flatten();
                                 // Due jobs a claim leaves are held by another
@@ -463,7 +469,32 @@ impl Producer {
         } else {
             None
         };
-        Ok(Claimed { jobs, want, due })
+        // A claim without the limited part (as read before it) that left due
+        // jobs: they may be of an account whose limit was set since. Read
+        // again now; when limited accounts appeared, the next claim, at
+        // once, has the limited part. (A limit set shows within a claim or
+        // two instead of a poll interval; the ordinary claims never run a
+        // limited account's jobs meanwhile.)
+        let mut limits_appeared = false;
+        if !has_limits && known.is_some() && due.flatten().is_some_and(|at| at <= Instant::now()) {
+            let read = tokio::time::timeout(
+                opts.shard_timeout,
+                store::account_limits_exist(&self.shard.db, &self.queue),
+            )
+            .await;
+            if let Ok(Ok(l)) = read {
+                if let Ok(mut slot) = limited.lock() {
+                    *slot = Some((Instant::now(), l));
+                }
+                limits_appeared = l;
+            }
+        }
+        Ok(Claimed {
+            jobs,
+            want,
+            due,
+            limits_appeared,
+        })
     }
 
     /// Claims jobs that use named resources, on `conn`, while the node may

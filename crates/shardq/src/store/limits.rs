@@ -194,8 +194,9 @@ pub(crate) fn claim_lost_limit_race(e: &sqlx::Error) -> bool {
 }
 
 /// Whether any account on this shard has a concurrency limit in `queue`:
-/// read by each producer about once a poll interval, to know whether its
-/// claims need the limited part.
+/// read by each producer about once a poll interval, and after a claim
+/// without the limited part that left due jobs, to know whether its claims
+/// need the limited part.
 pub async fn account_limits_exist<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &str) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM shardq.account_limits WHERE queue = $1)")
         .bind(queue)
@@ -204,8 +205,10 @@ pub async fn account_limits_exist<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &s
 }
 
 /// Sets the concurrency limit of `account` in `queue` on this shard
-/// (`None`: no limit). Refused (returns false, nothing written) while the
-/// account has a fence here: it is moving or has moved away, and a move
+/// (`None`: no limit) and notifies the queue (`NOTIFY shardq_jobs`), so
+/// producers claim at once and find the limit (see the producer's
+/// claim). Refused (returns false, nothing written, nothing notified) while
+/// the account has a fence here: it is moving or has moved away, and a move
 /// carries the limits it had when it started.
 pub async fn account_limit_set(pool: &Database, account: &str, queue: &str, limit: Option<i32>) -> sqlx::Result<bool> {
     sqlx::query_scalar(
@@ -216,7 +219,9 @@ pub async fn account_limit_set(pool: &Database, account: &str, queue: &str, limi
                       SELECT $2, $1, $3 WHERE $3::int IS NOT NULL AND (SELECT ok FROM open)
                       ON CONFLICT (queue, account) DO UPDATE
                          SET max_running = EXCLUDED.max_running, set_at = now())
-         SELECT ok FROM open",
+         SELECT o.ok AND n.notified >= 0
+           FROM open o,
+                LATERAL (SELECT count(pg_notify('shardq_jobs', $2)) AS notified WHERE o.ok) AS n",
     )
     .bind(account)
     .bind(queue)

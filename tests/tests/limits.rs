@@ -614,3 +614,89 @@ async fn a_limit_set_while_a_node_runs_holds_and_its_jobs_run_without_waiting_fo
         "the new limit held: one run at a time"
     );
 }
+
+/// Shared buffers (hit + read) the claim of jobs that use resources touches
+/// to find and lock its rows, and the rows it returns, claiming up to 10 jobs of `free` resources, from
+/// `EXPLAIN (ANALYZE, BUFFERS)` in a transaction that is rolled back.
+async fn resourced_claim_cost(conn: &mut sqlx::PgConnection, free: &str) -> (i64, i64) {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.unwrap();
+    // The generic plan: what the server runs after a few executions.
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "PREPARE resourced_cost(text, bigint, text, float8, text[]) AS {}",
+        shardq::store::JOB_FETCH_RESOURCED_SQL
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let plan: serde_json::Value = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE resourced_cost('default', 10, 'node', 30, '{free}')"
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap()
+    .0;
+    sqlx::query("DEALLOCATE resourced_cost")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    if std::env::var("SHOW_PLAN").is_ok() {
+        eprintln!("{plan:#}");
+    }
+    tx.rollback().await.unwrap();
+    let top = &plan[0]["Plan"];
+    // The part that finds and locks the rows: `id = ANY(ARRAY(..))`.
+    let find = top["Plans"]
+        .as_array()
+        .and_then(|p| p.iter().find(|n| n["Parent Relationship"] == "InitPlan"))
+        .expect("the claim finds its rows in an InitPlan");
+    let n = |node: &serde_json::Value, k: &str| node[k].as_i64().unwrap_or(0);
+    (
+        n(find, "Shared Hit Blocks") + n(find, "Shared Read Blocks"),
+        n(top, "Actual Rows"),
+    )
+}
+
+#[tokio::test]
+async fn the_claim_of_jobs_that_use_resources_skips_a_backlog_without_permits_in_one_seek() {
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let insert = |n: i64, resource: &'static str, ago: &'static str| {
+        sqlx::query(
+            "INSERT INTO shardq.jobs (account, queue, kind, args, resources, run_at)
+             SELECT 'a' || (i % 50), 'default', 'noop', '{}', ARRAY[$2], now() - $3::interval
+               FROM generate_series(1, $1) AS i",
+        )
+        .bind(n)
+        .bind(resource)
+        .bind(ago)
+    };
+    // 10 due jobs of a resource with permits, behind 100 older ones of a
+    // resource without.
+    insert(100, "busy", "2 hours").execute(&mut *conn).await.unwrap();
+    insert(10, "open", "1 hour").execute(&mut *conn).await.unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (small, rows) = resourced_claim_cost(&mut conn, "{open}").await;
+    assert_eq!(rows, 10, "the jobs of the resource with permits");
+    // The backlog without permits grows to 20,100: the claim costs about
+    // the same (its seeks go one level deeper), not a read per job.
+    insert(20_000, "busy", "2 hours").execute(&mut *conn).await.unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (large, rows) = resourced_claim_cost(&mut conn, "{open}").await;
+    assert_eq!(rows, 10);
+    assert!(
+        large <= 2 * small,
+        "the claim touched {large} buffers beside 20,100 jobs without permits, {small} beside 100"
+    );
+}

@@ -283,43 +283,79 @@ pub async fn account_limits_delete<'c>(conn: impl sqlx::PgExecutor<'c>, account:
 // ---- named resources: the claim of jobs that use them (shards), their
 // declarations and the permits nodes lease (master)
 
-/// The claim of jobs that use named resources (shard V22), run by a
+/// `resource_sets`: the distinct resource sets of the available jobs of
+/// queue `$1` that use resources, by a recursive skip scan over
+/// `jobs_resource_sets_idx (queue, resources, priority, run_at, id)` (shard
+/// V25; one index seek per set).
+macro_rules! resource_sets_cte {
+    () => {
+        "resource_sets AS (
+              (SELECT resources FROM shardq.jobs
+                WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL
+                ORDER BY resources LIMIT 1)
+              UNION ALL
+              SELECT n.resources
+                FROM resource_sets p
+                CROSS JOIN LATERAL (
+                    SELECT resources FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL
+                       AND resources > p.resources
+                     ORDER BY resources LIMIT 1) AS n
+          )"
+    };
+}
+
+/// The claim of jobs that use named resources (shard V22, V25), run by a
 /// producer while its node may take more such jobs: `$1` queue, `$2` most
 /// jobs, `$3` node, `$4` lease seconds, `$5` the resources the node may
 /// claim jobs of now.
 /// It takes due jobs whose resources are all among `$5`, by priority, run
-/// time and id, through `jobs_resources_fetch_idx`, which holds only such
-/// jobs (so the index and this statement cost the other jobs nothing),
-/// with the rules of the ordinary claims for paused queues, fences and
-/// serial keys. Jobs of accounts with a limit in the queue are left to
-/// the limited part ([`RESOURCED_WITH_LIMITS`]; one probe of the
-/// `account_limits` primary key per claim while the queue has none). The
-/// node holds the claimed jobs in its buffer and starts each once it holds
-/// a permit of each of its resources.
+/// time and id: the queue's resource sets are found by a skip scan
+/// (`resource_sets_cte!`, one seek per set), and only the sets within `$5`
+/// are read, each up to `$2` due jobs in `jobs_resource_sets_idx`, so due
+/// jobs of resources without permits cost one seek per set, however many
+/// wait. The index holds only jobs that use resources, so it and this
+/// statement cost the other jobs nothing. The rules of the ordinary claims
+/// hold for paused queues, fences and serial keys. Jobs of accounts with a
+/// limit in the queue are left to the limited part
+/// ([`RESOURCED_WITH_LIMITS`]; one probe of the `account_limits` primary
+/// key per claim while the queue has none). The node holds the claimed
+/// jobs in its buffer and starts each once it holds a permit of each of
+/// its resources. Each set locks at most `$2` candidates; those beyond the
+/// limit are released when the statement ends.
 pub const JOB_FETCH_RESOURCED_SQL: &str = concat!(
     "UPDATE shardq.jobs j
             SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
                 locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
                 serial_held = j.serial_key IS NOT NULL
           WHERE j.id = ANY(ARRAY(
-              SELECT id FROM shardq.jobs
-               WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL
-                 AND run_at <= now() AND resources <@ $5::text[]
-                 AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
-                 AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)",
+              WITH RECURSIVE ",
+    resource_sets_cte!(),
+    "
+              SELECT c.id
+                FROM resource_sets s
+                CROSS JOIN LATERAL (
+                    SELECT id, priority, run_at FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1 AND resources = s.resources
+                       AND run_at <= now()
+                       AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
+                       AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)",
     no_account_limit!("jobs.account"),
     "
-                 AND (serial_key IS NULL OR (
-                      NOT EXISTS (
-                          SELECT 1 FROM shardq.jobs b
-                           WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
-                             AND b.state IN ('available', 'running'))
-                      AND NOT EXISTS (
-                          SELECT 1 FROM shardq.jobs h
-                           WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
-               ORDER BY priority, run_at, id
-               LIMIT $2
-               FOR UPDATE SKIP LOCKED))
+                       AND (serial_key IS NULL OR (
+                            NOT EXISTS (
+                                SELECT 1 FROM shardq.jobs b
+                                 WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                                   AND b.state IN ('available', 'running'))
+                            AND NOT EXISTS (
+                                SELECT 1 FROM shardq.jobs h
+                                 WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
+                     ORDER BY priority, run_at, id
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED) AS c
+               WHERE s.resources <@ $5::text[]
+               ORDER BY c.priority, c.run_at, c.id
+               LIMIT $2))
          RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
                    j.serial_key IS NOT NULL AS keyed, j.resources"
 );
@@ -481,17 +517,21 @@ pub async fn resource_leases_end(master: &Database, node: &str) -> sqlx::Result<
         .map(|r| r.rows_affected())
 }
 
-/// The resources named by the first due jobs of `queue` that use any
-/// (at most 32 jobs read, through `jobs_resources_fetch_idx`): what a node
-/// out of permits asks the master for.
+/// The resources named by due jobs of `queue` that use any (one seek per
+/// resource set in use, `resource_sets_cte!`, and one per set to see
+/// whether it has a due job): what a node out of permits asks the master
+/// for.
 pub async fn job_resourced_waiting<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &str) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
-        "SELECT DISTINCT unnest(resources) FROM (
-             SELECT resources FROM shardq.jobs
-              WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL AND run_at <= now()
-              ORDER BY priority, run_at, id
-              LIMIT 32) AS w",
-    )
+    sqlx::query_scalar(concat!(
+        "WITH RECURSIVE ",
+        resource_sets_cte!(),
+        "
+         SELECT DISTINCT unnest(s.resources)
+           FROM resource_sets s
+          WHERE EXISTS (SELECT 1 FROM shardq.jobs
+                         WHERE state = 'available' AND queue = $1 AND resources = s.resources
+                           AND run_at <= now())"
+    ))
     .bind(queue)
     .fetch_all(conn)
     .await

@@ -506,3 +506,67 @@ pub(crate) async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Permits with one resource `api` granted `granted` permits, no master.
+    fn granted(granted: u32) -> Permits {
+        let master = Database {
+            name: "master".into(),
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://127.0.0.1:1/none")
+                .unwrap(),
+            target: "127.0.0.1:1".into(),
+            pooler: shardq_router::config::Pooler::None,
+            direct: None,
+        };
+        let permits = Permits::new(master);
+        let pool = Pool {
+            granted: Some(granted),
+            in_use: 0,
+            queued: 0,
+            valid_until: Instant::now() + Duration::from_secs(60),
+            wanted: false,
+            rated: false,
+            tokens: 0,
+            tokens_until: Instant::now(),
+            batch_tokens: 1,
+        };
+        permits.state.lock().unwrap().pools.insert("api".into(), pool);
+        permits
+    }
+
+    #[tokio::test]
+    async fn jobs_are_claimed_ahead_of_the_permits_and_start_as_they_free() {
+        let p = granted(2);
+        let api = vec!["api".to_string()];
+        assert_eq!(p.claimable(), (api.clone(), 4), "twice the grant may be claimed");
+        for id in 1..=4 {
+            p.claimed((0, id, 1), api.clone());
+        }
+        assert_eq!(p.claimable().1, 0, "running and buffered at twice the grant");
+        let mut changed = p.subscribe();
+        assert!(p.start((0, 1, 1)) && p.start((0, 2, 1)), "two start on the grant");
+        assert!(!p.start((0, 3, 1)), "the third waits for a permit");
+        assert!(p.start((0, 9, 1)), "a job of no resource always starts");
+        p.unstart((0, 2, 1));
+        assert!(p.start((0, 3, 1)), "a permit given back by unstart is taken");
+        p.release((0, 1, 1));
+        assert!(
+            changed.has_changed().unwrap(),
+            "a permit given back is seen by the producers"
+        );
+        changed.borrow_and_update();
+        assert!(p.start((0, 4, 1)), "the freed permit starts a buffered job");
+        assert!(!p.start((0, 2, 1)));
+        p.release((0, 2, 1));
+        assert!(
+            !changed.has_changed().unwrap(),
+            "handing back a waiting job frees no permit"
+        );
+        assert_eq!(p.claimable().1, 2, "two run, none waits: two more may be claimed");
+        assert!(p.overdue(0).is_empty());
+    }
+}

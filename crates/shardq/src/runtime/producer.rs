@@ -82,8 +82,9 @@ struct Claimed {
     /// claim (`None` inside: no job or unknown).
     due: Option<Option<Instant>>,
     /// Whether the claim went without the limited part, left due jobs and
-    /// found that the queue has limited accounts now: claim again at once.
-    limits_appeared: bool,
+    /// found that the queue has limited accounts now, or its claim of jobs
+    /// that use resources lost a race for a key or slot: claim again at once.
+    claim_again: bool,
 }
 
 /// The claim bounds of a producer, from its queue's limit and the options.
@@ -210,7 +211,7 @@ impl Producer {
                             error_wait = Duration::from_millis(100);
                             let got = c.jobs.len();
                             buffer.extend(c.jobs);
-                            if c.limits_appeared {
+                            if c.claim_again {
                                 maybe_work = true;
                             }
                             if got < c.want {
@@ -410,11 +411,17 @@ impl Producer {
         // Jobs of named resources first (bounded by the permits), then the
         // others up to the rest of `want`.
         let mut jobs: Vec<FetchedJob> = Vec::new();
+        // Whether that claim lost a race for a key or slot: claim again.
+        let mut lost_race = false;
         if self.node.permits.any() {
             let resourced =
                 tokio::time::timeout(opts.shard_timeout, self.claim_resourced(&mut conn, want, has_limits)).await;
             match resourced {
                 Ok(Ok(some)) => jobs = some,
+                Ok(Err(e)) if store::claim_lost_serial_race(&e) || store::claim_lost_limit_race(&e) => {
+                    tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key or a limit slot the claim of jobs that use resources picked; claiming again");
+                    lost_race = true;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "claiming jobs that use resources failed");
                 }
@@ -475,7 +482,7 @@ impl Producer {
         // once, has the limited part. (A limit set shows within a claim or
         // two instead of a poll interval; the ordinary claims never run a
         // limited account's jobs meanwhile.)
-        let mut limits_appeared = false;
+        let mut claim_again = lost_race;
         if !has_limits && known.is_some() && due.flatten().is_some_and(|at| at <= Instant::now()) {
             let read = tokio::time::timeout(
                 opts.shard_timeout,
@@ -486,14 +493,14 @@ impl Producer {
                 if let Ok(mut slot) = limited.lock() {
                     *slot = Some((Instant::now(), l));
                 }
-                limits_appeared = l;
+                claim_again |= l;
             }
         }
         Ok(Claimed {
             jobs,
             want,
             due,
-            limits_appeared,
+            claim_again,
         })
     }
 

@@ -467,3 +467,236 @@ async fn a_resources_rate_bounds_its_starts_across_three_nodes() {
         .unwrap();
     assert!(most <= bound, "{most} starts within one second, more than {bound}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_limit_holds_for_its_jobs_that_use_resources() {
+    let f = fleet().await;
+    f.client.set_resource("payments", Some(10), None, None).await.unwrap();
+    let (limited, free) = two_accounts_on_one_shard(&f, "lim-res").await;
+    f.client.set_account_limit(&limited, "default", Some(2)).await.unwrap();
+    let counted = Counted(Arc::new(vec![Tally::default(), Tally::default()]));
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(
+            f.client
+                .enqueue(&limited, job(0, 60, 0).resources(["payments"]))
+                .await
+                .unwrap(),
+        );
+    }
+    // Another account's jobs of the resource: each waits until 3 of them
+    // ran at once, so they complete only if the limit holds back none of them.
+    for _ in 0..3 {
+        ids.push(
+            f.client
+                .enqueue(&free, job(1, 0, 3).resources(["payments"]))
+                .await
+                .unwrap(),
+        );
+    }
+    let nodes: Vec<Runtime> = (0..2).map(|_| node(&f, &counted, &[("default", 8)])).collect();
+    wait_completed(&f, &ids).await;
+    for n in nodes {
+        n.shutdown(Duration::from_secs(5)).await;
+    }
+    assert_eq!(
+        counted.0[0].runs.lock().unwrap().len(),
+        10,
+        "every job of the limited account ran once"
+    );
+    assert!(
+        counted.0[0].most() <= 2 && counted.0[0].most_overlapping() <= 2,
+        "at most 2 runs of the limited account at once, saw {} ({} overlapping)",
+        counted.0[0].most(),
+        counted.0[0].most_overlapping()
+    );
+    assert!(
+        counted.0[1].most() >= 3,
+        "the other account's jobs of the resource ran past it"
+    );
+    assert_eq!(f.client.account_limit_held(&limited, "default").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_claim_with_limited_accounts_returns_at_most_its_batch() {
+    use shardq::store::{job_fetch_available, job_fetch_resourced, FetchParams};
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    // An account limited to 3 and another without a limit, 10 due jobs
+    // each, and as many of each that use a resource.
+    sqlx::query("INSERT INTO shardq.account_limits (queue, account, max_running) VALUES ('default', 'capped', 3)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO shardq.jobs (account, queue, kind, args, resources)
+         SELECT a, 'default', 'noop', '{}', r.res
+           FROM unnest(ARRAY['capped', 'open']) AS a, generate_series(1, 10) AS i,
+                (VALUES (NULL::text[]), (ARRAY['api'])) AS r(res)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for fair in [true, false] {
+        let params = FetchParams {
+            queue: "default",
+            limit: 8,
+            node: "node",
+            lease_secs: 30.0,
+            aging_secs: None,
+            fair,
+            after: None,
+            limited: true,
+        };
+        let mut tx = db.pool.begin().await.unwrap();
+        let claimed = job_fetch_available(&mut *tx, &params).await.unwrap();
+        tx.rollback().await.unwrap();
+        let capped = claimed.iter().filter(|j| j.account == "capped").count();
+        assert_eq!(
+            (claimed.len(), capped),
+            (8, 3),
+            "fair {fair}: the batch of 8, 3 of them the limited account's"
+        );
+    }
+    let mut tx = db.pool.begin().await.unwrap();
+    let claimed = job_fetch_resourced(&mut *tx, "default", 8, "node", 30.0, &["api".to_string()], true)
+        .await
+        .unwrap();
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shardq.jobs WHERE account = 'capped' AND serial_held AND limit_slot IS NOT NULL",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    let capped = claimed.iter().filter(|j| j.account == "capped").count();
+    assert_eq!(
+        (claimed.len(), capped),
+        (8, 3),
+        "jobs that use a resource: the batch of 8"
+    );
+    assert_eq!(held, 3, "each of the limited account's holds a slot");
+    assert!(claimed
+        .iter()
+        .all(|j| j.resources.as_deref() == Some(&["api".to_string()][..])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_set_while_a_node_runs_holds_and_its_jobs_run_without_waiting_for_the_poll() {
+    let f = fleet().await;
+    let a = Account::new("lim-new").unwrap();
+    let counted = Counted(Arc::new(vec![Tally::default(), Tally::default()]));
+    // A poll too long for the test: only wake-ups and claims find the limit.
+    let options = shardq::RuntimeOptions {
+        poll_interval: Duration::from_secs(600),
+        ..fast_options()
+    };
+    let rt = Runtime::builder(f.router.clone())
+        .register(counted.clone())
+        .queue("default", 4)
+        .options(options)
+        .start()
+        .unwrap();
+    // The node has claimed, and read that no account has a limit in the queue.
+    let first = f.client.enqueue(&a, job(0, 0, 0)).await.unwrap();
+    wait_completed(&f, &[first]).await;
+    f.client.set_account_limit(&a, "default", Some(1)).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(f.client.enqueue(&a, job(1, 20, 0)).await.unwrap());
+    }
+    wait_completed(&f, &ids).await;
+    rt.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(counted.0[1].runs.lock().unwrap().len(), 4);
+    assert_eq!(
+        counted.0[1].most_overlapping(),
+        1,
+        "the new limit held: one run at a time"
+    );
+}
+
+/// Shared buffers (hit + read) the claim of jobs that use resources touches
+/// to find and lock its rows, and the rows it returns, claiming up to 10 jobs of `free` resources, from
+/// `EXPLAIN (ANALYZE, BUFFERS)` in a transaction that is rolled back.
+async fn resourced_claim_cost(conn: &mut sqlx::PgConnection, free: &str) -> (i64, i64) {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.unwrap();
+    // The generic plan: what the server runs after a few executions.
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "PREPARE resourced_cost(text, bigint, text, float8, text[]) AS {}",
+        shardq::store::JOB_FETCH_RESOURCED_SQL
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let plan: serde_json::Value = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE resourced_cost('default', 10, 'node', 30, '{free}')"
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap()
+    .0;
+    sqlx::query("DEALLOCATE resourced_cost")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    if std::env::var("SHOW_PLAN").is_ok() {
+        eprintln!("{plan:#}");
+    }
+    tx.rollback().await.unwrap();
+    let top = &plan[0]["Plan"];
+    // The part that finds and locks the rows: `id = ANY(ARRAY(..))`.
+    let find = top["Plans"]
+        .as_array()
+        .and_then(|p| p.iter().find(|n| n["Parent Relationship"] == "InitPlan"))
+        .expect("the claim finds its rows in an InitPlan");
+    let n = |node: &serde_json::Value, k: &str| node[k].as_i64().unwrap_or(0);
+    (
+        n(find, "Shared Hit Blocks") + n(find, "Shared Read Blocks"),
+        n(top, "Actual Rows"),
+    )
+}
+
+#[tokio::test]
+async fn the_claim_of_jobs_that_use_resources_skips_a_backlog_without_permits_in_one_seek() {
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let insert = |n: i64, resource: &'static str, ago: &'static str| {
+        sqlx::query(
+            "INSERT INTO shardq.jobs (account, queue, kind, args, resources, run_at)
+             SELECT 'a' || (i % 50), 'default', 'noop', '{}', ARRAY[$2], now() - $3::interval
+               FROM generate_series(1, $1) AS i",
+        )
+        .bind(n)
+        .bind(resource)
+        .bind(ago)
+    };
+    // 10 due jobs of a resource with permits, behind 100 older ones of a
+    // resource without.
+    insert(100, "busy", "2 hours").execute(&mut *conn).await.unwrap();
+    insert(10, "open", "1 hour").execute(&mut *conn).await.unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (small, rows) = resourced_claim_cost(&mut conn, "{open}").await;
+    assert_eq!(rows, 10, "the jobs of the resource with permits");
+    // The backlog without permits grows to 20,100: the claim costs about
+    // the same (its seeks go one level deeper), not a read per job.
+    insert(20_000, "busy", "2 hours").execute(&mut *conn).await.unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (large, rows) = resourced_claim_cost(&mut conn, "{open}").await;
+    assert_eq!(rows, 10);
+    assert!(
+        large <= 2 * small,
+        "the claim touched {large} buffers beside 20,100 jobs without permits, {small} beside 100"
+    );
+}

@@ -1,9 +1,9 @@
 //! Global limits of named resources over 3 nodes and 3 shards: a
-//! concurrency limit of 10 over jobs of 100 ms (the most running at once,
-//! and how much of the 10 is in use while work waits: a permit freed on a
-//! node waits for that node's next claim, so each job costs the limit a
-//! claim's round trip on top of its work) and a rate of 100 starts per
-//! second held over 30 s (or `--seconds`, when longer than 10).
+//! concurrency limit of 10 over jobs of 100 ms and over jobs of 20 ms (the
+//! most running at once, and how much of the 10 is in use while work
+//! waits: short jobs show what a freed permit costs before the next job
+//! starts) and a rate of 100 starts per second held over 30 s (or
+//! `--seconds`, when longer than 10).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,9 +16,10 @@ use super::{BenchArgs, BenchFleet, Results};
 
 /// The concurrency limit measured.
 const CONCURRENCY: usize = 10;
-/// Jobs of the concurrency phase, and how long each works.
-const CONCURRENCY_JOBS: usize = 400;
-const WORK: Duration = Duration::from_millis(100);
+/// The cases of the concurrency phase: how long each job works, and how
+/// many jobs (about 4 s of work at the limit).
+const CONCURRENCY_CASES: [(Duration, usize); 2] =
+    [(Duration::from_millis(100), 400), (Duration::from_millis(20), 2_000)];
 /// The rate measured, starts per second.
 const RATE: f64 = 100.0;
 /// The seconds of the rate phase unless `--seconds` asks for more than 10.
@@ -132,6 +133,49 @@ async fn run_out(meter: &Meter, n: usize, limit: usize) -> anyhow::Result<f64> {
     Ok(if samples == 0 { 0.0 } else { sum as f64 / samples as f64 })
 }
 
+/// One case of the concurrency phase: `jobs` jobs of `work` using a
+/// resource of concurrency [`CONCURRENCY`] of its own.
+async fn concurrency_case(
+    fleet: &BenchFleet,
+    accounts: &[Account],
+    work: Duration,
+    jobs: usize,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let ms = work.as_millis() as u64;
+    let resource = format!("bench_concurrency_{ms}");
+    eprintln!("limits: concurrency {CONCURRENCY} over {NODES} nodes x 3 shards, {jobs} jobs of {work:?}...");
+    enqueue(fleet, accounts, jobs, ms, &resource).await?;
+    fleet
+        .client
+        .set_resource(&resource, Some(CONCURRENCY as u32), None, None)
+        .await?;
+    let meter = Arc::new(Meter::default());
+    let running = nodes(fleet, &meter)?;
+    let busy = run_out(&meter, jobs, CONCURRENCY).await?;
+    for n in running {
+        n.shutdown(Duration::from_secs(5)).await;
+    }
+    let most = meter.most.load(Ordering::SeqCst) as f64;
+    results.add_target(
+        "limits",
+        &format!("concurrency 10, {ms} ms jobs: most running at once"),
+        most,
+        "jobs",
+        CONCURRENCY as f64,
+        false,
+    );
+    results.add_target(
+        "limits",
+        &format!("concurrency 10, {ms} ms jobs: utilisation while work waits"),
+        busy / CONCURRENCY as f64,
+        "",
+        0.9,
+        true,
+    );
+    Ok(())
+}
+
 /// The limits scenario.
 pub(super) async fn limits(bed: &TestBed, args: &BenchArgs, results: &mut Results) -> anyhow::Result<()> {
     let dbs = bed.fresh_fleet().await?;
@@ -146,44 +190,9 @@ pub(super) async fn limits(bed: &TestBed, args: &BenchArgs, results: &mut Result
     let fleet = BenchFleet::new(&dbs.master, &named, 20).await?;
     let accounts = accounts(&fleet, 10).await?;
 
-    eprintln!(
-        "limits: concurrency {CONCURRENCY} over {NODES} nodes x 3 shards, {CONCURRENCY_JOBS} jobs of {WORK:?}..."
-    );
-    enqueue(
-        &fleet,
-        &accounts,
-        CONCURRENCY_JOBS,
-        WORK.as_millis() as u64,
-        "bench_concurrency",
-    )
-    .await?;
-    fleet
-        .client
-        .set_resource("bench_concurrency", Some(CONCURRENCY as u32), None, None)
-        .await?;
-    let meter = Arc::new(Meter::default());
-    let running = nodes(&fleet, &meter)?;
-    let busy = run_out(&meter, CONCURRENCY_JOBS, CONCURRENCY).await?;
-    for n in running {
-        n.shutdown(Duration::from_secs(5)).await;
+    for (work, jobs) in CONCURRENCY_CASES {
+        concurrency_case(&fleet, &accounts, work, jobs, results).await?;
     }
-    let most = meter.most.load(Ordering::SeqCst) as f64;
-    results.add_target(
-        "limits",
-        "concurrency 10: most running at once",
-        most,
-        "jobs",
-        CONCURRENCY as f64,
-        false,
-    );
-    results.add_target(
-        "limits",
-        "concurrency 10: utilisation while work waits",
-        busy / CONCURRENCY as f64,
-        "",
-        0.9,
-        true,
-    );
 
     let seconds = if args.seconds > 10 { args.seconds } else { RATE_SECONDS };
     let n = (RATE as u64 * (seconds + 5)) as usize;

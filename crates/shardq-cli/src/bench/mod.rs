@@ -69,8 +69,9 @@ pub struct BenchArgs {
     /// `--jobs`, default 100,000, beside 100 small accounts; not run by default),
     /// steady (`--rate` jobs/s for `--steady-seconds` with pruning: table and
     /// index sizes and dead rows over time; not run by default),
-    /// limits (a resource's concurrency 10 and rate 100/s over 3 nodes and 3
-    /// shards, the rate over 30 s or `--seconds` above 10; not run by default).
+    /// limits (a resource's concurrency 10 with 100 ms and 20 ms jobs, and
+    /// rate 100/s, over 3 nodes and 3 shards, the rate over 30 s or
+    /// `--seconds` above 10; not run by default).
     #[arg(
         long,
         default_value = "drain,floor,latency,notify,shards,isolation,outage,storage",

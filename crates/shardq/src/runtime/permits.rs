@@ -4,8 +4,8 @@
 //! The master declares each resource once (`shardq.resources`: name,
 //! concurrency). A node leases permits of a resource in batches
 //! (`shardq.resource_leases`: node, permits, expiry): the leaser below asks
-//! every heartbeat for what its runs hold plus a batch when its producers
-//! saw work waiting, and gets at most what the other nodes' unexpired
+//! every heartbeat for what its runs hold plus what its buffered jobs wait
+//! for (at least a batch when its producers saw work waiting), and gets at most what the other nodes' unexpired
 //! leases leave. Every lease is renewed with that request, so the permits of
 //! a node that died come back once its lease runs out. The node trusts a
 //! grant until the lease less a heartbeat from when it asked, so it never
@@ -14,14 +14,21 @@
 //! on). Shrinking takes effect locally before it is asked for, so a grant
 //! in flight never covers more than the node runs.
 //!
-//! Producers claim jobs that use resources by their own statement only
-//! while the node has a free permit of each, take the permits right after
-//! the claim (all of a job's resources or none; a job without them is
-//! handed back at once) and give them back when the run has ended on the
-//! node. A handler therefore starts only holding a permit of every
-//! resource its job names. A resource declared without a concurrency
-//! limit has unlimited permits; a job naming an undeclared resource waits
-//! until it is declared.
+//! Producers claim jobs that use resources by their own statement ahead of
+//! the permits, as they claim other jobs ahead of the slots: while the
+//! node's claimed and running jobs of each of a job's resources are fewer
+//! than twice its grant (a grant of permits that run, and as many jobs
+//! waiting in the buffer for them). A buffered job starts once it takes a
+//! permit of every resource it names (all or none; and a token of each
+//! rated one); the permits come back when the run has ended on the node,
+//! which wakes every producer of the node at once (a watch channel, so no
+//! wake-up is lost), so a freed permit goes to a job already claimed
+//! instead of waiting for a claim's round trip. A handler therefore starts
+//! only holding a permit of every resource its job names. A job that
+//! waited in the buffer for its permits longer than [`WAIT_MOST`] is
+//! handed back (the node may have lost its grant). A resource declared
+//! without a concurrency limit has unlimited permits; a job naming an
+//! undeclared resource waits until it is declared.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -37,14 +44,30 @@ use crate::store;
 /// A run that holds permits: (shard position, job id, attempt).
 pub(crate) type HoldKey = (usize, i64, i32);
 
+/// How long a claimed job waits in the buffer for its permits before it
+/// is handed back.
+pub(crate) const WAIT_MOST: Duration = Duration::from_secs(10);
+
+/// A claimed job of some resources on this node.
+struct Hold {
+    /// The resources it uses.
+    names: Vec<String>,
+    /// Whether it took their permits (it started); else it waits for them.
+    started: bool,
+    /// When it was claimed.
+    since: Instant,
+}
+
 /// Permits of one resource on this node.
 #[derive(Debug)]
 struct Pool {
     /// Permits the master granted this node (`None`: unlimited, the
     /// resource has no concurrency limit).
     granted: Option<u32>,
-    /// Permits taken by runs on this node (claimed and not ended).
+    /// Permits taken by runs on this node (started and not ended).
     in_use: u32,
+    /// Jobs of it claimed onto this node and waiting for a permit.
+    queued: u32,
     /// Until when the grant holds on this node's clock.
     valid_until: Instant,
     /// Whether a producer saw jobs of it waiting for a permit since the
@@ -65,6 +88,26 @@ struct Pool {
 const TOKENS_LAST: Duration = Duration::from_secs(1);
 
 impl Pool {
+    /// How many more jobs of it this node may claim now: twice the grant
+    /// less the jobs running and waiting (tokens: a batch more than it
+    /// holds, less those waiting).
+    fn claimable(&self, now: Instant) -> u32 {
+        if now >= self.valid_until {
+            return 0;
+        }
+        let ahead = self.in_use + self.queued;
+        let permits = match self.granted {
+            None => u32::MAX,
+            Some(g) => g.saturating_mul(2).saturating_sub(ahead),
+        };
+        if !self.rated {
+            return permits;
+        }
+        let tokens = if now < self.tokens_until { self.tokens } else { 0 };
+        permits.min((tokens + self.batch_tokens).saturating_sub(self.queued))
+    }
+
+    /// How many jobs of it may start now.
     fn free(&self, now: Instant) -> u32 {
         if now >= self.valid_until {
             return 0;
@@ -84,7 +127,7 @@ impl Pool {
 #[derive(Default)]
 struct State {
     pools: BTreeMap<String, Pool>,
-    holds: HashMap<HoldKey, Vec<String>>,
+    holds: HashMap<HoldKey, Hold>,
 }
 
 /// The node's permits: read and taken by producers, renewed by the leaser.
@@ -92,9 +135,9 @@ pub(crate) struct Permits {
     /// The master, where resources are declared and leases kept.
     master: Database,
     state: Mutex<State>,
-    /// Notified when permits were granted or given back on this node, so
-    /// producers with jobs waiting claim again.
-    changed: Notify,
+    /// Bumped when permits were granted or given back on this node, so
+    /// every producer starts its buffered jobs and claims again.
+    changed: watch::Sender<u64>,
     /// Notified when a producer saw jobs waiting without a permit, so the
     /// leaser asks at once instead of at its next beat.
     demand: Notify,
@@ -106,7 +149,7 @@ impl Permits {
         Permits {
             master,
             state: Mutex::new(State::default()),
-            changed: Notify::new(),
+            changed: watch::channel(0).0,
             demand: Notify::new(),
         }
     }
@@ -117,9 +160,9 @@ impl Permits {
         self.state.lock().map(|s| !s.pools.is_empty()).unwrap_or(false)
     }
 
-    /// The resources with a free permit now, and how many jobs could start
-    /// on them at most (the most free permits of one resource).
-    pub(crate) fn free(&self) -> (Vec<String>, u32) {
+    /// The resources this node may claim jobs of now, and how many at most
+    /// (the most of one resource): see [`Pool::claimable`].
+    pub(crate) fn claimable(&self) -> (Vec<String>, u32) {
         let now = Instant::now();
         let Ok(s) = self.state.lock() else {
             return (Vec::new(), 0);
@@ -127,7 +170,7 @@ impl Permits {
         let mut names = Vec::new();
         let mut most = 0;
         for (name, pool) in &s.pools {
-            let free = pool.free(now);
+            let free = pool.claimable(now);
             if free > 0 {
                 names.push(name.clone());
                 most = most.max(free);
@@ -136,16 +179,46 @@ impl Permits {
         (names, most)
     }
 
-    /// Takes a permit of each of `names` for the run `key`: all or none.
-    pub(crate) fn take(&self, key: HoldKey, names: &[String]) -> bool {
+    /// Records the job `key`, claimed onto this node, as waiting for
+    /// permits of `names`.
+    pub(crate) fn claimed(&self, key: HoldKey, names: Vec<String>) {
+        let Ok(mut s) = self.state.lock() else { return };
+        for n in &names {
+            if let Some(p) = s.pools.get_mut(n) {
+                p.queued += 1;
+            }
+        }
+        let hold = Hold {
+            names,
+            started: false,
+            since: Instant::now(),
+        };
+        if let Some(old) = s.holds.insert(key, hold) {
+            // Not expected (a key is claimed once); keep the counts right.
+            Self::forget(&mut s, &old);
+        }
+    }
+
+    /// Takes a permit (and a token, when rated) of each resource of the
+    /// claimed job `key`, all or none: whether it may start. A job not
+    /// recorded by [`Self::claimed`] uses none and may. When it may not, the
+    /// leaser is asked for more.
+    pub(crate) fn start(&self, key: HoldKey) -> bool {
         let now = Instant::now();
         let Ok(mut s) = self.state.lock() else {
             return false;
         };
-        let all = names.iter().all(|n| s.pools.get(n).is_some_and(|p| p.free(now) > 0));
+        let State { pools, holds } = &mut *s;
+        let Some(hold) = holds.get_mut(&key) else {
+            return true;
+        };
+        if hold.started {
+            return true;
+        }
+        let all = hold.names.iter().all(|n| pools.get(n).is_some_and(|p| p.free(now) > 0));
         if !all {
-            for n in names {
-                if let Some(p) = s.pools.get_mut(n) {
+            for n in &hold.names {
+                if let Some(p) = pools.get_mut(n) {
                     p.wanted = true;
                 }
             }
@@ -153,9 +226,10 @@ impl Permits {
             self.demand.notify_one();
             return false;
         }
-        for n in names {
-            if let Some(p) = s.pools.get_mut(n) {
+        for n in &hold.names {
+            if let Some(p) = pools.get_mut(n) {
                 p.in_use += 1;
+                p.queued = p.queued.saturating_sub(1);
                 if p.rated {
                     p.tokens -= 1;
                     if p.tokens == 0 {
@@ -164,23 +238,66 @@ impl Permits {
                 }
             }
         }
-        s.holds.insert(key, names.to_vec());
+        hold.started = true;
         true
     }
 
-    /// Gives back the permits the run `key` took, if any.
-    pub(crate) fn release(&self, key: HoldKey) {
-        let released = self.state.lock().ok().and_then(|mut s| {
-            let names = s.holds.remove(&key)?;
-            for n in &names {
-                if let Some(p) = s.pools.get_mut(n) {
-                    p.in_use = p.in_use.saturating_sub(1);
+    /// Undoes [`Self::start`] of `key` (it found no slot): its permits and
+    /// tokens go back and it waits again.
+    pub(crate) fn unstart(&self, key: HoldKey) {
+        let Ok(mut s) = self.state.lock() else { return };
+        let State { pools, holds } = &mut *s;
+        let Some(hold) = holds.get_mut(&key).filter(|h| h.started) else {
+            return;
+        };
+        for n in &hold.names {
+            if let Some(p) = pools.get_mut(n) {
+                p.in_use = p.in_use.saturating_sub(1);
+                p.queued += 1;
+                if p.rated {
+                    p.tokens += 1;
                 }
             }
-            Some(())
+        }
+        hold.started = false;
+    }
+
+    /// The claimed jobs of shard `shard` that waited for their permits
+    /// longer than [`WAIT_MOST`]: (job id, attempt).
+    pub(crate) fn overdue(&self, shard: usize) -> Vec<(i64, i32)> {
+        let Ok(s) = self.state.lock() else {
+            return Vec::new();
+        };
+        s.holds
+            .iter()
+            .filter(|(k, h)| k.0 == shard && !h.started && h.since.elapsed() > WAIT_MOST)
+            .map(|(k, _)| (k.1, k.2))
+            .collect()
+    }
+
+    /// Takes `hold` out of its pools' counts.
+    fn forget(s: &mut State, hold: &Hold) {
+        for n in &hold.names {
+            if let Some(p) = s.pools.get_mut(n) {
+                if hold.started {
+                    p.in_use = p.in_use.saturating_sub(1);
+                } else {
+                    p.queued = p.queued.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Gives back the permits the job `key` took, or its place among the
+    /// waiting, if any (its run ended, or it was handed back).
+    pub(crate) fn release(&self, key: HoldKey) {
+        let freed = self.state.lock().ok().and_then(|mut s| {
+            let hold = s.holds.remove(&key)?;
+            Self::forget(&mut s, &hold);
+            Some(hold.started)
         });
-        if released.is_some() {
-            self.changed.notify_waiters();
+        if freed == Some(true) {
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
         }
     }
 
@@ -204,9 +321,10 @@ impl Permits {
             .unwrap_or(false)
     }
 
-    /// Resolves when permits were granted or given back on this node.
-    pub(crate) async fn changed(&self) {
-        self.changed.notified().await
+    /// A receiver that sees a change whenever permits were granted or
+    /// given back on this node.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// How many permits of `name` this node may use now (granted and
@@ -267,14 +385,15 @@ impl Permits {
             }
         }
         if got {
-            self.changed.notify_waiters();
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
         }
         Ok(retry)
     }
 
     /// One lease round: reads the declared resources and sets this node's
-    /// lease of each to what its runs hold, plus a batch (a quarter of the
-    /// resource's concurrency, at least 1) when jobs waited for permits.
+    /// lease of each to what its runs hold, plus what its buffered jobs
+    /// wait for or, when more, a batch (a quarter of the resource's
+    /// concurrency, at least 1) when jobs waited for permits.
     async fn lease_round(&self, node: &str, lease: Duration, heartbeat: Duration) -> sqlx::Result<()> {
         let declared = store::resources_list(&self.master).await?;
         // What to ask for, shrinking the local grant first.
@@ -288,6 +407,7 @@ impl Permits {
                 let pool = s.pools.entry(d.name.clone()).or_insert(Pool {
                     granted: Some(0),
                     in_use: 0,
+                    queued: 0,
                     valid_until: Instant::now(),
                     wanted: false,
                     rated: false,
@@ -302,7 +422,7 @@ impl Permits {
                     Some(c) => {
                         let c = c.max(0) as u32;
                         let extra = if pool.wanted { c.div_ceil(4).max(1) } else { 0 };
-                        Some((pool.in_use + extra).min(c))
+                        Some((pool.in_use + pool.queued.max(extra)).min(c))
                     }
                 };
                 if let (Some(w), Some(g)) = (want, pool.granted) {
@@ -339,7 +459,7 @@ impl Permits {
             }
         }
         if grew {
-            self.changed.notify_waiters();
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
         }
         Ok(())
     }
@@ -384,5 +504,69 @@ pub(crate) async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Permits with one resource `api` granted `granted` permits, no master.
+    fn granted(granted: u32) -> Permits {
+        let master = Database {
+            name: "master".into(),
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://127.0.0.1:1/none")
+                .unwrap(),
+            target: "127.0.0.1:1".into(),
+            pooler: shardq_router::config::Pooler::None,
+            direct: None,
+        };
+        let permits = Permits::new(master);
+        let pool = Pool {
+            granted: Some(granted),
+            in_use: 0,
+            queued: 0,
+            valid_until: Instant::now() + Duration::from_secs(60),
+            wanted: false,
+            rated: false,
+            tokens: 0,
+            tokens_until: Instant::now(),
+            batch_tokens: 1,
+        };
+        permits.state.lock().unwrap().pools.insert("api".into(), pool);
+        permits
+    }
+
+    #[tokio::test]
+    async fn jobs_are_claimed_ahead_of_the_permits_and_start_as_they_free() {
+        let p = granted(2);
+        let api = vec!["api".to_string()];
+        assert_eq!(p.claimable(), (api.clone(), 4), "twice the grant may be claimed");
+        for id in 1..=4 {
+            p.claimed((0, id, 1), api.clone());
+        }
+        assert_eq!(p.claimable().1, 0, "running and buffered at twice the grant");
+        let mut changed = p.subscribe();
+        assert!(p.start((0, 1, 1)) && p.start((0, 2, 1)), "two start on the grant");
+        assert!(!p.start((0, 3, 1)), "the third waits for a permit");
+        assert!(p.start((0, 9, 1)), "a job of no resource always starts");
+        p.unstart((0, 2, 1));
+        assert!(p.start((0, 3, 1)), "a permit given back by unstart is taken");
+        p.release((0, 1, 1));
+        assert!(
+            changed.has_changed().unwrap(),
+            "a permit given back is seen by the producers"
+        );
+        changed.borrow_and_update();
+        assert!(p.start((0, 4, 1)), "the freed permit starts a buffered job");
+        assert!(!p.start((0, 2, 1)));
+        p.release((0, 2, 1));
+        assert!(
+            !changed.has_changed().unwrap(),
+            "handing back a waiting job frees no permit"
+        );
+        assert_eq!(p.claimable().1, 2, "two run, none waits: two more may be claimed");
+        assert!(p.overdue(0).is_empty());
     }
 }

@@ -81,6 +81,10 @@ struct Claimed {
     /// When the queue's earliest scheduled job is due, read after a short
     /// claim (`None` inside: no job or unknown).
     due: Option<Option<Instant>>,
+    /// Whether the claim went without the limited part, left due jobs and
+    /// found that the queue has limited accounts now, or its claim of jobs
+    /// that use resources lost a race for a key or slot: claim again at once.
+    claim_again: bool,
 }
 
 /// The claim bounds of a producer, from its queue's limit and the options.
@@ -150,11 +154,14 @@ impl Producer {
         let mut due: Option<Instant> = None;
         // Whether the last short claim left jobs that were already due.
         let mut left_due = false;
+        // Sees every permit granted or given back on the node.
+        let mut permits_changed = self.node.permits.subscribe();
         loop {
             if *stop.borrow() {
                 break;
             }
             self.dispatch(&mut buffer);
+            self.hand_back_overdue(&mut buffer).await;
             // From the limit now (adaptive concurrency may move it).
             let bounds = Bounds::new(self.slots.limit(), opts.max_batch);
             let now = Instant::now();
@@ -192,7 +199,7 @@ impl Producer {
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = self.wake.notified() => maybe_work = true,
-                _ = self.node.permits.changed() => maybe_work = true,
+                _ = permits_changed.changed() => maybe_work = true,
                 _ = self.shard.leases.released(), if held_back => {}
                 Some((asked, claimed)) = claims.next(), if !claims.is_empty() => {
                     claiming -= asked;
@@ -204,6 +211,9 @@ impl Producer {
                             error_wait = Duration::from_millis(100);
                             let got = c.jobs.len();
                             buffer.extend(c.jobs);
+                            if c.claim_again {
+                                maybe_work = true;
+                            }
                             if got < c.want {
                                 due = c.due.flatten();
                                 // Due jobs a claim leaves are held by another
@@ -274,6 +284,10 @@ impl Producer {
                 }
             }
         }
+        if buffer.iter().any(|(job, _)| job.resources.is_some()) {
+            self.dispatch_resourced(buffer);
+            return;
+        }
         // Until no slot is left or the buffer is empty: a reservation that
         // finds no slot marks the shard hungry, so the next release wakes it.
         while !buffer.is_empty() {
@@ -295,6 +309,54 @@ impl Producer {
             if started < got {
                 self.slots.unreserve(index, got - started);
             }
+        }
+    }
+
+    /// [`Self::dispatch`] of a buffer that holds jobs of named resources:
+    /// oldest first, one at a time, each job of resources once it took
+    /// their permits; those without permits stay buffered, in order, and
+    /// the others go past them.
+    fn dispatch_resourced(&self, buffer: &mut VecDeque<Buffered>) {
+        let index = self.shard.index;
+        let permits = &self.node.permits;
+        let mut waiting = VecDeque::new();
+        while let Some(b) = buffer.pop_front() {
+            let key = (index, b.0.id, b.0.attempt);
+            if !permits.start(key) {
+                waiting.push_back(b);
+                continue;
+            }
+            if self.slots.reserve(index, 1) == 0 {
+                permits.unstart(key);
+                buffer.push_front(b);
+                break;
+            }
+            if !self.shard.leases.begin(b, |job, stop| {
+                tokio::spawn(self.run_one(job, stop, true)).abort_handle()
+            }) {
+                permits.release(key);
+                self.slots.unreserve(index, 1);
+            }
+        }
+        waiting.append(buffer);
+        *buffer = waiting;
+    }
+
+    /// Hands back the buffered jobs that waited for their permits longer
+    /// than [`permits::WAIT_MOST`](super::permits::WAIT_MOST): the node may
+    /// have lost its grant, and another node may have permits.
+    async fn hand_back_overdue(&self, buffer: &mut VecDeque<Buffered>) {
+        let overdue = self.node.permits.overdue(self.shard.index);
+        if overdue.is_empty() {
+            return;
+        }
+        let (late, kept): (VecDeque<Buffered>, VecDeque<Buffered>) = buffer
+            .drain(..)
+            .partition(|(job, _)| overdue.contains(&(job.id, job.attempt)));
+        *buffer = kept;
+        if !late.is_empty() {
+            tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, jobs = late.len(), "handing back jobs that waited too long for permits");
+            self.hand_back(late).await;
         }
     }
 
@@ -346,40 +408,61 @@ impl Producer {
         // unheld running rows alone: they may be this claim's.
         let claiming = self.shard.leases.claiming();
         let claimed_at = Instant::now();
-        let claimed = tokio::time::timeout(
-            opts.shard_timeout,
-            store::job_fetch_available(self.shard.db.conn(&mut conn), &params),
-        )
-        .await;
-        let mut jobs: Vec<FetchedJob> = match claimed {
-            Ok(Ok(jobs)) => jobs,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                drop(conn.detach());
-                return Err(sqlx::Error::PoolTimedOut);
-            }
-        };
+        // Jobs of named resources first (bounded by the permits), then the
+        // others up to the rest of `want`.
+        let mut jobs: Vec<FetchedJob> = Vec::new();
+        // Whether that claim lost a race for a key or slot: claim again.
+        let mut lost_race = false;
         if self.node.permits.any() {
-            let resourced = tokio::time::timeout(opts.shard_timeout, self.claim_resourced(&mut conn, want)).await;
+            let resourced =
+                tokio::time::timeout(opts.shard_timeout, self.claim_resourced(&mut conn, want, has_limits)).await;
             match resourced {
-                Ok(Ok(more)) => {
-                    jobs.extend(more);
-                    drop(conn);
+                Ok(Ok(some)) => jobs = some,
+                Ok(Err(e)) if store::claim_lost_serial_race(&e) || store::claim_lost_limit_race(&e) => {
+                    tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key or a limit slot the claim of jobs that use resources picked; claiming again");
+                    lost_race = true;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "claiming jobs that use resources failed");
-                    drop(conn);
                 }
-                Err(_) => drop(conn.detach()),
+                Err(_) => {
+                    drop(conn.detach());
+                    return Err(sqlx::Error::PoolTimedOut);
+                }
             }
-        } else {
-            drop(conn);
         }
+        let params = FetchParams {
+            limit: (want - jobs.len()) as i64,
+            ..params
+        };
+        if params.limit > 0 {
+            let claimed = tokio::time::timeout(
+                opts.shard_timeout,
+                store::job_fetch_available(self.shard.db.conn(&mut conn), &params),
+            )
+            .await;
+            match claimed {
+                Ok(Ok(more)) => jobs.extend(more),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    drop(conn.detach());
+                    return Err(sqlx::Error::PoolTimedOut);
+                }
+            }
+        }
+        drop(conn);
         let got = jobs.len();
         if let Ok(mut a) = after.lock() {
             *a = store::fair_rotation_after(from.as_deref(), &jobs);
         }
         let (jobs, lost) = self.shard.leases.hold(jobs, claimed_at, opts.lease);
+        for (job, _) in &jobs {
+            if let Some(names) = &job.resources {
+                self.node
+                    .permits
+                    .claimed((self.shard.index, job.id, job.attempt), names.clone());
+            }
+        }
         drop(claiming);
         self.slots.set_hungry(self.shard.index, got == want);
         if got > 0 {
@@ -393,22 +476,48 @@ impl Producer {
         } else {
             None
         };
-        Ok(Claimed { jobs, want, due })
+        // A claim without the limited part (as read before it) that left due
+        // jobs: they may be of an account whose limit was set since. Read
+        // again now; when limited accounts appeared, the next claim, at
+        // once, has the limited part. (A limit set shows within a claim or
+        // two instead of a poll interval; the ordinary claims never run a
+        // limited account's jobs meanwhile.)
+        let mut claim_again = lost_race;
+        if !has_limits && known.is_some() && due.flatten().is_some_and(|at| at <= Instant::now()) {
+            let read = tokio::time::timeout(
+                opts.shard_timeout,
+                store::account_limits_exist(&self.shard.db, &self.queue),
+            )
+            .await;
+            if let Ok(Ok(l)) = read {
+                if let Ok(mut slot) = limited.lock() {
+                    *slot = Some((Instant::now(), l));
+                }
+                claim_again |= l;
+            }
+        }
+        Ok(Claimed {
+            jobs,
+            want,
+            due,
+            claim_again,
+        })
     }
 
-    /// Claims jobs that use named resources, on `conn`, when the node has
-    /// free permits (up to `want`, and to the most free permits of one
-    /// resource), and takes a permit of each resource per job; jobs it has
-    /// no permits for are handed back at once. With resources out of
-    /// permits, reads whether their jobs wait, so the leaser asks for more.
-    /// Takes the connection and returns it to the pool.
+    /// Claims jobs that use named resources, on `conn`, while the node may
+    /// claim more of them (up to `want`, and to the most one resource
+    /// allows: [`Permits::claimable`](super::permits::Permits::claimable));
+    /// `limited`: the queue has limited accounts, whose jobs each hold a
+    /// slot of their account. With resources out of permits, reads whether
+    /// their jobs wait, so the leaser asks for more.
     async fn claim_resourced(
         &self,
         conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
         want: usize,
+        limited: bool,
     ) -> sqlx::Result<Vec<FetchedJob>> {
         let permits = &self.node.permits;
-        let (free, most) = permits.free();
+        let (free, most) = permits.claimable();
         let mut jobs = Vec::new();
         let limit = want.min(most as usize);
         if limit > 0 {
@@ -419,31 +528,16 @@ impl Producer {
                 &self.node.id,
                 self.node.options.lease.as_secs_f64(),
                 &free,
+                limited,
             )
             .await?;
             if jobs.len() >= limit {
                 permits.want(&free);
             }
         }
-        let (mut taken, mut refused) = (Vec::with_capacity(jobs.len()), Vec::new());
-        for job in jobs {
-            let names = job.resources.clone().unwrap_or_default();
-            if permits.take((self.shard.index, job.id, job.attempt), &names) {
-                taken.push(job);
-            } else {
-                refused.push(job);
-            }
-        }
         // From here on the claimed jobs are the caller's whatever fails:
         // errors are logged, not returned.
-        if !refused.is_empty() {
-            let ids: Vec<i64> = refused.iter().map(|j| j.id).collect();
-            let attempts: Vec<i32> = refused.iter().map(|j| j.attempt).collect();
-            if let Err(e) = store::job_release_unclaimed(&self.shard.db, &ids, &attempts, &self.node.id).await {
-                tracing::warn!(shard = %self.shard.db.name, error = %self.shard.db.error(e), jobs = ids.len(), "handing back jobs without permits failed; they are rescued when their leases expire");
-            }
-        }
-        if taken.len() < limit || limit == 0 {
+        if jobs.len() < limit || limit == 0 {
             match store::job_resourced_waiting(&mut **conn, &self.queue).await {
                 Ok(waiting) if waiting.iter().any(|r| !free.contains(r)) || (limit == 0 && !waiting.is_empty()) => {
                     permits.want(&waiting)
@@ -454,7 +548,7 @@ impl Producer {
                 }
             }
         }
-        Ok(taken)
+        Ok(jobs)
     }
 
     /// Hands the buffered jobs back (the producer stopped): available at

@@ -17,27 +17,16 @@
 
 use shardq_router::router::Database;
 
-/// The claim of limited accounts' jobs, as the leading common table
-/// expressions of the claim statement; its last one, `limited`, is the
-/// `UPDATE .. RETURNING` of the rows claimed, with the columns of a
-/// fetched job (`keyed` is true: the completer releases the hold).
-/// Parameters as in the ordinary claims: `$1` queue,
-/// `$2` most jobs, `$3` node, `$4` lease seconds, `$5` priority aging.
-///
-/// For each account with a limit in the queue (`shardq.account_limits`,
-/// primary key `(queue, account)`), that the queue is not paused and the
-/// account not fenced: its free slots are the limit less its held runs
-/// (counted in `jobs_limit_slot_idx`); it takes at most that many due jobs,
-/// aged first, then by priority, run time and id (one seek in
-/// `jobs_fair_idx (queue, priority, account, run_at, id)` per priority in
-/// use, with the serial-key rules of the ordinary claims, SKIP LOCKED;
-/// jobs that use resources are left to their own claim), at
-/// most `$2` in all; each claimed job gets one free slot number. Free slots
-/// are looked for from an offset that depends on the node, so claims of
-/// different nodes tend to pick different slots. When the queue has no
-/// limited account, this reads one empty range of a small primary key and
-/// nothing else.
-pub const JOB_FETCH_LIMITED_CTES: &str = "WITH RECURSIVE lim_priorities AS (
+/// The claim of limited accounts' jobs as leading common table
+/// expressions, for the claim of jobs that use no resource
+/// ([`JOB_FETCH_LIMITED_CTES`]) or of jobs that use resources
+/// ([`JOB_FETCH_RESOURCED_LIMITED_CTES`]): `$resources` is the candidates'
+/// condition on `resources`, `$aged` whether a candidate row `d` is aged,
+/// `$returning` the columns the claimed rows return after `keyed`.
+macro_rules! limited_claim_ctes {
+    ($resources:literal, $aged:literal, $returning:literal) => {
+        concat!(
+            "WITH RECURSIVE lim_priorities AS (
     (SELECT priority FROM shardq.jobs
       WHERE state = 'available' AND queue = $1
       ORDER BY priority LIMIT 1)
@@ -66,14 +55,17 @@ lim_picks AS (
                ORDER BY c.aged DESC, CASE WHEN c.aged THEN c.run_at END, c.priority, c.run_at, c.id) AS k
       FROM lim_accounts a
       CROSS JOIN LATERAL (
-          SELECT d.id, d.priority, d.run_at,
-                 COALESCE(d.run_at <= now() - make_interval(secs => $5), false) AS aged
+          SELECT d.id, d.priority, d.run_at, ",
+            $aged,
+            " AS aged
             FROM lim_priorities p
             CROSS JOIN LATERAL (
                 SELECT id, priority, run_at FROM shardq.jobs
                  WHERE state = 'available' AND queue = $1 AND priority = p.priority
                    AND account = a.account AND run_at <= now()
-                   AND resources IS NULL
+                   AND ",
+            $resources,
+            "
                    AND (serial_key IS NULL OR (
                         NOT EXISTS (
                             SELECT 1 FROM shardq.jobs b
@@ -92,6 +84,9 @@ lim_chosen AS MATERIALIZED (
      WHERE k <= free
      ORDER BY k, account
      LIMIT $2
+),
+lim_room AS MATERIALIZED (
+    SELECT GREATEST($2 - count(*), 0)::bigint AS n FROM lim_chosen
 ),
 lim_slots AS (
     SELECT a.account, s.slot, row_number() OVER (PARTITION BY a.account ORDER BY s.slot) AS k
@@ -115,15 +110,80 @@ limited AS (
       FROM lim_chosen c
       JOIN lim_slots s ON s.account = c.account AND s.k = c.k
      WHERE j.id = c.id
-    RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at, true AS keyed
-)";
+    RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at, true AS keyed",
+            $returning,
+            "
+)"
+        )
+    };
+}
 
-/// `claim` (one of the ordinary claim statements, an `UPDATE .. RETURNING`
-/// of the columns `limited` returns) and the limited claim in one
-/// statement: both sets of rows, which are disjoint (the ordinary claims
-/// skip limited accounts).
+/// The claim of limited accounts' jobs that use no resource, as the
+/// leading common table expressions of the claim statement; its last one,
+/// `limited`, is the `UPDATE .. RETURNING` of the rows claimed, with the
+/// columns of a fetched job (`keyed` is true: the completer releases the
+/// hold), and `lim_room` (one row, `n`) is what the claim's other part may
+/// still take: `$2` less the limited jobs chosen, so the whole claim never
+/// returns more than `$2`. Parameters as in the ordinary claims: `$1` queue,
+/// `$2` most jobs, `$3` node, `$4` lease seconds, `$5` priority aging.
+///
+/// For each account with a limit in the queue (`shardq.account_limits`,
+/// primary key `(queue, account)`), that the queue is not paused and the
+/// account not fenced: its free slots are the limit less its held runs
+/// (counted in `jobs_limit_slot_idx`); it takes at most that many due jobs,
+/// aged first, then by priority, run time and id (one seek in
+/// `jobs_fair_idx (queue, priority, account, run_at, id)` per priority in
+/// use, with the serial-key rules of the ordinary claims, SKIP LOCKED;
+/// jobs that use resources are left to their own claim,
+/// [`JOB_FETCH_RESOURCED_LIMITED_CTES`]), at
+/// most `$2` in all; each claimed job gets one free slot number. Free slots
+/// are looked for from an offset that depends on the node, so claims of
+/// different nodes tend to pick different slots. When the queue has no
+/// limited account, this reads one empty range of a small primary key and
+/// nothing else.
+pub const JOB_FETCH_LIMITED_CTES: &str = limited_claim_ctes!(
+    "resources IS NULL",
+    "COALESCE(d.run_at <= now() - make_interval(secs => $5), false)",
+    ""
+);
+
+/// The same claim for limited accounts' jobs that use resources, leading
+/// [`JOB_FETCH_RESOURCED_SQL`]: `$5` is the resources the node may claim
+/// jobs of now, as there; a job is taken when all its resources are among
+/// them, by priority, run time and id (no aging, as the resourced claim),
+/// and holds a slot of its account like any run of it. The rows return
+/// their `resources` too.
+pub const JOB_FETCH_RESOURCED_LIMITED_CTES: &str = limited_claim_ctes!(
+    "resources IS NOT NULL AND resources <@ $5::text[]",
+    "false",
+    ", j.resources"
+);
+
+/// `claim`, the other part of a claim statement (an `UPDATE .. RETURNING`
+/// of the columns `limited` returns, whose every `$2` is read as the room
+/// the limited part leaves), after `ctes` (the limited part,
+/// [`JOB_FETCH_LIMITED_CTES`] or [`JOB_FETCH_RESOURCED_LIMITED_CTES`]), in
+/// one statement: both sets of rows, which are disjoint (the other part
+/// skips limited accounts) and together at most `$2`.
+fn with_limited_part(ctes: &str, claim: &str) -> String {
+    debug_assert!(
+        !claim
+            .match_indices("$2")
+            .any(|(i, _)| claim[i + 2..].starts_with(|c: char| c.is_ascii_digit())),
+        "a claim with 20 or more parameters"
+    );
+    let claim = claim.replace("$2", "(SELECT n FROM lim_room)");
+    format!("{ctes}, claimed AS ({claim}) SELECT * FROM claimed UNION ALL SELECT * FROM limited")
+}
+
+/// An ordinary claim (`claim`, an `UPDATE .. RETURNING` of a fetched
+/// job's columns) and the limited claim ([`JOB_FETCH_LIMITED_CTES`]) in
+/// one statement: both sets of rows, which are disjoint (the ordinary
+/// claims skip limited accounts); the limited part is chosen first and the
+/// ordinary one takes what is left of `$2`, so the statement returns at
+/// most `$2` rows.
 pub fn claim_with_limits(claim: &str) -> String {
-    format!("{JOB_FETCH_LIMITED_CTES}, claimed AS ({claim}) SELECT * FROM claimed UNION ALL SELECT * FROM limited")
+    with_limited_part(JOB_FETCH_LIMITED_CTES, claim)
 }
 
 /// Whether a claim failed because a concurrent claim took a limit slot it
@@ -134,8 +194,9 @@ pub(crate) fn claim_lost_limit_race(e: &sqlx::Error) -> bool {
 }
 
 /// Whether any account on this shard has a concurrency limit in `queue`:
-/// read by each producer about once a poll interval, to know whether its
-/// claims need the limited part.
+/// read by each producer about once a poll interval, and after a claim
+/// without the limited part that left due jobs, to know whether its claims
+/// need the limited part.
 pub async fn account_limits_exist<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &str) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM shardq.account_limits WHERE queue = $1)")
         .bind(queue)
@@ -144,8 +205,10 @@ pub async fn account_limits_exist<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &s
 }
 
 /// Sets the concurrency limit of `account` in `queue` on this shard
-/// (`None`: no limit). Refused (returns false, nothing written) while the
-/// account has a fence here: it is moving or has moved away, and a move
+/// (`None`: no limit) and notifies the queue (`NOTIFY shardq_jobs`), so
+/// producers claim at once and find the limit (see the producer's
+/// claim). Refused (returns false, nothing written, nothing notified) while
+/// the account has a fence here: it is moving or has moved away, and a move
 /// carries the limits it had when it started.
 pub async fn account_limit_set(pool: &Database, account: &str, queue: &str, limit: Option<i32>) -> sqlx::Result<bool> {
     sqlx::query_scalar(
@@ -156,7 +219,9 @@ pub async fn account_limit_set(pool: &Database, account: &str, queue: &str, limi
                       SELECT $2, $1, $3 WHERE $3::int IS NOT NULL AND (SELECT ok FROM open)
                       ON CONFLICT (queue, account) DO UPDATE
                          SET max_running = EXCLUDED.max_running, set_at = now())
-         SELECT ok FROM open",
+         SELECT o.ok AND n.notified >= 0
+           FROM open o,
+                LATERAL (SELECT count(pg_notify('shardq_jobs', $2)) AS notified WHERE o.ok) AS n",
     )
     .bind(account)
     .bind(queue)
@@ -218,43 +283,95 @@ pub async fn account_limits_delete<'c>(conn: impl sqlx::PgExecutor<'c>, account:
 // ---- named resources: the claim of jobs that use them (shards), their
 // declarations and the permits nodes lease (master)
 
-/// The claim of jobs that use named resources (shard V22), run by a
-/// producer while its node holds free permits: `$1` queue, `$2` most jobs,
-/// `$3` node, `$4` lease seconds, `$5` the resources the node has a free
-/// permit of now.
-/// It takes due jobs whose resources are all among `$6`, by priority, run
-/// time and id, through `jobs_resources_fetch_idx`, which holds only such
-/// jobs (so the index and this statement cost the other jobs nothing),
-/// with the rules of the ordinary claims for paused queues, fences and
-/// serial keys; per-account limits do not apply to these jobs. The node
-/// then takes a permit of each resource per job, and hands back at once
-/// (attempt taken back) the jobs it has no permit for.
-pub const JOB_FETCH_RESOURCED_SQL: &str = "UPDATE shardq.jobs j
+/// `resource_sets`: the distinct resource sets of the available jobs of
+/// queue `$1` that use resources, by a recursive skip scan over
+/// `jobs_resource_sets_idx (queue, resources, priority, run_at, id)` (shard
+/// V25; one index seek per set).
+macro_rules! resource_sets_cte {
+    () => {
+        "resource_sets AS (
+              (SELECT resources FROM shardq.jobs
+                WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL
+                ORDER BY resources LIMIT 1)
+              UNION ALL
+              SELECT n.resources
+                FROM resource_sets p
+                CROSS JOIN LATERAL (
+                    SELECT resources FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL
+                       AND resources > p.resources
+                     ORDER BY resources LIMIT 1) AS n
+          )"
+    };
+}
+
+/// The claim of jobs that use named resources (shard V22, V25), run by a
+/// producer while its node may take more such jobs: `$1` queue, `$2` most
+/// jobs, `$3` node, `$4` lease seconds, `$5` the resources the node may
+/// claim jobs of now.
+/// It takes due jobs whose resources are all among `$5`, by priority, run
+/// time and id: the queue's resource sets are found by a skip scan
+/// (`resource_sets_cte!`, one seek per set), and only the sets within `$5`
+/// are read, each up to `$2` due jobs in `jobs_resource_sets_idx`, so due
+/// jobs of resources without permits cost one seek per set, however many
+/// wait. The index holds only jobs that use resources, so it and this
+/// statement cost the other jobs nothing. The rules of the ordinary claims
+/// hold for paused queues, fences and serial keys. Jobs of accounts with a
+/// limit in the queue are left to the limited part
+/// ([`RESOURCED_WITH_LIMITS`]; one probe of the `account_limits` primary
+/// key per claim while the queue has none). The node holds the claimed
+/// jobs in its buffer and starts each once it holds a permit of each of
+/// its resources. Each set locks at most `$2` candidates; those beyond the
+/// limit are released when the statement ends.
+pub const JOB_FETCH_RESOURCED_SQL: &str = concat!(
+    "UPDATE shardq.jobs j
             SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
                 locked_by = $3, lease_expires_at = now() + make_interval(secs => $4),
                 serial_held = j.serial_key IS NOT NULL
           WHERE j.id = ANY(ARRAY(
-              SELECT id FROM shardq.jobs
-               WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL
-                 AND run_at <= now() AND resources <@ $5::text[]
-                 AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
-                 AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)
-                 AND (serial_key IS NULL OR (
-                      NOT EXISTS (
-                          SELECT 1 FROM shardq.jobs b
-                           WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
-                             AND b.state IN ('available', 'running'))
-                      AND NOT EXISTS (
-                          SELECT 1 FROM shardq.jobs h
-                           WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
-               ORDER BY priority, run_at, id
-               LIMIT $2
-               FOR UPDATE SKIP LOCKED))
+              WITH RECURSIVE ",
+    resource_sets_cte!(),
+    "
+              SELECT c.id
+                FROM resource_sets s
+                CROSS JOIN LATERAL (
+                    SELECT id, priority, run_at FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1 AND resources = s.resources
+                       AND run_at <= now()
+                       AND NOT EXISTS (SELECT 1 FROM shardq.queue_pauses qp WHERE qp.queue = $1)
+                       AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)",
+    no_account_limit!("jobs.account"),
+    "
+                       AND (serial_key IS NULL OR (
+                            NOT EXISTS (
+                                SELECT 1 FROM shardq.jobs b
+                                 WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                                   AND b.state IN ('available', 'running'))
+                            AND NOT EXISTS (
+                                SELECT 1 FROM shardq.jobs h
+                                 WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
+                     ORDER BY priority, run_at, id
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED) AS c
+               WHERE s.resources <@ $5::text[]
+               ORDER BY c.priority, c.run_at, c.id
+               LIMIT $2))
          RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
-                   j.serial_key IS NOT NULL AS keyed, j.resources";
+                   j.serial_key IS NOT NULL AS keyed, j.resources"
+);
+
+/// The claim of jobs that use resources while the queue has limited
+/// accounts: [`JOB_FETCH_RESOURCED_LIMITED_CTES`] (each claimed job of a
+/// limited account holds one of its account's free slots) and
+/// [`JOB_FETCH_RESOURCED_SQL`] for the other accounts, in one statement of
+/// at most `$2` rows.
+pub static RESOURCED_WITH_LIMITS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| with_limited_part(JOB_FETCH_RESOURCED_LIMITED_CTES, JOB_FETCH_RESOURCED_SQL));
 
 /// Claims up to `limit` due jobs of `queue` whose resources are all in
-/// `free` ([`JOB_FETCH_RESOURCED_SQL`]) and leases them to `node`.
+/// `free` and leases them to `node`: [`RESOURCED_WITH_LIMITS`] when
+/// `limited` (the queue has accounts with a limit, as last read), else
+/// [`JOB_FETCH_RESOURCED_SQL`].
 pub async fn job_fetch_resourced<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     queue: &str,
@@ -262,8 +379,14 @@ pub async fn job_fetch_resourced<'c>(
     node: &str,
     lease_secs: f64,
     free: &[String],
+    limited: bool,
 ) -> sqlx::Result<Vec<super::FetchedJob>> {
-    sqlx::query_as(JOB_FETCH_RESOURCED_SQL)
+    let sql = if limited {
+        RESOURCED_WITH_LIMITS.as_str()
+    } else {
+        JOB_FETCH_RESOURCED_SQL
+    };
+    sqlx::query_as(sql)
         .bind(queue)
         .bind(limit)
         .bind(node)
@@ -394,17 +517,21 @@ pub async fn resource_leases_end(master: &Database, node: &str) -> sqlx::Result<
         .map(|r| r.rows_affected())
 }
 
-/// The resources named by the first due jobs of `queue` that use any
-/// (at most 32 jobs read, through `jobs_resources_fetch_idx`): what a node
-/// out of permits asks the master for.
+/// The resources named by due jobs of `queue` that use any (one seek per
+/// resource set in use, `resource_sets_cte!`, and one per set to see
+/// whether it has a due job): what a node out of permits asks the master
+/// for.
 pub async fn job_resourced_waiting<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &str) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
-        "SELECT DISTINCT unnest(resources) FROM (
-             SELECT resources FROM shardq.jobs
-              WHERE state = 'available' AND queue = $1 AND resources IS NOT NULL AND run_at <= now()
-              ORDER BY priority, run_at, id
-              LIMIT 32) AS w",
-    )
+    sqlx::query_scalar(concat!(
+        "WITH RECURSIVE ",
+        resource_sets_cte!(),
+        "
+         SELECT DISTINCT unnest(s.resources)
+           FROM resource_sets s
+          WHERE EXISTS (SELECT 1 FROM shardq.jobs
+                         WHERE state = 'available' AND queue = $1 AND resources = s.resources
+                           AND run_at <= now())"
+    ))
     .bind(queue)
     .fetch_all(conn)
     .await

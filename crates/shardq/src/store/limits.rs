@@ -115,15 +115,19 @@ limited AS (
       FROM lim_chosen c
       JOIN lim_slots s ON s.account = c.account AND s.k = c.k
      WHERE j.id = c.id
-    RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at, true AS keyed
+    RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.attempted_at, j.max_attempts, j.run_at, true AS keyed
 )";
 
 /// `claim` (one of the ordinary claim statements, an `UPDATE .. RETURNING`
-/// of the columns `limited` returns) and the limited claim in one
-/// statement: both sets of rows, which are disjoint (the ordinary claims
-/// skip limited accounts).
+/// of the columns `limited` returns) and the limited claim as the common
+/// table expressions of one statement, the last of which, `claimed`, holds
+/// both sets of rows, which are disjoint (the ordinary claims skip limited
+/// accounts); the caller ends the statement.
 pub fn claim_with_limits(claim: &str) -> String {
-    format!("{JOB_FETCH_LIMITED_CTES}, claimed AS ({claim}) SELECT * FROM claimed UNION ALL SELECT * FROM limited")
+    format!(
+        "{JOB_FETCH_LIMITED_CTES}, ordinary AS ({claim}),
+         claimed AS (SELECT * FROM ordinary UNION ALL SELECT * FROM limited)"
+    )
 }
 
 /// Whether a claim failed because a concurrent claim took a limit slot it
@@ -250,7 +254,7 @@ pub const JOB_FETCH_RESOURCED_SQL: &str = "UPDATE shardq.jobs j
                ORDER BY priority, run_at, id
                LIMIT $2
                FOR UPDATE SKIP LOCKED))
-         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.attempted_at, j.max_attempts, j.run_at,
                    j.serial_key IS NOT NULL AS keyed, j.resources";
 
 /// Claims up to `limit` due jobs of `queue` whose resources are all in

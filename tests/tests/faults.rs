@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use shardq::store;
+use shardq::store::{self, FetchParams};
 use shardq::{Account, JobContext, JobError, JobId, NewJob, Runtime, RuntimeOptions, Worker};
 use shardq_router::Router;
 use shardq_testbed::Server;
@@ -187,13 +187,31 @@ async fn a_crashed_shard_stops_only_its_own_jobs_and_they_complete_after_restart
     }
 }
 
+/// Makes the server behind `pool` keep commits that did not wait for their
+/// flush in its WAL buffers for up to 10 s (the WAL writer's turn), with
+/// nothing else writing them out (no background writer, no autovacuum): a
+/// crash meanwhile loses them.
+async fn slow_wal_writer(pool: &PgPool) {
+    for setting in [
+        "ALTER SYSTEM SET wal_writer_delay = '10s'",
+        "ALTER SYSTEM SET wal_writer_flush_after = '16MB'",
+        "ALTER SYSTEM SET bgwriter_lru_maxpages = 0",
+        "ALTER SYSTEM SET autovacuum = off",
+    ] {
+        sqlx::query(setting).execute(pool).await.unwrap();
+    }
+    sqlx::query("SELECT pg_reload_conf()").execute(pool).await.unwrap();
+}
+
 /// Completions commit without waiting for their WAL flush. Here the WAL
 /// writer flushes such commits only every 10 s and nothing else flushes
 /// (the node is idle once its job completed), so a crash right after the
-/// completion was read back loses it: the job, `running` again after the
-/// restart, runs a second time and completes. It is never lost. (Should the
-/// WAL writer's turn come between the completion and the crash, nothing is
-/// lost and another job is tried.)
+/// completion was read back loses it (and the claim before it, which did
+/// not wait for its flush either): the job, `running` or `available` again
+/// after the restart, runs a second time and completes. It is never lost.
+/// (Should the WAL writer write them out between the completion and the
+/// crash, as it does when they fill a WAL page, nothing is lost and
+/// another job is tried.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_lost_in_a_server_crash_runs_the_job_again() {
     let bed = private_bed(1).await;
@@ -201,18 +219,7 @@ async fn a_completion_lost_in_a_server_crash_runs_the_job_again() {
     let a = Account::new("crash").unwrap();
     f.router.place(&a, "shard_1").await.unwrap();
     let shard = f.router.shard("shard_1").unwrap();
-    for setting in [
-        "ALTER SYSTEM SET wal_writer_delay = '10s'",
-        "ALTER SYSTEM SET wal_writer_flush_after = '16MB'",
-        "ALTER SYSTEM SET bgwriter_lru_maxpages = 0",
-        "ALTER SYSTEM SET autovacuum = off",
-    ] {
-        sqlx::query(setting).execute(&shard.pool).await.unwrap();
-    }
-    sqlx::query("SELECT pg_reload_conf()")
-        .execute(&shard.pool)
-        .await
-        .unwrap();
+    slow_wal_writer(&shard.pool).await;
     let runs = Runs::default();
     let rt = Runtime::builder(f.router.clone())
         .queue("default", 4)
@@ -221,7 +228,7 @@ async fn a_completion_lost_in_a_server_crash_runs_the_job_again() {
         .start()
         .unwrap();
     let mut lost = None;
-    for _ in 0..3 {
+    for _ in 0..10 {
         let id = f.client.enqueue(&a, count_job()).await.unwrap();
         wait_for("the job completed", WAIT, || async {
             runs.of(&id) == 1 && job(&f, &id).await.state == "completed"
@@ -605,4 +612,252 @@ async fn a_job_inserted_while_the_listener_reconnects_is_claimed_once_it_listens
     .await;
     rt.shutdown(Duration::from_secs(5)).await;
     assert_eq!(runs.of(&id), 1, "{id} ran once");
+}
+
+/// A claim of jobs that hold nothing across nodes commits without waiting
+/// for its WAL flush; lost in a crash, it gives its attempt number back, so
+/// the next claim of the job (here by the same node) has the same `(id,
+/// attempt)`. The run of the lost claim still cannot complete, renew,
+/// finish or hand back the later one: its claim token (`attempted_at`)
+/// differs. (Should the WAL writer's turn come between the claim and the
+/// crash, nothing is lost and another job is tried.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_claim_was_lost_in_a_crash_cannot_write_over_the_next_claim_of_its_job() {
+    let bed = private_bed(1).await;
+    let f = fleet_on(&bed).await;
+    let a = Account::new("lost-claim").unwrap();
+    f.router.place(&a, "shard_1").await.unwrap();
+    let shard = f.router.shard("shard_1").unwrap().clone();
+    slow_wal_writer(&shard.pool).await;
+    let claim = FetchParams {
+        queue: "default",
+        limit: 1,
+        node: "node-a",
+        lease_secs: 30.0,
+        aging_secs: None,
+        fair: true,
+        after: None,
+        limited: false,
+    };
+    let mut lost = None;
+    for _ in 0..10 {
+        // The insert waits for its flush; the claim after it does not.
+        let id = f.client.enqueue(&a, count_job()).await.unwrap();
+        let claimed = store::job_fetch_available(&shard.pool, &claim).await.unwrap();
+        assert_eq!(claimed.len(), 1, "{id} claimed");
+        on_server(&bed, "shard_1", Server::kill).await;
+        on_server(&bed, "shard_1", Server::start).await;
+        let j = job(&f, &id).await;
+        if (j.state.as_str(), j.attempt) == ("available", 0) {
+            lost = Some(claimed[0].key());
+            break;
+        }
+        assert_eq!(
+            (j.state.as_str(), j.attempt),
+            ("running", 1),
+            "{id}: the claim survived"
+        );
+        assert_eq!(store::job_complete_many(&shard, &[claimed[0].key()]).await.unwrap(), 1);
+    }
+    let old = lost.expect("a claim lost in the crash (the WAL writer flushed every time)");
+
+    let again = store::job_fetch_available(&shard.pool, &claim).await.unwrap();
+    assert_eq!(again.len(), 1, "the job is claimed again after the restart");
+    let new = again[0].key();
+    assert_eq!(
+        (new.id, new.attempt),
+        (old.id, old.attempt),
+        "the later claim has the lost claim's id and attempt"
+    );
+    assert_ne!(new.attempted_at, old.attempted_at, "but not its token");
+
+    // The lost claim's run: nothing it writes lands on the later run.
+    let renewed = store::job_lease_renew(&shard.pool, &[old], "node-a", 30.0, 0.0)
+        .await
+        .unwrap();
+    assert!(
+        renewed.is_empty(),
+        "the lost run renewed the later run's lease: {renewed:?}"
+    );
+    assert_eq!(store::job_complete_many(&shard, &[old]).await.unwrap(), 0, "completed");
+    let retry = store::Finish {
+        run: old,
+        state: shardq::JobState::Available,
+        retry_in: Some(Duration::from_secs(60)),
+        error: Some("late failure of the lost run".into()),
+        extra_attempts: 0,
+    };
+    assert_eq!(store::job_finish_many(&shard, &[retry]).await.unwrap(), 0, "retried");
+    assert_eq!(
+        store::job_give_back(&shard, &[old], "node-a").await.unwrap(),
+        0,
+        "given back"
+    );
+    assert_eq!(
+        store::job_release_unclaimed(&shard, &[old], "node-a").await.unwrap(),
+        0,
+        "released"
+    );
+    let id = JobId {
+        shard: "shard_1".into(),
+        id: new.id,
+    };
+    let j = job(&f, &id).await;
+    assert_eq!(
+        (j.state.as_str(), j.attempt, j.attempted_at, j.errors.clone()),
+        ("running", 1, Some(new.attempted_at), serde_json::json!([])),
+        "the later run is untouched"
+    );
+
+    // The later claim's own run renews and completes.
+    let renewed = store::job_lease_renew(&shard.pool, &[new], "node-a", 30.0, 0.0)
+        .await
+        .unwrap();
+    assert_eq!(renewed.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![new]);
+    assert_eq!(store::job_complete_many(&shard, &[new]).await.unwrap(), 1);
+    assert_eq!(job(&f, &id).await.state, "completed");
+}
+
+/// Runs of `span` jobs: (job, serial key, start, end) on the test's clock;
+/// a run whose handler was dropped ends when it was dropped.
+#[derive(Clone, Default)]
+struct Spans(Arc<Mutex<Vec<RunSpan>>>);
+
+/// One run of a `span` job: its job, serial key, start and end.
+type RunSpan = (JobId, Option<String>, Instant, Option<Instant>);
+
+/// Closes a span when its run ends or is dropped.
+struct Open(Spans, usize);
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Ok(mut v) = self.0 .0.lock() {
+            v[self.1].3 = Some(Instant::now());
+        }
+    }
+}
+
+/// `span`: records its run's start and end, working `ms` in between.
+struct Span(Spans);
+impl Worker for Span {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "span";
+    async fn work(&self, ctx: JobContext, args: serde_json::Value) -> Result<(), JobError> {
+        let key = args["key"].as_str().map(str::to_string);
+        let at = {
+            let mut v = self.0 .0.lock().unwrap();
+            v.push((ctx.id.clone(), key, Instant::now(), None));
+            v.len() - 1
+        };
+        let _open = Open(self.0.clone(), at);
+        tokio::time::sleep(Duration::from_millis(args["ms"].as_u64().unwrap_or(0))).await;
+        Ok(())
+    }
+}
+
+fn span_job(key: Option<&str>, ms: u64) -> NewJob {
+    let job = NewJob::from_json("span", serde_json::json!({ "key": key, "ms": ms }));
+    match key {
+        Some(k) => job.serial_key(k),
+        None => job,
+    }
+}
+
+/// A shard's server crashes while a node drains it with claims and
+/// completions that do not wait for their flush (and keyed runs that
+/// do): after the restart every job completes, none is lost (a run whose
+/// claim or completion was lost runs again), no two runs of one serial key
+/// ever overlap, and the jobs enqueued after the restart all start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_crash_under_asynchronous_claims_loses_no_job_and_never_overlaps_a_key() {
+    let bed = private_bed(1).await;
+    let f = fleet_on(&bed).await;
+    let a = Account::new("crash-drain").unwrap();
+    f.router.place(&a, "shard_1").await.unwrap();
+    let shard = f.router.shard("shard_1").unwrap().clone();
+    slow_wal_writer(&shard.pool).await;
+    let keys = ["k1", "k2", "k3"];
+    // Keyed runs outlast the crash, the restart and the claims' backoff
+    // meanwhile; unkeyed ones are short.
+    let mut jobs: Vec<(Account, NewJob)> = Vec::new();
+    for _ in 0..2 {
+        for k in keys {
+            jobs.push((a.clone(), span_job(Some(k), 4_000)));
+        }
+    }
+    // The keyed jobs first (lower ids), so they run when the crash comes.
+    let mut ids = f.client.enqueue_many(jobs).await.unwrap();
+    let unkeyed = (0..2_000).map(|_| (a.clone(), span_job(None, 10)));
+    ids.extend(f.client.enqueue_many(unkeyed).await.unwrap());
+
+    let spans = Spans::default();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 16)
+        .register(Span(spans.clone()))
+        .options(fast_options())
+        .start()
+        .unwrap();
+    let started = || spans.0.lock().unwrap().len();
+    let keyed_running = || {
+        let v = spans.0.lock().unwrap();
+        v.iter().filter(|(_, k, _, end)| k.is_some() && end.is_none()).count()
+    };
+    wait_for("the first job of each key and 300 runs started", WAIT, || {
+        std::future::ready(started() >= 300 && keyed_running() == keys.len())
+    })
+    .await;
+    on_server(&bed, "shard_1", Server::kill).await;
+    on_server(&bed, "shard_1", Server::start).await;
+
+    let mut after = Vec::new();
+    for k in keys {
+        after.push(f.client.enqueue(&a, span_job(Some(k), 10)).await.unwrap());
+    }
+    for _ in 0..20 {
+        after.push(f.client.enqueue(&a, span_job(None, 10)).await.unwrap());
+    }
+    ids.extend(after.iter().cloned());
+    let total = ids.len() as i64;
+    wait_for(
+        "every job completed after the restart",
+        Duration::from_secs(60),
+        || async { count_state(&f.router, "shard_1", "completed").await == total },
+    )
+    .await;
+    rt.shutdown(Duration::from_secs(5)).await;
+
+    let spans = spans.0.lock().unwrap().clone();
+    let mut runs: HashMap<&JobId, usize> = HashMap::new();
+    for (id, _, _, _) in &spans {
+        *runs.entry(id).or_default() += 1;
+    }
+    for id in &ids {
+        assert!(runs.get(id).is_some_and(|n| *n >= 1), "{id} never ran");
+    }
+    for id in &after {
+        assert!(runs.contains_key(id), "{id}, enqueued after the restart, never started");
+    }
+    assert_eq!(runs.len(), ids.len(), "runs only of the enqueued jobs");
+    for state in ["available", "running", "discarded", "cancelled"] {
+        assert_eq!(count_state(&f.router, "shard_1", state).await, 0, "{state}");
+    }
+    for k in keys {
+        let mut of_key: Vec<(Instant, Instant, &JobId)> = spans
+            .iter()
+            .filter(|(_, key, _, _)| key.as_deref() == Some(k))
+            .map(|(id, _, start, end)| (*start, end.expect("every run ended"), id))
+            .collect();
+        of_key.sort();
+        assert!(of_key.len() >= 3, "{k}: {} runs", of_key.len());
+        for w in of_key.windows(2) {
+            assert!(
+                w[0].1 <= w[1].0,
+                "{k}: {} ran until {:?} after {} started",
+                w[0].2,
+                w[0].1 - w[1].0,
+                w[1].2
+            );
+        }
+    }
+    let again = runs.values().filter(|n| **n > 1).count();
+    eprintln!("{again} of {total} jobs ran more than once (their claim or completion was lost in the crash)");
 }

@@ -515,16 +515,17 @@ async fn an_expired_lease_is_rescued_and_the_old_nodes_late_completion_is_fenced
         .unwrap()
         .contains("lease expired: node dead-node"));
     // The dead node comes back and reports attempt 1 as failed: fenced, nothing changes.
+    let dead_run = claimed[0].key();
+    assert_eq!(dead_run.attempt, 1);
     let finish = store::Finish {
-        id: id.id,
-        attempt: 1,
+        run: dead_run,
         state: shardq::JobState::Discarded,
         retry_in: None,
         error: Some("late".into()),
         extra_attempts: 0,
     };
     assert_eq!(store::job_finish_many(db, &[finish]).await.unwrap(), 0);
-    assert_eq!(store::job_complete_many(db, &[id.id], &[1]).await.unwrap(), 0);
+    assert_eq!(store::job_complete_many(db, &[dead_run]).await.unwrap(), 0);
     assert_eq!(f.client.job(&id).await.unwrap().state, "completed");
     assert_eq!(runs.0.lock().unwrap().get(&id), Some(&1));
 }

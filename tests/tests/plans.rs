@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use shardq::store::{
-    AVAILABLE_WITH_LIMITS, FAIR_WITH_LIMITS, JOB_COMPLETE_MANY_SQL, JOB_FETCH_AVAILABLE_SQL, JOB_FETCH_FAIR_SQL,
-    JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL,
+    AVAILABLE_CLAIM, AVAILABLE_WITH_LIMITS, FAIR_CLAIM, FAIR_WITH_LIMITS, JOB_COMPLETE_MANY_SQL,
+    JOB_FETCH_AVAILABLE_SQL, JOB_FETCH_FAIR_SQL, JOB_FINISH_MANY_SQL, JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL,
 };
 use shardq_tests::{assert_indexed, fleet, generic_plan};
 
@@ -43,6 +43,18 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
             "'default', 64, 'node', 30, 300, 'a5'",
         ),
         (
+            "claim as it runs",
+            "text, bigint, text, float8, float8",
+            AVAILABLE_CLAIM.as_str(),
+            "'default', 64, 'node', 30, 300",
+        ),
+        (
+            "fair claim as it runs",
+            "text, bigint, text, float8, float8, text",
+            FAIR_CLAIM.as_str(),
+            "'default', 64, 'node', 30, 300, 'a5'",
+        ),
+        (
             "fetch with the limited claim",
             "text, bigint, text, float8, float8",
             AVAILABLE_WITH_LIMITS.as_str(),
@@ -56,16 +68,22 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
         ),
         (
             "complete",
-            "bigint[], int[]",
+            "bigint[], int[], timestamptz[]",
             JOB_COMPLETE_MANY_SQL,
-            "'{1,2,3}', '{1,1,1}'",
+            "'{1,2,3}', '{1,1,1}', ARRAY[now(), now(), now()]",
+        ),
+        (
+            "finish",
+            "bigint[], int[], timestamptz[], text[], float8[], text[], int[]",
+            JOB_FINISH_MANY_SQL,
+            "'{1,2,3}', '{1,1,1}', ARRAY[now(), now(), now()], '{available,discarded,cancelled}', '{1,NULL,NULL}', '{a,b,c}', '{0,0,0}'",
         ),
         ("rescue", "bigint", JOB_RESCUE_EXPIRED_SQL, "1000"),
         (
             "renew",
-            "bigint[], int[], text, float8, float8",
+            "bigint[], int[], timestamptz[], text, float8, float8",
             JOB_LEASE_RENEW_SQL,
-            "'{1,2,3}', '{1,1,1}', 'node', 30, 25",
+            "'{1,2,3}', '{1,1,1}', ARRAY[now(), now(), now()], 'node', 30, 25",
         ),
     ] {
         assert_indexed(name, &generic_plan(&mut conn, types, sql, args).await);
@@ -269,8 +287,7 @@ async fn lease_renewals_are_hot_updates() {
     };
     let claimed = job_fetch_available(&db.pool, &params).await.unwrap();
     assert_eq!(claimed.len(), 200);
-    let ids: Vec<i64> = claimed.iter().map(|j| j.id).collect();
-    let attempts: Vec<i32> = claimed.iter().map(|j| j.attempt).collect();
+    let runs: Vec<_> = claimed.iter().map(|j| j.key()).collect();
     // Vacuum (autovacuum, on a live shard) gives back the room the claim's
     // old versions took.
     sqlx::query("VACUUM shardq.jobs").execute(&db.pool).await.unwrap();
@@ -281,9 +298,7 @@ async fn lease_renewals_are_hot_updates() {
                          pg_stat_get_xact_tuples_hot_updated('shardq.jobs'::regclass)";
     let (updated_before, hot_before): (i64, i64) = sqlx::query_as(counts).fetch_one(&mut *tx).await.unwrap();
     // Leases with more than 30 s left count as fresh: none, so every one is written.
-    let renewed = job_lease_renew(&mut *tx, &ids, &attempts, "node", 30.0, 30.0)
-        .await
-        .unwrap();
+    let renewed = job_lease_renew(&mut *tx, &runs, "node", 30.0, 30.0).await.unwrap();
     assert_eq!(renewed.len(), 200);
     let (updated_after, hot_after): (i64, i64) = sqlx::query_as(counts).fetch_one(&mut *tx).await.unwrap();
     let (updated, hot) = (updated_after - updated_before, hot_after - hot_before);
@@ -326,26 +341,23 @@ async fn a_renewal_confirms_fresh_leases_without_writing_them() {
         .unwrap();
     let fresh = job_fetch_available(&db.pool, &claim(100)).await.unwrap();
     assert_eq!((old.len(), fresh.len()), (40, 60));
-    let mut all: Vec<(i64, i32)> = old.iter().chain(&fresh).map(|j| (j.id, j.attempt)).collect();
+    let mut all: Vec<_> = old.iter().chain(&fresh).map(|j| j.key()).collect();
     all.sort_unstable();
-    let (ids, attempts): (Vec<i64>, Vec<i32>) = all.iter().copied().unzip();
     let mut tx = db.pool.begin().await.unwrap();
     let counts = "SELECT pg_stat_get_xact_tuples_updated('shardq.jobs'::regclass)";
     let before: i64 = sqlx::query_scalar(counts).fetch_one(&mut *tx).await.unwrap();
-    let held = job_lease_renew(&mut *tx, &ids, &attempts, "node", 30.0, 25.0)
-        .await
-        .unwrap();
+    let held = job_lease_renew(&mut *tx, &all, "node", 30.0, 25.0).await.unwrap();
     let after: i64 = sqlx::query_scalar(counts).fetch_one(&mut *tx).await.unwrap();
-    let none = job_lease_renew(&mut *tx, &ids, &attempts, "another-node", 30.0, 25.0)
+    let none = job_lease_renew(&mut *tx, &all, "another-node", 30.0, 25.0)
         .await
         .unwrap();
     tx.rollback().await.unwrap();
     assert_eq!(after - before, 40, "only the leases about to run out were written");
-    let mut got: Vec<(i64, i32)> = held.iter().map(|(id, a, _)| (*id, *a)).collect();
+    let mut got: Vec<_> = held.iter().map(|(run, _)| *run).collect();
     got.sort_unstable();
     assert_eq!(got, all, "every lease is reported held");
-    for (id, _, left) in &held {
-        assert!(*left > 25.0 && *left <= 30.0, "job {id}: {left} s left");
+    for (run, left) in &held {
+        assert!(*left > 25.0 && *left <= 30.0, "job {}: {left} s left", run.id);
     }
     assert!(none.is_empty(), "another node holds none of them");
 }
@@ -411,4 +423,123 @@ async fn the_engine_never_jit_compiles_the_claim() {
         .await,
         "the engine's sessions must not JIT-compile the claim"
     );
+}
+
+/// Every node of an `EXPLAIN (FORMAT JSON)` plan, depth first.
+fn plan_nodes(node: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut out = vec![node];
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        out.extend(plan_nodes(child));
+    }
+    out
+}
+
+/// On a shard analyzed while no job was running, the statistics say almost
+/// no row is `running`; the completion of a few hundred running jobs must
+/// still find them from the ids it is given (one probe of the primary key
+/// per id), not scan a partial index of running rows and compare each with
+/// every id (a nested loop of 300 × 300 rows). The same for the other
+/// outcomes.
+#[tokio::test]
+async fn outcomes_find_their_rows_by_id_whatever_the_statistics_say() {
+    use sqlx::Connection;
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::query(
+        "INSERT INTO shardq.jobs (account, queue, kind, args, state, finalized_at)
+         SELECT 'a' || (i % 100), 'default', 'noop', '{}',
+                CASE WHEN i % 2 = 0 THEN 'completed' ELSE 'available' END,
+                CASE WHEN i % 2 = 0 THEN now() END
+           FROM generate_series(1, 20000) AS i",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE shardq.jobs").execute(&mut *conn).await.unwrap();
+    // 300 jobs start running after the statistics were taken.
+    let running = 300;
+    let (ids, attempts, tokens): (String, String, String) = sqlx::query_as(
+        "WITH claimed AS (
+             UPDATE shardq.jobs SET state = 'running', attempt = 1, attempted_at = now(), locked_by = 'node',
+                    lease_expires_at = now() + interval '1 hour'
+              WHERE id IN (SELECT id FROM shardq.jobs WHERE state = 'available' ORDER BY id LIMIT $1)
+             RETURNING id, attempt, attempted_at)
+         SELECT array_agg(id ORDER BY id)::text, array_agg(attempt ORDER BY id)::text,
+                array_agg(attempted_at ORDER BY id)::text
+           FROM claimed",
+    )
+    .bind(running)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    let keys = format!("'{ids}', '{attempts}', '{tokens}'");
+    let n = running as usize;
+    let finish_args = format!(
+        "{keys}, '{{{}}}', '{{{}}}', '{{{}}}', '{{{}}}'",
+        vec!["available"; n].join(","),
+        vec!["1"; n].join(","),
+        vec!["NULL"; n].join(","),
+        vec!["0"; n].join(",")
+    );
+    for (name, types, sql, args) in [
+        (
+            "complete",
+            "bigint[], int[], timestamptz[]",
+            JOB_COMPLETE_MANY_SQL,
+            keys.clone(),
+        ),
+        (
+            "finish",
+            "bigint[], int[], timestamptz[], text[], float8[], text[], int[]",
+            JOB_FINISH_MANY_SQL,
+            finish_args,
+        ),
+    ] {
+        let mut tx = conn.begin().await.unwrap();
+        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(&format!("PREPARE shardq_outcome_probe({types}) AS {sql}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let plan: serde_json::Value = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(&format!(
+            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE shardq_outcome_probe({args})"
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap()
+        .0;
+        let written: i64 = sqlx::query_scalar("SELECT count(*) FROM shardq.jobs WHERE state = 'running'")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("DEALLOCATE shardq_outcome_probe")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(written, 0, "{name}: every running job was written");
+        let nodes = plan_nodes(&plan[0]["Plan"]);
+        let on_jobs: Vec<&&serde_json::Value> = nodes
+            .iter()
+            .filter(|n| n["Relation Name"] == "jobs" && n["Node Type"] != "ModifyTable")
+            .collect();
+        let shown = serde_json::to_string_pretty(&plan).unwrap();
+        assert!(!on_jobs.is_empty(), "{name}: no scan of jobs:\n{shown}");
+        for scan in &on_jobs {
+            assert_eq!(
+                (scan["Node Type"].as_str(), scan["Index Name"].as_str()),
+                (Some("Index Scan"), Some("jobs_pkey")),
+                "{name}: jobs read other than by primary key:\n{shown}"
+            );
+            assert_eq!(
+                scan["Actual Loops"].as_i64(),
+                Some(running),
+                "{name}: not one probe per id:\n{shown}"
+            );
+        }
+    }
 }

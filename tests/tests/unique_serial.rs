@@ -286,15 +286,25 @@ async fn rescue_hand_back_and_release_keep_the_key_of_a_job_they_make_available(
     let f = fleet().await;
     let a = account("unique-rescue");
     let pool = f.router.pool_for(&a).await.unwrap().clone();
-    // Running on node n, attempt 1, lease expired.
+    // Running on node n, attempt 1, lease expired; returns the run's key.
     let run = |id: i64| {
-        sqlx::query(
-            "UPDATE shardq.jobs SET state = 'running', attempt = 1, attempted_at = now(), locked_by = 'n',
-                    lease_expires_at = now() - interval '1 second'
-              WHERE id = $1",
-        )
-        .bind(id)
-        .execute(&pool)
+        let pool = &pool;
+        async move {
+            sqlx::query_as::<_, (i64, i32, chrono::DateTime<chrono::Utc>)>(
+                "UPDATE shardq.jobs SET state = 'running', attempt = 1, attempted_at = now(), locked_by = 'n',
+                        lease_expires_at = now() - interval '1 second'
+                  WHERE id = $1
+                 RETURNING id, attempt, attempted_at",
+            )
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .map(|(id, attempt, attempted_at)| shardq::store::RunKey {
+                id,
+                attempt,
+                attempted_at,
+            })
+        }
     };
     let holds_key = |key: &'static str, id: JobId| {
         let f = &f;
@@ -327,20 +337,15 @@ async fn rescue_hand_back_and_release_keep_the_key_of_a_job_they_make_available(
     holds_key("rescued", rescued).await;
 
     let given = keyed("given-back", 5).await;
-    run(given.id).await.unwrap();
-    assert_eq!(
-        shardq::store::job_give_back(&pool, &[given.id], &[1], "n")
-            .await
-            .unwrap(),
-        1
-    );
+    let given_run = run(given.id).await.unwrap();
+    assert_eq!(shardq::store::job_give_back(&pool, &[given_run], "n").await.unwrap(), 1);
     assert_eq!(state_of(&f, &given).await, "available");
     holds_key("given-back", given).await;
 
     let released = keyed("released", 5).await;
-    run(released.id).await.unwrap();
+    let released_run = run(released.id).await.unwrap();
     assert_eq!(
-        shardq::store::job_release_unclaimed(&pool, &[released.id], &[1], "n")
+        shardq::store::job_release_unclaimed(&pool, &[released_run], "n")
             .await
             .unwrap(),
         1

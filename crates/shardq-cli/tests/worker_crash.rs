@@ -275,20 +275,28 @@ async fn a_worker_sigkilled_mid_batch_loses_no_job_and_its_running_jobs_are_resc
     }
     assert_eq!(runs.values().sum::<u32>() as usize, 300 - completed.len());
 
-    // Were the victim's attempt-1 outcomes to arrive now, they change nothing.
+    // Were the victim's attempt-1 outcomes to arrive now, they change
+    // nothing (even with the token of the rescue's claim).
     for db in f.router.shards() {
-        let late: Vec<i64> = running
-            .iter()
-            .filter(|id| id.shard == db.name)
-            .map(|id| id.id)
-            .collect();
-        let ones = vec![1; late.len()];
-        assert_eq!(store::job_complete_many(db, &late, &ones).await.unwrap(), 0);
+        let mut late = Vec::new();
+        for id in running.iter().filter(|id| id.shard == db.name) {
+            let attempted_at: chrono::DateTime<chrono::Utc> =
+                sqlx::query_scalar("SELECT attempted_at FROM shardq.jobs WHERE id = $1")
+                    .bind(id.id)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            late.push(store::RunKey {
+                id: id.id,
+                attempt: 1,
+                attempted_at,
+            });
+        }
+        assert_eq!(store::job_complete_many(db, &late).await.unwrap(), 0);
         let finishes: Vec<Finish> = late
             .iter()
-            .map(|id| Finish {
-                id: *id,
-                attempt: 1,
+            .map(|run| Finish {
+                run: *run,
                 state: shardq::JobState::Available,
                 retry_in: None,
                 error: Some("late".into()),

@@ -1,6 +1,6 @@
 //! The completer: one task per shard that writes run outcomes in batches
 //! (one statement for completions, one for everything else), fenced by
-//! attempt, retries the write while the shard is unreachable (and splits a
+//! each run's key (id, attempt, claim token), retries the write while the shard is unreachable (and splits a
 //! batch the shard refuses, so one bad row never blocks the rest), then
 //! releases the runs' leases. Fed by the producer's run callback with [`Done`] values.
 //!
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use super::node::{Done, ShardStats, ShardWork};
 use super::options::Backoff;
 use crate::job::JobState;
-use crate::store::{self, Finish};
+use crate::store::{self, Finish, RunKey};
 use crate::worker::Outcome;
 
 /// Most outcomes written in one batch.
@@ -70,7 +70,7 @@ pub(crate) async fn run(
         }
         tracing::debug!(shard = %shard.db.name, outcomes = batch.len(), "writing outcomes");
         write(&shard, &batch, &backoff).await;
-        shard.leases.release(batch.iter().map(|d| (d.id, d.attempt)));
+        shard.leases.release(batch.iter().map(|d| d.run));
         batch.clear();
     }
 }
@@ -99,8 +99,8 @@ fn storable(text: &str) -> String {
 
 /// One outcome as the store writes it.
 enum Row {
-    /// A completion: (id, attempt).
-    Complete(i64, i32),
+    /// A completion.
+    Complete(RunKey),
     /// Anything else.
     Finish(Finish),
 }
@@ -110,8 +110,7 @@ impl Row {
     fn of(d: &Done, backoff: &Backoff) -> Option<Row> {
         let finish = |state, retry_in, error: Option<String>, extra_attempts| {
             Some(Row::Finish(Finish {
-                id: d.id,
-                attempt: d.attempt,
+                run: d.run,
                 state,
                 retry_in,
                 error: error.map(|e| storable(&e)),
@@ -119,11 +118,11 @@ impl Row {
             }))
         };
         match &d.outcome {
-            Outcome::Completed => Some(Row::Complete(d.id, d.attempt)),
+            Outcome::Completed => Some(Row::Complete(d.run)),
             Outcome::LeaseLost => None,
             Outcome::Failed(message) => {
-                let last = d.attempt >= d.max_attempts;
-                let retry_in = (!last).then(|| backoff.delay(d.attempt));
+                let last = d.run.attempt >= d.max_attempts;
+                let retry_in = (!last).then(|| backoff.delay(d.run.attempt));
                 let state = if last { JobState::Discarded } else { JobState::Available };
                 finish(state, retry_in, Some(message.clone()), 0)
             }
@@ -139,8 +138,8 @@ impl Row {
 
     fn id(&self) -> i64 {
         match self {
-            Row::Complete(id, _) => *id,
-            Row::Finish(f) => f.id,
+            Row::Complete(run) => run.id,
+            Row::Finish(f) => f.run.id,
         }
     }
 }
@@ -182,7 +181,8 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
     let now = Utc::now();
     for d in batch {
         let latency = (now - d.run_at).to_std().unwrap_or_default();
-        d.metrics.job_finished(&d.outcome, d.attempt >= d.max_attempts, latency);
+        d.metrics
+            .job_finished(&d.outcome, d.run.attempt >= d.max_attempts, latency);
     }
 }
 
@@ -191,15 +191,14 @@ async fn write(shard: &ShardWork, batch: &[Done], backoff: &Backoff) {
 /// wakes the producers waiting on the keys' next jobs. Retried like the
 /// writes while the shard is unreachable; left to lease expiry otherwise.
 async fn release_serial_keys(shard: &ShardWork, batch: &[Done]) {
-    let mut keyed: Vec<(i64, i32)> = batch.iter().filter(|d| d.keyed).map(|d| (d.id, d.attempt)).collect();
+    let mut keyed: Vec<RunKey> = batch.iter().filter(|d| d.keyed).map(|d| d.run).collect();
     keyed.sort_unstable();
-    let (ids, attempts): (Vec<i64>, Vec<i32>) = keyed.into_iter().unzip();
-    if ids.is_empty() {
+    if keyed.is_empty() {
         return;
     }
     let mut wait = Duration::from_millis(50);
     for _ in 0..8 {
-        match store::job_serial_release(&shard.db, &ids, &attempts).await {
+        match store::job_serial_release(&shard.db, &keyed).await {
             Ok(_) => return,
             Err(e) if store::error_is_transient(&e) => {
                 tokio::time::sleep(wait).await;
@@ -215,18 +214,15 @@ async fn release_serial_keys(shard: &ShardWork, batch: &[Done]) {
 
 /// Writes `rows` in at most two statements: completions, then the rest.
 async fn write_rows(shard: &ShardWork, rows: &[Row]) -> sqlx::Result<()> {
-    let (mut ids, mut attempts, mut finishes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut completed, mut finishes) = (Vec::new(), Vec::new());
     for row in rows {
         match row {
-            Row::Complete(id, attempt) => {
-                ids.push(*id);
-                attempts.push(*attempt);
-            }
+            Row::Complete(run) => completed.push(*run),
             Row::Finish(f) => finishes.push(f.clone()),
         }
     }
-    if !ids.is_empty() {
-        store::job_complete_many(&shard.db, &ids, &attempts).await?;
+    if !completed.is_empty() {
+        store::job_complete_many(&shard.db, &completed).await?;
     }
     if !finishes.is_empty() {
         store::job_finish_many(&shard.db, &finishes).await?;

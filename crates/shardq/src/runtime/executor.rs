@@ -65,8 +65,7 @@ pub(crate) async fn execute(
         None => {}
     }
     Done {
-        id: job.id,
-        attempt: job.attempt,
+        run: job.key(),
         max_attempts: job.max_attempts,
         keyed: job.keyed,
         outcome,

@@ -36,20 +36,19 @@ pub(crate) async fn run(node: Arc<Node>, shard: Arc<ShardWork>, mut stop: watch:
 /// [`fresh_secs`] left (claimed since about half a beat ago) are not
 /// written, only confirmed.
 async fn renew(node: &Node, shard: &ShardWork) {
-    let (ids, attempts) = shard.leases.held();
-    if ids.is_empty() {
+    let runs = shard.leases.held();
+    if runs.is_empty() {
         return;
     }
     let lease = node.options.lease;
     let fresh = fresh_secs(lease, node.options.heartbeat_interval);
     let sent_at = Instant::now();
-    let renewal = store::job_lease_renew(&shard.db, &ids, &attempts, &node.id, lease.as_secs_f64(), fresh);
+    let renewal = store::job_lease_renew(&shard.db, &runs, &node.id, lease.as_secs_f64(), fresh);
     // A renewal that outlasts the lease is as good as failed.
     let lost = match tokio::time::timeout(lease, renewal).await {
         Ok(Ok(held)) => {
-            tracing::trace!(shard = %shard.db.name, held = held.len(), asked = ids.len(), "leases renewed");
-            let asked: Vec<(i64, i32)> = ids.into_iter().zip(attempts).collect();
-            shard.leases.renewed(&asked, &held, sent_at)
+            tracing::trace!(shard = %shard.db.name, held = held.len(), asked = runs.len(), "leases renewed");
+            shard.leases.renewed(&runs, &held, sent_at)
         }
         Ok(Err(e)) => {
             tracing::warn!(shard = %shard.db.name, error = %ErrorChain(&shard.db.error(e)), "lease renewal failed");
@@ -89,22 +88,17 @@ async fn release_orphans(node: &Node, shard: &ShardWork) {
     let Some(mark) = shard.leases.claims_quiet() else {
         return;
     };
-    let (held_ids, held_attempts) = shard.leases.held();
-    let held: std::collections::HashSet<(i64, i32)> = held_ids.into_iter().zip(held_attempts).collect();
+    let held: std::collections::HashSet<store::RunKey> = shard.leases.held().into_iter().collect();
     let timeout = node.options.shard_timeout;
     let Ok(Ok(mine)) = tokio::time::timeout(timeout, store::job_running_of_node(&shard.db, &node.id)).await else {
         return;
     };
-    let (ids, attempts): (Vec<i64>, Vec<i32>) = mine.into_iter().filter(|r| !held.contains(r)).unzip();
-    if ids.is_empty() || shard.leases.claims_quiet() != Some(mark) {
+    let mut orphans: Vec<store::RunKey> = mine.into_iter().filter(|r| !held.contains(r)).collect();
+    if orphans.is_empty() || shard.leases.claims_quiet() != Some(mark) {
         return;
     }
-    match tokio::time::timeout(
-        timeout,
-        store::job_release_unclaimed(&shard.db, &ids, &attempts, &node.id),
-    )
-    .await
-    {
+    orphans.sort_unstable();
+    match tokio::time::timeout(timeout, store::job_release_unclaimed(&shard.db, &orphans, &node.id)).await {
         Ok(Ok(n)) if n > 0 => {
             tracing::warn!(shard = %shard.db.name, released = n, "claims whose reply was lost made available again, their attempt not counted")
         }
@@ -119,11 +113,11 @@ async fn release_orphans(node: &Node, shard: &ShardWork) {
 /// Aborts this node's runs still going on `shard` and makes their jobs
 /// available again (shutdown, after the grace period).
 pub(crate) async fn hand_back(node: &Node, shard: &ShardWork) {
-    let (ids, attempts) = shard.leases.abort_running();
-    if ids.is_empty() {
+    let runs = shard.leases.abort_running();
+    if runs.is_empty() {
         return;
     }
-    match store::job_give_back(&shard.db, &ids, &attempts, &node.id).await {
+    match store::job_give_back(&shard.db, &runs, &node.id).await {
         Ok(n) => tracing::info!(shard = %shard.db.name, given_back = n, "handed running jobs back"),
         Err(e) => {
             tracing::warn!(shard = %shard.db.name, error = %shard.db.error(e), "hand-back failed; leases will expire and the jobs be rescued")

@@ -26,7 +26,7 @@
 //! - `adaptive`: the gradient limiter that sizes a queue's limit when
 //!   adaptive concurrency is on.
 //! - `executor`: runs a handler with timeout and panic capture.
-//! - `completer`: per shard, writes outcomes in batches, fenced by attempt.
+//! - `completer`: per shard, writes outcomes in batches, fenced by each run's key.
 //! - `heartbeat`: renews this node's leases; hands running jobs back at shutdown.
 //! - `rescuer`: returns jobs whose lease expired to the queue.
 //! - `cancel`: signals a running job's handler when it is cancelled.

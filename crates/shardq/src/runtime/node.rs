@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::options::RuntimeOptions;
 use super::permits::Permits;
 use crate::observe::metrics::{JobMetrics, JobMetricsCache};
-use crate::store::FetchedJob;
+use crate::store::{FetchedJob, RunKey};
 use crate::worker::{CancelReason, Outcome, Registry};
 
 /// What every task of a node reads: its id, handlers and options. Set at
@@ -56,10 +56,8 @@ pub(crate) struct ShardWork {
 /// A run's outcome, made by the executor and written by the completer.
 #[derive(Debug)]
 pub(crate) struct Done {
-    /// Row id on the shard.
-    pub id: i64,
-    /// The attempt that ran (the fence).
-    pub attempt: i32,
+    /// The run (the fence): row id on the shard, attempt, claim token.
+    pub run: RunKey,
     /// Attempts allowed: a failure on the last one discards the job.
     pub max_attempts: i32,
     /// Whether the run holds a serial key, released once the outcome is written.
@@ -97,8 +95,10 @@ impl Lease {
 }
 
 /// The runs this node holds on one shard, from claim until their outcome is
-/// written, keyed by (job id, attempt): a job rescued and claimed again by
-/// this node while its old run goes on has two entries. The producer holds
+/// written, keyed by [`RunKey`] (job id, attempt, claim token): a job
+/// rescued and claimed again by this node while its old run goes on has two
+/// entries, and so has a job whose claim was lost in a server crash and
+/// that this node claimed again under the same attempt number. The producer holds
 /// them at claim time (buffered) and starts them, the run's end marks them
 /// ended, the completer releases them once written, the heartbeat renews
 /// them (and stops those whose lease it lost), the cancel stage signals
@@ -106,7 +106,7 @@ impl Lease {
 /// ones or hands them back. Only this type knows their shape.
 #[derive(Default)]
 pub(crate) struct Leases {
-    held: Mutex<HashMap<(i64, i32), Lease>>,
+    held: Mutex<HashMap<RunKey, Lease>>,
     /// Notified whenever leases are released (shutdown and a producer held
     /// back by outcomes not yet written wait on it).
     released: Notify,
@@ -132,9 +132,9 @@ pub(crate) type Buffered = (FetchedJob, watch::Receiver<Option<CancelReason>>);
 impl Leases {
     /// Records `jobs`, claimed with leases of `lease` from `claimed_at`, as
     /// held and buffered (not started); returns them with their stop
-    /// signals, and how many older runs lost their lease: an older run of
-    /// the same job still going here lost it (the job was rescued and
-    /// claimed again), and is told so.
+    /// signals, and how many older runs lost their lease: another run of
+    /// the same job still going here lost it (the job was rescued, or its
+    /// claim lost in a crash, and claimed again), and is told so.
     pub(crate) fn hold(&self, jobs: Vec<FetchedJob>, claimed_at: Instant, lease: Duration) -> (Vec<Buffered>, usize) {
         let Ok(mut held) = self.held.lock() else {
             return (Vec::new(), 0);
@@ -142,21 +142,22 @@ impl Leases {
         let mut lost = 0;
         let mut out = Vec::with_capacity(jobs.len());
         // One pass over the held runs for the whole claim (not one per job).
-        let newest: HashMap<i64, i32> = jobs.iter().map(|j| (j.id, j.attempt)).collect();
-        for ((id, attempt), old) in held.iter() {
-            if newest.get(id).is_some_and(|newer| attempt < newer)
+        let newest: HashMap<i64, RunKey> = jobs.iter().map(|j| (j.id, j.key())).collect();
+        for (key, old) in held.iter() {
+            if newest.get(&key.id).is_some_and(|newer| newer != key)
                 && old.live()
                 && old.stop.send_replace(Some(CancelReason::LeaseLost)).is_none()
             {
                 tracing::warn!(
-                    id,
-                    "a newer attempt of this job started here: the older run lost its lease"
+                    id = key.id,
+                    attempt = key.attempt,
+                    "this job was claimed again here: the older run lost its lease"
                 );
                 lost += 1;
             }
         }
         for job in jobs {
-            let key = (job.id, job.attempt);
+            let key = job.key();
             let (stop, stopped) = watch::channel(None);
             held.insert(
                 key,
@@ -183,7 +184,7 @@ impl Leases {
         spawn: impl FnOnce(FetchedJob, watch::Receiver<Option<CancelReason>>) -> AbortHandle,
     ) -> bool {
         let Ok(mut held) = self.held.lock() else { return false };
-        let Some(lease) = held.get_mut(&(job.id, job.attempt)).filter(|l| l.buffered) else {
+        let Some(lease) = held.get_mut(&job.key()).filter(|l| l.buffered) else {
             return false;
         };
         lease.buffered = false;
@@ -192,10 +193,9 @@ impl Leases {
     }
 
     /// Drops the leases of the buffered jobs among `keys` (never started):
-    /// returns the ids and attempts dropped, in id order, for the caller to
-    /// hand back.
-    pub(crate) fn take_buffered(&self, keys: impl IntoIterator<Item = (i64, i32)>) -> (Vec<i64>, Vec<i32>) {
-        let mut taken: Vec<(i64, i32)> = match self.held.lock() {
+    /// returns the runs dropped, in id order, for the caller to hand back.
+    pub(crate) fn take_buffered(&self, keys: impl IntoIterator<Item = RunKey>) -> Vec<RunKey> {
+        let mut taken: Vec<RunKey> = match self.held.lock() {
             Ok(mut held) => keys
                 .into_iter()
                 .filter(|k| {
@@ -207,7 +207,7 @@ impl Leases {
         };
         self.released.notify_waiters();
         taken.sort_unstable();
-        taken.into_iter().unzip()
+        taken
     }
 
     /// Resolves at the next release of leases (see [`Leases::release`]).
@@ -232,17 +232,17 @@ impl Leases {
         (self.claims_in_flight.load(Ordering::SeqCst) == 0).then_some(sent)
     }
 
-    /// The run of `(id, attempt)` ended; its outcome is on its way to the completer.
-    pub(crate) fn run_ended(&self, id: i64, attempt: i32) {
+    /// The run `key` ended; its outcome is on its way to the completer.
+    pub(crate) fn run_ended(&self, key: &RunKey) {
         if let Ok(mut held) = self.held.lock() {
-            if let Some(lease) = held.get_mut(&(id, attempt)) {
+            if let Some(lease) = held.get_mut(key) {
                 lease.run = None;
             }
         }
     }
 
     /// Releases the leases whose outcomes were written (or dropped).
-    pub(crate) fn release(&self, written: impl IntoIterator<Item = (i64, i32)>) {
+    pub(crate) fn release(&self, written: impl IntoIterator<Item = RunKey>) {
         if let Ok(mut held) = self.held.lock() {
             for key in written {
                 held.remove(&key);
@@ -251,16 +251,16 @@ impl Leases {
         self.released.notify_waiters();
     }
 
-    /// Ids and attempts of every held run, in id order (statements that
-    /// lock many jobs lock them in id order, so two never deadlock).
-    pub(crate) fn held(&self) -> (Vec<i64>, Vec<i32>) {
-        let mut keys: Vec<(i64, i32)> = self
+    /// Every held run, in id order (statements that lock many jobs lock
+    /// them in id order, so two never deadlock).
+    pub(crate) fn held(&self) -> Vec<RunKey> {
+        let mut keys: Vec<RunKey> = self
             .held
             .lock()
             .map(|l| l.keys().copied().collect())
             .unwrap_or_default();
         keys.sort_unstable();
-        keys.into_iter().unzip()
+        keys
     }
 
     /// Number of held runs.
@@ -275,9 +275,9 @@ impl Leases {
     /// this node (rescued, cancelled or finished by someone else), and those
     /// whose lease ran out meanwhile are lost too. Runs still going (or
     /// buffered) among the lost are told to stop; returns how many.
-    pub(crate) fn renewed(&self, asked: &[(i64, i32)], held_now: &[(i64, i32, f64)], sent_at: Instant) -> usize {
+    pub(crate) fn renewed(&self, asked: &[RunKey], held_now: &[(RunKey, f64)], sent_at: Instant) -> usize {
         let Ok(mut held) = self.held.lock() else { return 0 };
-        let kept: HashMap<(i64, i32), f64> = held_now.iter().map(|(id, a, secs)| ((*id, *a), *secs)).collect();
+        let kept: HashMap<RunKey, f64> = held_now.iter().copied().collect();
         for key in asked {
             if let Some(l) = held.get_mut(key) {
                 match kept.get(key) {
@@ -298,14 +298,14 @@ impl Leases {
         Self::stop_expired(&mut held, now)
     }
 
-    fn stop_expired(held: &mut HashMap<(i64, i32), Lease>, now: Instant) -> usize {
+    fn stop_expired(held: &mut HashMap<RunKey, Lease>, now: Instant) -> usize {
         let mut lost = 0;
-        for ((id, attempt), l) in held.iter() {
+        for (key, l) in held.iter() {
             if l.live() && l.expires <= now && l.stop.borrow().is_none() {
                 l.stop.send_replace(Some(CancelReason::LeaseLost));
                 tracing::warn!(
-                    id,
-                    attempt,
+                    id = key.id,
+                    attempt = key.attempt,
                     "lease lost while the job runs: its handler is told to stop and its outcome will not be written"
                 );
                 lost += 1;
@@ -321,7 +321,7 @@ impl Leases {
             .map(|held| {
                 held.iter()
                     .filter(|(_, l)| l.live() && l.stop.borrow().is_none())
-                    .map(|((id, _), _)| *id)
+                    .map(|(key, _)| key.id)
                     .collect()
             })
             .unwrap_or_default()
@@ -333,10 +333,10 @@ impl Leases {
     pub(crate) fn signal_cancel(&self, ids: &[i64]) -> Vec<i64> {
         let Ok(held) = self.held.lock() else { return Vec::new() };
         let mut signalled = Vec::new();
-        for ((id, _), lease) in held.iter() {
-            if ids.contains(id) && lease.live() && lease.stop.borrow().is_none() {
+        for (key, lease) in held.iter() {
+            if ids.contains(&key.id) && lease.live() && lease.stop.borrow().is_none() {
                 lease.stop.send_replace(Some(CancelReason::Requested));
-                signalled.push(*id);
+                signalled.push(key.id);
             }
         }
         signalled
@@ -344,12 +344,12 @@ impl Leases {
 
     /// Aborts the runs still going, drops their leases and those of jobs
     /// still buffered (their producer stopped before handing them back),
-    /// and returns their ids and attempts (for the hand-back at shutdown).
-    pub(crate) fn abort_running(&self) -> (Vec<i64>, Vec<i32>) {
+    /// and returns them (for the hand-back at shutdown).
+    pub(crate) fn abort_running(&self) -> Vec<RunKey> {
         let Ok(mut held) = self.held.lock() else {
             return Default::default();
         };
-        let running: Vec<(i64, i32)> = held
+        let running: Vec<RunKey> = held
             .iter_mut()
             .filter_map(|(key, l)| {
                 let buffered = std::mem::take(&mut l.buffered);
@@ -367,7 +367,7 @@ impl Leases {
         }
         let mut running = running;
         running.sort_unstable();
-        running.into_iter().unzip()
+        running
     }
 
     /// Waits until no lease is held, or `deadline` passes.

@@ -559,23 +559,20 @@ impl Producer {
         for (job, _) in &buffer {
             self.node.permits.release((self.shard.index, job.id, job.attempt));
         }
-        let (ids, attempts) = self
-            .shard
-            .leases
-            .take_buffered(buffer.iter().map(|(job, _)| (job.id, job.attempt)));
-        if ids.is_empty() {
+        let runs = self.shard.leases.take_buffered(buffer.iter().map(|(job, _)| job.key()));
+        if runs.is_empty() {
             return;
         }
-        let released = store::job_release_unclaimed(&self.shard.db, &ids, &attempts, &self.node.id);
+        let released = store::job_release_unclaimed(&self.shard.db, &runs, &self.node.id);
         match tokio::time::timeout(self.node.options.shard_timeout, released).await {
             Ok(Ok(n)) => {
                 tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, handed_back = n, "buffered jobs handed back")
             }
             Ok(Err(e)) => {
-                tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), jobs = ids.len(), "handing buffered jobs back failed; their leases will expire and the jobs be rescued")
+                tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), jobs = runs.len(), "handing buffered jobs back failed; their leases will expire and the jobs be rescued")
             }
             Err(_) => {
-                tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, jobs = ids.len(), "handing buffered jobs back did not answer in time; their leases will expire and the jobs be rescued")
+                tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, jobs = runs.len(), "handing buffered jobs back did not answer in time; their leases will expire and the jobs be rescued")
             }
         }
     }
@@ -600,9 +597,9 @@ impl Producer {
             let started = Instant::now();
             let done = executor::execute(&node, &shard, &queue, job, stop).await;
             let (took, failed) = (started.elapsed(), matches!(done.outcome, Outcome::Failed(_)));
-            shard.leases.run_ended(done.id, done.attempt);
-            node.permits.release((shard.index, done.id, done.attempt));
-            let id = done.id;
+            shard.leases.run_ended(&done.run);
+            node.permits.release((shard.index, done.run.id, done.run.attempt));
+            let id = done.run.id;
             if done_tx.send(done).await.is_err() {
                 // The completer is gone (shutdown after its grace): the lease
                 // expires and the job is rescued.

@@ -110,7 +110,7 @@ limited AS (
       FROM lim_chosen c
       JOIN lim_slots s ON s.account = c.account AND s.k = c.k
      WHERE j.id = c.id
-    RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at, true AS keyed",
+    RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.attempted_at, j.max_attempts, j.run_at, true AS keyed",
             $returning,
             "
 )"
@@ -162,9 +162,11 @@ pub const JOB_FETCH_RESOURCED_LIMITED_CTES: &str = limited_claim_ctes!(
 /// `claim`, the other part of a claim statement (an `UPDATE .. RETURNING`
 /// of the columns `limited` returns, whose every `$2` is read as the room
 /// the limited part leaves), after `ctes` (the limited part,
-/// [`JOB_FETCH_LIMITED_CTES`] or [`JOB_FETCH_RESOURCED_LIMITED_CTES`]), in
-/// one statement: both sets of rows, which are disjoint (the other part
-/// skips limited accounts) and together at most `$2`.
+/// [`JOB_FETCH_LIMITED_CTES`] or [`JOB_FETCH_RESOURCED_LIMITED_CTES`]), as
+/// the common table expressions of one statement, the last of which,
+/// `claimed`, holds both sets of rows, which are disjoint (the other part
+/// skips limited accounts) and together at most `$2`; the caller ends the
+/// statement.
 fn with_limited_part(ctes: &str, claim: &str) -> String {
     debug_assert!(
         !claim
@@ -173,13 +175,16 @@ fn with_limited_part(ctes: &str, claim: &str) -> String {
         "a claim with 20 or more parameters"
     );
     let claim = claim.replace("$2", "(SELECT n FROM lim_room)");
-    format!("{ctes}, claimed AS ({claim}) SELECT * FROM claimed UNION ALL SELECT * FROM limited")
+    format!(
+        "{ctes}, ordinary AS ({claim}),
+         claimed AS (SELECT * FROM ordinary UNION ALL SELECT * FROM limited)"
+    )
 }
 
 /// An ordinary claim (`claim`, an `UPDATE .. RETURNING` of a fetched
-/// job's columns) and the limited claim ([`JOB_FETCH_LIMITED_CTES`]) in
-/// one statement: both sets of rows, which are disjoint (the ordinary
-/// claims skip limited accounts); the limited part is chosen first and the
+/// job's columns) and the limited claim ([`JOB_FETCH_LIMITED_CTES`]) as the
+/// common table expressions of one statement ending in `claimed`
+/// ([`with_limited_part`]): the limited part is chosen first and the
 /// ordinary one takes what is left of `$2`, so the statement returns at
 /// most `$2` rows.
 pub fn claim_with_limits(claim: &str) -> String {
@@ -356,7 +361,7 @@ pub const JOB_FETCH_RESOURCED_SQL: &str = concat!(
                WHERE s.resources <@ $5::text[]
                ORDER BY c.priority, c.run_at, c.id
                LIMIT $2))
-         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.attempted_at, j.max_attempts, j.run_at,
                    j.serial_key IS NOT NULL AS keyed, j.resources"
 );
 
@@ -364,9 +369,13 @@ pub const JOB_FETCH_RESOURCED_SQL: &str = concat!(
 /// accounts: [`JOB_FETCH_RESOURCED_LIMITED_CTES`] (each claimed job of a
 /// limited account holds one of its account's free slots) and
 /// [`JOB_FETCH_RESOURCED_SQL`] for the other accounts, in one statement of
-/// at most `$2` rows.
-pub static RESOURCED_WITH_LIMITS: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| with_limited_part(JOB_FETCH_RESOURCED_LIMITED_CTES, JOB_FETCH_RESOURCED_SQL));
+/// at most `$2` rows. It commits durably, as the resourced claim does.
+pub static RESOURCED_WITH_LIMITS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} SELECT * FROM claimed",
+        with_limited_part(JOB_FETCH_RESOURCED_LIMITED_CTES, JOB_FETCH_RESOURCED_SQL)
+    )
+});
 
 /// Claims up to `limit` due jobs of `queue` whose resources are all in
 /// `free` and leases them to `node`: [`RESOURCED_WITH_LIMITS`] when

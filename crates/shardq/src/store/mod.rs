@@ -16,9 +16,14 @@
 //! - `limits`: per-account concurrency limits: their rows, and the claim of
 //!   limited accounts' jobs, each holding a slot.
 //!
-//! Fencing: a running job is identified by `(id, attempt)`; every statement
-//! that ends or extends a run matches both plus `state = 'running'`, so a late
-//! write from a node whose lease was rescued changes nothing.
+//! Fencing: a run is identified by its [`RunKey`](run::RunKey): `(id,
+//! attempt, attempted_at)`, the last being the claim's token (the shard's
+//! `now()` at the claim), which no later claim of the job repeats, also
+//! after a claim that did not wait for its flush was lost in a crash and
+//! gave its attempt number back. Every statement that ends, extends or
+//! releases a run matches all three plus the state it expects, so a late
+//! write from a node whose lease was rescued, or whose claim was lost,
+//! changes nothing.
 //!
 //! States: the `state` column is text; [`JobState`](crate::job::JobState)
 //! is mapped to and from it here and nowhere else.

@@ -2,7 +2,11 @@
 //! outcomes, renew and hand back leases, find the next due time, and see
 //! which running jobs were cancelled. Called by the runtime's producer,
 //! completer, heartbeat and cancel stages. Every write that ends or extends
-//! a run is fenced as the module `store` describes.
+//! a run is fenced by its [`RunKey`], as the module `store` describes.
+//!
+//! Claims that hold nothing across nodes commit without waiting for their
+//! WAL flush ([`CLAIM_COMMIT_TAIL`]); claims of keyed jobs (a serial key, an
+//! account's limit slot) and of jobs that use resources stay durable.
 
 use std::sync::LazyLock;
 
@@ -26,6 +30,10 @@ pub struct FetchedJob {
     pub args: sqlx::types::Json<serde_json::Value>,
     /// This attempt's number (1 for the first run).
     pub attempt: i32,
+    /// The claim's token: `attempted_at` as this claim set it (the shard's
+    /// `now()` in the claim's transaction). With `id` and `attempt` it
+    /// fences the run ([`RunKey`]).
+    pub attempted_at: DateTime<Utc>,
     /// Attempts allowed.
     pub max_attempts: i32,
     /// When the job became due.
@@ -37,6 +45,50 @@ pub struct FetchedJob {
     /// `None` for every other job).
     #[sqlx(default)]
     pub resources: Option<Vec<String>>,
+}
+
+impl FetchedJob {
+    /// The key that fences this run's writes.
+    pub fn key(&self) -> RunKey {
+        RunKey {
+            id: self.id,
+            attempt: self.attempt,
+            attempted_at: self.attempted_at,
+        }
+    }
+}
+
+/// What fences a run: every statement that ends, extends or releases a run
+/// matches all three (plus the state it expects).
+///
+/// `(id, attempt)` alone does not name one run: a claim that committed
+/// without waiting for its WAL flush and was lost in a server crash gives
+/// its attempt number back, so the node that ran it and a node that claims
+/// the job again after the restart would both hold `(id, N)`, and the first
+/// could complete, renew or release the second's run. `attempted_at` is set
+/// to the shard's `now()` by every claim and by nothing else, so a claim
+/// after the restart never repeats the token of a claim lost before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunKey {
+    /// Row id on its shard.
+    pub id: i64,
+    /// The attempt the claim started.
+    pub attempt: i32,
+    /// The claim's token ([`FetchedJob::attempted_at`]).
+    pub attempted_at: DateTime<Utc>,
+}
+
+/// The three arrays a fenced statement takes for `runs`: ids, attempts, tokens.
+fn run_arrays(runs: &[RunKey]) -> (Vec<i64>, Vec<i32>, Vec<DateTime<Utc>>) {
+    let mut ids = Vec::with_capacity(runs.len());
+    let mut attempts = Vec::with_capacity(runs.len());
+    let mut tokens = Vec::with_capacity(runs.len());
+    for r in runs {
+        ids.push(r.id);
+        attempts.push(r.attempt);
+        tokens.push(r.attempted_at);
+    }
+    (ids, attempts, tokens)
 }
 
 /// What a producer asks for.
@@ -69,10 +121,8 @@ pub struct FetchParams<'a> {
 /// How one run ended, for the batched write.
 #[derive(Debug, Clone)]
 pub struct Finish {
-    /// Row id.
-    pub id: i64,
-    /// The attempt that ran (fence).
-    pub attempt: i32,
+    /// The run (fence).
+    pub run: RunKey,
     /// New state: `Available` (retry or snooze), `Discarded` or `Cancelled`.
     pub state: JobState,
     /// For `available`: how long from now (the shard's clock) until it runs again.
@@ -108,14 +158,44 @@ macro_rules! claim_open {
 }
 
 /// The end of a claim opened by `claim_open!`: the row every claim returns
-/// ([`FetchedJob`]).
+/// ([`FetchedJob`], with the claim's token `attempted_at`).
 macro_rules! claim_close {
     () => {
         "))
-         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.max_attempts, j.run_at,
+         RETURNING j.id, j.account, j.kind, j.args, j.attempt, j.attempted_at, j.max_attempts, j.run_at,
                    j.serial_key IS NOT NULL AS keyed"
     };
 }
+
+/// The end of every claim statement a producer runs, after a CTE `claimed`
+/// that holds the claimed rows (their column `keyed` says whether a run
+/// holds something across nodes until it ends): returns the rows, and
+/// decides how the claim's transaction commits. Public so tests can check
+/// the statements built with it.
+///
+/// A claim whose rows are all unkeyed commits with `synchronous_commit =
+/// off` (for its own transaction only: `set_config(.., true)`), without
+/// waiting for its WAL flush: its jobs start one flush sooner. Lost in a
+/// server crash (the WAL writer had not written it yet), such a claim only
+/// makes its jobs run again: after the restart they are `available` with the
+/// attempt given back, the node that ran them holds runs whose token
+/// ([`RunKey`]) no later claim repeats, so their outcomes, renewals and
+/// releases change nothing, and at-least-once holds. A claim that returned
+/// a keyed row (a serial key, or a limit slot of its account) keeps the
+/// session's setting and waits for its flush: lost, it would free the key
+/// or slot on the shard while its handler still runs on the node, and let
+/// another job of the key (or beyond the limit) run beside it. The claim of
+/// jobs that use resources ([`limits::JOB_FETCH_RESOURCED_SQL`]) is its own
+/// statement and always durable. A later durable commit on the shard
+/// flushes every earlier one, so a keyed claim never depends on an
+/// unflushed one.
+///
+/// The decision is an uncorrelated subquery in the condition, so it is
+/// evaluated once, after every row was claimed and before any is returned.
+pub const CLAIM_COMMIT_TAIL: &str = " SELECT c.* FROM claimed c
+  WHERE (SELECT CASE WHEN bool_or(k.keyed) THEN 'durable'
+                     ELSE set_config('synchronous_commit', 'off', true) END
+           FROM claimed k) IS NOT NULL";
 
 /// Condition: queue `$1` is not paused on this shard (one primary-key probe
 /// of `shardq.queue_pauses`).
@@ -496,29 +576,47 @@ pub(crate) fn claim_lost_serial_race(e: &sqlx::Error) -> bool {
         if db.code().as_deref() == Some("23505") && db.constraint() == Some("jobs_serial_held_idx"))
 }
 
-/// The strict-order claim a producer runs: [`JOB_FETCH_AVAILABLE_SQL`]
-/// and the limited claim ([`limits::JOB_FETCH_LIMITED_CTES`]) in one statement.
-pub static AVAILABLE_WITH_LIMITS: LazyLock<String> =
-    LazyLock::new(|| limits::claim_with_limits(JOB_FETCH_AVAILABLE_SQL));
-/// The fair claim a producer runs: [`JOB_FETCH_FAIR_SQL`] and the limited
-/// claim in one statement.
-pub static FAIR_WITH_LIMITS: LazyLock<String> = LazyLock::new(|| limits::claim_with_limits(JOB_FETCH_FAIR_SQL));
+/// The claim statement a producer runs for `claim` (one of the claims'
+/// `UPDATE .. RETURNING`), with the limited claim when `limited`, ending
+/// in [`CLAIM_COMMIT_TAIL`].
+fn claim_statement(claim: &str, limited: bool) -> String {
+    if limited {
+        format!("{}{CLAIM_COMMIT_TAIL}", limits::claim_with_limits(claim))
+    } else {
+        format!("WITH claimed AS ({claim}){CLAIM_COMMIT_TAIL}")
+    }
+}
+
+/// The strict-order claim a producer runs: [`JOB_FETCH_AVAILABLE_SQL`],
+/// committed as [`CLAIM_COMMIT_TAIL`] says.
+pub static AVAILABLE_CLAIM: LazyLock<String> = LazyLock::new(|| claim_statement(JOB_FETCH_AVAILABLE_SQL, false));
+/// The fair claim a producer runs: [`JOB_FETCH_FAIR_SQL`], committed as
+/// [`CLAIM_COMMIT_TAIL`] says.
+pub static FAIR_CLAIM: LazyLock<String> = LazyLock::new(|| claim_statement(JOB_FETCH_FAIR_SQL, false));
+/// The strict-order claim a producer runs while the queue has limited
+/// accounts: [`JOB_FETCH_AVAILABLE_SQL`] and the limited claim
+/// ([`limits::JOB_FETCH_LIMITED_CTES`]) in one statement.
+pub static AVAILABLE_WITH_LIMITS: LazyLock<String> = LazyLock::new(|| claim_statement(JOB_FETCH_AVAILABLE_SQL, true));
+/// The fair claim a producer runs while the queue has limited accounts:
+/// [`JOB_FETCH_FAIR_SQL`] and the limited claim in one statement.
+pub static FAIR_WITH_LIMITS: LazyLock<String> = LazyLock::new(|| claim_statement(JOB_FETCH_FAIR_SQL, true));
 
 /// Claims up to `limit` due jobs of a queue, fair share across accounts
 /// or in strict priority then run order (`p.fair`), skipping rows other
 /// nodes hold, and leases them to `node`; when `p.limited`, in the same
 /// statement, up to `limit` more of accounts with a concurrency limit in
 /// the queue, each holding one of its account's free slots
-/// ([`limits::JOB_FETCH_LIMITED_CTES`]).
+/// ([`limits::JOB_FETCH_LIMITED_CTES`]). Commits without waiting for its
+/// flush unless it claimed a keyed job ([`CLAIM_COMMIT_TAIL`]).
 pub async fn job_fetch_available<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     p: &FetchParams<'_>,
 ) -> sqlx::Result<Vec<FetchedJob>> {
     let q = sqlx::query_as(match (p.fair, p.limited) {
         (true, true) => FAIR_WITH_LIMITS.as_str(),
-        (true, false) => JOB_FETCH_FAIR_SQL,
+        (true, false) => FAIR_CLAIM.as_str(),
         (false, true) => AVAILABLE_WITH_LIMITS.as_str(),
-        (false, false) => JOB_FETCH_AVAILABLE_SQL,
+        (false, false) => AVAILABLE_CLAIM.as_str(),
     })
     .bind(p.queue)
     .bind(p.limit)
@@ -549,46 +647,66 @@ pub fn fair_rotation_after(after: Option<&str>, claimed: &[FetchedJob]) -> Optio
         .map(str::to_string)
 }
 
-/// The completion statement: `$1` ids, `$2` attempts. Public so tests can
-/// check its generic plan.
+/// `'running'` as the fenced statements compare `j.state` to it: through
+/// an uncorrelated subquery (one evaluation per statement), so that the
+/// planner cannot prove `state = 'running'` and no partial index with that
+/// predicate (`jobs_running_idx`, `jobs_lease_idx`) can serve the
+/// statement. Each fenced statement then finds its rows from the ids it
+/// is given, one probe of the primary key each, whatever the statistics
+/// say: on a shard analyzed while no job was running, the planner
+/// otherwise took the running rows for about none and drove a nested loop
+/// from `jobs_running_idx`, comparing every running row with every id
+/// given (256 × 256 rows, 12-16 ms per completion batch instead of 2).
+macro_rules! state_running {
+    () => {
+        "(SELECT 'running'::text)"
+    };
+}
+
+/// The completion statement: `$1` ids, `$2` attempts, `$3` claim tokens
+/// ([`RunKey`]). Public so tests can check its generic plan.
 ///
 /// Its transaction commits without waiting for the WAL flush
 /// (`synchronous_commit = off` for this transaction only): a completion
 /// lost in a server crash leaves the job `running` under this node, and the
 /// node's orphan check (or rescue, once the lease expires) makes it run
 /// again. At-least-once holds; the job is never lost, and a completion
-/// costs no flush wait. Claims and every other outcome stay synchronous.
-pub const JOB_COMPLETE_MANY_SQL: &str = "UPDATE shardq.jobs j
+/// costs no flush wait. Claims do the same unless they hold something
+/// across nodes ([`CLAIM_COMMIT_TAIL`]); every other outcome stays
+/// synchronous.
+///
+/// The rows are found from the ids, one primary-key probe each
+/// (`state_running!` keeps the planner from turning the join around).
+pub const JOB_COMPLETE_MANY_SQL: &str = concat!(
+    "UPDATE shardq.jobs j
             SET state = 'completed', finalized_at = now(), locked_by = NULL, lease_expires_at = NULL,
                 serial_held = false,
                 unique_key = CASE WHEN 'completed' = ANY(j.unique_states) THEN j.unique_key END
            FROM (SELECT set_config('synchronous_commit', 'off', true)) AS s(sync),
-                unnest($1::bigint[], $2::int[]) AS c(id, attempt)
-          WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'";
+                unnest($1::bigint[], $2::int[], $3::timestamptz[]) AS c(id, attempt, attempted_at)
+          WHERE j.id = c.id AND j.attempt = c.attempt AND j.attempted_at = c.attempted_at
+            AND j.state = ",
+    state_running!()
+);
 
-/// Marks runs completed, fenced by attempt. Returns the rows changed.
-pub async fn job_complete_many(pool: &Database, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
+/// Marks runs completed, fenced by their [`RunKey`]. Returns the rows changed.
+pub async fn job_complete_many(pool: &Database, runs: &[RunKey]) -> sqlx::Result<u64> {
+    let (ids, attempts, tokens) = run_arrays(runs);
     sqlx::query(JOB_COMPLETE_MANY_SQL)
         .bind(ids)
         .bind(attempts)
+        .bind(tokens)
         .execute(pool)
         .await
         .map(|r| r.rows_affected())
 }
 
-/// Writes runs that did not simply complete (retry, snooze, discard, cancel), fenced by attempt.
-/// Jobs made available again (retry, snooze) notify their queue, so every
-/// node's producer re-reads the queue's next run time and wakes at the
-/// retry's `run_at` rather than up to a poll later.
-pub async fn job_finish_many(pool: &Database, finishes: &[Finish]) -> sqlx::Result<u64> {
-    let ids: Vec<i64> = finishes.iter().map(|f| f.id).collect();
-    let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
-    let states: Vec<&str> = finishes.iter().map(|f| f.state.as_str()).collect();
-    let retry_in: Vec<Option<f64>> = finishes.iter().map(|f| f.retry_in.map(|d| d.as_secs_f64())).collect();
-    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
-    let extra: Vec<i32> = finishes.iter().map(|f| f.extra_attempts).collect();
-    sqlx::query_as(concat!(
-        "WITH changed AS (
+/// The statement that writes runs that did not simply complete: `$1` ids,
+/// `$2` attempts, `$3` claim tokens, `$4` states, `$5` seconds until a
+/// retry, `$6` errors, `$7` extra attempts. Public so tests can check its
+/// generic plan.
+pub const JOB_FINISH_MANY_SQL: &str = concat!(
+    "WITH changed AS (
          UPDATE shardq.jobs j
             SET state = f.state,
                 run_at = CASE WHEN f.retry_in IS NULL THEN j.run_at
@@ -600,27 +718,44 @@ pub async fn job_finish_many(pool: &Database, finishes: &[Finish]) -> sqlx::Resu
                               ELSE j.errors || jsonb_build_array(jsonb_build_object(
                                        'attempt', j.attempt, 'at', now(), 'error', f.error)) END,
                 locked_by = NULL, lease_expires_at = NULL, serial_held = false
-           FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[], $6::int[])
-                AS f(id, attempt, state, retry_in, error, extra)
-          WHERE j.id = f.id AND j.attempt = f.attempt AND j.state = 'running'
+           FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::text[], $5::float8[], $6::text[], $7::int[])
+                AS f(id, attempt, attempted_at, state, retry_in, error, extra)
+          WHERE j.id = f.id AND j.attempt = f.attempt AND j.attempted_at = f.attempted_at
+            AND j.state = ",
+    state_running!(),
+    "
          RETURNING j.queue, j.state
          )",
-        written_and_notified!()
-    ))
-    .bind(ids)
-    .bind(attempts)
-    .bind(states)
-    .bind(retry_in)
-    .bind(errors)
-    .bind(extra)
-    .fetch_one(pool)
-    .await
-    .map(|(written, _notified): (i64, i64)| written as u64)
+    written_and_notified!()
+);
+
+/// Writes runs that did not simply complete (retry, snooze, discard, cancel), fenced by their [`RunKey`].
+/// Jobs made available again (retry, snooze) notify their queue, so every
+/// node's producer re-reads the queue's next run time and wakes at the
+/// retry's `run_at` rather than up to a poll later.
+pub async fn job_finish_many(pool: &Database, finishes: &[Finish]) -> sqlx::Result<u64> {
+    let runs: Vec<RunKey> = finishes.iter().map(|f| f.run).collect();
+    let (ids, attempts, tokens) = run_arrays(&runs);
+    let states: Vec<&str> = finishes.iter().map(|f| f.state.as_str()).collect();
+    let retry_in: Vec<Option<f64>> = finishes.iter().map(|f| f.retry_in.map(|d| d.as_secs_f64())).collect();
+    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+    let extra: Vec<i32> = finishes.iter().map(|f| f.extra_attempts).collect();
+    sqlx::query_as(JOB_FINISH_MANY_SQL)
+        .bind(ids)
+        .bind(attempts)
+        .bind(tokens)
+        .bind(states)
+        .bind(retry_in)
+        .bind(errors)
+        .bind(extra)
+        .fetch_one(pool)
+        .await
+        .map(|(written, _notified): (i64, i64)| written as u64)
 }
 
-/// Extends the leases of this node's runs `(ids[i], attempts[i])` that are
-/// still running under its name, to `lease_secs` from now; returns every
-/// one still held, with the seconds left on its lease.
+/// Extends the leases of this node's runs that are still running under
+/// its name, to `lease_secs` from now; returns every one still held, with
+/// the seconds left on its lease.
 ///
 /// A lease with more than `fresh_secs` left (claimed or renewed moments
 /// ago) is not written: it is returned with what it has left. Under a
@@ -633,57 +768,74 @@ pub async fn job_finish_many(pool: &Database, finishes: &[Finish]) -> sqlx::Resu
 /// (shard migration V7), so renewals are HOT updates when the page has room.
 pub async fn job_lease_renew<'c>(
     conn: impl sqlx::PgExecutor<'c>,
-    ids: &[i64],
-    attempts: &[i32],
+    runs: &[RunKey],
     node: &str,
     lease_secs: f64,
     fresh_secs: f64,
-) -> sqlx::Result<Vec<(i64, i32, f64)>> {
-    sqlx::query_as(JOB_LEASE_RENEW_SQL)
+) -> sqlx::Result<Vec<(RunKey, f64)>> {
+    let (ids, attempts, tokens) = run_arrays(runs);
+    let rows: Vec<(i64, i32, DateTime<Utc>, f64)> = sqlx::query_as(JOB_LEASE_RENEW_SQL)
         .bind(ids)
         .bind(attempts)
+        .bind(tokens)
         .bind(node)
         .bind(lease_secs)
         .bind(fresh_secs)
         .fetch_all(conn)
-        .await
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, attempt, attempted_at, secs)| {
+            (
+                RunKey {
+                    id,
+                    attempt,
+                    attempted_at,
+                },
+                secs,
+            )
+        })
+        .collect())
 }
 
-/// The renewal statement: `$1` ids, `$2` attempts, `$3` node, `$4` lease
-/// seconds, `$5` seconds left above which a lease is fresh and left alone.
+/// The renewal statement: `$1` ids, `$2` attempts, `$3` claim tokens
+/// ([`RunKey`]), `$4` node, `$5` lease seconds, `$6` seconds left above
+/// which a lease is fresh and left alone.
 /// A fresh lease is reported from the statement's snapshot: it cannot have
 /// expired, so no rescue can have taken it meanwhile; a renewed one only if
 /// the update, which re-checks the row, wrote it. Public so tests can check
 /// its plan.
 pub const JOB_LEASE_RENEW_SQL: &str = "WITH mine AS (
-             SELECT j.id, j.attempt, j.lease_expires_at
+             SELECT j.id, j.attempt, j.attempted_at, j.lease_expires_at
                FROM shardq.jobs j
-               JOIN unnest($1::bigint[], $2::int[]) AS r(id, attempt)
-                 ON j.id = r.id AND j.attempt = r.attempt
-              WHERE j.locked_by = $3 AND (j.state = 'running' OR j.serial_held)
+               JOIN unnest($1::bigint[], $2::int[], $3::timestamptz[]) AS r(id, attempt, attempted_at)
+                 ON j.id = r.id AND j.attempt = r.attempt AND j.attempted_at = r.attempted_at
+              WHERE j.locked_by = $4 AND (j.state = 'running' OR j.serial_held)
          ), renewed AS (
-             UPDATE shardq.jobs j SET lease_expires_at = now() + make_interval(secs => $4)
+             UPDATE shardq.jobs j SET lease_expires_at = now() + make_interval(secs => $5)
                FROM mine m
-              WHERE j.id = m.id AND j.attempt = m.attempt AND j.locked_by = $3
-                AND (j.state = 'running' OR j.serial_held)
-                AND m.lease_expires_at <= now() + make_interval(secs => $5)
-             RETURNING j.id, j.attempt
+              WHERE j.id = m.id AND j.attempt = m.attempt AND j.attempted_at = m.attempted_at
+                AND j.locked_by = $4 AND (j.state = 'running' OR j.serial_held)
+                AND m.lease_expires_at <= now() + make_interval(secs => $6)
+             RETURNING j.id, j.attempt, j.attempted_at
          )
-         SELECT id, attempt, $4::float8 FROM renewed
+         SELECT id, attempt, attempted_at, $5::float8 FROM renewed
          UNION ALL
-         SELECT id, attempt, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 FROM mine
-          WHERE lease_expires_at > now() + make_interval(secs => $5)";
+         SELECT id, attempt, attempted_at, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 FROM mine
+          WHERE lease_expires_at > now() + make_interval(secs => $6)";
 
-/// Releases the serial keys the runs `(ids[i], attempts[i])` held, once
-/// they ended on this node (a run whose row was cancelled meanwhile still
-/// holds its key until here), and notifies the queues of every given job,
-/// so a producer waiting on the key's next job wakes.
-pub async fn job_serial_release(pool: &Database, ids: &[i64], attempts: &[i32]) -> sqlx::Result<u64> {
+/// Releases the serial keys (and limit slots) the `runs` held, once they
+/// ended on this node (a run whose row was cancelled meanwhile still holds
+/// its key until here), and notifies the queues of every given job, so a
+/// producer waiting on the key's next job wakes.
+pub async fn job_serial_release(pool: &Database, runs: &[RunKey]) -> sqlx::Result<u64> {
+    let (ids, attempts, tokens) = run_arrays(runs);
     sqlx::query_as(
         "WITH released AS (
              UPDATE shardq.jobs j SET serial_held = false
-               FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
-              WHERE j.id = r.id AND j.attempt = r.attempt AND j.serial_held
+               FROM unnest($1::bigint[], $2::int[], $3::timestamptz[]) AS r(id, attempt, attempted_at)
+              WHERE j.id = r.id AND j.attempt = r.attempt AND j.attempted_at = r.attempted_at
+                AND j.serial_held = (SELECT true)
              RETURNING j.id
          )
          SELECT (SELECT count(*) FROM released),
@@ -692,53 +844,69 @@ pub async fn job_serial_release(pool: &Database, ids: &[i64], attempts: &[i32]) 
     )
     .bind(ids)
     .bind(attempts)
+    .bind(tokens)
     .fetch_one(pool)
     .await
     .map(|(released, _notified): (i64, i64)| released as u64)
 }
 
-/// The runs `(id, attempt)` of this node on the shard, as the shard sees them.
-pub async fn job_running_of_node(pool: &Database, node: &str) -> sqlx::Result<Vec<(i64, i32)>> {
-    sqlx::query_as("SELECT id, attempt FROM shardq.jobs WHERE state = 'running' AND locked_by = $1")
-        .bind(node)
-        .fetch_all(pool)
-        .await
+/// The runs of this node on the shard, as the shard sees them.
+pub async fn job_running_of_node(pool: &Database, node: &str) -> sqlx::Result<Vec<RunKey>> {
+    let rows: Vec<(i64, i32, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT id, attempt, attempted_at FROM shardq.jobs WHERE state = 'running' AND locked_by = $1")
+            .bind(node)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, attempt, attempted_at)| {
+            attempted_at.map(|attempted_at| RunKey {
+                id,
+                attempt,
+                attempted_at,
+            })
+        })
+        .collect())
 }
 
 /// Makes claims of this node that it never received available again, with
 /// the attempt given back (it never ran); their queues are notified.
-pub async fn job_release_unclaimed(pool: &Database, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
-    give_back(pool, ids, attempts, node, false).await
+pub async fn job_release_unclaimed(pool: &Database, runs: &[RunKey], node: &str) -> sqlx::Result<u64> {
+    give_back(pool, runs, node, false).await
 }
 
 /// Hands running jobs of this node back (shutdown): available now, and the
 /// interrupted attempt does not count against `max_attempts`; their queues
 /// are notified, so another node takes them at once.
-pub async fn job_give_back(pool: &Database, ids: &[i64], attempts: &[i32], node: &str) -> sqlx::Result<u64> {
-    give_back(pool, ids, attempts, node, true).await
+pub async fn job_give_back(pool: &Database, runs: &[RunKey], node: &str) -> sqlx::Result<u64> {
+    give_back(pool, runs, node, true).await
 }
 
-/// Makes this node's runs `(ids[i], attempts[i])` available now without
-/// counting their attempt: an attempt that `ran` stays recorded and one more
-/// is allowed (`max_attempts + 1`); one that never ran is taken back
-/// (`attempt - 1`). Their queues are notified.
-async fn give_back(pool: &Database, ids: &[i64], attempts: &[i32], node: &str, ran: bool) -> sqlx::Result<u64> {
+/// Makes this node's `runs` available now without counting their attempt:
+/// an attempt that `ran` stays recorded and one more is allowed
+/// (`max_attempts + 1`); one that never ran is taken back (`attempt - 1`).
+/// Their queues are notified.
+async fn give_back(pool: &Database, runs: &[RunKey], node: &str, ran: bool) -> sqlx::Result<u64> {
+    let (ids, attempts, tokens) = run_arrays(runs);
     sqlx::query_as(concat!(
         "WITH changed AS (
          UPDATE shardq.jobs j
             SET state = 'available', run_at = now(),
-                attempt = j.attempt - CASE WHEN $4 THEN 0 ELSE 1 END,
-                max_attempts = j.max_attempts + CASE WHEN $4 THEN 1 ELSE 0 END,
+                attempt = j.attempt - CASE WHEN $5 THEN 0 ELSE 1 END,
+                max_attempts = j.max_attempts + CASE WHEN $5 THEN 1 ELSE 0 END,
                 locked_by = NULL, lease_expires_at = NULL, serial_held = false
-           FROM unnest($1::bigint[], $2::int[]) AS g(id, attempt)
-          WHERE j.id = g.id AND j.attempt = g.attempt
-            AND j.state = 'running' AND j.locked_by = $3
+           FROM unnest($1::bigint[], $2::int[], $3::timestamptz[]) AS g(id, attempt, attempted_at)
+          WHERE j.id = g.id AND j.attempt = g.attempt AND j.attempted_at = g.attempted_at
+            AND j.state = ",
+        state_running!(),
+        " AND j.locked_by = $4
          RETURNING j.queue, j.state
          )",
         written_and_notified!()
     ))
     .bind(ids)
     .bind(attempts)
+    .bind(tokens)
     .bind(node)
     .bind(ran)
     .fetch_one(pool)

@@ -2,7 +2,8 @@
 //!
 //! Layout: this file is the harness every test binary shares: a migrated
 //! fleet of fresh databases on the test bed ([`fleet`]), and waiting on a
-//! condition with a deadline ([`wait_for`]). The tests are in `tests/`.
+//! condition with a deadline ([`wait_for`]), generic plans and their cost
+//! ([`generic_plan`], [`buffers_and_rows`]). The tests are in `tests/`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -273,4 +274,46 @@ pub async fn many_shards(bed: &TestBed, n: usize) -> (Config, std::collections::
     }
     let shards: Vec<(&str, &str)> = urls.iter().map(|(n, u)| (n.as_str(), u.as_str())).collect();
     (Config::from_urls(&dbs.master.url, &shards).expect("config"), server_of)
+}
+
+/// Shared buffers (hit + read) touched by the part of the statement that
+/// finds and locks the rows (its InitPlan: `id = ANY(ARRAY(..))`), from
+/// `EXPLAIN (ANALYZE, BUFFERS)` of its generic plan, and the rows the
+/// statement returned. Runs it in a transaction that is rolled back.
+pub async fn buffers_and_rows(conn: &mut sqlx::PgConnection, types: &str, sql: &str, args: &str) -> (i64, i64) {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.expect("the cost probe runs");
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await
+        .expect("the cost probe runs");
+    sqlx::query(&format!("PREPARE shardq_cost_probe({types}) AS {sql}"))
+        .execute(&mut *tx)
+        .await
+        .expect("the cost probe runs");
+    let plan: serde_json::Value = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE shardq_cost_probe({args})"
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .expect("the cost probe runs")
+    .0;
+    sqlx::query("DEALLOCATE shardq_cost_probe")
+        .execute(&mut *tx)
+        .await
+        .expect("the cost probe runs");
+    tx.rollback().await.expect("the cost probe runs");
+    if std::env::var("SHOW_PLAN").is_ok() {
+        eprintln!("{plan:#}");
+    }
+    let top = &plan[0]["Plan"];
+    let find = top["Plans"]
+        .as_array()
+        .and_then(|p| p.iter().find(|n| n["Parent Relationship"] == "InitPlan"))
+        .expect("the statement finds its rows in an InitPlan");
+    let n = |node: &serde_json::Value, k: &str| node[k].as_i64().unwrap_or(0);
+    (
+        n(find, "Shared Hit Blocks") + n(find, "Shared Read Blocks"),
+        n(top, "Actual Rows"),
+    )
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shardq::{Account, JobContext, JobError, JobId, NewJob, Runtime, Worker};
-use shardq_tests::{fast_options, fleet, wait_for, Fleet};
+use shardq_tests::{buffers_and_rows, fast_options, fleet, wait_for, Fleet};
 use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -616,49 +616,16 @@ async fn a_limit_set_while_a_node_runs_holds_and_its_jobs_run_without_waiting_fo
 }
 
 /// Shared buffers (hit + read) the claim of jobs that use resources touches
-/// to find and lock its rows, and the rows it returns, claiming up to 10 jobs of `free` resources, from
-/// `EXPLAIN (ANALYZE, BUFFERS)` in a transaction that is rolled back.
+/// to find and lock its rows, and the rows it returns, claiming up to 10
+/// jobs of `free` resources ([`buffers_and_rows`]).
 async fn resourced_claim_cost(conn: &mut sqlx::PgConnection, free: &str) -> (i64, i64) {
-    use sqlx::Connection;
-    let mut tx = conn.begin().await.unwrap();
-    // The generic plan: what the server runs after a few executions.
-    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(&format!(
-        "PREPARE resourced_cost(text, bigint, text, float8, text[]) AS {}",
-        shardq::store::JOB_FETCH_RESOURCED_SQL
-    ))
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    let plan: serde_json::Value = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE resourced_cost('default', 10, 'node', 30, '{free}')"
-    ))
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap()
-    .0;
-    sqlx::query("DEALLOCATE resourced_cost")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    if std::env::var("SHOW_PLAN").is_ok() {
-        eprintln!("{plan:#}");
-    }
-    tx.rollback().await.unwrap();
-    let top = &plan[0]["Plan"];
-    // The part that finds and locks the rows: `id = ANY(ARRAY(..))`.
-    let find = top["Plans"]
-        .as_array()
-        .and_then(|p| p.iter().find(|n| n["Parent Relationship"] == "InitPlan"))
-        .expect("the claim finds its rows in an InitPlan");
-    let n = |node: &serde_json::Value, k: &str| node[k].as_i64().unwrap_or(0);
-    (
-        n(find, "Shared Hit Blocks") + n(find, "Shared Read Blocks"),
-        n(top, "Actual Rows"),
+    buffers_and_rows(
+        conn,
+        "text, bigint, text, float8, text[]",
+        shardq::store::JOB_FETCH_RESOURCED_SQL,
+        &format!("'default', 10, 'node', 30, '{free}'"),
     )
+    .await
 }
 
 #[tokio::test]

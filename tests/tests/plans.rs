@@ -7,7 +7,7 @@ use shardq::store::{
     AVAILABLE_CLAIM, AVAILABLE_WITH_LIMITS, FAIR_CLAIM, FAIR_WITH_LIMITS, JOB_COMPLETE_MANY_SQL,
     JOB_FETCH_AVAILABLE_SQL, JOB_FETCH_FAIR_SQL, JOB_FINISH_MANY_SQL, JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL,
 };
-use shardq_tests::{assert_indexed, fleet, generic_plan};
+use shardq_tests::{assert_indexed, buffers_and_rows, fleet, generic_plan};
 
 /// Rows in the table when plans are checked.
 const ROWS: i64 = 300_000;
@@ -88,48 +88,6 @@ async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
     ] {
         assert_indexed(name, &generic_plan(&mut conn, types, sql, args).await);
     }
-}
-
-/// Shared buffers (hit + read) touched by the part of the statement that
-/// finds and locks the rows (its InitPlan: `id = ANY(ARRAY(..))`), from
-/// `EXPLAIN (ANALYZE, BUFFERS)` of its generic plan, and the rows the
-/// statement returned. Runs it in a transaction that is rolled back.
-async fn buffers_and_rows(conn: &mut sqlx::PgConnection, types: &str, sql: &str, args: &str) -> (i64, i64) {
-    use sqlx::Connection;
-    let mut tx = conn.begin().await.unwrap();
-    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(&format!("PREPARE shardq_cost_probe({types}) AS {sql}"))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let plan: serde_json::Value = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE shardq_cost_probe({args})"
-    ))
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap()
-    .0;
-    sqlx::query("DEALLOCATE shardq_cost_probe")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
-    if std::env::var("SHOW_PLAN").is_ok() {
-        eprintln!("{plan:#}");
-    }
-    let top = &plan[0]["Plan"];
-    let find = top["Plans"]
-        .as_array()
-        .and_then(|p| p.iter().find(|n| n["Parent Relationship"] == "InitPlan"))
-        .expect("the statement finds its rows in an InitPlan");
-    let n = |node: &serde_json::Value, k: &str| node[k].as_i64().unwrap_or(0);
-    (
-        n(find, "Shared Hit Blocks") + n(find, "Shared Read Blocks"),
-        n(top, "Actual Rows"),
-    )
 }
 
 #[tokio::test]

@@ -66,14 +66,9 @@ lim_picks AS (
                    AND ",
             $resources,
             "
-                   AND (serial_key IS NULL OR (
-                        NOT EXISTS (
-                            SELECT 1 FROM shardq.jobs b
-                             WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
-                               AND b.state IN ('available', 'running'))
-                        AND NOT EXISTS (
-                            SELECT 1 FROM shardq.jobs h
-                             WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
+                   AND ",
+            claim_serial_free!(),
+            "
                  ORDER BY run_at, id
                  LIMIT LEAST(a.free, $2)
                  FOR UPDATE SKIP LOCKED) AS d) AS c
@@ -347,14 +342,9 @@ pub const JOB_FETCH_RESOURCED_SQL: &str = concat!(
                        AND NOT EXISTS (SELECT 1 FROM shardq.fences f WHERE f.account = jobs.account)",
     no_account_limit!("jobs.account"),
     "
-                       AND (serial_key IS NULL OR (
-                            NOT EXISTS (
-                                SELECT 1 FROM shardq.jobs b
-                                 WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
-                                   AND b.state IN ('available', 'running'))
-                            AND NOT EXISTS (
-                                SELECT 1 FROM shardq.jobs h
-                                 WHERE h.serial_key = jobs.serial_key AND h.serial_held)))
+                       AND ",
+    claim_serial_free!(),
+    "
                      ORDER BY priority, run_at, id
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED) AS c

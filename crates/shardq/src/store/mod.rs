@@ -84,6 +84,24 @@ macro_rules! no_account_limit {
     };
 }
 
+/// Condition on a candidate row of `shardq.jobs` (aliased `jobs`): its
+/// serial key, if any, is free: no earlier job of the key (lower id) is
+/// `available` or `running` (one seek in `jobs_serial_idx`) and no run
+/// still holds it (one seek in `jobs_serial_held_idx`). Jobs without a key
+/// skip both probes, as `OR` evaluates its left side first.
+macro_rules! claim_serial_free {
+    () => {
+        "(serial_key IS NULL OR (
+              NOT EXISTS (
+                  SELECT 1 FROM shardq.jobs b
+                   WHERE b.serial_key = jobs.serial_key AND b.id < jobs.id
+                     AND b.state IN ('available', 'running'))
+              AND NOT EXISTS (
+                  SELECT 1 FROM shardq.jobs h
+                   WHERE h.serial_key = jobs.serial_key AND h.serial_held)))"
+    };
+}
+
 /// The claims' predicate for resources (shard V22): the job (a row of
 /// `shardq.jobs` named `jobs` in the statement) uses no named resource. Jobs
 /// that use resources are claimed by their own statement

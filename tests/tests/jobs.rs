@@ -746,3 +746,52 @@ async fn a_batch_returns_ids_in_input_order_wakes_producers_and_is_refused_for_a
         .unwrap();
     assert_eq!(jobs, 100, "nothing of the refused batch was written");
 }
+
+#[tokio::test]
+async fn a_backlog_is_claimed_batch_after_batch_without_waiting_out_the_cooldown() {
+    let f = fleet().await;
+    let a = account(31);
+    // 48 jobs for a queue of 4 slots: a claim asks for 8, so the backlog
+    // takes at least six claims, each of them full.
+    let ids = f
+        .client
+        .enqueue_many((0..48).map(|_| (a.clone(), NewJob::from_json("count", serde_json::json!({})))))
+        .await
+        .unwrap();
+    let shard = ids[0].shard.clone();
+    let cooldown = Duration::from_secs(2);
+    let rt = Runtime::builder(f.router.clone())
+        .queue("default", 4)
+        .register(Counting::default())
+        .options(RuntimeOptions {
+            fetch_cooldown: cooldown,
+            ..fast_options()
+        })
+        .start()
+        .unwrap();
+    wait_for("the backlog completed", WAIT, || async {
+        count_state(&f.router, &shard, "completed").await == 48
+    })
+    .await;
+    rt.shutdown(Duration::from_secs(1)).await;
+    // Each claim stamps its jobs with its transaction's start: the claims
+    // followed each other without the cooldown between them, which would
+    // have spread six claims over at least five cooldowns.
+    let mut claims: Vec<_> = f
+        .client
+        .jobs_of(&a, Some("completed"), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.attempted_at.unwrap())
+        .collect();
+    claims.sort();
+    claims.dedup();
+    assert!(claims.len() >= 6, "at least six claims: {claims:?}");
+    let span = (*claims.last().unwrap() - claims[0]).to_std().unwrap();
+    assert!(
+        span < cooldown,
+        "{} full claims took {span:?}, more than one cooldown of {cooldown:?}",
+        claims.len()
+    );
+}

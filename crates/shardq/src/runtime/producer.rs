@@ -208,7 +208,9 @@ impl Producer {
                     // a full claim the backlog is known: the next claim goes
                     // at once (a sleep that short would wait for the next
                     // timer tick, a millisecond or more, per batch).
-                    let ended = Instant::now();
+                    if !matches!(&claimed, Ok(c) if c.jobs.len() >= c.want) {
+                        last_claim = Instant::now();
+                    }
                     match claimed {
                         Ok(c) => {
                             error_wait = Duration::from_millis(100);
@@ -218,7 +220,6 @@ impl Producer {
                                 maybe_work = true;
                             }
                             if got < c.want {
-                                last_claim = ended;
                                 due = c.due.flatten();
                                 // Due jobs a claim leaves are held by another
                                 // claim in flight or blocked behind their serial
@@ -237,13 +238,11 @@ impl Producer {
                         }
                         Err(e) if store::claim_lost_serial_race(&e) || store::claim_lost_limit_race(&e) => {
                             tracing::debug!(shard = %self.shard.db.name, queue = %self.queue, "a concurrent claim took a serial key or a limit slot this claim picked; claiming again");
-                            last_claim = ended;
                             maybe_work = true;
                         }
                         Err(e) => {
                             // A shard that cannot be claimed from gives up its
                             // share of the slots until it answers again.
-                            last_claim = ended;
                             self.slots.set_failing(self.shard.index);
                             tracing::warn!(shard = %self.shard.db.name, queue = %self.queue, error = %self.shard.db.error(e), "fetch failed; backing off");
                             retry_at = Some(Instant::now() + error_wait);

@@ -626,16 +626,25 @@ impl Router {
     /// place the new ones (a batch enqueue of a thousand new accounts does
     /// not wait for a thousand placements).
     pub async fn shards_for(&self, accounts: &[&Account]) -> Result<Vec<String>> {
-        let mut known: HashMap<&str, String> = HashMap::new();
-        let mut missing: Vec<&str> = Vec::new();
-        for account in accounts {
-            match self.cached(account) {
-                Some(shard) => {
-                    known.insert(account.as_str(), shard);
-                }
-                None => missing.push(account.as_str()),
-            }
+        // The cached accounts (nearly all, once warm) are filled in place
+        // under one read of the cache: one lookup and one copy each.
+        let mut out: Vec<Option<String>> = match self.cache.read() {
+            Ok(cache) => accounts
+                .iter()
+                .map(|a| cache.get(*a).map(|(shard, _)| shard.clone()))
+                .collect(),
+            Err(_) => vec![None; accounts.len()],
+        };
+        let mut missing: Vec<&str> = accounts
+            .iter()
+            .zip(&out)
+            .filter(|(_, shard)| shard.is_none())
+            .map(|(a, _)| a.as_str())
+            .collect();
+        if missing.is_empty() {
+            return Ok(out.into_iter().map(Option::unwrap_or_default).collect());
         }
+        let mut known: HashMap<&str, String> = HashMap::new();
         missing.sort_unstable();
         missing.dedup();
         let master = &self.master;
@@ -710,10 +719,12 @@ impl Router {
             // a shard refused (it started draining) are offered again.
             missing.retain(|a| !known.contains_key(a));
         }
-        Ok(accounts
-            .iter()
-            .map(|a| known.get(a.as_str()).cloned().unwrap_or_default())
-            .collect())
+        for (shard, account) in out.iter_mut().zip(accounts) {
+            if shard.is_none() {
+                *shard = known.get(account.as_str()).cloned();
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     /// Inserts `account`'s placement on `shard` unless it has one (see

@@ -80,7 +80,7 @@ impl Client {
                 tracing::Span::current().record("shard", db.name.as_str());
                 let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
                 let mut conn = db.conn(&mut conn);
-                match store::job_insert(&mut conn, account.as_str(), &job, &args, Notify::Deferred).await {
+                match store::job_insert(&mut conn, account.as_str(), &job, args, Notify::Deferred).await {
                     Ok(id) => {
                         self.wakeups.wake(db, &[job.queue.as_str()]);
                         return Ok(JobId {
@@ -112,7 +112,7 @@ impl Client {
                 tracing::Span::current().record("shard", db.name.as_str());
                 let mut conn = db.pool.acquire().await.map_err(|e| db.error(e))?;
                 let mut conn = db.conn(&mut conn);
-                match insert_keyed(&mut conn, account.as_str(), &job, &args).await {
+                match insert_keyed(&mut conn, account.as_str(), &job, args).await {
                     Ok(inserted) => {
                         let (id, inserted) = inserted?;
                         return Ok(Enqueued {
@@ -147,12 +147,12 @@ impl Client {
         let db = self.router.pool_for(account).await?;
         let mut tx = db.conn(tx);
         let id = if job.is_keyed() {
-            insert_keyed(&mut tx, account.as_str(), &job, &args)
+            insert_keyed(&mut tx, account.as_str(), &job, args)
                 .await
                 .map_err(|e| db.error(e))??
                 .0
         } else {
-            store::job_insert(&mut tx, account.as_str(), &job, &args, Notify::AtCommit)
+            store::job_insert(&mut tx, account.as_str(), &job, args, Notify::AtCommit)
                 .await
                 .map_err(|e| db.error(e))?
         };
@@ -181,7 +181,7 @@ impl Client {
         let args = jobs
             .iter()
             .map(|(_, job)| job.validate())
-            .collect::<Result<Vec<String>>>()?;
+            .collect::<Result<Vec<&str>>>()?;
         let accounts: Vec<&Account> = jobs.iter().map(|(account, _)| account).collect();
         let shards = self.router.shards_for(&accounts).await?;
         let (jobs, args) = (&jobs, &args);
@@ -206,14 +206,14 @@ impl Client {
         shard: &str,
         rows: Vec<usize>,
         jobs: &[(Account, NewJob)],
-        args: &[String],
+        args: &[&str],
     ) -> Result<Vec<(usize, JobId)>> {
         let db = self.router.shard(shard)?;
         let job_id = |id| JobId {
             shard: db.name.clone(),
             id,
         };
-        let input = |i: usize| (jobs[i].0.as_str(), &jobs[i].1, args[i].as_str());
+        let input = |i: usize| (jobs[i].0.as_str(), &jobs[i].1, args[i]);
         let plain: Vec<(&str, &NewJob, &str)> = rows.iter().map(|&i| input(i)).filter(|r| !r.1.is_keyed()).collect();
         let mut pooled = db.pool.acquire().await.map_err(|e| db.error(e))?;
         let mut conn = db.conn(&mut pooled);

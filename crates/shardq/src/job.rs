@@ -2,6 +2,7 @@
 //! name one (`SHARD:ID`), [`Enqueued`] to learn whether an enqueue inserted,
 //! [`JobState`] and [`JobRecord`] to inspect one. Plain values: no I/O here.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -116,7 +117,10 @@ pub struct Enqueued {
 pub struct NewJob {
     pub(crate) queue: String,
     pub(crate) kind: String,
-    pub(crate) args: serde_json::Value,
+    /// The args as JSON text, written once when the job is built (object
+    /// keys sorted, as `serde_json::Value` writes them): the text a unique
+    /// key is taken from, and what a batch sends, shared by every clone.
+    pub(crate) args: Arc<str>,
     pub(crate) priority: i16,
     pub(crate) max_attempts: i32,
     pub(crate) run_at: Option<DateTime<Utc>>,
@@ -154,7 +158,7 @@ impl NewJob {
         NewJob {
             queue: DEFAULT_QUEUE.to_string(),
             kind: kind.into(),
-            args,
+            args: args.to_string().into(),
             priority: 0,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             run_at: None,
@@ -266,7 +270,7 @@ impl NewJob {
     }
 
     /// Checks the fields and returns the args as JSON text.
-    pub(crate) fn validate(&self) -> Result<String> {
+    pub(crate) fn validate(&self) -> Result<&str> {
         let bad = |field, message: String| Err(Error::InvalidJob { field, message });
         if self.queue.is_empty() || self.queue.len() > MAX_QUEUE_BYTES || self.queue.contains('\0') {
             return bad(
@@ -314,7 +318,7 @@ impl NewJob {
                 format!("{name:?} is not a resource name (1 to 64 letters, digits, '_', '.' or '-')"),
             );
         }
-        let text = self.args.to_string();
+        let text = &self.args;
         if text.len() > MAX_ARGS_BYTES {
             return bad(
                 "args",

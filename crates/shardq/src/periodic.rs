@@ -454,7 +454,7 @@ impl PeriodicJob {
         if self.overlap == Overlap::Skip {
             job.unique = Some(UniqueOpts::new().key(format!("periodic:{}", self.name)));
         }
-        let args = job.validate()?;
+        let args = job.validate()?.to_string();
         let mut tx = db.begin().await.map_err(|e| db.error(e))?;
         let recorded = store::periodic_runs_record(&mut tx.conn(), &self.name, due)
             .await

@@ -313,12 +313,18 @@ pub async fn statements_preload(pool: &PgPool) -> sqlx::Result<()> {
         .map(|_| ())
 }
 
-/// Creates `pg_stat_statements` in the database when missing and clears
-/// every statement's counters.
+/// Creates `pg_stat_statements` in the database when missing, has it
+/// count planning too (a statement planned again on every call, a custom
+/// plan, pays for it on the hot path), and clears every statement's
+/// counters.
 pub async fn statements_reset(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         .execute(pool)
         .await?;
+    sqlx::query("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
+        .execute(pool)
+        .await?;
+    sqlx::query("SELECT pg_reload_conf()").execute(pool).await?;
     sqlx::query("SELECT pg_stat_statements_reset()")
         .execute(pool)
         .await
@@ -338,6 +344,11 @@ pub struct StatementStats {
     pub mean_ms: f64,
     /// Total execution time, milliseconds.
     pub total_ms: f64,
+    /// Times it was planned (as many as `calls` when every call was
+    /// planned again; few once a generic plan is cached).
+    pub plans: i64,
+    /// Mean planning time, milliseconds.
+    pub mean_plan_ms: f64,
     /// Shared buffers hit, read and dirtied per call.
     pub blks_per_call: f64,
     /// WAL bytes per call.
@@ -349,6 +360,7 @@ pub async fn statements_top(pool: &PgPool, n: i64) -> sqlx::Result<Vec<Statement
     sqlx::query_as(
         "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 100) AS query, calls, rows,
                 mean_exec_time AS mean_ms, total_exec_time AS total_ms,
+                plans, mean_plan_time AS mean_plan_ms,
                 ((shared_blks_hit + shared_blks_read + shared_blks_dirtied)::float8 / greatest(calls, 1)) AS blks_per_call,
                 (wal_bytes::float8 / greatest(calls, 1)) AS wal_per_call
            FROM pg_stat_statements

@@ -347,14 +347,18 @@ async fn enqueue_alternating(
 pub(super) async fn print_statements(scenario: &str, pool: &sqlx::PgPool, jobs: usize) -> anyhow::Result<()> {
     let per = jobs.max(1) as f64 / 1000.0;
     eprintln!("{scenario}: statements by execution time (pg_stat_statements), {jobs} jobs");
-    eprintln!("  calls | rows/call | mean ms | exec ms per 1,000 jobs | blks/call | WAL B/call | statement");
+    eprintln!(
+        "  calls | rows/call | mean ms | exec ms per 1,000 jobs | plans | mean plan ms | blks/call | WAL B/call | statement"
+    );
     for s in store::statements_top(pool, 12).await? {
         eprintln!(
-            "  {} | {:.1} | {:.3} | {:.2} | {:.0} | {:.0} | {}",
+            "  {} | {:.1} | {:.3} | {:.2} | {} | {:.3} | {:.0} | {:.0} | {}",
             s.calls,
             s.rows as f64 / s.calls.max(1) as f64,
             s.mean_ms,
             s.total_ms / per,
+            s.plans,
+            s.mean_plan_ms,
             s.blks_per_call,
             s.wal_per_call,
             s.query

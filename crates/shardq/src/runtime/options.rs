@@ -13,10 +13,11 @@ use crate::error::{Error, Result};
 pub struct RuntimeOptions {
     /// Fallback poll of each producer, jittered ±10 % (default 1 s).
     pub poll_interval: Duration,
-    /// Least time from a fetch that came back short (the queue had no more
-    /// due jobs for it) to the next fetch of the same producer; wake-ups
-    /// inside it coalesce into one fetch. A fetch that came back full is
-    /// followed at once (default 0.5 ms).
+    /// Least time from the start of a fetch that came back short (the
+    /// queue had no more due jobs for it) to the start of the next fetch of
+    /// the same producer; wake-ups inside it coalesce into one fetch. A
+    /// fetch that took longer than this is followed at once by the next
+    /// wake-up; one that came back full is followed at once (default 0.5 ms).
     pub fetch_cooldown: Duration,
     /// Most jobs one fetch claims (default 1,000; free slots bound it too).
     pub max_batch: usize,

@@ -78,12 +78,23 @@ struct Claimed {
     jobs: Vec<Buffered>,
     /// How many were asked for.
     want: usize,
-    /// When the queue's earliest scheduled job is due, read after a short
-    /// claim (`None` inside: no job or unknown).
-    due: Option<Option<Instant>>,
-    /// Whether the claim went without the limited part, left due jobs and
-    /// found that the queue has limited accounts now, or its claim of jobs
-    /// that use resources lost a race for a key or slot: claim again at once.
+    /// Whether its claim of jobs that use resources lost a race for a key
+    /// or slot: claim again at once.
+    claim_again: bool,
+    /// Whether it went without the limited part as read before it (a
+    /// short claim then reads again whether the queue has limited accounts
+    /// now: [`Producer::read_due`]).
+    without_limits: bool,
+}
+
+/// What a producer reads after a short claim ([`Producer::read_due`]).
+struct DueRead {
+    /// How many jobs the short claim brought back.
+    got: usize,
+    /// When the queue's earliest available job is due (`None`: no job, or unknown).
+    due: Option<Instant>,
+    /// Whether jobs were due and the queue has limited accounts now,
+    /// although the claim went without the limited part: claim again at once.
     claim_again: bool,
 }
 
@@ -140,7 +151,11 @@ impl Producer {
         // that was read (claims in flight share it).
         let limited: std::sync::Mutex<Option<(Instant, bool)>> = std::sync::Mutex::new(None);
         // The claims in flight, in the order sent, each with how many jobs it asked for.
-        let mut claims: FuturesOrdered<BoxFuture<'_, (usize, sqlx::Result<Claimed>)>> = FuturesOrdered::new();
+        let mut claims: FuturesOrdered<BoxFuture<'_, (usize, Instant, sqlx::Result<Claimed>)>> = FuturesOrdered::new();
+        // The reads of the next due time after short claims, in the order
+        // sent: made after a short claim's jobs were handed to the slots,
+        // so they never wait for it.
+        let mut due_reads: FuturesOrdered<BoxFuture<'_, DueRead>> = FuturesOrdered::new();
         // Jobs asked for by the claims in flight.
         let mut claiming = 0;
         // Whether a claim may find work: set by every wake-up, the poll, a
@@ -182,7 +197,7 @@ impl Producer {
                         }
                         claiming += want;
                         let (this, after, limited) = (&self, &after, &limited);
-                        claims.push_back(async move { (want, this.claim(want, after, limited).await) }.boxed());
+                        claims.push_back(async move { (want, now, this.claim(want, after, limited).await) }.boxed());
                     } else if buffer.len() + claiming < bounds.refill_below {
                         // Held back by outcomes not yet written: woken by
                         // their release, or shortly in case it came just now.
@@ -201,15 +216,17 @@ impl Producer {
                 _ = self.wake.notified() => maybe_work = true,
                 _ = permits_changed.changed() => maybe_work = true,
                 _ = self.shard.leases.released(), if held_back => {}
-                Some((asked, claimed)) = claims.next(), if !claims.is_empty() => {
+                Some((asked, sent, claimed)) = claims.next(), if !claims.is_empty() => {
                     claiming -= asked;
-                    // The cooldown counts from the end of a short claim, so
-                    // wake-ups during it gather into the next claim. After
-                    // a full claim the backlog is known: the next claim goes
-                    // at once (a sleep that short would wait for the next
-                    // timer tick, a millisecond or more, per batch).
+                    // The cooldown counts from the start of a short claim,
+                    // so wake-ups during it gather into the next claim, and
+                    // one that comes after a claim longer than the cooldown
+                    // is served at once (a sleep that short would wait for
+                    // the next timer tick, a millisecond or more). After a
+                    // full claim the backlog is known: the next claim goes
+                    // at once.
                     if !matches!(&claimed, Ok(c) if c.jobs.len() >= c.want) {
-                        last_claim = Instant::now();
+                        last_claim = sent;
                     }
                     match claimed {
                         Ok(c) => {
@@ -220,18 +237,10 @@ impl Producer {
                                 maybe_work = true;
                             }
                             if got < c.want {
-                                due = c.due.flatten();
-                                // Due jobs a claim leaves are held by another
-                                // claim in flight or blocked behind their serial
-                                // key. Look once more shortly; if that claims
-                                // nothing either, wait for a notification (a
-                                // key's release sends one) or the poll instead
-                                // of re-reading the blocked chain every 10 ms.
-                                let due_now = due.is_some_and(|at| at <= Instant::now());
-                                if due_now && left_due && got == 0 {
-                                    due = None;
-                                }
-                                left_due = due_now;
+                                // The jobs start first (at the top of the
+                                // loop), then the next due time is read.
+                                let (this, limited) = (&self, &limited);
+                                due_reads.push_back(this.read_due(got, c.without_limits, limited).boxed());
                             } else {
                                 maybe_work = true;
                             }
@@ -251,6 +260,22 @@ impl Producer {
                         }
                     }
                 }
+                Some(read) = due_reads.next(), if !due_reads.is_empty() => {
+                    due = read.due;
+                    // Due jobs a claim leaves are held by another claim in
+                    // flight or blocked behind their serial key. Look once
+                    // more shortly; if that claims nothing either, wait for a
+                    // notification (a key's release sends one) or the poll
+                    // instead of re-reading the blocked chain every 10 ms.
+                    let due_now = due.is_some_and(|at| at <= Instant::now());
+                    if due_now && left_due && read.got == 0 {
+                        due = None;
+                    }
+                    left_due = due_now;
+                    if read.claim_again {
+                        maybe_work = true;
+                    }
+                }
                 _ = tokio::time::sleep_until(until) => maybe_work = true,
             }
             // A due time that has passed is used up; the next short claim reads a new one.
@@ -259,7 +284,7 @@ impl Producer {
         // As before a stop: the jobs of claims that were in flight start on
         // the slots free now (shutdown gives them its grace period like the
         // other runs); the rest of the buffer is handed back.
-        while let Some((_, claimed)) = claims.next().await {
+        while let Some((_, _, claimed)) = claims.next().await {
             if let Ok(c) = claimed {
                 buffer.extend(c.jobs);
             }
@@ -476,37 +501,41 @@ impl Producer {
         if lost > 0 {
             metrics::leases_lost(&self.shard.db.name, lost as u64);
         }
-        let due = if got < want {
-            Some(wakeup::next_due(&self.shard, &self.queue, opts.shard_timeout).await)
-        } else {
-            None
-        };
-        // A claim without the limited part (as read before it) that left due
-        // jobs: they may be of an account whose limit was set since. Read
-        // again now; when limited accounts appeared, the next claim, at
-        // once, has the limited part. (A limit set shows within a claim or
-        // two instead of a poll interval; the ordinary claims never run a
-        // limited account's jobs meanwhile.)
-        let mut claim_again = lost_race;
-        if !has_limits && known.is_some() && due.flatten().is_some_and(|at| at <= Instant::now()) {
-            let read = tokio::time::timeout(
-                opts.shard_timeout,
-                store::account_limits_exist(&self.shard.db, &self.queue),
-            )
-            .await;
+        Ok(Claimed {
+            jobs,
+            want,
+            claim_again: lost_race,
+            without_limits: !has_limits && known.is_some(),
+        })
+    }
+
+    /// After a short claim that brought back `got` jobs: when the queue's
+    /// earliest available job is due. A claim that went `without_limits`
+    /// (as read before it) and left due jobs may have left them because
+    /// their account's limit was set since: whether the queue has limited
+    /// accounts is read again, and when it has, the next claim, at once,
+    /// has the limited part. (A limit set shows within a claim or two
+    /// instead of a poll interval; the ordinary claims never run a limited
+    /// account's jobs meanwhile.)
+    async fn read_due(
+        &self,
+        got: usize,
+        without_limits: bool,
+        limited: &std::sync::Mutex<Option<(Instant, bool)>>,
+    ) -> DueRead {
+        let timeout = self.node.options.shard_timeout;
+        let due = wakeup::next_due(&self.shard, &self.queue, timeout).await;
+        let mut claim_again = false;
+        if without_limits && due.is_some_and(|at| at <= Instant::now()) {
+            let read = tokio::time::timeout(timeout, store::account_limits_exist(&self.shard.db, &self.queue)).await;
             if let Ok(Ok(l)) = read {
                 if let Ok(mut slot) = limited.lock() {
                     *slot = Some((Instant::now(), l));
                 }
-                claim_again |= l;
+                claim_again = l;
             }
         }
-        Ok(Claimed {
-            jobs,
-            want,
-            due,
-            claim_again,
-        })
+        DueRead { got, due, claim_again }
     }
 
     /// Claims jobs that use named resources, on `conn`, while the node may

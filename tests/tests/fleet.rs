@@ -383,15 +383,28 @@ async fn converge(what: &str, shards: &[String], nodes: &BTreeMap<String, Runtim
             return;
         }
         if tokio::time::Instant::now() > until {
-            let off: Vec<String> = shards
-                .iter()
-                .filter(|s| got.get(*s) != want.get(*s))
-                .map(|s| format!("{s}: worked by {:?}, owners {:?}", got.get(s), want.get(s)))
-                .collect();
-            panic!("{what}: no convergence within {WAIT:?}:\n{}", off.join("\n"));
+            panic!(
+                "{what}: no convergence within {WAIT:?}:\n{}",
+                off_shards(shards, &got, &want)
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The shards whose workers `got` differ from their owners `want`, one
+/// line each, for a convergence that did not come.
+fn off_shards(
+    shards: &[String],
+    got: &BTreeMap<String, BTreeSet<String>>,
+    want: &BTreeMap<String, BTreeSet<String>>,
+) -> String {
+    shards
+        .iter()
+        .filter(|s| got.get(*s) != want.get(*s))
+        .map(|s| format!("{s}: worked by {:?}, owners {:?}", got.get(s), want.get(s)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Ownerships (shard, node) in `before` not in `after`.
@@ -432,9 +445,17 @@ async fn converge_sampled(
     pool: i64,
 ) {
     let until = tokio::time::Instant::now() + WAIT;
-    while workers(nodes) != expected(shards, nodes, 3) {
+    loop {
+        let (got, want) = (workers(nodes), expected(shards, nodes, 3));
+        if got == want {
+            return;
+        }
         sample(shards, nodes, server_of, pool).await;
-        assert!(tokio::time::Instant::now() < until, "no convergence after {what}");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no convergence after {what} within {WAIT:?}:\n{}",
+            off_shards(shards, &got, &want)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -276,11 +276,10 @@ pub async fn many_shards(bed: &TestBed, n: usize) -> (Config, std::collections::
     (Config::from_urls(&dbs.master.url, &shards).expect("config"), server_of)
 }
 
-/// Shared buffers (hit + read) touched by the part of the statement that
-/// finds and locks the rows (its InitPlan: `id = ANY(ARRAY(..))`), from
-/// `EXPLAIN (ANALYZE, BUFFERS)` of its generic plan, and the rows the
-/// statement returned. Runs it in a transaction that is rolled back.
-pub async fn buffers_and_rows(conn: &mut sqlx::PgConnection, types: &str, sql: &str, args: &str) -> (i64, i64) {
+/// `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` of the generic plan of `sql`
+/// (parameter types `types`) run with `args`, in a transaction that is
+/// rolled back (set `SHOW_PLAN` to print it).
+pub async fn analyzed_plan(conn: &mut sqlx::PgConnection, types: &str, sql: &str, args: &str) -> serde_json::Value {
     use sqlx::Connection;
     let mut tx = conn.begin().await.expect("the cost probe runs");
     sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
@@ -306,6 +305,15 @@ pub async fn buffers_and_rows(conn: &mut sqlx::PgConnection, types: &str, sql: &
     if std::env::var("SHOW_PLAN").is_ok() {
         eprintln!("{plan:#}");
     }
+    plan
+}
+
+/// Shared buffers (hit + read) touched by the part of the statement that
+/// finds and locks the rows (its InitPlan: `id = ANY(ARRAY(..))`), from
+/// `EXPLAIN (ANALYZE, BUFFERS)` of its generic plan, and the rows the
+/// statement returned. Runs it in a transaction that is rolled back.
+pub async fn buffers_and_rows(conn: &mut sqlx::PgConnection, types: &str, sql: &str, args: &str) -> (i64, i64) {
+    let plan = analyzed_plan(conn, types, sql, args).await;
     let top = &plan[0]["Plan"];
     let find = top["Plans"]
         .as_array()

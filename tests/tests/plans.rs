@@ -7,7 +7,7 @@ use shardq::store::{
     AVAILABLE_CLAIM, AVAILABLE_WITH_LIMITS, FAIR_CLAIM, FAIR_WITH_LIMITS, JOB_COMPLETE_MANY_SQL,
     JOB_FETCH_AVAILABLE_SQL, JOB_FETCH_FAIR_SQL, JOB_FINISH_MANY_SQL, JOB_LEASE_RENEW_SQL, JOB_RESCUE_EXPIRED_SQL,
 };
-use shardq_tests::{assert_indexed, buffers_and_rows, fleet, generic_plan};
+use shardq_tests::{analyzed_plan, assert_indexed, buffers_and_rows, fleet, generic_plan};
 
 /// Rows in the table when plans are checked.
 const ROWS: i64 = 300_000;
@@ -219,6 +219,81 @@ async fn the_fair_claim_does_not_walk_one_accounts_backlog() {
         big_backlog < small_backlog * 3 / 2 + 20,
         "the fair claim touched {small_backlog} buffers with a backlog of 100 and {big_backlog} with 200k"
     );
+}
+
+/// Buffers (hit + read) of the plan nodes matching `pick`, with their
+/// children.
+fn buffers_where(plan: &serde_json::Value, pick: impl Fn(&serde_json::Value) -> bool) -> i64 {
+    let n = |node: &serde_json::Value, k: &str| node[k].as_i64().unwrap_or(0);
+    plan_nodes(&plan[0]["Plan"])
+        .into_iter()
+        .filter(|node| pick(node))
+        .map(|node| n(node, "Shared Hit Blocks") + n(node, "Shared Read Blocks"))
+        .sum()
+}
+
+/// A queue drained from one account's backlog keeps the index entries of
+/// the jobs claimed from it at the old end of its range until vacuum
+/// removes them, and a seek to that end steps over all of them. The
+/// claim's own read of the due jobs must (they are the oldest), but the
+/// priorities in use and the fair claim's window of accounts are found
+/// without it.
+#[tokio::test]
+async fn the_claims_do_not_step_over_the_jobs_claimed_before_them() {
+    let f = fleet().await;
+    let db = f.router.shards()[0].clone();
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "ALTER TABLE shardq.jobs SET (autovacuum_enabled = false);
+         INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
+         SELECT 'big', 'default', 'noop', '{}', now() - interval '1 hour' + i * interval '1 ms'
+           FROM generate_series(1, 60000) AS i;
+         INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
+         SELECT 'small-' || i, 'default', 'noop', '{}', now() + interval '1 hour'
+           FROM generate_series(1, 5) AS i;",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE shardq.jobs SET state = 'completed', finalized_at = now()
+          WHERE id IN (SELECT id FROM shardq.jobs WHERE account = 'big' ORDER BY id LIMIT 50000)",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let strict = (
+        "text, bigint, text, float8, float8",
+        JOB_FETCH_AVAILABLE_SQL,
+        "'default', 128, 'node', 30, 300",
+    );
+    // The producer resumes the fair rotation after the account it served last.
+    let fair = (
+        "text, bigint, text, float8, float8, text",
+        JOB_FETCH_FAIR_SQL,
+        "'default', 128, 'node', 30, 300, 'big'",
+    );
+    // A first claim marks the entries of the claimed jobs dead, as a
+    // drain's claims do.
+    let (_, rows) = buffers_and_rows(&mut conn, strict.0, strict.1, strict.2).await;
+    assert_eq!(rows, 128, "a full claim");
+    for (name, (types, sql, args)) in [("strict", strict), ("fair", fair)] {
+        let plan = analyzed_plan(&mut conn, types, sql, args).await;
+        let head = buffers_where(&plan, |n| n["Index Name"] == "jobs_fetch_idx");
+        // About 150 entries a page: 50,000 claimed jobs are some 300 pages.
+        assert!(
+            head > 200,
+            "{name}: the due jobs' read stepped over the claimed ones ({head} buffers)"
+        );
+        for cte in ["CTE priorities", "CTE pairs", "CTE start_pair"] {
+            let read = buffers_where(&plan, |n| n["Subplan Name"] == cte);
+            assert!(read < 40, "{name} claim: {cte} touched {read} buffers");
+        }
+    }
 }
 
 #[tokio::test]

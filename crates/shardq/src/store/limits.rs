@@ -26,18 +26,9 @@ use shardq_router::router::Database;
 macro_rules! limited_claim_ctes {
     ($resources:literal, $aged:literal, $returning:literal) => {
         concat!(
-            "WITH RECURSIVE lim_priorities AS (
-    (SELECT priority FROM shardq.jobs
-      WHERE state = 'available' AND queue = $1
-      ORDER BY priority LIMIT 1)
-    UNION ALL
-    SELECT n.priority
-      FROM lim_priorities p
-      CROSS JOIN LATERAL (
-          SELECT priority FROM shardq.jobs
-           WHERE state = 'available' AND queue = $1 AND priority > p.priority
-           ORDER BY priority LIMIT 1) AS n
-),
+            "WITH RECURSIVE ",
+            priorities_cte!("lim_priorities"),
+            ",
 lim_accounts AS MATERIALIZED (
     SELECT l.account, l.max_running,
            GREATEST(l.max_running - (SELECT count(*) FROM shardq.jobs h

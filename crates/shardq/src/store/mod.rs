@@ -49,6 +49,36 @@ macro_rules! queue_heads_cte {
     };
 }
 
+/// `$name`: the distinct priorities with available jobs in queue `$1`, by
+/// a recursive skip scan (one index seek each), from the last priority
+/// down. Each seek lands on the newest entry of its priority, never on the
+/// oldest: a drained queue keeps the entries of the jobs it claimed at the
+/// old end of each priority's range until vacuum removes them, and a seek
+/// to the first entry steps over every one (305 index pages at 50,000
+/// claimed jobs, against 5 backwards). Shared by the claims
+/// (`priorities`, `lim_priorities`), which order what they read anyway.
+macro_rules! priorities_cte {
+    ($name:literal) => {
+        concat!(
+            $name,
+            " AS (
+              (SELECT priority FROM shardq.jobs
+                WHERE state = 'available' AND queue = $1
+                ORDER BY priority DESC LIMIT 1)
+              UNION ALL
+              SELECT n.priority
+                FROM ",
+            $name,
+            " p
+                CROSS JOIN LATERAL (
+                    SELECT priority FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1 AND priority < p.priority
+                     ORDER BY priority DESC LIMIT 1) AS n
+          )"
+        )
+    };
+}
+
 /// The tail of a statement whose CTE `changed` is an `UPDATE .. RETURNING
 /// queue, state` of jobs: counts the rows written and sends one
 /// `NOTIFY shardq_jobs, '<queue>'` per queue that got an available job, so

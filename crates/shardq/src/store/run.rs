@@ -250,15 +250,24 @@ macro_rules! claim_account_weight {
     };
 }
 
-/// `start` and `pairs`, the fair claim's window: a recursive skip scan over
-/// `jobs_fair_idx (queue, priority, account, run_at, id)` that finds, one
-/// index seek each, the earliest job of at most `max($2, 32)` (priority,
-/// account) pairs of queue `$1` (`priority`, `account`, `run_at`): as
-/// many as the claim takes jobs, and never fewer than 32, so that a small
-/// claim still sees every priority of the accounts nearby. It starts after
-/// account `$6` (NULL: the first) at the best priority in use (the first
-/// row of `priorities`, `strict_priorities_cte!`, read once per claim) and
-/// wraps around at the end, back to and including that account.
+/// `start`, `pairs` and `start_pair`, the fair claim's window: a
+/// recursive skip scan over `jobs_fair_idx (queue, priority, account,
+/// run_at, id)` that finds, one index seek each, the earliest job of at
+/// most `max($2, 32)` (priority, account) pairs of queue `$1` (`priority`,
+/// `account`, `run_at`): as many as the claim takes jobs, and never fewer
+/// than 32, so that a small claim still sees every priority of the
+/// accounts nearby. It starts after account `$6` (NULL: the first) at the
+/// best priority in use (the first of `priorities`, `priorities_cte!`,
+/// read once per claim) and wraps around at the end, back to that
+/// priority's first account and up to account `$6`. `start_pair` is the
+/// pair of `$6` itself at that priority, the window's last: its own CTE,
+/// so that the fast check (`JOB_FETCH_FAIR_SQL`) never reads it when `$6`
+/// is the head's only account. That account is most often a backlog just
+/// claimed from, and the seek to its earliest job steps over the index
+/// entries of every job claimed from it since the last vacuum (a page
+/// each 150 or so). The wrapped seeks keep to that priority with plain
+/// bounds on `account` (a row comparison bounds a scan only by its first
+/// column, so `(priority, account) < ..` would read the whole backlog).
 macro_rules! fair_window_ctes {
     () => {
         "start AS (
@@ -276,23 +285,39 @@ macro_rules! fair_window_ctes {
                      UNION ALL
                      (SELECT priority, account, run_at, true FROM shardq.jobs
                        WHERE state = 'available' AND queue = $1
-                       ORDER BY priority, account, run_at LIMIT 1)
+                         AND priority = s.priority AND account < s.account
+                       ORDER BY account, run_at LIMIT 1)
                      LIMIT 1) AS j1)
               UNION ALL
               SELECT n.priority, n.account, n.run_at, n.wrapped, p.n + 1
                 FROM pairs p
+                CROSS JOIN start s
                 CROSS JOIN LATERAL (
-                    (SELECT priority, account, run_at, p.wrapped AS wrapped FROM shardq.jobs
-                      WHERE state = 'available' AND queue = $1
+                    (SELECT priority, account, run_at, false AS wrapped FROM shardq.jobs
+                      WHERE state = 'available' AND queue = $1 AND NOT p.wrapped
                         AND (priority, account) > (p.priority, p.account)
                       ORDER BY priority, account, run_at LIMIT 1)
                     UNION ALL
                     (SELECT priority, account, run_at, true FROM shardq.jobs
                       WHERE state = 'available' AND queue = $1 AND NOT p.wrapped
-                      ORDER BY priority, account, run_at LIMIT 1)
+                        AND priority = s.priority AND account < s.account
+                      ORDER BY account, run_at LIMIT 1)
+                    UNION ALL
+                    (SELECT priority, account, run_at, true FROM shardq.jobs
+                      WHERE state = 'available' AND queue = $1 AND p.wrapped
+                        AND priority = s.priority AND account > p.account AND account < s.account
+                      ORDER BY account, run_at LIMIT 1)
                     LIMIT 1) AS n
                WHERE p.n < GREATEST($2, 32)
-                 AND NOT (n.wrapped AND (n.priority, n.account) > (SELECT priority, account FROM start))
+          ),
+          start_pair AS (
+              SELECT j.priority, j.account, j.run_at
+                FROM start s
+                CROSS JOIN LATERAL (
+                    SELECT priority, account, run_at FROM shardq.jobs
+                     WHERE state = 'available' AND queue = $1
+                       AND priority = s.priority AND account = s.account
+                     ORDER BY run_at LIMIT 1) AS j
           )"
     };
 }
@@ -315,27 +340,8 @@ macro_rules! fair_running_cte {
     };
 }
 
-/// `priorities`: the distinct priorities with available jobs in queue
-/// `$1`, by a recursive skip scan over `jobs_fetch_idx` (one seek each).
-macro_rules! strict_priorities_cte {
-    () => {
-        "priorities AS (
-              (SELECT priority FROM shardq.jobs
-                WHERE state = 'available' AND queue = $1
-                ORDER BY priority LIMIT 1)
-              UNION ALL
-              SELECT n.priority
-                FROM priorities p
-                CROSS JOIN LATERAL (
-                    SELECT priority FROM shardq.jobs
-                     WHERE state = 'available' AND queue = $1 AND priority > p.priority
-                     ORDER BY priority LIMIT 1) AS n
-          )"
-    };
-}
-
 /// The head of queue `$1` in strict order (`id`, `account`): per priority
-/// of `priorities` (`strict_priorities_cte!`), the due range of
+/// of `priorities` (`priorities_cte!`), the due range of
 /// `jobs_fetch_idx` read oldest first, up to `$2` rows, locked with SKIP
 /// LOCKED, without paused queues, fenced accounts or blocked serial keys;
 /// of those, the first `$2` by aging, priority, run time and id.
@@ -420,7 +426,7 @@ macro_rules! strict_head_select {
 pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
     claim_open!(),
     "WITH RECURSIVE ",
-    strict_priorities_cte!(),
+    priorities_cte!("priorities"),
     "
      SELECT h.id FROM (",
     strict_head_select!(),
@@ -463,8 +469,10 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
 /// rows stay locked until the statement ends and the turns below decide.
 ///
 /// Cost: the window (`fair_window_ctes!`) is at most `max($2, 32)`
-/// (priority, account) pairs, one seek each in `jobs_fair_idx` (a backlog
-/// of 200k jobs of one account is one seek), starting after the account the
+/// (priority, account) pairs and the start account's own, one seek each
+/// in `jobs_fair_idx` (a backlog of 200k jobs of one account is one seek;
+/// the fast check above leaves out the start account's when it is the
+/// head's only one), starting after the account the
 /// producer served last, so with more accounts than the window successive
 /// claims rotate through them ([`fair_rotation_after`]) and a claim never
 /// reads more than the window. Of the accounts with due jobs in the window,
@@ -482,7 +490,7 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
 pub const JOB_FETCH_FAIR_SQL: &str = concat!(
     claim_open!(),
     "WITH RECURSIVE ",
-    strict_priorities_cte!(),
+    priorities_cte!("priorities"),
     ",
      head AS MATERIALIZED (",
     strict_head_select!(),
@@ -502,7 +510,9 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
                 ",
     claim_account_weight!("d.account"),
     " AS weight
-           FROM pairs d
+           FROM (SELECT priority, account, run_at FROM pairs
+                 UNION ALL
+                 SELECT priority, account, run_at FROM start_pair) AS d
           WHERE d.run_at <= now()
             AND ",
     claim_queue_open!(),
@@ -557,6 +567,10 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
                      WHEN count(DISTINCT h.account) = 1 THEN NOT EXISTS (
                           SELECT 1 FROM pairs
                            WHERE pairs.run_at <= now() AND pairs.account <> min(h.account))
+                          AND CASE WHEN $6 = min(h.account) THEN true
+                                   ELSE NOT EXISTS (SELECT 1 FROM start_pair sp
+                                                     WHERE sp.run_at <= now() AND sp.account <> min(h.account))
+                              END
                      ELSE false END AS head_is_fair
            FROM head h
      )

@@ -2,7 +2,8 @@
 //! for a shard a router reload adds, also when the reload adds many more
 //! shards than it started with; 16 in-process nodes over 64 shard
 //! databases keep every shard owned, their connections per server within
-//! the bound, and move few ownerships when a node joins or leaves.
+//! the bound, and move few ownerships when a node joins or leaves; a node
+//! whose own heartbeat came late does not find equally late nodes gone.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -504,4 +505,40 @@ async fn sixteen_nodes_over_64_shards_keep_every_shard_owned_within_the_connecti
     sample(&shards, &nodes, &server_of, i64::from(pool)).await;
 
     futures::future::join_all(nodes.into_values().map(|rt| rt.shutdown(Duration::from_millis(200)))).await;
+}
+
+/// A stall that holds up every node (an overloaded host) makes every
+/// heartbeat late. The first node to beat again must not find the others
+/// gone (and take all their shards) when it was held up as long as they
+/// were; a node that is on time still finds a stalled one gone after its
+/// time to live.
+#[tokio::test]
+async fn a_late_heartbeat_does_not_find_nodes_gone_that_were_held_up_as_long() {
+    let f = fleet().await;
+    let master = f.router.master();
+    let queues = serde_json::json!({"default": 1});
+    let ttl = 1.5;
+    let beat = |id: &'static str, late: f64| {
+        shardq::store::node_beat(master, id, chrono::Utc::now(), ttl, late, &queues, &[], 0)
+    };
+    let others = |rows: Vec<(String, Vec<String>)>| rows.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    assert_eq!(others(beat("late-a", 0.0).await.unwrap()), Vec::<String>::new());
+    assert_eq!(others(beat("late-b", 0.0).await.unwrap()), vec!["late-a".to_string()]);
+    // Both held up for 2.5 s: their last heartbeats are 2.5 s old, a
+    // second past their time to live.
+    let stall = "UPDATE shardq.nodes SET heartbeat_at = now() - interval '2.5 seconds' WHERE id = 'late-b'";
+    sqlx::query(stall).execute(&master.pool).await.unwrap();
+    assert_eq!(
+        others(beat("late-a", 2.5).await.unwrap()),
+        vec!["late-b".to_string()],
+        "a node held up 2.5 s found a node held up as long gone"
+    );
+    // On time, node a finds the stalled node gone, and its row is deleted.
+    sqlx::query(stall).execute(&master.pool).await.unwrap();
+    assert_eq!(others(beat("late-a", 0.0).await.unwrap()), Vec::<String>::new());
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM shardq.nodes WHERE id = 'late-b'")
+        .fetch_one(&master.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the lapsed row is deleted");
 }

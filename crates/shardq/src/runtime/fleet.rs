@@ -3,7 +3,11 @@
 //! Every node upserts its row in the master's node registry every
 //! `fleet_heartbeat` (its queues and limits, the shards it works, its open
 //! engine connections); a row not renewed within `node_ttl` (three
-//! heartbeats) is gone, and the next heartbeat of any node deletes it.
+//! heartbeats) is gone, and the next heartbeat of any node deletes it. A
+//! node whose own heartbeat comes late (its round, process or host was
+//! held up) waits that much longer before it finds another gone: a stall
+//! of the whole fleet does not make each node, as it wakes, take every
+//! shard ([`store::node_beat`]).
 //! From the live nodes each node computes, on its own and the same way,
 //! the owners of every shard: the `nodes_per_shard` nodes with the highest
 //! rendezvous score ([`owners`]). A join or a leave thus moves only the
@@ -91,6 +95,8 @@ pub(crate) struct Membership {
     queues: serde_json::Value,
     /// Whether the last heartbeat failed (to log a change once).
     failing: bool,
+    /// When the last heartbeat started: how late the next one comes.
+    last_beat: Option<tokio::time::Instant>,
 }
 
 impl Membership {
@@ -106,6 +112,7 @@ impl Membership {
                     .collect(),
             ),
             failing: false,
+            last_beat: None,
         }
     }
 
@@ -126,11 +133,20 @@ impl Membership {
         connections: u32,
     ) -> Option<Vec<(String, Vec<String>)>> {
         let working: Vec<String> = working.iter().cloned().collect();
+        // Later than one heartbeat after the last: the round, the process
+        // or the host was held up, and the other nodes likely were too.
+        let now = tokio::time::Instant::now();
+        let late = self
+            .last_beat
+            .replace(now)
+            .map(|at| now.duration_since(at).saturating_sub(node.options.fleet_heartbeat))
+            .unwrap_or_default();
         let beat = store::node_beat(
             &self.master,
             &node.id,
             self.started_at,
             node.options.node_ttl().as_secs_f64(),
+            late.as_secs_f64(),
             &self.queues,
             &working,
             i32::try_from(connections).unwrap_or(i32::MAX),

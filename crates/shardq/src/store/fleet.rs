@@ -30,12 +30,22 @@ pub struct NodeRow {
 /// JSON, the shards it works, its engine connections), deletes rows whose
 /// heartbeat lapsed, and returns the other live nodes with the shards each
 /// works.
+///
+/// `late_secs` is how much later than its heartbeat this beat comes (the
+/// node's own round took that long, or its process or host stalled): a row
+/// counts as lapsed, for this beat, only when its heartbeat is older than
+/// its time to live plus that. A stall that holds up every node (an
+/// overloaded host, a paused virtual machine) thus does not make the first
+/// to wake find the others gone, take all their shards, and, loaded with
+/// them, lapse in turn; a node that is on time still finds a stalled or
+/// crashed one gone after its time to live.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn node_beat(
+pub async fn node_beat(
     master: &Database,
     id: &str,
     started_at: DateTime<Utc>,
     ttl_secs: f64,
+    late_secs: f64,
     queues: &serde_json::Value,
     working: &[String],
     connections: i32,
@@ -50,11 +60,11 @@ pub(crate) async fn node_beat(
              RETURNING id
          ), gone AS (
              DELETE FROM shardq.nodes
-              WHERE heartbeat_at < now() - make_interval(secs => ttl_secs) AND id <> $1
+              WHERE heartbeat_at < now() - make_interval(secs => ttl_secs + $7) AND id <> $1
              RETURNING id
          )
          SELECT id, working FROM shardq.nodes
-          WHERE id <> $1 AND heartbeat_at >= now() - make_interval(secs => ttl_secs)
+          WHERE id <> $1 AND heartbeat_at >= now() - make_interval(secs => ttl_secs + $7)
             AND id NOT IN (SELECT id FROM gone)
           ORDER BY id",
     )
@@ -64,6 +74,7 @@ pub(crate) async fn node_beat(
     .bind(queues)
     .bind(working)
     .bind(connections)
+    .bind(late_secs.max(0.0))
     .fetch_all(master)
     .await
 }

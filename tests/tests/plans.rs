@@ -12,6 +12,16 @@ use shardq_tests::{analyzed_plan, assert_indexed, buffers_and_rows, fleet, gener
 /// Rows in the table when plans are checked.
 const ROWS: i64 = 300_000;
 
+/// Runs `sql` (one statement or more) on `conn`, then `VACUUM ANALYZE` of
+/// the jobs table, so that plans see the rows as they are.
+async fn load(conn: &mut sqlx::PgConnection, sql: &str) {
+    sqlx::raw_sql(sql).execute(&mut *conn).await.unwrap();
+    sqlx::query("VACUUM ANALYZE shardq.jobs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn hot_statements_use_indexes_under_generic_plans_on_a_large_table() {
     let f = fleet().await;
@@ -96,35 +106,25 @@ async fn claiming_due_jobs_does_not_walk_the_future_ones() {
     let db = f.router.shards()[0].clone();
     let mut conn = db.pool.acquire().await.unwrap();
     // 1k due jobs at priority 1.
-    sqlx::query(
+    load(
+        &mut conn,
         "INSERT INTO shardq.jobs (account, queue, kind, args, priority, run_at)
          SELECT 'a' || (i % 1000), 'default', 'noop', '{}', 1, now() - interval '1 minute'
            FROM generate_series(1, 1000) AS i",
     )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::query("VACUUM ANALYZE shardq.jobs")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    .await;
     let types = "text, bigint, text, float8, float8";
     let args = "'default', 100, 'node', 30, 300";
     let (alone, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_AVAILABLE_SQL, args).await;
     assert_eq!(rows, 100, "a full claim of due jobs");
     // A retry storm: 500k jobs waiting for a backoff at the better priority.
-    sqlx::query(
+    load(
+        &mut conn,
         "INSERT INTO shardq.jobs (account, queue, kind, args, priority, run_at)
          SELECT 'a' || (i % 1000), 'default', 'noop', '{}', 0, now() + interval '1 hour'
            FROM generate_series(1, 500000) AS i",
     )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::query("VACUUM ANALYZE shardq.jobs")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    .await;
     let (behind_future, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_AVAILABLE_SQL, args).await;
     assert_eq!(rows, 100, "a full claim of due jobs");
     // Finding and locking 100 due rows reads their heap pages and a few
@@ -143,18 +143,13 @@ async fn the_fair_claim_costs_what_the_strict_claim_does_while_accounts_interlea
     let mut conn = db.pool.acquire().await.unwrap();
     // 1,000 accounts whose jobs were enqueued in turn (as many tenants
     // enqueueing at once do): the strict head already holds one job each.
-    sqlx::query(
+    load(
+        &mut conn,
         "INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
          SELECT 'a' || (i % 1000), 'default', 'noop', '{}', now() - interval '1 minute'
            FROM generate_series(1, 20000) AS i",
     )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::query("VACUUM ANALYZE shardq.jobs")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    .await;
     let (strict, rows) = buffers_and_rows(
         &mut conn,
         "text, bigint, text, float8, float8",
@@ -197,19 +192,11 @@ async fn the_fair_claim_does_not_walk_one_accounts_backlog() {
                FROM generate_series(1, {big}) AS i"
         )
     };
-    sqlx::raw_sql(&fill(100)).execute(&mut *conn).await.unwrap();
-    sqlx::query("VACUUM ANALYZE shardq.jobs")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    load(&mut conn, &fill(100)).await;
     let (small_backlog, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_FAIR_SQL, args).await;
     assert_eq!(rows, 64, "a full claim");
     sqlx::query("TRUNCATE shardq.jobs").execute(&mut *conn).await.unwrap();
-    sqlx::raw_sql(&fill(200_000)).execute(&mut *conn).await.unwrap();
-    sqlx::query("VACUUM ANALYZE shardq.jobs")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    load(&mut conn, &fill(200_000)).await;
     let (big_backlog, rows) = buffers_and_rows(&mut conn, types, JOB_FETCH_FAIR_SQL, args).await;
     assert_eq!(rows, 64, "a full claim");
     // The same accounts and the same rows claimed: only the depth of the
@@ -243,7 +230,8 @@ async fn the_claims_do_not_step_over_the_jobs_claimed_before_them() {
     let f = fleet().await;
     let db = f.router.shards()[0].clone();
     let mut conn = db.pool.acquire().await.unwrap();
-    sqlx::raw_sql(
+    load(
+        &mut conn,
         "ALTER TABLE shardq.jobs SET (autovacuum_enabled = false);
          INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
          SELECT 'big', 'default', 'noop', '{}', now() - interval '1 hour' + i * interval '1 ms'
@@ -252,13 +240,7 @@ async fn the_claims_do_not_step_over_the_jobs_claimed_before_them() {
          SELECT 'small-' || i, 'default', 'noop', '{}', now() + interval '1 hour'
            FROM generate_series(1, 5) AS i;",
     )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::query("VACUUM ANALYZE shardq.jobs")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    .await;
     sqlx::query(
         "UPDATE shardq.jobs SET state = 'completed', finalized_at = now()
           WHERE id IN (SELECT id FROM shardq.jobs WHERE account = 'big' ORDER BY id LIMIT 50000)",

@@ -615,6 +615,56 @@ async fn a_limit_set_while_a_node_runs_holds_and_its_jobs_run_without_waiting_fo
     );
 }
 
+/// While one account's backlog keeps every claim full, a producer never
+/// comes back short, so only the limit's notification (not a short claim,
+/// and with this poll not the poll either) makes it read that the queue now
+/// has a limited account, whose jobs the ordinary claims leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_set_while_claims_come_back_full_lets_its_jobs_run_without_waiting_for_the_poll() {
+    let f = fleet().await;
+    let (busy, limited) = two_accounts_on_one_shard(&f, "lim-full").await;
+    let counted = Counted(Arc::new(vec![Tally::default(), Tally::default()]));
+    let options = shardq::RuntimeOptions {
+        poll_interval: Duration::from_secs(600),
+        ..fast_options()
+    };
+    // 20 ms each on 4 slots: 8,000 jobs keep the claims full for 40 s.
+    f.client
+        .enqueue_many((0..8_000).map(|_| (busy.clone(), job(0, 20, 0))))
+        .await
+        .unwrap();
+    let rt = Runtime::builder(f.router.clone())
+        .register(counted.clone())
+        .queue("default", 4)
+        .options(options)
+        .start()
+        .unwrap();
+    // The node claims, and has read that no account has a limit in the queue.
+    wait_for("the backlog runs", WAIT, || async { counted.0[0].most() >= 1 }).await;
+    f.client.set_account_limit(&limited, "default", Some(1)).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(f.client.enqueue(&limited, job(1, 0, 0)).await.unwrap());
+    }
+    wait_for(
+        "the limited account's jobs completed beside the backlog",
+        Duration::from_secs(10),
+        || async { counted.0[1].runs.lock().unwrap().len() == 3 },
+    )
+    .await;
+    let busy_done = counted.0[0].runs.lock().unwrap().len();
+    rt.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        busy_done < 8_000,
+        "the backlog was still running ({busy_done} of 8,000 done)"
+    );
+    assert_eq!(
+        counted.0[1].most_overlapping(),
+        1,
+        "the new limit held: one run at a time"
+    );
+}
+
 /// Shared buffers (hit + read) the claim of jobs that use resources touches
 /// to find and lock its rows, and the rows it returns, claiming up to 10
 /// jobs of `free` resources ([`buffers_and_rows`]).

@@ -28,6 +28,7 @@
 //! falls behind holds slots (and, through the bound on held jobs, claims).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,10 @@ pub(crate) struct Producer {
     pub wake: Arc<Notify>,
     /// The shard's completer inbox: every ended run's outcome goes here.
     pub done: mpsc::Sender<Done>,
+    /// Set when a limit in the queue was set or cleared on the shard (or
+    /// the LISTEN connection came back, so one may have been missed): the
+    /// next claim reads again whether the queue has limited accounts.
+    pub limits_changed: Arc<AtomicBool>,
 }
 
 /// How soon a producer held back by unwritten outcomes looks again if no
@@ -405,13 +410,15 @@ impl Producer {
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
         let from = after.lock().map(|a| a.clone()).unwrap_or_default();
-        // Whether the claim needs the limited part: read again once a poll
-        // interval, so a limit set takes effect within one.
+        // Whether the claim needs the limited part: read again after a
+        // limit in the queue was set or cleared here (notified), and once a
+        // poll interval (a limit written by other means, a lost notification).
+        let changed = self.limits_changed.swap(false, Ordering::SeqCst);
         let known = limited
             .lock()
             .ok()
             .and_then(|l| *l)
-            .filter(|(at, _)| at.elapsed() < opts.poll_interval);
+            .filter(|(at, _)| !changed && at.elapsed() < opts.poll_interval);
         let has_limits = match known {
             Some((_, l)) => l,
             None => {

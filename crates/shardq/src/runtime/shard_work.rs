@@ -10,6 +10,7 @@
 //! wake-ups by the unit's slot position (the shard set hands positions out).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,7 +81,14 @@ impl ShardUnit {
         let mut wakes = HashMap::new();
         for q in &plant.queues {
             let wake = plant.slots[q].waker(position);
-            wakes.insert(q.to_string(), wake.clone());
+            let limits_changed = Arc::new(AtomicBool::new(false));
+            wakes.insert(
+                q.to_string(),
+                QueueWake {
+                    wake: wake.clone(),
+                    limits_changed: limits_changed.clone(),
+                },
+            );
             let p = Producer {
                 node: node.clone(),
                 shard: shard.clone(),
@@ -88,6 +96,7 @@ impl ShardUnit {
                 slots: plant.slots[q].clone(),
                 wake,
                 done: done_tx.clone(),
+                limits_changed,
             };
             producers.push(tokio::spawn(p.run(stop_rx.clone())));
         }
@@ -198,16 +207,35 @@ fn engine_database(db: &Database, max: u32) -> Database {
     Database { pool, ..db.clone() }
 }
 
+/// How the LISTEN connection reaches one queue's producer on the shard.
+struct QueueWake {
+    /// Wakes the producer.
+    wake: Arc<Notify>,
+    /// Tells its next claim to read the queue's limits again.
+    limits_changed: Arc<AtomicBool>,
+}
+
 /// Who hears what on `shard`'s LISTEN connection: job notifications wake the
-/// producer of the queue named in the payload, cancel notifications go to
-/// the cancel stage, and every (re)connect wakes every producer.
-fn subscriptions(shard: &Arc<ShardWork>, producers: HashMap<String, Arc<Notify>>) -> Subscriptions {
+/// producer of the queue named in the payload, limit notifications also
+/// make its next claim read the queue's limits again, cancel notifications
+/// go to the cancel stage, and every (re)connect does both for every
+/// producer (whatever was sent meanwhile is lost).
+fn subscriptions(shard: &Arc<ShardWork>, producers: HashMap<String, QueueWake>) -> Subscriptions {
     let producers = Arc::new(producers);
     let wake_queue: Subscriber = {
         let producers = producers.clone();
         Box::new(move |queue| {
-            if let Some(w) = producers.get(queue) {
-                w.notify_one();
+            if let Some(p) = producers.get(queue) {
+                p.wake.notify_one();
+            }
+        })
+    };
+    let limits_changed: Subscriber = {
+        let producers = producers.clone();
+        Box::new(move |queue| {
+            if let Some(p) = producers.get(queue) {
+                p.limits_changed.store(true, Ordering::SeqCst);
+                p.wake.notify_one();
             }
         })
     };
@@ -216,7 +244,16 @@ fn subscriptions(shard: &Arc<ShardWork>, producers: HashMap<String, Arc<Notify>>
         Box::new(move |payload| cancel::on_notification(&shard, payload))
     };
     Subscriptions {
-        channels: HashMap::from([(CHANNEL, wake_queue), (store::CANCEL_CHANNEL, cancelled)]),
-        on_listen: Box::new(move || producers.values().for_each(|w| w.notify_one())),
+        channels: HashMap::from([
+            (CHANNEL, wake_queue),
+            (store::LIMITS_CHANNEL, limits_changed),
+            (store::CANCEL_CHANNEL, cancelled),
+        ]),
+        on_listen: Box::new(move || {
+            for p in producers.values() {
+                p.limits_changed.store(true, Ordering::SeqCst);
+                p.wake.notify_one();
+            }
+        }),
     }
 }

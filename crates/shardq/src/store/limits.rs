@@ -195,10 +195,15 @@ pub async fn account_limits_exist<'c>(conn: impl sqlx::PgExecutor<'c>, queue: &s
         .await
 }
 
+/// The channel a limit set or cleared notifies, with the queue as payload:
+/// the shard's producers of that queue read again whether it has limited
+/// accounts before their next claim, instead of once a poll interval.
+pub const LIMITS_CHANNEL: &str = "shardq_limits";
+
 /// Sets the concurrency limit of `account` in `queue` on this shard
-/// (`None`: no limit) and notifies the queue (`NOTIFY shardq_jobs`), so
-/// producers claim at once and find the limit (see the producer's
-/// claim). Refused (returns false, nothing written, nothing notified) while
+/// (`None`: no limit) and notifies the queue (`NOTIFY shardq_jobs`, and
+/// [`LIMITS_CHANNEL`]), so producers claim at once and find the limit
+/// (see the producer's claim), also while their claims come back full. Refused (returns false, nothing written, nothing notified) while
 /// the account has a fence here: it is moving or has moved away, and a move
 /// carries the limits it had when it started.
 pub async fn account_limit_set(pool: &Database, account: &str, queue: &str, limit: Option<i32>) -> sqlx::Result<bool> {
@@ -212,11 +217,13 @@ pub async fn account_limit_set(pool: &Database, account: &str, queue: &str, limi
                          SET max_running = EXCLUDED.max_running, set_at = now())
          SELECT o.ok AND n.notified >= 0
            FROM open o,
-                LATERAL (SELECT count(pg_notify('shardq_jobs', $2)) AS notified WHERE o.ok) AS n",
+                LATERAL (SELECT count(pg_notify('shardq_jobs', $2)) + count(pg_notify($4, $2)) AS notified
+                          WHERE o.ok) AS n",
     )
     .bind(account)
     .bind(queue)
     .bind(limit)
+    .bind(LIMITS_CHANNEL)
     .fetch_one(pool)
     .await
 }

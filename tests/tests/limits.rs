@@ -581,22 +581,27 @@ async fn a_claim_with_limited_accounts_returns_at_most_its_batch() {
         .all(|j| j.resources.as_deref() == Some(&["api".to_string()][..])));
 }
 
+/// A node of 4 slots in `default` whose poll is too long for the tests:
+/// only wake-ups and claims find a limit set.
+fn slow_poll_node(f: &Fleet, counted: &Counted) -> Runtime {
+    let options = shardq::RuntimeOptions {
+        poll_interval: Duration::from_secs(600),
+        ..fast_options()
+    };
+    Runtime::builder(f.router.clone())
+        .register(counted.clone())
+        .queue("default", 4)
+        .options(options)
+        .start()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_set_while_a_node_runs_holds_and_its_jobs_run_without_waiting_for_the_poll() {
     let f = fleet().await;
     let a = Account::new("lim-new").unwrap();
     let counted = Counted(Arc::new(vec![Tally::default(), Tally::default()]));
-    // A poll too long for the test: only wake-ups and claims find the limit.
-    let options = shardq::RuntimeOptions {
-        poll_interval: Duration::from_secs(600),
-        ..fast_options()
-    };
-    let rt = Runtime::builder(f.router.clone())
-        .register(counted.clone())
-        .queue("default", 4)
-        .options(options)
-        .start()
-        .unwrap();
+    let rt = slow_poll_node(&f, &counted);
     // The node has claimed, and read that no account has a limit in the queue.
     let first = f.client.enqueue(&a, job(0, 0, 0)).await.unwrap();
     wait_completed(&f, &[first]).await;
@@ -624,21 +629,12 @@ async fn a_limit_set_while_claims_come_back_full_lets_its_jobs_run_without_waiti
     let f = fleet().await;
     let (busy, limited) = two_accounts_on_one_shard(&f, "lim-full").await;
     let counted = Counted(Arc::new(vec![Tally::default(), Tally::default()]));
-    let options = shardq::RuntimeOptions {
-        poll_interval: Duration::from_secs(600),
-        ..fast_options()
-    };
     // 20 ms each on 4 slots: 8,000 jobs keep the claims full for 40 s.
     f.client
         .enqueue_many((0..8_000).map(|_| (busy.clone(), job(0, 20, 0))))
         .await
         .unwrap();
-    let rt = Runtime::builder(f.router.clone())
-        .register(counted.clone())
-        .queue("default", 4)
-        .options(options)
-        .start()
-        .unwrap();
+    let rt = slow_poll_node(&f, &counted);
     // The node claims, and has read that no account has a limit in the queue.
     wait_for("the backlog runs", WAIT, || async { counted.0[0].most() >= 1 }).await;
     f.client.set_account_limit(&limited, "default", Some(1)).await.unwrap();

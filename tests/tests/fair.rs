@@ -206,3 +206,37 @@ async fn neither_claim_takes_the_jobs_of_an_account_fenced_off_the_shard() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_claim_beside_another_that_took_the_small_accounts_fills_up_from_the_backlog() {
+    let f = fleet().await;
+    let pool = f.router.shards()[0].pool.clone();
+    // A backlog older than ten small accounts' one due job each: the head
+    // in strict order is the backlog's, so the turns decide.
+    due_jobs(&pool, "big", 500, 120.0).await;
+    for i in 0..10 {
+        due_jobs(&pool, &format!("small-{i}"), 1, 60.0).await;
+    }
+    // The first claim takes every small account's job and ten of the
+    // backlog's, and has not committed yet (a producer's two claims in
+    // flight, or two nodes).
+    let mut first_tx = pool.begin().await.unwrap();
+    let first = store::job_fetch_available(&mut *first_tx, &fetch(20, "n1", true))
+        .await
+        .unwrap();
+    let got = per_account(&first);
+    assert_eq!(first.len(), 20, "{got:?}");
+    assert_eq!(got.get("big"), Some(&10), "{got:?}");
+    // The second finds the small accounts' jobs locked. The backlog has
+    // 480 more due jobs, so it must not come back short.
+    let second = store::job_fetch_available(&pool, &fetch(20, "n1", true)).await.unwrap();
+    let got = per_account(&second);
+    assert_eq!(
+        got,
+        BTreeMap::from([("big".to_string(), 20)]),
+        "a full claim of the backlog beside the locked small jobs"
+    );
+    let firsts: std::collections::HashSet<i64> = first.iter().map(|j| j.id).collect();
+    assert!(second.iter().all(|j| !firsts.contains(&j.id)), "no job claimed twice");
+    first_tx.commit().await.unwrap();
+}

@@ -348,7 +348,7 @@ macro_rules! fair_running_cte {
 macro_rules! strict_head_select {
     () => {
         concat!(
-            "SELECT c.id, c.account
+            "SELECT c.id, c.account, c.priority, c.run_at
                FROM priorities p
                CROSS JOIN LATERAL (
                    SELECT id, account, priority, run_at FROM shardq.jobs
@@ -484,9 +484,14 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
 /// account instead of waiting). With as many accounts as the claim takes
 /// jobs, that is one job each: the claim locks no more rows than it
 /// returns. The cost grows with the accounts and priorities in use and the
-/// rows claimed, never with one account's backlog. A claim may come back
-/// short while few accounts have due jobs (their quotas bound it); the
-/// producer then claims again at once.
+/// rows claimed, never with one account's backlog. The head's rows,
+/// locked already, are candidates too (their account's turns go on where
+/// its quota's end): a claim beside another that has just locked the small
+/// accounts' jobs (a producer's two claims in flight, or two nodes) skips
+/// those and fills up from the head instead of coming back with the
+/// backlog's quota only. A claim may still come back short while few
+/// accounts have due jobs (their quotas bound it); the producer then
+/// claims again at once.
 pub const JOB_FETCH_FAIR_SQL: &str = concat!(
     claim_open!(),
     "WITH RECURSIVE ",
@@ -548,6 +553,11 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
                 ORDER BY run_at, id
                 LIMIT s.quota
                 FOR UPDATE SKIP LOCKED) AS c
+         UNION
+         SELECT h.id, h.priority, h.run_at, s.weight, s.running, s.account,
+                COALESCE(h.run_at <= now() - make_interval(secs => $5), false)
+           FROM head h
+           JOIN shares s ON s.account = h.account
      ),
      ranked AS (
          SELECT id, priority, run_at, aged,

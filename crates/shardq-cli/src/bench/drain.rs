@@ -136,9 +136,15 @@ pub(super) async fn drain_and_floor(
             }
             store::jobs_analyze(&pool).await?;
             eprintln!("drain: working {n} of the {backlog} jobs...");
+            if args.statements {
+                store::statements_reset(&pool).await?;
+            }
             let cpu = CpuClock::start(server)?;
             let (big, _) = drain(&fleet, n, args.concurrency).await?;
             let (server_ms, node_ms) = cpu.per_thousand(server, n)?;
+            if args.statements {
+                print_statements(&format!("drain, {backlog} backlog"), &pool, n).await?;
+            }
             results.add("drain", &format!("drain, {backlog} backlog"), big, "jobs/s");
             results.add("drain", "server CPU per 1,000 jobs, backlog", server_ms, "ms");
             results.add("drain", "node CPU per 1,000 jobs, backlog", node_ms, "ms");

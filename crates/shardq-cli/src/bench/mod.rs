@@ -114,7 +114,7 @@ pub struct BenchArgs {
     /// 5000000), against the drain of `--jobs` alone, in the same run.
     #[arg(long)]
     backlog: Option<usize>,
-    /// Profile the drain, floor and fairness runs with `pg_stat_statements`
+    /// Profile the drain (also off `--backlog`), floor and fairness runs with `pg_stat_statements`
     /// on the first shard's server (restarted to load it): the top
     /// statements are printed to stderr after each.
     #[arg(long)]

@@ -190,7 +190,7 @@ impl ShardUnit {
 /// the engine's stages (producers, completer, heartbeat, upkeep) use it, so
 /// handlers that hold every connection of the router's pool cannot starve
 /// lease renewals or outcome writes. Its sessions carry
-/// `store::ENGINE_SESSION_SETTINGS` (JIT and bitmap scans off), except behind a transaction
+/// `store::ENGINE_SESSION_SETTINGS` (JIT and bitmap scans off, generic plans), except behind a transaction
 /// pooler (`pooler = "transaction"`), which refuses settings at connect.
 fn engine_database(db: &Database, max: u32) -> Database {
     let mut connect = db.pool.connect_options().as_ref().clone();

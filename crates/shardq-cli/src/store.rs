@@ -377,6 +377,20 @@ pub async fn jobs_analyze(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("ANALYZE shardq.jobs").execute(pool).await.map(|_| ())
 }
 
+/// The aging run's figures from the shard: how many jobs of `priority`
+/// completed, and the longest wait of those (enqueue to completion, s).
+pub async fn priority_waits(pool: &PgPool, priority: i16) -> sqlx::Result<(i64, Option<f64>)> {
+    sqlx::query_as(
+        "SELECT count(*),
+                max(EXTRACT(EPOCH FROM finalized_at - created_at))::float8
+           FROM shardq.jobs
+          WHERE priority = $1 AND state = 'completed'",
+    )
+    .bind(priority)
+    .fetch_one(pool)
+    .await
+}
+
 /// The fairness scenario's figures from the shard, once every job ran:
 /// the p99 pickup (`attempted_at - run_at`, ms) of the jobs of accounts
 /// other than `big`, and `big`'s share of the jobs claimed while those

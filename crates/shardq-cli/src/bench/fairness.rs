@@ -3,7 +3,8 @@
 //! accounts' p99 pickup with the backlog against without it, the big
 //! account's share of the claims meanwhile, and the drain throughput with
 //! fair share on against the queue opted out (strict order), counted while
-//! jobs waited for the node (not while it waited for the load).
+//! jobs waited for the node (not while it waited for the load). Then
+//! priority aging under priority-1 load above capacity (`aging`).
 
 use std::time::{Duration, Instant};
 
@@ -199,5 +200,5 @@ pub(super) async fn fairness(bed: &TestBed, args: &BenchArgs, results: &mut Resu
         0.9,
         true,
     );
-    Ok(())
+    super::aging::aging(bed, args, results).await
 }

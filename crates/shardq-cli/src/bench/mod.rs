@@ -15,10 +15,12 @@
 //! enqueues with and without the NOTIFY trigger), `fleet` (ownership
 //! across nodes: moves, connections, takeover after a SIGKILL) and
 //! `fairness` (one account's backlog beside 100 small accounts, fair share
-//! on and off), `steady` (table and index sizes over a long steady load
-//! with pruning) and `limits` (a resource's concurrency and rate over 3
+//! on and off) with `aging` (priority-4 jobs under priority-1 load above
+//! capacity, priority aging on and off), `steady` (table and index sizes
+//! over a long steady load with pruning) and `limits` (a resource's concurrency and rate over 3
 //! nodes and 3 shards) hold the scenarios.
 
+mod aging;
 mod drain;
 mod fairness;
 mod fleet;
@@ -66,7 +68,8 @@ pub struct BenchArgs {
     /// storage, move (an account moved while it is written to; not run by default),
     /// fleet (nodes dividing 32 shards: ownership moves, connections, takeover
     /// after a SIGKILL; not run by default), fairness (one account's backlog of
-    /// `--jobs`, default 100,000, beside 100 small accounts; not run by default),
+    /// `--jobs`, default 100,000, beside 100 small accounts, and priority-4 jobs
+    /// under priority-1 load above capacity, aging on and off; not run by default),
     /// steady (`--rate` jobs/s for `--steady-seconds` with pruning: table and
     /// index sizes and dead rows over time; not run by default),
     /// limits (a resource's concurrency 10 with 100 ms and 20 ms jobs, and

@@ -633,7 +633,7 @@ async fn bad_jobs_are_rejected_before_anything_is_written() {
 }
 
 #[tokio::test]
-async fn a_batch_lands_every_job_on_its_accounts_placement_cached_or_not() {
+async fn a_batch_of_lent_accounts_lands_every_job_on_its_accounts_placement_cached_or_not() {
     let f = fleet().await;
     let accounts: Vec<Account> = (0..300).map(|i| Account::new(format!("batch-{i}")).unwrap()).collect();
     // 0..100 placed by another router (not in this one's cache), 100..200
@@ -645,9 +645,10 @@ async fn a_batch_lands_every_job_on_its_accounts_placement_cached_or_not() {
     for a in &accounts[100..200] {
         f.router.shard_for(a).await.unwrap();
     }
+    // The accounts are lent, not cloned: a batch takes owned or borrowed items.
     let jobs = accounts
         .iter()
-        .flat_map(|a| (0..2).map(move |_| (a.clone(), NewJob::from_json("count", serde_json::json!({})))));
+        .flat_map(|a| (0..2).map(move |_| (a, NewJob::from_json("count", serde_json::json!({})))));
     let ids = f.client.enqueue_many(jobs).await.unwrap();
     assert_eq!(ids.len(), 600);
     let fresh = shardq_router::Router::connect(&f.config).await.unwrap();

@@ -241,7 +241,7 @@ impl Router {
         let router = Router {
             master: Database::open("master", &config.master),
             live: Arc::new(Live::new(topology)),
-            cache: Arc::new(RwLock::new(HashMap::new())),
+            cache: Arc::new(RwLock::new(HashMap::default())),
         };
         // Accounts placed on a shard this configuration lacks fail their
         // own routing (naming the account and the shard); every other
@@ -625,10 +625,10 @@ impl Router {
     /// master for every account the cache does not know, and one more to
     /// place the new ones (a batch enqueue of a thousand new accounts does
     /// not wait for a thousand placements).
-    pub async fn shards_for(&self, accounts: &[&Account]) -> Result<Vec<String>> {
+    pub async fn shards_for(&self, accounts: &[&Account]) -> Result<Vec<Arc<str>>> {
         // The cached accounts (nearly all, once warm) are filled in place
-        // under one read of the cache: one lookup and one copy each.
-        let mut out: Vec<Option<String>> = match self.cache.read() {
+        // under one read of the cache: one lookup and one shared name each.
+        let mut out: Vec<Option<Arc<str>>> = match self.cache.read() {
             Ok(cache) => accounts
                 .iter()
                 .map(|a| cache.get(*a).map(|(shard, _)| shard.clone()))
@@ -642,9 +642,10 @@ impl Router {
             .map(|(a, _)| a.as_str())
             .collect();
         if missing.is_empty() {
-            return Ok(out.into_iter().map(Option::unwrap_or_default).collect());
+            // Every account was cached: every entry is `Some`.
+            return Ok(out.into_iter().flatten().collect());
         }
-        let mut known: HashMap<&str, String> = HashMap::new();
+        let mut known: HashMap<&str, Arc<str>> = HashMap::new();
         missing.sort_unstable();
         missing.dedup();
         let master = &self.master;
@@ -665,7 +666,7 @@ impl Router {
                     if let Ok(a) = Account::new(account.as_str()) {
                         self.remember(&a, &shard, epoch);
                     }
-                    known.insert(name, shard);
+                    known.insert(name, Arc::from(shard));
                 }
             }
             missing.retain(|a| !known.contains_key(a));
@@ -712,7 +713,7 @@ impl Router {
                     if let Ok(a) = Account::new(*account) {
                         self.remember(&a, shard, 1);
                     }
-                    known.insert(account, shard.clone());
+                    known.insert(account, Arc::from(shard.as_str()));
                 }
             }
             // Accounts someone else placed meanwhile are read again; those
@@ -724,7 +725,7 @@ impl Router {
                 *shard = known.get(account.as_str()).cloned();
             }
         }
-        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+        Ok(out.into_iter().map(|s| s.unwrap_or_else(|| Arc::from(""))).collect())
     }
 
     /// Inserts `account`'s placement on `shard` unless it has one (see
@@ -949,12 +950,12 @@ impl Router {
         self.cache
             .read()
             .ok()
-            .and_then(|c| c.get(account).map(|(s, _)| s.clone()))
+            .and_then(|c| c.get(account).map(|(s, _)| s.to_string()))
     }
 
     fn remember(&self, account: &Account, shard: &str, epoch: i64) {
         if let Ok(mut c) = self.cache.write() {
-            c.insert(account.clone(), (shard.to_string(), epoch));
+            c.insert(account.clone(), (Arc::from(shard), epoch));
         }
     }
 }

@@ -2,6 +2,7 @@
 //! unique, in its own transaction, many), look up (`job`, `jobs_of`),
 //! cancel and retry; pause and resume a queue on a shard. Routes through the router, writes through the store.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 
 use shardq_router::router::fenced;
@@ -174,15 +175,23 @@ impl Client {
     /// or an earlier job of the same call, gets that job's id. When a shard
     /// refuses its batch because one of its accounts moved off it, that
     /// shard's jobs are enqueued one by one, each on its account's new shard.
+    ///
+    /// Accounts and jobs may be owned or lent (`(Account, NewJob)`,
+    /// `(&Account, &NewJob)` or a mix): a batch is read, not kept, so jobs
+    /// the application already holds need not be copied.
     #[tracing::instrument(level = "debug", name = "enqueue_many", skip_all, fields(jobs = tracing::field::Empty))]
-    pub async fn enqueue_many(&self, jobs: impl IntoIterator<Item = (Account, NewJob)>) -> Result<Vec<JobId>> {
-        let jobs: Vec<(Account, NewJob)> = jobs.into_iter().collect();
+    pub async fn enqueue_many<A, J>(&self, jobs: impl IntoIterator<Item = (A, J)>) -> Result<Vec<JobId>>
+    where
+        A: Borrow<Account>,
+        J: Borrow<NewJob>,
+    {
+        let jobs: Vec<(A, J)> = jobs.into_iter().collect();
         tracing::Span::current().record("jobs", jobs.len());
         let args = jobs
             .iter()
-            .map(|(_, job)| job.validate())
+            .map(|(_, job)| job.borrow().validate())
             .collect::<Result<Vec<&str>>>()?;
-        let accounts: Vec<&Account> = jobs.iter().map(|(account, _)| account).collect();
+        let accounts: Vec<&Account> = jobs.iter().map(|(account, _)| account.borrow()).collect();
         let shards = self.router.shards_for(&accounts).await?;
         let (jobs, args) = (&jobs, &args);
         let writes = by_shard(&shards)
@@ -201,19 +210,23 @@ impl Client {
     /// jobs `rows` (indexes into `jobs` and their validated `args`), one
     /// statement for the plain ones and one each for unique and serial
     /// ones, on one connection; returns each row's index with its id.
-    async fn enqueue_on(
+    async fn enqueue_on<A, J>(
         &self,
         shard: &str,
         rows: Vec<usize>,
-        jobs: &[(Account, NewJob)],
+        jobs: &[(A, J)],
         args: &[&str],
-    ) -> Result<Vec<(usize, JobId)>> {
+    ) -> Result<Vec<(usize, JobId)>>
+    where
+        A: Borrow<Account>,
+        J: Borrow<NewJob>,
+    {
         let db = self.router.shard(shard)?;
         let job_id = |id| JobId {
             shard: db.name.clone(),
             id,
         };
-        let input = |i: usize| (jobs[i].0.as_str(), &jobs[i].1, args[i]);
+        let input = |i: usize| (jobs[i].0.borrow().as_str(), jobs[i].1.borrow(), args[i]);
         let plain: Vec<(&str, &NewJob, &str)> = rows.iter().map(|&i| input(i)).filter(|r| !r.1.is_keyed()).collect();
         let mut pooled = db.pool.acquire().await.map_err(|e| db.error(e))?;
         let mut conn = db.conn(&mut pooled);
@@ -239,7 +252,8 @@ impl Client {
                 drop(pooled);
                 let mut out = Vec::with_capacity(rows.len());
                 for i in rows {
-                    out.push((i, self.enqueue(&jobs[i].0, jobs[i].1.clone()).await?));
+                    let (account, job) = (jobs[i].0.borrow(), jobs[i].1.borrow());
+                    out.push((i, self.enqueue(account, job.clone()).await?));
                 }
                 return Ok(out);
             }
@@ -251,7 +265,9 @@ impl Client {
             if job.is_keyed() {
                 match insert_keyed(&mut conn, account, job, args).await {
                     Ok(inserted) => out.push((i, job_id(inserted?.0))),
-                    Err(e) if fenced(&e).is_some() => out.push((i, self.enqueue(&jobs[i].0, job.clone()).await?)),
+                    Err(e) if fenced(&e).is_some() => {
+                        out.push((i, self.enqueue(jobs[i].0.borrow(), job.clone()).await?))
+                    }
                     Err(e) => return Err(db.error(e).into()),
                 }
             } else if let Some(id) = plain_ids.next() {
@@ -564,10 +580,11 @@ impl Client {
 /// A queue name as the jobs table accepts it: 1 to 128 bytes.
 /// The rows of a batch grouped by shard (`shards[i]` is row `i`'s), each
 /// group's rows in input order; groups in order of first appearance.
-fn by_shard(shards: &[String]) -> Vec<(&str, Vec<usize>)> {
+fn by_shard(shards: &[Arc<str>]) -> Vec<(&str, Vec<usize>)> {
     let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
     let mut last = 0;
     for (i, shard) in shards.iter().enumerate() {
+        let shard: &str = shard;
         if groups.get(last).is_none_or(|g| g.0 != shard) {
             last = match groups.iter().position(|g| g.0 == shard) {
                 Some(at) => at,

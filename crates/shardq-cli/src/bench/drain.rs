@@ -328,7 +328,9 @@ async fn enqueue_alternating(
             for from in (done..done + take).step_by(ENQUEUE_BATCH) {
                 let to = (from + ENQUEUE_BATCH).min(done + take);
                 if side == 0 {
-                    let jobs = (from..to).map(|i| (accounts[i % accounts.len()].clone(), job.clone()));
+                    // Borrowed, as the floor's rows are: the application's
+                    // jobs are handed over, not copied.
+                    let jobs = (from..to).map(|i| (&accounts[i % accounts.len()], &job));
                     fleet.client.enqueue_many(jobs).await?;
                 } else {
                     let rows: Vec<&str> = (from..to).map(|i| names[i % names.len()]).collect();

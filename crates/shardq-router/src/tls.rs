@@ -86,6 +86,10 @@ pub fn client_config(target: &Target) -> Result<ClientConfig> {
     } else {
         ServerCheck::NoTls
     };
+    // The ring provider, as sqlx's own TLS (feature `tls-rustls-ring-webpki`)
+    // uses: rustls 0.23.48 marks it deprecated for lacking post-quantum key
+    // exchange, which the aws-lc-rs provider has at the cost of a C build.
+    #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

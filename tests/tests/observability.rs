@@ -1,7 +1,8 @@
 //! Observability: the Prometheus endpoint's counters match the jobs a node
 //! ran, `shardq status`'s library function reports a stopped shard as down
 //! (password-free) while the others show correct counts, and the sampler's
-//! and status's statements stay index reads on a large backlog.
+//! and status's statements stay index reads on a large backlog; a node's
+//! run statistics start afresh on `reset_stats`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::net::SocketAddr;
@@ -161,6 +162,53 @@ async fn the_metrics_endpoint_counts_the_jobs_run_per_shard_queue_and_kind() {
     assert_eq!(code, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["status"], "ready", "{body}");
+    rt.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn reset_stats_starts_a_nodes_counters_and_pickup_samples_afresh() {
+    let f = fleet().await;
+    let account = Account::new("obs-reset").unwrap();
+    f.router.place(&account, "shard_2").await.unwrap();
+    let rt = Runtime::builder(f.router.clone())
+        .queue("obs_reset", 8)
+        .register(Noop)
+        .register(Fail)
+        .options(fast())
+        .start()
+        .unwrap();
+    let noop = || NewJob::from_json("obs_noop", serde_json::json!({})).queue("obs_reset");
+    let fail = NewJob::from_json("obs_fail", serde_json::json!({}))
+        .queue("obs_reset")
+        .max_attempts(1);
+    let mut jobs: Vec<(Account, NewJob)> = (0..10).map(|_| (account.clone(), noop())).collect();
+    jobs.push((account.clone(), fail.clone()));
+    jobs.push((account.clone(), fail));
+    f.client.enqueue_many(jobs).await.unwrap();
+    let on_shard_2 = |stats: Vec<shardq::ShardRunStats>| stats.into_iter().find(|s| s.shard == "shard_2");
+    wait_for("10 completed and 2 discarded in the node's counts", WAIT, || async {
+        on_shard_2(rt.counts()).is_some_and(|s| s.completed == 10 && s.discarded == 2)
+    })
+    .await;
+    assert!(on_shard_2(rt.stats()).unwrap().pickup_ms.is_some());
+
+    rt.reset_stats();
+    let after = on_shard_2(rt.stats()).unwrap();
+    assert_eq!((after.completed, after.discarded), (0, 0), "{after:?}");
+    assert!(after.pickup_ms.is_none(), "{after:?}");
+
+    f.client
+        .enqueue_many((0..3).map(|_| (account.clone(), noop())))
+        .await
+        .unwrap();
+    wait_for("3 more completed in the node's counts", WAIT, || async {
+        on_shard_2(rt.counts()).is_some_and(|s| s.completed == 3)
+    })
+    .await;
+    let last = on_shard_2(rt.stats()).unwrap();
+    assert_eq!((last.completed, last.discarded), (3, 0), "{last:?}");
+    let [p50, .., max] = last.pickup_ms.unwrap();
+    assert!(p50 <= max, "{last:?}");
     rt.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -94,7 +94,8 @@ pub struct BenchArgs {
     /// Steady enqueue rate of the latency scenario, jobs/s.
     #[arg(long, default_value_t = 500)]
     rate: u32,
-    /// Seconds of steady load in the latency and isolation scenarios; also
+    /// Seconds of steady load in the latency scenario (measured after 1 s
+    /// of warm-up, which is reported on its own) and the isolation scenario; also
     /// the measured window of each outage phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,

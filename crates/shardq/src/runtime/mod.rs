@@ -319,6 +319,17 @@ impl Runtime {
         self.snapshots(false)
     }
 
+    /// Starts the run statistics afresh: every shard's counters back to 0
+    /// and its pickup samples dropped, so that [`stats`](Self::stats) and
+    /// [`counts`](Self::counts) cover only what runs from now on (a
+    /// benchmark's measured window after its warm-up).
+    pub fn reset_stats(&self) {
+        let all = self.works.all.lock().map(|a| a.clone()).unwrap_or_default();
+        for s in all {
+            s.stats.reset();
+        }
+    }
+
     fn snapshots(&self, latency: bool) -> Vec<ShardRunStats> {
         let all = self.works.all.lock().map(|a| a.clone()).unwrap_or_default();
         let mut by_shard: BTreeMap<String, ShardRunStats> = BTreeMap::new();

@@ -408,6 +408,22 @@ impl ShardStats {
         }
     }
 
+    /// Zeroes the counters and drops the pickup samples.
+    pub(crate) fn reset(&self) {
+        for c in [
+            &self.completed,
+            &self.retried,
+            &self.discarded,
+            &self.cancelled,
+            &self.snoozed,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        if let Ok(mut v) = self.pickup_us.lock() {
+            v.clear();
+        }
+    }
+
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }

@@ -190,18 +190,20 @@ pub async fn placement_of(master: &PgPool, account: &str) -> sqlx::Result<Option
 }
 
 /// An account's jobs on a shard by state (`available` split into due and
-/// `scheduled`), and the bytes their rows take, through the account index.
+/// `scheduled`), and the bytes their rows take, through `shardq.account_jobs`.
 pub async fn account_job_counts(shard: &PgPool, account: &str) -> sqlx::Result<(Vec<(String, i64)>, i64)> {
     let mut tx = shard.begin().await?;
     let counts = sqlx::query_as(
         "SELECT CASE WHEN state = 'available' AND run_at > now() THEN 'scheduled' ELSE state END AS s, count(*)
-           FROM shardq.jobs WHERE account = $1 GROUP BY s ORDER BY s",
+           FROM shardq.account_jobs aj JOIN shardq.jobs j ON j.id = aj.id
+          WHERE aj.account = $1 GROUP BY s ORDER BY s",
     )
     .bind(account)
     .fetch_all(&mut *tx)
     .await?;
     let bytes: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(pg_column_size(j.*)), 0)::bigint FROM shardq.jobs j WHERE account = $1",
+        "SELECT coalesce(sum(pg_column_size(j.*)), 0)::bigint
+           FROM shardq.account_jobs aj JOIN shardq.jobs j ON j.id = aj.id WHERE aj.account = $1",
     )
     .bind(account)
     .fetch_one(&mut *tx)

@@ -46,10 +46,12 @@ pub const JOBS_NEWEST_SQL: &str =
        FROM shardq.jobs WHERE id < $1 ORDER BY id DESC LIMIT $2";
 
 /// An account's newest jobs below a cursor: `$1` cursor, `$2` limit, `$3`
-/// account. A backward range scan of `jobs_account_idx (account, id)`.
+/// account. A backward range scan of `shardq.account_jobs`' primary key
+/// `(account, id)`, each job then read by the jobs' primary key.
 pub const JOBS_OF_ACCOUNT_SQL: &str =
     "SELECT id, account, queue, kind, state, attempt, max_attempts, run_at, created_at, finalized_at
-       FROM shardq.jobs WHERE account = $3 AND id < $1 ORDER BY id DESC LIMIT $2";
+       FROM shardq.account_jobs AS owned(owner, job_id) JOIN shardq.jobs ON id = job_id
+      WHERE owner = $3 AND job_id < $1 ORDER BY job_id DESC LIMIT $2";
 
 /// Newest jobs below a cursor that match a kind, state or queue filter
 /// (`$4`, `$5`, `$6`; NULL: any), among at most `$3` rows read backwards
@@ -63,29 +65,32 @@ pub const JOBS_FILTERED_SQL: &str =
       WHERE ($4::text IS NULL OR kind = $4) AND ($5::text IS NULL OR state = $5) AND ($6::text IS NULL OR queue = $6)
       ORDER BY id DESC LIMIT $2";
 
-/// [`JOBS_FILTERED_SQL`] within one account (`$7`), through `jobs_account_idx`.
+/// [`JOBS_FILTERED_SQL`] within one account (`$7`), through
+/// `shardq.account_jobs` as [`JOBS_OF_ACCOUNT_SQL`].
 pub const JOBS_OF_ACCOUNT_FILTERED_SQL: &str =
     "SELECT id, account, queue, kind, state, attempt, max_attempts, run_at, created_at, finalized_at
        FROM (SELECT id, account, queue, kind, state, attempt, max_attempts, run_at, created_at, finalized_at
-               FROM shardq.jobs WHERE account = $7 AND id < $1 ORDER BY id DESC LIMIT $3) AS scanned
+               FROM shardq.account_jobs AS owned(owner, job_id) JOIN shardq.jobs ON id = job_id
+              WHERE owner = $7 AND job_id < $1 ORDER BY job_id DESC LIMIT $3) AS scanned
       WHERE ($4::text IS NULL OR kind = $4) AND ($5::text IS NULL OR state = $5) AND ($6::text IS NULL OR queue = $6)
       ORDER BY id DESC LIMIT $2";
 
 /// Where a capped filtered search stopped: the lowest id among the `$2`
 /// rows below cursor `$1` (of account `$3`, NULL: any), and how many there
-/// were. An index-only backward scan of the primary key (or
-/// `jobs_account_idx`), of at most `$2` entries.
+/// were. An index-only backward scan of the primary key (or of
+/// `shardq.account_jobs`' primary key), of at most `$2` entries.
 pub const JOBS_FRONTIER_SQL: &str = "SELECT min(id), count(*) FROM (
          SELECT id FROM shardq.jobs WHERE id < $1 ORDER BY id DESC LIMIT $2) AS scanned";
 
 /// [`JOBS_FRONTIER_SQL`] within one account (`$3`).
 pub const JOBS_OF_ACCOUNT_FRONTIER_SQL: &str = "SELECT min(id), count(*) FROM (
-         SELECT id FROM shardq.jobs WHERE account = $3 AND id < $1 ORDER BY id DESC LIMIT $2) AS scanned";
+         SELECT id FROM shardq.account_jobs WHERE account = $3 AND id < $1 ORDER BY id DESC LIMIT $2) AS scanned";
 
 /// An account's jobs per state among its `$2` newest (`$1` account),
-/// through `jobs_account_idx`.
+/// through `shardq.account_jobs` as [`JOBS_OF_ACCOUNT_SQL`].
 pub const ACCOUNT_COUNTS_SQL: &str = "SELECT state, count(*) FROM (
-         SELECT state FROM shardq.jobs WHERE account = $1 ORDER BY id DESC LIMIT $2) AS newest
+         SELECT state FROM shardq.account_jobs AS owned(owner, job_id) JOIN shardq.jobs ON id = job_id
+          WHERE owner = $1 ORDER BY job_id DESC LIMIT $2) AS newest
       GROUP BY state ORDER BY state";
 
 /// Discarded jobs of kind `$1` among the `$2` most recently finished jobs,

@@ -5,7 +5,7 @@
 //! The cursor holds, per shard still to read, the id to read below
 //! (`s1:1234,s2:99`); a shard missing from a cursor has no more matches.
 //! Without kind, state or queue, a page is one index range per shard
-//! (the primary key, or `jobs_account_idx` with an account). With them, each
+//! (the primary key, or `shardq.account_jobs` with an account). With them, each
 //! shard reads at most `store::SCAN_CAP` rows per page, and when that cap
 //! stops a search the next page goes on from where it stopped.
 

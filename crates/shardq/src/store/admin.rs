@@ -72,9 +72,10 @@ pub async fn job_list_for_account(
     limit: i64,
 ) -> sqlx::Result<Vec<JobRecord>> {
     let rows: Vec<JobRow> = sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM shardq.jobs
-          WHERE account = $1 AND ($2::text IS NULL OR state = $2)
-          ORDER BY id DESC LIMIT $3"
+        "SELECT {JOB_COLUMNS} FROM shardq.account_jobs AS owned(owner, job_id)
+           JOIN shardq.jobs ON id = job_id
+          WHERE owner = $1 AND ($2::text IS NULL OR state = $2)
+          ORDER BY job_id DESC LIMIT $3"
     ))
     .bind(account)
     .bind(state.map(JobState::as_str))

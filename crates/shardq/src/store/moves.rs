@@ -38,6 +38,12 @@ pub struct MoveRow {
 
 const MOVE_COLUMNS: &str = "id, account, from_shard, to_shard, epoch, step, tables, error, started_at, updated_at";
 
+/// Deletes every job of account `$1` on this shard: the ids from
+/// `shardq.account_jobs` (its primary key's range), each row then by the
+/// jobs' primary key; the delete trigger removes the ids it read.
+const JOBS_OF_ACCOUNT_DELETE_SQL: &str = "DELETE FROM shardq.jobs j USING shardq.account_jobs a
+  WHERE a.account = $1 AND j.id = a.id AND j.account = $1";
+
 /// Starts a move of `account` from where it is placed to `to`, carrying
 /// `tables` (recorded with it); `None` when the account has no placement. A
 /// move already in progress for the account is a unique violation
@@ -351,7 +357,10 @@ pub async fn rows_batch(
 pub async fn jobs_batch(tx: &mut Conn<'_>, account: &str, after: i64, limit: i64) -> sqlx::Result<serde_json::Value> {
     let rows: sqlx::types::Json<serde_json::Value> = sqlx::query_scalar(
         "SELECT coalesce(jsonb_agg(to_jsonb(j) ORDER BY j.id), '[]')
-           FROM (SELECT * FROM shardq.jobs WHERE account = $1 AND id > $2 ORDER BY id LIMIT $3) AS j",
+           FROM shardq.jobs j
+          WHERE j.account = $1
+            AND j.id = ANY(ARRAY(SELECT a.id FROM shardq.account_jobs a
+                                  WHERE a.account = $1 AND a.id > $2 ORDER BY a.id LIMIT $3))",
     )
     .bind(account)
     .bind(after)
@@ -451,7 +460,7 @@ pub async fn account_delete(shard: &Database, tables: &[(String, String)], accou
         .await?
         .rows_affected();
     }
-    n += sqlx::query("DELETE FROM shardq.jobs WHERE account = $1")
+    n += sqlx::query(JOBS_OF_ACCOUNT_DELETE_SQL)
         .bind(account)
         .execute(&mut tx)
         .await?
@@ -531,11 +540,11 @@ pub async fn target_clear(shard: &Database, tables: &[(String, String)], account
         .await?
         .rows_affected();
     }
-    sqlx::query("DELETE FROM shardq.periodic_runs WHERE job_id IN (SELECT id FROM shardq.jobs WHERE account = $1)")
+    sqlx::query("DELETE FROM shardq.periodic_runs WHERE job_id IN (SELECT id FROM shardq.account_jobs WHERE account = $1)")
         .bind(account)
         .execute(&mut tx)
         .await?;
-    n += sqlx::query("DELETE FROM shardq.jobs WHERE account = $1")
+    n += sqlx::query(JOBS_OF_ACCOUNT_DELETE_SQL)
         .bind(account)
         .execute(&mut tx)
         .await?

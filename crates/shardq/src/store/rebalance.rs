@@ -4,10 +4,11 @@
 use shardq_router::router::Database;
 
 /// Jobs per account among `accounts`, on one shard (0 for an account
-/// without jobs). One index range per account (`jobs_account_idx`).
+/// without jobs). One range of `shardq.account_jobs`' primary key per
+/// account.
 pub async fn rebalance_job_counts(shard: &Database, accounts: &[String]) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(
-        "SELECT a.account, (SELECT count(*) FROM shardq.jobs j WHERE j.account = a.account)
+        "SELECT a.account, (SELECT count(*) FROM shardq.account_jobs aj WHERE aj.account = a.account)
            FROM unnest($1::text[]) AS a(account)",
     )
     .bind(accounts)
@@ -26,7 +27,7 @@ pub async fn rebalance_bytes(
     tables: &[(String, String)],
 ) -> sqlx::Result<Vec<(String, i64)>> {
     let mut sum =
-        String::from("(SELECT coalesce(sum(pg_column_size(j.*)), 0) FROM shardq.jobs j WHERE j.account = a.account)");
+        String::from("(SELECT coalesce(sum(pg_column_size(j.*)), 0) FROM shardq.account_jobs aj JOIN shardq.jobs j ON j.id = aj.id WHERE aj.account = a.account)");
     for (table, column) in tables {
         let table = table
             .split('.')

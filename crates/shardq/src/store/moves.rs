@@ -540,10 +540,12 @@ pub async fn target_clear(shard: &Database, tables: &[(String, String)], account
         .await?
         .rows_affected();
     }
-    sqlx::query("DELETE FROM shardq.periodic_runs WHERE job_id IN (SELECT id FROM shardq.account_jobs WHERE account = $1)")
-        .bind(account)
-        .execute(&mut tx)
-        .await?;
+    sqlx::query(
+        "DELETE FROM shardq.periodic_runs WHERE job_id IN (SELECT id FROM shardq.account_jobs WHERE account = $1)",
+    )
+    .bind(account)
+    .execute(&mut tx)
+    .await?;
     n += sqlx::query(JOBS_OF_ACCOUNT_DELETE_SQL)
         .bind(account)
         .execute(&mut tx)

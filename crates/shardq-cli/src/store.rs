@@ -234,6 +234,8 @@ pub struct JobsTableStats {
     pub table_bytes: i64,
     /// Every index together.
     pub indexes_bytes: i64,
+    /// `shardq.account_jobs` (each job's account and id), table and key.
+    pub account_jobs_bytes: i64,
     /// Live row versions (estimate).
     pub n_live_tup: i64,
     /// Dead row versions not yet vacuumed (estimate).
@@ -248,11 +250,13 @@ pub struct JobsTableStats {
     pub autovacuum_count: i64,
 }
 
-/// Sizes and counters of `shardq.jobs` from `pg_stat_user_tables`.
+/// Sizes and counters of `shardq.jobs` from `pg_stat_user_tables`, and
+/// the size of `shardq.account_jobs` beside it.
 pub async fn storage_jobs_table(pool: &PgPool) -> sqlx::Result<JobsTableStats> {
     sqlx::query_as(
         "SELECT pg_relation_size(relid) AS heap_bytes, pg_table_size(relid) AS table_bytes,
-                pg_indexes_size(relid) AS indexes_bytes, n_live_tup, n_dead_tup, n_tup_ins, n_tup_upd,
+                pg_indexes_size(relid) AS indexes_bytes,
+                pg_total_relation_size('shardq.account_jobs') AS account_jobs_bytes, n_live_tup, n_dead_tup, n_tup_ins, n_tup_upd,
                 n_tup_hot_upd, autovacuum_count
            FROM pg_stat_user_tables WHERE schemaname = 'shardq' AND relname = 'jobs'",
     )

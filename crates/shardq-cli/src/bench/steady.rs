@@ -25,7 +25,8 @@ const ACCOUNTS: usize = 100;
 const TICKS: u32 = 10;
 /// Samples of the table over the run.
 const SAMPLES: u64 = 30;
-/// Bound on the growth of table + indexes from the first third to the end.
+/// Bound on the growth of table + indexes (and `shardq.account_jobs`) from
+/// the first third to the end.
 const GROWTH_TARGET: f64 = 1.10;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -104,7 +105,7 @@ pub(super) async fn steady(bed: &TestBed, args: &BenchArgs, results: &mut Result
         .find(|s| s.at >= run / 3)
         .ok_or_else(|| anyhow::anyhow!("steady: no sample after the first third of the run"))?;
     let end = samples.last().ok_or_else(|| anyhow::anyhow!("steady: no sample"))?;
-    let total = |s: &JobsTableStats| (s.table_bytes + s.indexes_bytes) as f64;
+    let total = |s: &JobsTableStats| (s.table_bytes + s.indexes_bytes + s.account_jobs_bytes) as f64;
     let worst_dead = samples.iter().map(|s| s.stats.n_dead_tup).max().unwrap_or(0);
     let name = "steady";
     results.add(name, "enqueued", enqueued as f64 / elapsed.as_secs_f64(), "jobs/s");
@@ -120,6 +121,12 @@ pub(super) async fn steady(bed: &TestBed, args: &BenchArgs, results: &mut Result
             s.stats.indexes_bytes as f64 / MIB,
             "MiB",
         );
+        results.add(
+            name,
+            &format!("{when}: shardq.account_jobs"),
+            s.stats.account_jobs_bytes as f64 / MIB,
+            "MiB",
+        );
         results.add(name, &format!("{when}: live rows"), s.stats.n_live_tup as f64, "");
         results.add(name, &format!("{when}: dead rows"), s.stats.n_dead_tup as f64, "");
     }
@@ -127,7 +134,7 @@ pub(super) async fn steady(bed: &TestBed, args: &BenchArgs, results: &mut Result
     results.add(name, "autovacuum runs", end.stats.autovacuum_count as f64, "");
     results.add_target(
         name,
-        "table + indexes, end / first third",
+        "table + indexes + account_jobs, end / first third",
         total(&end.stats) / total(&third.stats).max(1.0),
         "",
         GROWTH_TARGET,

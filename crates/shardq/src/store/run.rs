@@ -473,10 +473,11 @@ pub const JOB_FETCH_AVAILABLE_SQL: &str = concat!(
 /// of one account only and the window finds no other account with due
 /// jobs. That is the usual case while many accounts enqueue in turn, or
 /// one account alone, and it costs what the strict claim costs. Whether a
-/// head account runs a job is one hash of the queue's running accounts
-/// (read once, only when the head holds one job per account), not the
-/// per-account counts the turns need (`fair_running_cte!`, read only when
-/// the turns decide). Otherwise
+/// head account runs a job is one probe of `jobs_running_idx (queue,
+/// account)` per head account, stopping at the first that does (only when
+/// the head holds one job per account; a probe of an account that runs
+/// nothing ends in the index), not the per-account counts the turns need
+/// (`fair_running_cte!`, read only when the turns decide). Otherwise
 /// (a backlog at the head, or accounts that already run jobs) the head's
 /// rows stay locked until the statement ends and the turns below decide.
 ///
@@ -582,10 +583,11 @@ pub const JOB_FETCH_FAIR_SQL: &str = concat!(
      fast AS MATERIALIZED (
          SELECT CASE WHEN (SELECT min(account) FROM shardq.account_weights) IS NOT NULL THEN false
                      WHEN count(*) = count(DISTINCT h.account)
-                          THEN NOT (SELECT COALESCE(bool_or(h2.account IN (
-                                        SELECT r.account FROM shardq.jobs r
-                                         WHERE r.state = 'running' AND r.queue = $1)), false)
-                                      FROM head h2)
+                          THEN NOT EXISTS (
+                               SELECT 1 FROM head h2
+                                WHERE (SELECT true FROM shardq.jobs r
+                                        WHERE r.state = 'running' AND r.queue = $1 AND r.account = h2.account
+                                        LIMIT 1))
                      WHEN count(DISTINCT h.account) = 1 THEN NOT EXISTS (
                           SELECT 1 FROM pairs
                            WHERE pairs.run_at <= now() AND pairs.account <> min(h.account))

@@ -12,6 +12,12 @@ use shardq_tests::{analyzed_plan, assert_indexed, buffers_and_rows, fleet, gener
 /// Rows in the table when plans are checked.
 const ROWS: i64 = 300_000;
 
+/// 20,000 due jobs of 1,000 accounts enqueued in turn (as many tenants
+/// enqueueing at once do): the strict head holds one job of each account.
+const INTERLEAVED_ACCOUNTS: &str = "INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
+         SELECT 'a' || (i % 1000), 'default', 'noop', '{}', now() - interval '1 minute'
+           FROM generate_series(1, 20000) AS i";
+
 /// Runs `sql` (one statement or more) on `conn`, then `VACUUM ANALYZE` of
 /// the jobs table, so that plans see the rows as they are.
 async fn load(conn: &mut sqlx::PgConnection, sql: &str) {
@@ -143,13 +149,7 @@ async fn the_fair_claim_costs_what_the_strict_claim_does_while_accounts_interlea
     let mut conn = db.pool.acquire().await.unwrap();
     // 1,000 accounts whose jobs were enqueued in turn (as many tenants
     // enqueueing at once do): the strict head already holds one job each.
-    load(
-        &mut conn,
-        "INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
-         SELECT 'a' || (i % 1000), 'default', 'noop', '{}', now() - interval '1 minute'
-           FROM generate_series(1, 20000) AS i",
-    )
-    .await;
+    load(&mut conn, INTERLEAVED_ACCOUNTS).await;
     let (strict, rows) = buffers_and_rows(
         &mut conn,
         "text, bigint, text, float8, float8",
@@ -181,12 +181,10 @@ async fn the_fair_claim_does_not_read_the_jobs_other_accounts_run() {
     let mut conn = db.pool.acquire().await.unwrap();
     // 1,000 accounts enqueued in turn, none running, beside 5,000 running
     // jobs of other accounts in the same queue (a large fleet's slots).
+    load(&mut conn, INTERLEAVED_ACCOUNTS).await;
     load(
         &mut conn,
-        "INSERT INTO shardq.jobs (account, queue, kind, args, run_at)
-         SELECT 'a' || (i % 1000), 'default', 'noop', '{}', now() - interval '1 minute'
-           FROM generate_series(1, 20000) AS i;
-         INSERT INTO shardq.jobs (account, queue, kind, args, state, attempt, attempted_at, locked_by,
+        "INSERT INTO shardq.jobs (account, queue, kind, args, state, attempt, attempted_at, locked_by,
                                   lease_expires_at)
          SELECT 'busy-' || i, 'default', 'noop', '{}', 'running', 1, now(), 'other-node',
                 now() + interval '1 hour'

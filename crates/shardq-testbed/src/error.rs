@@ -134,6 +134,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// A server's CPU time could not be read consistently: its processes
+    /// kept exiting while they were read (`Server::cpu_time`).
+    #[error("cannot read {what}")]
+    Unsettled {
+        /// What was read, naming the server's data directory.
+        what: String,
+    },
+
     /// A server's clock cannot be shifted: libfaketime is not installed
     /// (`Server::restart_clock_ahead`).
     #[error("server {server}: cannot shift its clock: libfaketime is not installed (looked for {looked}; on Debian: apt-get install libfaketime)")]

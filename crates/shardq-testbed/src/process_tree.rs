@@ -96,28 +96,63 @@ pub(crate) fn descendants(root: i32) -> Result<Vec<i32>> {
     Ok(found)
 }
 
+/// How often [`cpu_time`] reads the processes again when the postmaster
+/// reaped a child while they were read.
+const CPU_TIME_ATTEMPTS: usize = 100;
+
 /// The CPU time (user + system) used by the postmaster of `data_dir` and
-/// every process below it, including backends that have exited (the
-/// postmaster waited for them, so their time is in its children's times);
-/// zero when no postmaster runs there.
+/// every process below it, including processes that have exited (their
+/// time is in their parent's reaped children's times); zero when no
+/// postmaster runs there.
+///
+/// The processes are read one by one, so a backend that exits and is
+/// reaped between the postmaster's reading and its own would be counted
+/// nowhere. The postmaster's reaped children's time is therefore read
+/// again after the others, and everything is read again when it changed.
 pub(crate) fn cpu_time(data_dir: &Path) -> Result<Duration> {
     let Some(root) = postmaster(data_dir)? else {
         return Ok(Duration::ZERO);
     };
-    let mut ticks = times(root, true).unwrap_or(0);
-    for pid in descendants(root)? {
-        ticks += times(pid, false).unwrap_or(0);
+    for _ in 0..CPU_TIME_ATTEMPTS {
+        let Some(postmaster) = times(root) else {
+            return Ok(Duration::ZERO);
+        };
+        let mut ticks = postmaster.own + postmaster.reaped;
+        for pid in descendants(root)? {
+            ticks += times(pid).map_or(0, |t| t.own + t.reaped);
+        }
+        match times(root) {
+            None => return Ok(Duration::ZERO),
+            Some(again) if again.reaped == postmaster.reaped => {
+                return Ok(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND));
+            }
+            Some(_) => continue,
+        }
     }
-    Ok(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
+    Err(Error::Unsettled {
+        what: format!(
+            "the CPU time of the server in {}: its postmaster reaped children during each of {CPU_TIME_ATTEMPTS} readings",
+            data_dir.display()
+        ),
+    })
 }
 
-/// `utime + stime` of `pid` (plus `cutime + cstime`, its waited-for
-/// children's, when `children`), in clock ticks; `None` once it is gone.
-fn times(pid: i32, children: bool) -> Option<u64> {
+/// A process's CPU time in clock ticks, from `/proc/<pid>/stat`.
+struct Times {
+    /// `utime + stime`: its own.
+    own: u64,
+    /// `cutime + cstime`: its children's that it has waited for.
+    reaped: u64,
+}
+
+/// The CPU times of `pid`; `None` once it is gone.
+fn times(pid: i32) -> Option<Times> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After "pid (comm)": state is field 3, utime 14, stime 15, cutime 16, cstime 17.
     let fields: Vec<&str> = text.get(text.rfind(')')? + 1..)?.split_whitespace().collect();
     let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
-    let own = field(14)? + field(15)?;
-    Some(if children { own + field(16)? + field(17)? } else { own })
+    Some(Times {
+        own: field(14)? + field(15)?,
+        reaped: field(16)? + field(17)?,
+    })
 }

@@ -286,7 +286,8 @@ impl Server {
 
     /// CPU time (user + system) the server's processes used since it
     /// started: the postmaster, its running children and every backend
-    /// that has exited. Zero when it is not running. Linux only.
+    /// that has exited, each counted once even while backends exit. Zero
+    /// when it is not running. Linux only.
     pub fn cpu_time(&self) -> Result<Duration> {
         crate::process_tree::cpu_time(&self.data_dir)
     }
